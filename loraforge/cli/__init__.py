@@ -1,0 +1,96 @@
+"""The `loraforge` command: a thin click layer over the library, with lazily loaded groups."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from loraforge import __version__
+from loraforge.errors import LoraforgeError
+
+# name → "module:attribute"; each group lives in its own module and is imported only when used,
+# so `loraforge registry ls` never pays for importing torch.
+COMMANDS: dict[str, str] = {
+    "registry": "loraforge.cli.registry:registry",
+    "generate": "loraforge.cli.generate:generate",
+    "merge": "loraforge.cli.merge:merge",
+    "lora": "loraforge.cli.lora:lora",
+    "methods": "loraforge.cli.methods:methods",
+    "plugins": "loraforge.cli.plugins:plugins",
+    "recipe": "loraforge.cli.recipe:recipe",
+    "train": "loraforge.cli.train:train",
+    "hub": "loraforge.cli.hub:hub",
+    "daemon": "loraforge.cli.daemon:daemon",
+    "jobs": "loraforge.cli.jobs:jobs",
+}
+
+COMMAND_HELP: dict[str, str] = {
+    "registry": "Version, inspect, export and clean the local artifact registry.",
+    "generate": "Generate one image from a base model with adapters.",
+    "merge": "Merge checkpoints or LoRA adapters.",
+    "lora": "Fuse, extract and resize LoRA adapters.",
+    "methods": "List merge methods, LoRA algebra methods and trainers.",
+    "plugins": "List installed plugins (rewards, merge methods, trainers, evaluators).",
+    "recipe": "Validate, plan and apply recipe files.",
+    "train": "Train adapters (LoRA, DreamBooth-LoRA, sliders, joint, reward).",
+    "hub": "Push artifacts to and pull them from the Hugging Face Hub.",
+    "daemon": "Watch recipes and datasets and rebuild what changed.",
+    "jobs": "Inspect and control daemon jobs.",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use; missing modules are skipped."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(name for name in COMMANDS if self._spec_exists(name))
+
+    @staticmethod
+    def _spec_exists(name: str) -> bool:
+        module = COMMANDS[name].split(":")[0]
+        return importlib.util.find_spec(module) is not None
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name not in COMMANDS or not self._spec_exists(name):
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMAND_HELP.get(name, "")) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LoraforgeError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            message = " ".join(str(exc).split("\n"))
+            click.echo(f"Error: {message}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="loraforge")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--home", envvar="LORAFORGE_HOME", type=click.Path(file_okay=False),
+              help="loraforge home folder (default $LORAFORGE_HOME or ~/.loraforge).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, home: str | None) -> None:
+    """loraforge: a registry, recipe engine and build daemon for LoRA adapters of diffusion models."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    ctx.obj["home"] = home
+
+
+def main() -> None:
+    cli(prog_name="loraforge")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

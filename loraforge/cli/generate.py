@@ -1,0 +1,33 @@
+"""`loraforge generate`: one image from a base with adapters, for eyes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from loraforge.cli.output import registry_from_ctx
+
+
+@click.command()
+@click.option("--base", required=True, help="Base model: builtin:tiny-sd, a path, a Hub id or a registry checkpoint.")
+@click.option("--lora", "loras", multiple=True, metavar="REF[=WEIGHT]", help="Adapter with an optional weight; repeatable.")
+@click.option("--prompt", required=True, help="Text prompt.")
+@click.option("--negative-prompt", help="Negative prompt.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--guidance", type=float, default=5.0, show_default=True)
+@click.option("--size", type=int, help="Image height and width in pixels (default: the model's).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_context
+def generate(ctx, base, loras, prompt, negative_prompt, seed, steps, guidance, size, output):
+    """Generate one image from BASE with adapters applied at their weights."""
+    from loraforge.render import generate_image
+
+    image = generate_image(
+        registry_from_ctx(ctx), base, list(loras), prompt, seed=seed, steps=steps, guidance=guidance,
+        negative_prompt=negative_prompt, size=size,
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    image.save(output)
+    click.echo(f"wrote {output} ({image.width}x{image.height})")

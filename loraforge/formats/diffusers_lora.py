@@ -1,0 +1,168 @@
+"""diffusers LoRA state dicts (what `pipe.load_lora_weights` reads) ⇄ LoraState.
+
+Reading accepts the PEFT-style keys diffusers writes today (`unet.<path>.lora_A.weight`), the
+older attention-processor keys (`unet.<path>.processor.to_q_lora.down.weight`,
+`text_encoder.<path>.q_proj.lora_linear_layer.down.weight`, `<path>.lora.down.weight`) and kohya
+keys (delegated to `kohya.py`). Alpha comes from `.alpha` keys, else from the
+`lora_adapter_metadata` JSON diffusers keeps in the safetensors header (`<component>.lora_alpha`,
+`.alpha_pattern`, `.rank_pattern`, `.use_rslora`), else alpha = rank as diffusers assumes.
+
+Writing bakes scale = alpha/rank into lora_B, so every reader that assumes alpha = rank — plain
+`load_lora_weights`, ComfyUI, older diffusers — applies exactly the adapter's ΔW; the header's
+`lora_adapter_metadata` says the same (lora_alpha = r).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loraforge.errors import FormatError
+from loraforge.formats.kohya import is_kohya_key, kohya_to_lora
+from loraforge.formats.lora import COMPONENTS, LoraModule, LoraState, alpha_value, pair_names
+
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
+_UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
+_OLD_UNET_PROC = re.compile(r"^(?P<path>.+)\.processor\.(?P<proj>\w+?)_lora\.(?P<kind>down|up)\.weight$")
+_OLD_TE_PROJ = re.compile(r"^(?P<path>.+)\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<kind>down|up)\.weight$")
+_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_SUFFIXES = (
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".alpha", "alpha"),
+)
+
+
+def is_diffusers_key(key: str) -> bool:
+    try:
+        _parse_key(key)
+    except FormatError:
+        return False
+    return True
+
+
+def _parse_key(key: str) -> tuple[str, str]:
+    """(canonical module name, 'down' | 'up' | 'alpha') of one diffusers key."""
+    if "lora_magnitude_vector" in key or "dora_scale" in key:
+        raise FormatError(f"DoRA adapters are not supported (key {key})")
+    if ".lora_B.bias" in key:
+        raise FormatError(f"LoRA adapters with a lora_B bias are not supported (key {key})")
+    component, _, rest = key.partition(".")
+    if component not in COMPONENTS:
+        if key.startswith(_UNET_ROOTS) and ".processor." in key:
+            component, rest = "unet", key  # the oldest files carry no `unet.` prefix
+        else:
+            raise FormatError(f"key {key} does not start with {', '.join(c + '.' for c in COMPONENTS)}")
+    match = _OLD_UNET_PROC.match(rest)
+    if match:
+        proj = match["proj"]
+        path = match["path"] + "." + ("to_out.0" if proj == "to_out" else proj)
+        return f"{component}.{path}", match["kind"]
+    match = _OLD_TE_PROJ.match(rest) if component != "unet" else None
+    if match:
+        return f"{component}.{match['path']}.{_TE_PROJ[match['proj']]}", match["kind"]
+    for suffix, kind in _SUFFIXES:
+        if rest.endswith(suffix) and len(rest) > len(suffix):
+            return f"{component}.{rest[: -len(suffix)]}", kind
+    raise FormatError(f"key {key} is not a diffusers LoRA weight (lora_A / lora_B / alpha)")
+
+
+def adapter_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """diffusers' flat `{component.field: value}` adapter metadata, from a safetensors header or as given."""
+    if not metadata:
+        return {}
+    if LORA_ADAPTER_METADATA_KEY in metadata:
+        raw = metadata[LORA_ADAPTER_METADATA_KEY]
+        try:
+            return json.loads(raw) if isinstance(raw, str) else dict(raw)
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise FormatError(f"the {LORA_ADAPTER_METADATA_KEY} header entry is not valid JSON: {e}") from e
+    return {k: v for k, v in metadata.items() if k.split(".", 1)[0] in COMPONENTS}
+
+
+def pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
+    """PEFT's rank/alpha pattern lookup: a key matches the module path or a dotted suffix of it."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def peft_alpha(config: Mapping[str, Any], path: str, rank: int) -> float | None:
+    """The alpha in loraforge's meaning (scale = alpha/rank) that a PEFT config gives one module."""
+    if config.get("use_dora"):
+        raise FormatError("DoRA adapters (use_dora) are not supported")
+    if "lora_alpha" not in config and not config.get("alpha_pattern"):
+        return None
+    alpha = float(pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", rank)))
+    if config.get("use_rslora"):
+        return alpha * math.sqrt(rank)  # rsLoRA scale alpha/√r expressed as an alpha over r
+    return alpha
+
+
+def diffusers_to_lora(sd: Mapping[str, Tensor], metadata: Mapping[str, Any] | None = None,
+                      module_names: Mapping[str, Iterable[str]] | None = None) -> LoraState:
+    if sd and all(is_kohya_key(k) for k in sd):
+        return kohya_to_lora(sd, module_names)
+    parts: dict[str, dict[str, Tensor]] = {"down": {}, "up": {}, "alpha": {}}
+    for key, value in sd.items():
+        if is_kohya_key(key):
+            raise FormatError(f"key {key} is a kohya key in a file of diffusers keys")
+        name, kind = _parse_key(key)
+        if name in parts[kind]:
+            raise FormatError(f"two keys name the {kind} weight of {name} (one is {key})")
+        parts[kind][name] = value
+    downs, ups, alphas = parts["down"], parts["up"], parts["alpha"]
+    if not downs and not ups:
+        raise FormatError("the state dict holds no LoRA weights")
+    pair_names(downs, ups, alphas, ".lora_A.weight", ".lora_B.weight")
+
+    meta = adapter_metadata(metadata)
+    configs = {c: {k[len(c) + 1:]: v for k, v in meta.items() if k.startswith(c + ".")} for c in COMPONENTS}
+    state = LoraState()
+    for name in sorted(downs):
+        rank = int(downs[name].shape[0])
+        component, path = name.split(".", 1)
+        if name in alphas:
+            alpha = alpha_value(alphas[name], name)
+        else:
+            alpha = peft_alpha(configs[component], path, rank)
+            if alpha is None:
+                alpha = float(rank)
+        state[name] = LoraModule(down=downs[name], up=ups[name], alpha=alpha)
+    return state
+
+
+def lora_to_diffusers(state: LoraState) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(state dict, safetensors header metadata) that `load_lora_weights` loads as exactly ΔW."""
+    sd: dict[str, Tensor] = {}
+    for name in sorted(state):
+        m = state[name]
+        up = m.up if m.scale == 1.0 else (m.up.to(torch.float32) * m.scale).to(m.up.dtype)
+        sd[f"{name}.lora_A.weight"] = m.down.contiguous()
+        sd[f"{name}.lora_B.weight"] = up.contiguous()
+    adapter_meta: dict[str, Any] = {}
+    for component in state.components:
+        ranks = {path: m.rank for path, m in state.component(component).items()}
+        r = Counter(ranks.values()).most_common(1)[0][0]
+        pattern = {path: rank for path, rank in sorted(ranks.items()) if rank != r}
+        adapter_meta.update({
+            f"{component}.r": r,
+            f"{component}.lora_alpha": r,
+            f"{component}.rank_pattern": pattern,
+            f"{component}.alpha_pattern": dict(pattern),
+            f"{component}.target_modules": sorted(ranks),
+        })
+    return sd, {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter_meta, indent=2, sort_keys=True)}

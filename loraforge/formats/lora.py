@@ -1,0 +1,234 @@
+"""The in-memory LoRA adapter every converter reads into and writes from.
+
+A `LoraState` maps canonical module names (`unet.<diffusers path>`, `text_encoder.<transformers
+path>`, `text_encoder_2.<...>`) to `LoraModule`s holding the two factors and alpha exactly as read
+(no dtype change), so converting between formats never rounds a weight it does not have to.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from loraforge.errors import FormatError, IncompatibleBaseError
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+DOWN_SUFFIX = ".lora_down.weight"
+UP_SUFFIX = ".lora_up.weight"
+ALPHA_SUFFIX = ".alpha"
+
+
+@dataclass
+class LoraModule:
+    """One LoRA pair: ΔW = (alpha / rank) · up · down."""
+
+    down: Tensor  # A: r×n, or r×in×k×k for a conv layer
+    up: Tensor  # B: m×r, or m×r×1×1 for a conv layer
+    alpha: float
+
+    def __post_init__(self) -> None:
+        self.alpha = float(self.alpha)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def is_conv(self) -> bool:
+        return self.down.dim() == 4
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the base weight this module adapts."""
+        if self.is_conv:
+            return (int(self.up.shape[0]), *self.down.shape[1:])
+        return (int(self.up.shape[0]), int(self.down.shape[1]))
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(scale·B, A) as 2-D float32 matrices, so ΔW.flatten(1) = B @ A."""
+        b = self.up.reshape(self.up.shape[0], -1).to(torch.float32) * self.scale
+        a = self.down.reshape(self.rank, -1).to(torch.float32)
+        return b, a
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Dense ΔW shaped like the base weight (computed in float32)."""
+        b, a = self.factors()
+        return (b @ a).reshape(self.weight_shape).to(dtype)
+
+    def check_shapes(self, name: str) -> None:
+        if self.down.dim() not in (2, 4) or self.up.dim() != self.down.dim():
+            raise FormatError(
+                f"LoRA module {name}: down {tuple(self.down.shape)} and up {tuple(self.up.shape)} "
+                "are not a linear (2-D) or conv (4-D) pair"
+            )
+        if self.up.shape[1] != self.down.shape[0]:
+            raise FormatError(
+                f"LoRA module {name}: down has rank {self.down.shape[0]} but up has rank {self.up.shape[1]}"
+            )
+        if self.up.dim() == 4 and tuple(self.up.shape[2:]) != (1, 1):
+            raise FormatError(f"LoRA module {name}: conv up weight must be 1×1, got {tuple(self.up.shape)}")
+
+
+class LoraState(MutableMapping[str, LoraModule]):
+    """Canonical module name → LoraModule, plus `hints` that let a converter write back the exact
+    spelling it read (e.g. kohya's `lora_te1_` prefix); hints never change the numbers."""
+
+    def __init__(self, modules: Mapping[str, LoraModule] | None = None, hints: Mapping[str, str] | None = None):
+        self._modules: dict[str, LoraModule] = {}
+        self.hints: dict[str, str] = dict(hints or {})
+        for name, module in (modules or {}).items():
+            self[name] = module
+
+    # -- mapping protocol -------------------------------------------------------------------
+    def __getitem__(self, name: str) -> LoraModule:
+        return self._modules[name]
+
+    def __setitem__(self, name: str, module: LoraModule) -> None:
+        component = name.split(".", 1)[0]
+        if component not in COMPONENTS or "." not in name:
+            raise FormatError(
+                f"LoRA module name {name!r} must start with one of {', '.join(COMPONENTS)} followed by a module path"
+            )
+        module.check_shapes(name)
+        self._modules[name] = module
+
+    def __delitem__(self, name: str) -> None:
+        del self._modules[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __repr__(self) -> str:
+        return f"LoraState({len(self)} modules, components={self.components}, rank={self.rank})"
+
+    # -- summaries --------------------------------------------------------------------------
+    @property
+    def components(self) -> list[str]:
+        return sorted({name.split(".", 1)[0] for name in self._modules})
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: m.rank for name, m in self._modules.items()}
+
+    @property
+    def rank(self) -> int:
+        """The largest rank (the only one when ranks are uniform); 0 when empty."""
+        return max(self.ranks.values(), default=0)
+
+    @property
+    def uniform_rank(self) -> bool:
+        return len(set(self.ranks.values())) <= 1
+
+    @property
+    def alphas(self) -> dict[str, float]:
+        return {name: m.alpha for name, m in self._modules.items()}
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted({name.rsplit(".", 1)[-1] for name in self._modules})
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype of the factors; the widest one when they are mixed, None when empty."""
+        dtypes = {t.dtype for m in self._modules.values() for t in (m.down, m.up)}
+        if not dtypes:
+            return None
+        return max(dtypes, key=lambda d: (torch.finfo(d).bits if d.is_floating_point else 0, str(d)))
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(m.down.numel() + m.up.numel() for m in self._modules.values())
+
+    def component(self, name: str) -> dict[str, LoraModule]:
+        """Modules of one component, keyed by their path inside it."""
+        prefix = name + "."
+        return {k[len(prefix):]: m for k, m in self._modules.items() if k.startswith(prefix)}
+
+    # -- canonical state dict ---------------------------------------------------------------
+    def to_state_dict(self) -> dict[str, Tensor]:
+        sd: dict[str, Tensor] = {}
+        for name in sorted(self._modules):
+            m = self._modules[name]
+            sd[name + DOWN_SUFFIX] = m.down.contiguous()
+            sd[name + UP_SUFFIX] = m.up.contiguous()
+            sd[name + ALPHA_SUFFIX] = torch.tensor(m.alpha, dtype=torch.float32)
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, Tensor], hints: Mapping[str, str] | None = None) -> LoraState:
+        downs, ups, alphas = {}, {}, {}
+        for key, value in sd.items():
+            if key.endswith(DOWN_SUFFIX):
+                downs[key[: -len(DOWN_SUFFIX)]] = value
+            elif key.endswith(UP_SUFFIX):
+                ups[key[: -len(UP_SUFFIX)]] = value
+            elif key.endswith(ALPHA_SUFFIX):
+                alphas[key[: -len(ALPHA_SUFFIX)]] = value
+            else:
+                raise FormatError(f"unexpected key {key!r} in a loraforge adapter")
+        pair_names(downs, ups, alphas, DOWN_SUFFIX, UP_SUFFIX)
+        state = cls(hints=hints)
+        for name in sorted(downs):
+            down = downs[name]
+            alpha = alpha_value(alphas[name], name) if name in alphas else float(down.shape[0])
+            state[name] = LoraModule(down=down, up=ups[name], alpha=alpha)
+        return state
+
+    # -- checks and transforms --------------------------------------------------------------
+    def cast(self, dtype: torch.dtype) -> LoraState:
+        return LoraState(
+            {n: LoraModule(m.down.to(dtype), m.up.to(dtype), m.alpha) for n, m in self._modules.items()},
+            hints=self.hints,
+        )
+
+    def check_finite(self) -> None:
+        for name, m in self._modules.items():
+            for key, t in ((name + DOWN_SUFFIX, m.down), (name + UP_SUFFIX, m.up)):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise FormatError(f"tensor {key} contains NaN or Inf values")
+            if not math.isfinite(m.alpha):
+                raise FormatError(f"tensor {name}{ALPHA_SUFFIX} is not finite ({m.alpha})")
+
+    def check_against(self, targets: Mapping[str, Mapping[str, tuple[int, ...]]]) -> None:
+        """Raise IncompatibleBaseError unless every module exists in `targets`
+        ({component: {module path: weight shape}}) with the shape the adapter expects."""
+        for name in sorted(self._modules):
+            component, path = name.split(".", 1)
+            if component not in targets:
+                raise IncompatibleBaseError(
+                    f"adapter has modules for {component} but the base model has no {component}"
+                )
+            shapes = targets[component]
+            if path not in shapes:
+                raise IncompatibleBaseError(f"adapter module {name} does not exist in the base model")
+            want = tuple(int(s) for s in shapes[path])
+            have = self._modules[name].weight_shape
+            if want != have:
+                raise IncompatibleBaseError(f"adapter module {name} has shape {have} but the base has {want}")
+
+
+def pair_names(downs: Mapping[str, Tensor], ups: Mapping[str, Tensor], alphas: Mapping[str, Tensor],
+               down_label: str, up_label: str) -> None:
+    """Raise FormatError naming the first factor without a partner, or an alpha without factors."""
+    for name in sorted(set(downs) ^ set(ups)):
+        have, missing = (down_label, up_label) if name in downs else (up_label, down_label)
+        raise FormatError(f"{name}{have} has no matching {name}{missing}")
+    for name in sorted(set(alphas) - set(downs)):
+        raise FormatError(f"{name}{ALPHA_SUFFIX} has no LoRA weights")
+
+
+def alpha_value(t: Tensor, name: str) -> float:
+    if t.numel() != 1:
+        raise FormatError(f"{name}{ALPHA_SUFFIX} must hold one number, got shape {tuple(t.shape)}")
+    return float(t.reshape(()).item())

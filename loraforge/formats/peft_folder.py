@@ -1,0 +1,139 @@
+"""PEFT adapter folders (`adapter_config.json` + `adapter_model.safetensors`) ⇄ LoraState.
+
+Layout we write: a PEFT adapter wraps one model, so an adapter with one component is written as
+one PEFT folder, and an adapter with several components as one PEFT folder per component, named
+after it (`unet/`, `text_encoder/`, `text_encoder_2/`) — the layout diffusers uses for pipelines.
+The component of a single folder is recorded in the safetensors header (`loraforge.component`),
+where PEFT ignores it; the config stays a plain `LoraConfig` so PEFT loads it unchanged. Factors
+are stored untouched with the alphas in `lora_alpha`/`alpha_pattern`, so our own folders round
+trip bit-exactly. Reading accepts both layouts and folders written by PEFT itself; a folder with
+no recorded component is `text_encoder` when its modules live under `text_model.`, else `unet`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from loraforge.errors import FormatError
+from loraforge.formats.diffusers_lora import peft_alpha
+from loraforge.formats.lora import COMPONENTS, LoraModule, LoraState, pair_names
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+COMPONENT_KEY = "loraforge.component"
+PREFIX = "base_model.model."
+
+
+def peft_to_lora(sd: Mapping[str, Tensor], config: Mapping[str, Any], component: str) -> LoraState:
+    """One component's PEFT state dict and config → LoraState."""
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise FormatError(f"PEFT adapters of type {peft_type} are not supported (only LORA)")
+    downs, ups = {}, {}
+    for key, value in sd.items():
+        path = key.removeprefix(PREFIX)
+        if path.endswith(".lora_A.weight"):
+            downs[path[: -len(".lora_A.weight")]] = value
+        elif path.endswith(".lora_B.weight"):
+            ups[path[: -len(".lora_B.weight")]] = value
+        elif "lora_magnitude_vector" in path:
+            raise FormatError(f"DoRA adapters are not supported (key {key})")
+        else:
+            raise FormatError(f"key {key} is not a PEFT LoRA weight (lora_A / lora_B)")
+    pair_names(downs, ups, {}, ".lora_A.weight", ".lora_B.weight")
+    state = LoraState()
+    for path in sorted(downs):
+        rank = int(downs[path].shape[0])
+        alpha = peft_alpha(config, path, rank)
+        state[f"{component}.{path}"] = LoraModule(downs[path], ups[path], rank if alpha is None else alpha)
+    return state
+
+
+def lora_to_peft(modules: Mapping[str, LoraModule]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """One component's modules (path → LoraModule) → (PEFT state dict, LoraConfig kwargs)."""
+    ranks = {p: m.rank for p, m in modules.items()}
+    alphas = {p: m.alpha for p, m in modules.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    lora_alpha = Counter(alphas.values()).most_common(1)[0][0]
+    sd: dict[str, Tensor] = {}
+    for path in sorted(modules):
+        sd[f"{PREFIX}{path}.lora_A.weight"] = modules[path].down.contiguous()
+        sd[f"{PREFIX}{path}.lora_B.weight"] = modules[path].up.contiguous()
+    config = {
+        "r": r,
+        "lora_alpha": _plain_number(lora_alpha),
+        "target_modules": sorted(modules),
+        "rank_pattern": {p: k for p, k in sorted(ranks.items()) if k != r},
+        "alpha_pattern": {p: _plain_number(a) for p, a in sorted(alphas.items()) if a != lora_alpha},
+    }
+    return sd, config
+
+
+def _plain_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def is_peft_folder(folder: Path) -> bool:
+    return (folder / CONFIG_NAME).is_file() or any((folder / c / CONFIG_NAME).is_file() for c in COMPONENTS)
+
+
+def read_peft_folder(folder: Path) -> tuple[LoraState, dict[str, str]]:
+    """(state, header metadata of the first weights file) of a one- or many-component folder."""
+    from loraforge.formats.detect import read_safetensors
+
+    folder = Path(folder)
+    if (folder / CONFIG_NAME).is_file():
+        parts = [(None, folder)]
+    else:
+        parts = [(c, folder / c) for c in COMPONENTS if (folder / c / CONFIG_NAME).is_file()]
+    if not parts:
+        raise FormatError(f"{folder} is not a PEFT adapter folder: no {CONFIG_NAME} in it or in {', '.join(COMPONENTS)}/")
+    state, first_meta = LoraState(), None
+    for component, sub in parts:
+        weights = sub / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FormatError(f"{sub} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        try:
+            config = json.loads((sub / CONFIG_NAME).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FormatError(f"{sub / CONFIG_NAME} is not valid JSON: {e}") from e
+        sd, meta = read_safetensors(weights)
+        component = component or meta.get(COMPONENT_KEY) or _guess_component(sd)
+        if component not in COMPONENTS:
+            raise FormatError(f"{weights}: unknown component {component!r} in the {COMPONENT_KEY} header entry")
+        try:
+            part = peft_to_lora(sd, config, component)
+        except FormatError as e:
+            raise FormatError(f"{weights}: {e}") from e
+        for name, module in part.items():
+            state[name] = module
+        first_meta = first_meta if first_meta is not None else meta
+    return state, dict(first_meta or {})
+
+
+def _guess_component(sd: Mapping[str, Tensor]) -> str:
+    return "text_encoder" if all(k.removeprefix(PREFIX).startswith("text_model.") for k in sd) else "unet"
+
+
+def write_peft_folder(state: LoraState, folder: Path, metadata: Mapping[str, str] | None = None) -> list[Path]:
+    from peft import LoraConfig
+
+    from loraforge.formats.detect import write_safetensors
+
+    folder = Path(folder)
+    components = state.components
+    written: list[Path] = []
+    for component in components:
+        sub = folder if len(components) == 1 else folder / component
+        sub.mkdir(parents=True, exist_ok=True)
+        sd, kwargs = lora_to_peft(state.component(component))
+        LoraConfig(**kwargs).save_pretrained(str(sub))
+        header = {**(metadata or {}), "format": "pt", COMPONENT_KEY: component}
+        written += [sub / CONFIG_NAME, write_safetensors(sd, sub / WEIGHTS_NAME, header)]
+    return written

@@ -1,0 +1,44 @@
+"""Module names and weight shapes of a base model, read from safetensors headers (no weights loaded)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (tensor name → dtype, shape, offsets)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def _component_files(folder: Path, component: str) -> list[Path]:
+    sub = folder / component
+    if not sub.is_dir():
+        return []
+    return sorted(p for p in sub.glob("*.safetensors"))
+
+
+def module_shapes(folder: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{component: {module path: weight shape}} for every 2-D/4-D `.weight` of a diffusers folder."""
+    out: dict[str, dict[str, tuple[int, ...]]] = {}
+    for component in COMPONENTS:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for path in _component_files(Path(folder), component):
+            for key, info in safetensors_header(path).items():
+                if key == "__metadata__" or not key.endswith(".weight"):
+                    continue
+                shape = tuple(info["shape"])
+                if len(shape) in (2, 4):
+                    shapes[key[: -len(".weight")]] = shape
+        if shapes:
+            out[component] = shapes
+    return out
+
+
+def module_names(folder: Path) -> dict[str, list[str]]:
+    return {c: sorted(s) for c, s in module_shapes(folder).items()}

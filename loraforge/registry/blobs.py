@@ -1,0 +1,117 @@
+"""Content-addressed blob store: `blobs/sha256/ab/<digest>`, written atomically, stored once."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from loraforge.errors import IntegrityError
+from loraforge.hashing import CHUNK, sha256_file
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    """Files addressed by their sha256. A blob is complete once it has its final name."""
+
+    def __init__(self, root: Path, tmp: Path):
+        self.root = Path(root)
+        self.tmp = Path(tmp)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest[:2] / digest
+
+    def exists(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def _commit(self, tmp_path: Path, digest: str) -> Path:
+        final = self.path(digest)
+        if final.exists():
+            tmp_path.unlink(missing_ok=True)
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(tmp_path, 0o444)
+        os.replace(tmp_path, final)
+        fsync_dir(final.parent)
+        return final
+
+    def put_stream(self, stream: BinaryIO) -> tuple[str, int]:
+        """Copy a stream into the store; returns (sha256, size)."""
+        h = hashlib.sha256()
+        size = 0
+        fd, name = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
+        tmp_path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            digest = h.hexdigest()
+            self._commit(tmp_path, digest)
+            return digest, size
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+
+    def put_file(self, src: Path, expected_sha256: str | None = None) -> tuple[str, int]:
+        """Store a file. When its digest is known and already stored, nothing is copied."""
+        if expected_sha256 and self.exists(expected_sha256):
+            return expected_sha256, self.path(expected_sha256).stat().st_size
+        with open(src, "rb") as f:
+            digest, size = self.put_stream(f)
+        if expected_sha256 and digest != expected_sha256:
+            raise IntegrityError(f"{src} changed while it was being stored (sha256 {digest}, expected {expected_sha256})")
+        return digest, size
+
+    def put_bytes(self, data: bytes) -> tuple[str, int]:
+        import io
+
+        return self.put_stream(io.BytesIO(data))
+
+    def verify(self, digest: str) -> bool:
+        p = self.path(digest)
+        return p.is_file() and sha256_file(p) == digest
+
+    def __iter__(self) -> Iterator[str]:
+        for sub in sorted(self.root.iterdir()):
+            if sub.is_dir():
+                for p in sorted(sub.iterdir()):
+                    yield p.name
+
+    def delete(self, digest: str) -> int:
+        p = self.path(digest)
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            return 0
+        os.chmod(p, 0o644)
+        p.unlink()
+        return size
+
+    def link_or_copy(self, digest: str, dest: Path) -> None:
+        """Place blob `digest` at `dest` (hard link when possible; copies are made read-only too)."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        src = self.path(digest)
+        try:
+            os.link(src, dest)
+        except OSError:
+            shutil.copyfile(src, dest)
+            os.chmod(dest, 0o444)

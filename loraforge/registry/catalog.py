@@ -1,0 +1,90 @@
+"""The SQLite catalog of the registry (sqlite-utils), its schema as registered migrations."""
+
+from __future__ import annotations
+
+import fcntl
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import sqlite_utils
+from sqlite_utils import Migrations
+
+migrations = Migrations("loraforge")
+
+
+@migrations()
+def m001_artifacts(db: sqlite_utils.Database) -> None:
+    db["artifacts"].create(
+        {
+            "id": int,
+            "name": str,
+            "version": int,
+            "kind": str,
+            "digest": str,
+            "input_digest": str,
+            "size": int,
+            "created_at": str,
+            "manifest": str,
+        },
+        pk="id",
+        not_null={"name", "version", "kind", "digest", "manifest"},
+    )
+    db["artifacts"].create_index(["name", "version"], unique=True)
+    db["artifacts"].create_index(["digest"])
+    db["artifacts"].create_index(["input_digest"])
+    db["files"].create(
+        {"artifact_id": int, "path": str, "sha256": str, "size": int},
+        pk=("artifact_id", "path"),
+        foreign_keys=[("artifact_id", "artifacts", "id")],
+    )
+    db["files"].create_index(["sha256"])
+    db["aliases"].create({"name": str, "alias": str, "version": int, "updated_at": str}, pk=("name", "alias"))
+
+
+def connect(path: Path) -> sqlite_utils.Database:
+    conn = sqlite3.connect(str(path), timeout=60, isolation_level=None, check_same_thread=False)
+    db = sqlite_utils.Database(conn)
+    conn.execute("PRAGMA busy_timeout = 60000")
+    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    if mode != "wal":
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return db
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock between processes (released when the process dies)."""
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def open_catalog(home: Path) -> sqlite_utils.Database:
+    """Open `registry.db` under `home`, applying pending migrations under a lock."""
+    db_path = home / "registry.db"
+    db = connect(db_path)
+    if migrations.pending(db):
+        with file_lock(home / "registry.lock"):
+            migrations.apply(db)
+    return db
+
+
+@contextmanager
+def immediate(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
+    """A write transaction that takes the database lock up front (no upgrade deadlocks)."""
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    else:
+        conn.execute("COMMIT")

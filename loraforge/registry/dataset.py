@@ -1,0 +1,64 @@
+"""Dataset snapshots: a folder of training images and captions, recorded file by file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loraforge.errors import DatasetError
+from loraforge.hashing import iter_folder_files
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def read_captions(folder: Path, images: list[Path]) -> dict[str, str]:
+    """Captions from `metadata.jsonl` ({"file_name", "text"|"caption"}) or `.txt` side files."""
+    captions: dict[str, str] = {}
+    meta = folder / "metadata.jsonl"
+    if meta.is_file():
+        for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                captions[row["file_name"]] = str(row.get("text", row.get("caption", ""))).strip()
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DatasetError(
+                    f"{meta}:{lineno}: each line needs a JSON object with file_name and text ({exc})"
+                ) from None
+    for image in images:
+        rel = image.relative_to(folder).as_posix()
+        side = image.with_suffix(".txt")
+        if rel not in captions and side.is_file():
+            captions[rel] = side.read_text(encoding="utf-8").strip()
+    return captions
+
+
+def scan_dataset(folder: Path) -> tuple[list[Path], dict[str, str]]:
+    """Image files (checked to decode) and their captions; corrupt images raise DatasetError."""
+    from PIL import Image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"dataset folder {folder} does not exist")
+    images = [p for p in iter_folder_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise DatasetError(f"dataset folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    for image in images:
+        try:
+            with Image.open(image) as im:
+                im.verify()
+        except Exception as exc:
+            raise DatasetError(f"cannot read image {image}: {exc.__class__.__name__}: {exc}") from None
+    return images, read_captions(folder, images)
+
+
+def dataset_files(folder: Path) -> list[tuple[Path, str]]:
+    """(source, relative path) of every file that belongs to the snapshot: images and caption files."""
+    folder = Path(folder)
+    images, _ = scan_dataset(folder)
+    files = [(p, p.relative_to(folder).as_posix()) for p in images]
+    for p in iter_folder_files(folder):
+        if p.suffix == ".txt" or p.name == "metadata.jsonl":
+            files.append((p, p.relative_to(folder).as_posix()))
+    return sorted(set(files), key=lambda x: x[1])

@@ -1,0 +1,217 @@
+"""Importing files and folders into the registry, with format detection and checks."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from loraforge.errors import ConfigError, FormatError
+from loraforge.hashing import iter_folder_files
+from loraforge.home import tmp_dir
+from loraforge.registry.dataset import IMAGE_SUFFIXES, dataset_files, scan_dataset
+from loraforge.registry.manifest import (
+    AdapterInfo, BaseInfo, DatasetInfo, Manifest, Parent, Provenance, SliderInfo,
+)
+from loraforge.registry.registry import Registry
+
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+
+
+def _is_checkpoint_file(path: Path) -> bool:
+    from loraforge.models.targets import safetensors_header
+
+    try:
+        keys = safetensors_header(path).keys()
+    except Exception:
+        return False
+    return any(k.startswith(CHECKPOINT_PREFIXES) for k in keys)
+
+
+def detect_kind(path: Path) -> str:
+    """lora, checkpoint or dataset, judged from what the path holds."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return "checkpoint"
+        if (path / "adapter_config.json").is_file() or any(path.glob("*/adapter_config.json")):
+            return "lora"
+        if any(p.suffix.lower() in IMAGE_SUFFIXES for p in iter_folder_files(path)):
+            return "dataset"
+        if any(path.glob("*.safetensors")):
+            return "lora"
+        raise FormatError(f"cannot tell what {path} holds: not a diffusers model, PEFT adapter or image folder")
+    if not path.exists():
+        raise FormatError(f"{path} does not exist")
+    if path.suffix == ".safetensors" and _is_checkpoint_file(path):
+        return "checkpoint"
+    return "lora"
+
+
+def adapter_info(state, fmt: str) -> AdapterInfo:
+    alphas = set(state.alphas.values())
+    ranks = state.ranks.values()
+    return AdapterInfo(
+        format=fmt,
+        rank=max(ranks) if ranks else None,
+        alpha=alphas.pop() if len(alphas) == 1 else None,
+        target_modules=list(state.target_modules),
+        components=list(state.components),
+        num_modules=len(state.ranks),
+        num_parameters=state.num_parameters,
+        dtype=str(state.dtype).replace("torch.", ""),
+    )
+
+
+def import_artifact(
+    registry: Registry,
+    path: Path,
+    name: str,
+    kind: Optional[str] = None,
+    base: Optional[str] = None,
+    slider: Optional[SliderInfo] = None,
+    instance_prompt: Optional[str] = None,
+) -> Manifest:
+    """Import `path` as the next version of `name`. Nothing is registered when a check fails."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist")
+    detected = detect_kind(path)
+    kind = kind or detected
+    if kind in ("lora", "slider"):
+        return _import_adapter(registry, path, name, kind, base, slider)
+    if kind == "checkpoint":
+        if detected != "checkpoint":
+            raise FormatError(f"{path} is not a checkpoint (a diffusers folder or single-file .safetensors model)")
+        return _import_checkpoint(registry, path, name)
+    if kind == "dataset":
+        return import_dataset(registry, path, name, instance_prompt=instance_prompt)
+    raise ConfigError(f"cannot import {path} as kind {kind!r}")
+
+
+def _import_adapter(registry: Registry, path: Path, name: str, kind: str, base_ref: Optional[str],
+                    slider: Optional[SliderInfo]) -> Manifest:
+    from loraforge.formats import read_adapter, write_adapter
+    from loraforge.registry.resolve import base_targets, resolve_base
+
+    base = resolve_base(registry, base_ref) if base_ref else None
+    targets = base_targets(base) if base is not None else None
+    names = {c: list(s) for c, s in targets.items()} if targets else None
+    state, fmt, _meta = read_adapter(path, module_names=names)
+    state.check_finite()
+    if targets is not None:
+        state.check_against(targets)
+    if fmt == "slider_pt" and kind == "lora":
+        kind = "slider"
+    if kind == "slider" and slider is None:
+        slider = SliderInfo(method="imported")
+    manifest = Manifest(
+        name=name, kind=kind, digest="", files=[],
+        adapter=adapter_info(state, fmt),
+        slider=slider if kind == "slider" else None,
+        base=BaseInfo(ref=base.ref, digest=base.digest, family=base.family) if base else None,
+        provenance=Provenance(source=str(path.resolve()), method="import", params={"format": fmt}),
+    )
+    with tempfile.TemporaryDirectory(dir=tmp_dir(registry.home)) as tmp:
+        out = Path(tmp) / "adapter.safetensors"
+        write_adapter(state, out, "loraforge")
+        return registry.register(manifest, [(out, "adapter.safetensors")])
+
+
+def register_adapter(registry: Registry, state, manifest: Manifest, input_digest: str | None = None) -> Manifest:
+    """Register an adapter made in memory (merge, train …) under `manifest`'s name and kind."""
+    from loraforge.formats import write_adapter
+
+    state.check_finite()
+    manifest = manifest.model_copy(update={"adapter": manifest.adapter or adapter_info(state, "loraforge")})
+    with tempfile.TemporaryDirectory(dir=tmp_dir(registry.home)) as tmp:
+        out = Path(tmp) / "adapter.safetensors"
+        write_adapter(state, out, "loraforge")
+        return registry.register(manifest, [(out, "adapter.safetensors")], input_digest=input_digest)
+
+
+def _import_checkpoint(registry: Registry, path: Path, name: str) -> Manifest:
+    from loraforge.models.base import base_from_path
+
+    base = base_from_path(path, str(path))
+    if path.is_dir():
+        files = [(p, p.relative_to(path).as_posix()) for p in iter_folder_files(path)]
+        layout = "diffusers"
+    else:
+        _check_safetensors(path)
+        files = [(path, "model.safetensors")]
+        layout = "single_file"
+    manifest = Manifest(
+        name=name, kind="checkpoint", digest="", files=[], layout=layout,
+        base=BaseInfo(ref=str(path.resolve()), digest=base.digest, family=base.family),
+        provenance=Provenance(source=str(path.resolve()), method="import"),
+    )
+    return registry.register(manifest, files)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Refuse truncated files and headers whose offsets run past the end of the file."""
+    from loraforge.models.targets import safetensors_header
+
+    size = path.stat().st_size
+    try:
+        header = safetensors_header(path)
+    except Exception as exc:
+        raise FormatError(f"{path} is not a readable safetensors file ({exc})") from None
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+    data_size = size - 8 - header_len
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if end > data_size or start > end:
+            raise FormatError(f"{path} is truncated or damaged: tensor {key} ends at byte {end} of {data_size}")
+
+
+def import_dataset(registry: Registry, folder: Path, name: str, instance_prompt: Optional[str] = None,
+                   input_digest: str | None = None) -> Manifest:
+    images, captions = scan_dataset(folder)
+    rel_captions = {p.relative_to(folder).as_posix(): captions.get(p.relative_to(folder).as_posix(), "")
+                    for p in images}
+    manifest = Manifest(
+        name=name, kind="dataset", digest="", files=[],
+        dataset=DatasetInfo(num_images=len(images), captions=rel_captions, instance_prompt=instance_prompt),
+        provenance=Provenance(source=str(Path(folder).resolve()), method="snapshot"),
+    )
+    return registry.register(manifest, dataset_files(folder), input_digest=input_digest)
+
+
+def export_artifact(registry: Registry, ref: str, fmt: str, out: Path) -> list[Path]:
+    """Write an artifact to `out`: adapters in diffusers/peft/kohya/loraforge format, others copied."""
+    from loraforge.registry.resolve import resolve_artifact
+
+    manifest = resolve_artifact(registry, ref)
+    out = Path(out).expanduser()
+    if manifest.kind in ("lora", "slider"):
+        from loraforge.formats import read_adapter, write_adapter
+
+        state, _fmt, _meta = read_adapter(registry.primary_file(manifest))
+        metadata = {"loraforge_manifest": manifest.to_json(), "format": "pt"}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return write_adapter(state, out, fmt, metadata=metadata)
+    if fmt not in ("native", "diffusers", "single_file"):
+        raise ConfigError(f"a {manifest.kind} exports as-is: use --format native (got {fmt!r})")
+    folder = registry.checkout(manifest)
+    if len(manifest.files) == 1 and manifest.kind == "checkpoint" and manifest.layout == "single_file":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / manifest.files[0].path, out)
+        return [out]
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for entry in manifest.files:
+        dest = out / entry.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / entry.path, dest)
+        written.append(dest)
+    return written
+
+
+def parent_of(manifest: Manifest, role: str = "input", weight: float | None = None) -> Parent:
+    return Parent(ref=manifest.ref, digest=manifest.digest, role=role, weight=weight)
