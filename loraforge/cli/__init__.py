@@ -17,7 +17,7 @@ COMMANDS: dict[str, str] = {
     "generate": "loraforge.cli.generate:generate",
     "merge": "loraforge.cli.merge:merge",
     "lora": "loraforge.cli.lora:lora",
-    "methods": "loraforge.cli.methods:methods",
+    "methods": "loraforge.cli.plugins:methods",
     "plugins": "loraforge.cli.plugins:plugins",
     "recipe": "loraforge.cli.recipe:recipe",
     "train": "loraforge.cli.train:train",

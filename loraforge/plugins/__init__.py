@@ -1,0 +1,122 @@
+"""Plugin groups: merge methods, LoRA algebra methods, trainers, rewards and evaluators.
+
+Built-ins register exactly like third-party plugins: with `GROUP.register(name, ...)`. A group
+imports every module of its built-in package, then every entry point of its entry-point group
+(`loraforge.<group>` in a package's metadata), so `pip install loraforge-foo` adds methods.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, Iterator, Optional
+
+from loraforge.errors import PluginError
+
+PLUGIN_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    group: str
+    obj: Any
+    reference_url: Optional[str] = None
+    version: str = "1"
+    description: str = ""
+    source: str = "builtin"
+
+
+@dataclass
+class PluginGroup:
+    """A named set of plugins with duplicate and malformed names refused at registration."""
+
+    name: str
+    builtin_package: str
+    description: str = ""
+    _plugins: dict[str, PluginInfo] = field(default_factory=dict)
+    _loaded: bool = False
+    _loading: bool = False
+
+    @property
+    def entry_point_group(self) -> str:
+        return f"loraforge.{self.name}"
+
+    def register(self, name: str, *, reference_url: str | None = None, version: str = "1",
+                 description: str | None = None) -> Callable[[Any], Any]:
+        if not isinstance(name, str) or not PLUGIN_NAME_RE.match(name):
+            raise PluginError(
+                f"invalid {self.name} plugin name {name!r}: use lower-case letters, digits and '_', "
+                "starting with a letter"
+            )
+
+        def decorator(obj: Any) -> Any:
+            if name in self._plugins and self._plugins[name].obj is not obj:
+                raise PluginError(f"{self.name} plugin {name!r} is already registered by "
+                                  f"{self._plugins[name].source}")
+            doc = description if description is not None else (obj.__doc__ or "").strip().split("\n")[0]
+            module = getattr(obj, "__module__", "") or ""
+            source = "builtin" if module.startswith("loraforge.") else module
+            self._plugins[name] = PluginInfo(name, self.name, obj, reference_url, str(version), doc, source)
+            return obj
+
+        return decorator
+
+    def _load(self) -> None:
+        if self._loaded or self._loading:
+            return
+        self._loading = True
+        try:
+            try:
+                package = importlib.import_module(self.builtin_package)
+            except ModuleNotFoundError:
+                package = None
+            if package is not None and hasattr(package, "__path__"):
+                for info in pkgutil.iter_modules(package.__path__):
+                    if not info.name.startswith("_"):
+                        importlib.import_module(f"{self.builtin_package}.{info.name}")
+            for ep in entry_points(group=self.entry_point_group):
+                try:
+                    obj = ep.load()
+                except Exception as exc:
+                    raise PluginError(f"cannot load {self.name} plugin {ep.name!r} from {ep.value}: {exc}") from None
+                if ep.name not in self._plugins:
+                    self.register(ep.name, reference_url=getattr(obj, "reference_url", None),
+                                  version=str(getattr(obj, "version", "1")))(obj)
+            self._loaded = True
+        finally:
+            self._loading = False
+
+    def get(self, name: str) -> Any:
+        return self.info(name).obj
+
+    def info(self, name: str) -> PluginInfo:
+        self._load()
+        if name not in self._plugins:
+            known = ", ".join(sorted(self._plugins)) or "none installed"
+            raise PluginError(f"unknown {self.description or self.name} {name!r}: choose one of {known}")
+        return self._plugins[name]
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._plugins)
+
+    def __iter__(self) -> Iterator[PluginInfo]:
+        self._load()
+        return iter(sorted(self._plugins.values(), key=lambda p: p.name))
+
+    def __contains__(self, name: str) -> bool:
+        self._load()
+        return name in self._plugins
+
+
+MERGE_METHODS = PluginGroup("merge_methods", "loraforge.ops.merge_methods", "checkpoint merge method")
+LORA_METHODS = PluginGroup("lora_methods", "loraforge.ops.lora_methods", "LoRA merge method")
+TRAINERS = PluginGroup("trainers", "loraforge.train.trainers", "trainer")
+REWARDS = PluginGroup("rewards", "loraforge.rewards", "reward")
+EVALUATORS = PluginGroup("evaluators", "loraforge.evaluators", "evaluator")
+
+GROUPS: dict[str, PluginGroup] = {g.name: g for g in (MERGE_METHODS, LORA_METHODS, TRAINERS, REWARDS, EVALUATORS)}

@@ -1,0 +1,48 @@
+"""Random adapters for demos, tests and benchmarks: right shapes for a base, seeded values."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def random_lora(
+    shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
+    rank: int = 4,
+    alpha: float | None = None,
+    targets: Iterable[str] = DEFAULT_TARGETS,
+    components: Iterable[str] = ("unet",),
+    seed: int = 0,
+    std: float = 0.1,
+    dtype: torch.dtype = torch.float32,
+):
+    """A LoraState on every module of `shapes` whose path ends with one of `targets`.
+
+    `shapes` is {component: {module path: weight shape}} (see `loraforge.models.targets`). Both
+    factors are random (unlike a freshly initialised LoRA, whose up factor is zero), so the adapter
+    visibly changes the model.
+    """
+    from loraforge.formats.lora import LoraModule, LoraState
+
+    gen = torch.Generator().manual_seed(seed)
+    targets = tuple(targets)
+    modules = {}
+    for component in components:
+        for path, shape in sorted(shapes.get(component, {}).items()):
+            if not any(path == t or path.endswith("." + t) for t in targets):
+                continue
+            out_features, in_features = shape[0], shape[1]
+            if len(shape) == 4:
+                down = torch.randn((rank, in_features, *shape[2:]), generator=gen) * std
+                up = torch.randn((out_features, rank, 1, 1), generator=gen) * std
+            else:
+                down = torch.randn((rank, in_features), generator=gen) * std
+                up = torch.randn((out_features, rank), generator=gen) * std
+            modules[f"{component}.{path}"] = LoraModule(down.to(dtype), up.to(dtype), alpha if alpha else rank)
+    if not modules:
+        raise ValueError(f"no module of the base matches targets {targets}")
+    return LoraState(modules)
