@@ -1,0 +1,59 @@
+"""What a merge, LoRA merge or fuse is asked to do: frozen pydantic specs shared by CLI and recipes.
+
+Help text lives on the fields and is reused by the CLI and the recipe docs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Component = Literal["unet", "text_encoder", "vae"]
+DType = Literal["fp32", "fp16", "bf16"]
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelInput(Spec):
+    ref: str = Field(description="A checkpoint: registry reference, path, builtin:NAME or hf://org/name@rev.")
+    weight: Optional[float] = Field(None, description="Merge weight (for weighted_sum: the α of this model).")
+
+
+class AdapterInput(Spec):
+    ref: str = Field(description="A LoRA or slider: registry reference, path or hf://org/name@rev.")
+    weight: float = Field(1.0, description="Multiplier of the adapter's ΔW (a slider's scale); may be negative.")
+
+
+class CheckpointMergeSpec(Spec):
+    method: str = Field("weighted_sum", description="Merge method (see `loraforge methods`).")
+    models: list[ModelInput] = Field(description="Input checkpoints; the first is the primary (A).", min_length=2)
+    alpha: Optional[float] = Field(
+        None, description="Interpolation / difference strength; defaults to the second model's weight, else 0.5.")
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="Method parameters, e.g. density, drop_rate, seed, lambda.")
+    block_weights: Optional[Union[list[float], dict[str, float]]] = Field(
+        None, description="Per-UNet-block α: 25 numbers for SD1 (BASE, IN00..IN11, M00, OUT00..OUT11) "
+                          "or a mapping of block name → weight.")
+    include: Optional[list[Component]] = Field(None, description="Only merge these components.")
+    exclude: list[Component] = Field(["vae"], description="Components copied from the first model unmerged.")
+    dtype: DType = Field("fp16", description="Output dtype; arithmetic is always fp32.")
+
+
+class LoraMergeSpec(Spec):
+    method: str = Field("svd", description="concat, svd, ties or dare (see `loraforge methods`).")
+    adapters: list[AdapterInput] = Field(min_length=1, description="Adapters with weights.")
+    rank: Optional[int] = Field(None, gt=0, description="Target rank (svd/ties/dare); concat keeps the sum of ranks.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Method parameters, e.g. density, seed.")
+
+
+class FuseSpec(Spec):
+    base: str = Field(description="Base checkpoint the adapters are baked into.")
+    adapters: list[AdapterInput] = Field(min_length=1, description="Adapters with weights.")
+    dtype: DType = Field("fp16", description="Output dtype.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "FuseSpec":
+        return self
