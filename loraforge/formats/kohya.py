@@ -5,8 +5,8 @@ kohya flattens a module path by replacing every `.` with `_`, which is ambiguous
 model, per component) each key is matched exactly. Without them the key is split into the words of
 diffusers' UNet2DConditionModel and transformers' CLIP text models (`down_blocks`, `to_q`,
 `self_attn`, ...), longest word first; a key containing a word outside that vocabulary is refused
-rather than guessed. Keys that use the original Stability (SGM) names of kohya's SDXL UNet
-(`input_blocks_4_1_...`) need `module_names` of an SGM-named UNet and are otherwise refused.
+rather than guessed. Keys that use the original Stability (SGM) block names of kohya's SDXL UNet
+(`input_blocks_4_1_...`) are refused with a message saying so: they are not mapped to diffusers yet.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ UNSUPPORTED_MARKERS = {
     ".dora_scale": "DoRA adapters (dora_scale) are not supported",
     ".diff": "full-weight difference keys (.diff / .diff_b) are not supported",
 }
+
+SGM_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_")
 
 HINT_TE_PREFIX = "kohya_te_prefix"
 HINT_ALPHA_DTYPE = "kohya_alpha_dtype"
@@ -111,6 +113,11 @@ def kohya_to_lora(sd: Mapping[str, Tensor], module_names: Mapping[str, Iterable[
             if path is None:
                 raise IncompatibleBaseError(f"kohya key {key} matches no module of the base's {component}")
         else:
+            if component == "unet" and flat.startswith(SGM_BLOCKS):
+                raise FormatError(
+                    f"kohya key {key} uses the original SDXL (SGM) UNet block names "
+                    "(input_blocks / middle_block / output_blocks), which loraforge cannot map to diffusers names yet"
+                )
             words = split_words(flat)
             if words is None:
                 raise FormatError(
