@@ -1,0 +1,35 @@
+"""Base models: the embedded tiny SD1/SDXL pipelines, base-model resolution, and pipeline helpers."""
+
+from loraforge.models.base import BaseModel, base_from_path, resolve_base
+from loraforge.models.builtin import (
+    BUILTIN_NAMES,
+    build_tiny_components,
+    build_tiny_pipeline,
+    ensure_builtin,
+    sd15_configs,
+)
+from loraforge.models.pipeline import (
+    default_dtype,
+    generate,
+    image_grid,
+    load_pipeline,
+    lora_target_names,
+    pick_device,
+)
+
+__all__ = [
+    "BUILTIN_NAMES",
+    "BaseModel",
+    "base_from_path",
+    "build_tiny_components",
+    "build_tiny_pipeline",
+    "default_dtype",
+    "ensure_builtin",
+    "generate",
+    "image_grid",
+    "load_pipeline",
+    "lora_target_names",
+    "pick_device",
+    "resolve_base",
+    "sd15_configs",
+]

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,7 @@ def _tiny_sdxl_components() -> dict[str, Any]:
 
 _BUILDERS = {"tiny-sd": _tiny_sd_components, "tiny-sdxl": _tiny_sdxl_components}
 _FAMILIES = {"tiny-sd": "sd1", "tiny-sdxl": "sdxl"}
+_BUILD_LOCK = threading.Lock()
 
 
 def _check_name(name: str) -> str:
@@ -270,12 +272,14 @@ def builtin_family(name: str) -> str:
 def build_tiny_components(name: str) -> dict[str, Any]:
     """The modules of a builtin pipeline, in memory; pass them as `Pipeline(**components)`."""
     name = _check_name(name)
-    # The RNG is reseeded per component; restore the caller's state afterwards.
-    state = torch.random.get_rng_state()
-    try:
-        return _BUILDERS[name]()
-    finally:
-        torch.random.set_rng_state(state)
+    # Modules draw their initial weights from the global RNG, reseeded per component: hold a lock so
+    # two threads building at once cannot interleave draws, and give the caller its RNG state back.
+    with _BUILD_LOCK:
+        state = torch.random.get_rng_state()
+        try:
+            return _BUILDERS[name]()
+        finally:
+            torch.random.set_rng_state(state)
 
 
 def build_tiny_pipeline(name: str):
@@ -293,10 +297,30 @@ def save_tiny_pipeline(name: str, folder: Path) -> Path:
     """Write a builtin pipeline in diffusers format (safetensors) into `folder`."""
     folder = Path(folder)
     pipe = build_tiny_pipeline(name)
-    with _quiet_transformers():
+    with quiet_progress_bars():
         pipe.save_pretrained(folder, safe_serialization=True)
+    _restore_text_model_prefix(folder)
     _write_vocab_files(folder)
     return folder
+
+
+def _restore_text_model_prefix(folder: Path) -> None:
+    """Store CLIPTextModel weights under their classic `text_model.` names, as every SD repository does.
+
+    transformers 5 dropped the `text_model` wrapper of CLIPTextModel and strips the prefix on load, so a
+    model built in code saves bare `encoder.layers...` keys that older transformers and single-file
+    converters cannot read. CLIPTextModelWithProjection kept its wrapper and needs no fix.
+    """
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "text_encoder" / "model.safetensors"
+    if not weights.is_file():
+        return
+    state = load_file(weights)
+    if all(k.startswith("text_model.") for k in state):
+        return
+    renamed = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+    save_file({k: renamed[k] for k in sorted(renamed)}, weights, metadata={"format": "pt"})
 
 
 def _write_vocab_files(folder: Path) -> None:
@@ -309,16 +333,21 @@ def _write_vocab_files(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
+def quiet_progress_bars():
+    """Silence the tqdm bars diffusers and transformers print while loading and saving."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    restore = []
+    for lib in (diffusers_logging, transformers_logging):
+        if lib.is_progress_bar_enabled():
+            lib.disable_progress_bar()
+            restore.append(lib)
     try:
         yield
     finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+        for lib in restore:
+            lib.enable_progress_bar()
 
 
 def builtin_path(name: str, home: Path) -> Path:

@@ -1,0 +1,201 @@
+"""Resolving a base-model reference (builtin, local folder, single file, Hub id) to a digested BaseModel."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraforge.errors import FormatError, UnresolvedReference, UnsafePickleError
+from loraforge.hashing import iter_folder_files, sha256_file, sha256_folder, sha256_json
+from loraforge.home import cache_dir, loraforge_home
+from loraforge.models.builtin import BUILTIN_PREFIX, ensure_builtin
+
+FAMILIES = ("sd1", "sdxl")
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# "org/name" or "org/name@revision", the way the Hub spells repository ids.
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+# What a diffusers pipeline repository needs; fp16/ema variants and pickles are skipped.
+HUB_ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+HUB_IGNORE_PATTERNS = ["*.fp16.*", "*ema*", "*.bin", "*.ckpt", "safety_checker/*", "feature_extractor/*"]
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A base model on disk, with the content digest that identifies it in locks and manifests."""
+
+    ref: str
+    path: Path
+    digest: str
+    family: str  # "sd1" | "sdxl"
+    layout: str  # "diffusers" | "single_file"
+
+
+def resolve_base(ref: str, home: Path) -> BaseModel:
+    """Resolve `builtin:NAME`, a local diffusers folder or checkpoint file, or a Hub id `org/name[@rev]`.
+
+    Registry references (`name:version`) are resolved by the registry, which then calls `base_from_path`.
+    """
+    if ref.startswith(BUILTIN_PREFIX):
+        return base_from_path(ensure_builtin(ref, home), ref, home=home)
+    local = Path(ref).expanduser()
+    if local.exists():
+        return base_from_path(local, ref, home=home)
+    match = HUB_ID.match(ref)
+    if match and not ref.startswith((".", "/", "~")):
+        return base_from_path(_download_from_hub(ref, match["repo"], match["revision"]), ref, home=home)
+    raise UnresolvedReference(
+        f"base model {ref!r} is not a builtin, an existing file or folder, or a Hub id (org/name)"
+    )
+
+
+def base_from_path(path: Path, ref: str, home: Path | None = None) -> BaseModel:
+    """A BaseModel for a diffusers folder or single-file checkpoint at `path`, known to the user as `ref`."""
+    path = Path(path)
+    home = loraforge_home(home)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise FormatError(f"{path} is a folder without model_index.json; a diffusers pipeline folder is needed")
+        return BaseModel(ref=ref, path=path, digest=cached_digest(path, home),
+                         family=family_of_folder(path), layout="diffusers")
+    if path.is_file():
+        return BaseModel(ref=ref, path=path, digest=cached_digest(path, home),
+                         family=family_of_single_file(path), layout="single_file")
+    raise UnresolvedReference(f"base model {ref!r}: {path} does not exist")
+
+
+def family_of_folder(path: Path) -> str:
+    """"sdxl" or "sd1" from a diffusers folder's model_index.json."""
+    try:
+        index = json.loads((Path(path) / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{path}/model_index.json is unreadable: {exc}") from None
+    class_name = str(index.get("_class_name", ""))
+    if "text_encoder_2" in index or class_name.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if class_name.startswith("StableDiffusion"):
+        return "sd1"
+    raise FormatError(f"{path} holds a {class_name or 'unknown'} pipeline; loraforge supports SD1 and SDXL bases")
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """Tensor names of a single-file checkpoint, reading only the header of safetensors files."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as exc:  # safetensors raises its own error types for damaged headers
+            raise FormatError(f"{path} is not a readable safetensors file: {exc}") from None
+    if suffix in PICKLE_SUFFIXES:
+        return list(_load_pickle_state_dict(path))
+    raise FormatError(f"{path}: unknown checkpoint type {suffix!r}; expected .safetensors or .ckpt")
+
+
+def _load_pickle_state_dict(path: Path) -> dict:
+    import pickle
+
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafePickleError(
+            f"{path} is a pickle with objects other than tensors ({first_line}); convert it to .safetensors"
+        ) from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise FormatError(f"{path} is not a readable checkpoint: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise FormatError(f"{path} does not hold a state dict")
+    return data
+
+
+def family_of_keys(keys: list[str], source: str = "checkpoint") -> str:
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.") for k in keys):
+        return "sd1"
+    raise FormatError(
+        f"{source} has neither cond_stage_model.* (SD1) nor conditioner.embedders.1.* (SDXL) keys; "
+        "it is not a full Stable Diffusion checkpoint"
+    )
+
+
+def family_of_single_file(path: Path) -> str:
+    return family_of_keys(checkpoint_keys(path), source=str(path))
+
+
+# ---- digests, cached by (path, size, mtime) ------------------------------------------------
+
+def _digest_cache_file(home: Path) -> Path:
+    return cache_dir(home) / "base_digests.json"
+
+
+def _fingerprint(path: Path) -> str:
+    """Changes whenever a file (or any file of a folder) changes size or modification time."""
+    if path.is_dir():
+        stats = []
+        for p in iter_folder_files(path):
+            st = p.stat()
+            stats.append([p.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns])
+        return sha256_json(stats)
+    st = path.stat()
+    return sha256_json([st.st_size, st.st_mtime_ns])
+
+
+def cached_digest(path: Path, home: Path) -> str:
+    """sha256_folder / sha256_file of `path`, remembered under the home until the files change."""
+    path = Path(path)
+    key = str(path.resolve())
+    fingerprint = _fingerprint(path)
+    cache_file = _digest_cache_file(home)
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(key)
+    if isinstance(entry, dict) and entry.get("fingerprint") == fingerprint:
+        return entry["digest"]
+    digest = sha256_folder(path) if path.is_dir() else sha256_file(path)
+    cache[key] = {"fingerprint": fingerprint, "digest": digest}
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    # Write-then-rename so a concurrent reader never sees half a file; a lost update only costs a rehash.
+    fd, tmp = tempfile.mkstemp(prefix=".base_digests-", dir=cache_file.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(cache, f, indent=1, sort_keys=True)
+    os.replace(tmp, cache_file)
+    return digest
+
+
+# ---- Hub -------------------------------------------------------------------------------------
+
+def _download_from_hub(ref: str, repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=HUB_ALLOW_PATTERNS,
+            ignore_patterns=HUB_IGNORE_PATTERNS,
+        )
+    except Exception as exc:  # offline, missing repo, gated repo, HTTP errors: all mean "cannot resolve"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnresolvedReference(
+            f"cannot fetch base model {ref!r} from the Hugging Face Hub ({type(exc).__name__}: {reason[:160]}); "
+            "connect to the network or pass a local diffusers folder"
+        ) from None
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise UnresolvedReference(f"Hub repository {repo_id!r} has no model_index.json; it is not a diffusers pipeline")
+    return folder

@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny builtin models, built once per session, and a fresh loraforge home per test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraforge.home import models_dir
+from loraforge.models.builtin import BUILTIN_NAMES, ensure_builtin
+
+# The test machines are shared 2-core boxes.
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def builtin_home(tmp_path_factory) -> Path:
+    """A session-wide home holding the builtin models; test homes link to its folders."""
+    return tmp_path_factory.mktemp("builtin-home")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(builtin_home) -> Path:
+    return ensure_builtin("tiny-sd", builtin_home)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(builtin_home) -> Path:
+    return ensure_builtin("tiny-sdxl", builtin_home)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, tiny_sd_path, tiny_sdxl_path) -> Path:
+    """An empty loraforge home set as `$LORAFORGE_HOME`, with the session's builtin models linked in.
+
+    The links point at shared folders: a test must not write into `home/models/builtin/*`.
+    """
+    path = tmp_path / "home"
+    builtin = models_dir(path) / "builtin"
+    builtin.mkdir(parents=True)
+    for name, built in zip(BUILTIN_NAMES, (tiny_sd_path, tiny_sdxl_path)):
+        (builtin / name).symlink_to(built, target_is_directory=True)
+    monkeypatch.setenv("LORAFORGE_HOME", str(path))
+    return path
