@@ -46,3 +46,25 @@ def random_lora(
     if not modules:
         raise ValueError(f"no module of the base matches targets {targets}")
     return LoraState(modules)
+
+
+def perturbed_checkpoint(src_folder, dst, seed: int, scale: float = 0.05, components=("unet", "text_encoder")):
+    """A copy of a diffusers folder whose float weights in `components` get seeded noise added:
+    a "fine-tuned" variant of the same architecture, for merge and extract tests."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src_folder), Path(dst)
+    shutil.copytree(src, dst)
+    gen = torch.Generator().manual_seed(seed)
+    for component in components:
+        for path in sorted((dst / component).glob("*.safetensors")):
+            state = load_file(path)
+            for key in sorted(state):
+                t = state[key]
+                if t.is_floating_point():
+                    state[key] = (t.float() + scale * torch.randn(t.shape, generator=gen)).to(t.dtype)
+            save_file(state, path, metadata={"format": "pt"})
+    return dst

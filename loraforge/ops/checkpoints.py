@@ -1,0 +1,128 @@
+"""Opened checkpoints: single-file (A1111 prefixes) or diffusers folders, read tensor by tensor.
+
+Every tensor has a *checkpoint key*: the key itself in a single file, `component/key` in a folder,
+so two inputs of the same layout are compared and merged key by key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from loraforge.errors import ConfigError, MergeError
+from loraforge.ops.tensors import TensorFile, TensorInfo
+
+SINGLE_FILE_PREFIXES = {
+    "model.diffusion_model.": "unet",
+    "first_stage_model.": "vae",
+    "cond_stage_model.": "text_encoder",
+    "conditioner.": "text_encoder",
+}
+FOLDER_COMPONENTS = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder"}
+UNET_PREFIX = "model.diffusion_model."
+
+
+def component_of(ckey: str, layout: str) -> str:
+    """unet / text_encoder / vae / other for a checkpoint key."""
+    if layout == "diffusers":
+        return FOLDER_COMPONENTS.get(ckey.split("/", 1)[0], "other")
+    for prefix, component in SINGLE_FILE_PREFIXES.items():
+        if ckey.startswith(prefix):
+            return component
+    return "other"
+
+
+def unet_key(ckey: str, layout: str) -> Optional[str]:
+    """The key inside the UNet (without prefix or folder), or None for other components."""
+    if layout == "diffusers":
+        folder, _, key = ckey.partition("/")
+        return key if folder == "unet" else None
+    return ckey[len(UNET_PREFIX):] if ckey.startswith(UNET_PREFIX) else None
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint opened for streamed reads."""
+
+    ref: str
+    path: Path
+    layout: str  # "diffusers" | "single_file"
+    family: str
+    digest: str
+    files: dict[str, TensorFile] = field(default_factory=dict)  # relative path → reader
+    index: dict[str, tuple[str, str]] = field(default_factory=dict)  # ckey → (relative path, key in file)
+
+    @classmethod
+    def open(cls, base) -> "Checkpoint":
+        """Open a `BaseModel` (see `registry.resolve.resolve_base`)."""
+        ckpt = cls(ref=base.ref, path=Path(base.path), layout=base.layout, family=base.family, digest=base.digest)
+        if base.layout == "diffusers":
+            for sub in sorted(p for p in ckpt.path.iterdir() if p.is_dir()):
+                for f in sorted(sub.glob("*.safetensors")):
+                    if f.name.count(".") > 1:  # variants such as model.fp16.safetensors duplicate the weights
+                        continue
+                    ckpt._add(f.relative_to(ckpt.path).as_posix(), f, prefix=sub.name + "/")
+        else:
+            if ckpt.path.suffix.lower() != ".safetensors":
+                raise ConfigError(f"{base.ref}: only .safetensors checkpoints can be merged; convert {ckpt.path.name} first")
+            ckpt._add(ckpt.path.name, ckpt.path, prefix="")
+        if not ckpt.index:
+            raise MergeError(f"{base.ref} holds no safetensors weights")
+        return ckpt
+
+    def _add(self, rel: str, path: Path, prefix: str) -> None:
+        reader = TensorFile(path)
+        self.files[rel] = reader
+        for key in reader.entries:
+            self.index[prefix + key] = (rel, key)
+
+    def close(self) -> None:
+        for reader in self.files.values():
+            reader.close()
+
+    def info(self, ckey: str) -> TensorInfo:
+        rel, key = self.index[ckey]
+        return self.files[rel].entries[key]
+
+    def get(self, ckey: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        rel, key = self.index[ckey]
+        return self.files[rel].get(key, rows)
+
+    def component(self, ckey: str) -> str:
+        return component_of(ckey, self.layout)
+
+    def file_layout(self) -> list[tuple[str, list[tuple[str, str]]]]:
+        """[(relative file, [(ckey, key in file) in file order])] — the shape of an output mirroring this input."""
+        out: dict[str, list[tuple[str, str]]] = {rel: [] for rel in self.files}
+        for ckey, (rel, key) in self.index.items():
+            out[rel].append((ckey, key))
+        return [(rel, sorted(keys, key=lambda k: self.files[rel].entries[k[1]].begin)) for rel, keys in out.items()]
+
+
+def check_compatible(first: Checkpoint, other: Checkpoint, components: set[str]) -> None:
+    """Raise MergeError naming the first tensor that differs in presence or shape (in `components`)."""
+    if first.family != other.family:
+        raise MergeError(f"{other.ref} is an {other.family} checkpoint but {first.ref} is {first.family}: "
+                         "checkpoints of different architectures cannot be merged")
+    if first.layout != other.layout:
+        raise MergeError(f"{first.ref} is a {first.layout.replace('_', '-')} checkpoint and {other.ref} a "
+                         f"{other.layout.replace('_', '-')} one: give all inputs in the same layout")
+    for ckey in first.index:
+        if first.component(ckey) not in components:
+            continue
+        if ckey not in other.index:
+            raise MergeError(f"tensor {ckey} of {first.ref} is missing from {other.ref}: the checkpoints "
+                             "are different architectures (or exclude that component)")
+        a, b = first.info(ckey), other.info(ckey)
+        if a.shape != b.shape:
+            raise MergeError(f"tensor {ckey} has shape {list(a.shape)} in {first.ref} but {list(b.shape)} in "
+                             f"{other.ref}: the checkpoints are different architectures")
+        if a.is_float != b.is_float:
+            raise MergeError(f"tensor {ckey} is {a.dtype} in {first.ref} but {b.dtype} in {other.ref}")
+    for ckey in other.index:
+        if other.component(ckey) in components and ckey not in first.index:
+            raise MergeError(f"tensor {ckey} of {other.ref} is missing from {first.ref}: the checkpoints "
+                             "are different architectures")

@@ -1,0 +1,235 @@
+"""Checkpoint merges: plan (open inputs, check them, fix every output tensor's α and dtype), then
+execute tensor by tensor into an output that mirrors the first model's files."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from loraforge.errors import ConfigError, MergeError
+from loraforge.ops.blocks import BASE, block_names, block_of, layers_per_block, resolve_block_weights
+from loraforge.ops.checkpoints import Checkpoint, check_compatible, unet_key
+from loraforge.ops.merge_methods import TensorContext
+from loraforge.ops.specs import CheckpointMergeSpec
+from loraforge.ops.tensors import SafetensorsWriter, dtype_from_name
+
+ALL_COMPONENTS = ("unet", "text_encoder", "vae")
+# Elementwise methods see big tensors in row chunks of about this many elements, to bound memory.
+CHUNK_ELEMENTS = 8 << 20
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor: copy it from the first model, or merge it with its own α."""
+
+    ckey: str
+    key: str  # name inside the output file
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    merge: bool
+    alpha: float
+
+
+@dataclass(frozen=True)
+class FileTask:
+    rel: str
+    tensors: tuple[TensorTask, ...]
+
+
+@dataclass
+class MergePlan:
+    method: Any
+    method_name: str
+    params: dict[str, Any]
+    weights: list[Optional[float]]
+    alpha: float
+    inputs: list[Checkpoint]
+    files: list[FileTask]
+    components: tuple[str, ...]
+    block_alphas: Optional[dict[str, float]]
+
+    def close(self) -> None:
+        for ckpt in self.inputs:
+            ckpt.close()
+
+
+def merged_components(spec: CheckpointMergeSpec) -> tuple[str, ...]:
+    chosen = list(spec.include) if spec.include else list(ALL_COMPONENTS)
+    return tuple(c for c in chosen if c not in spec.exclude)
+
+
+def plan_merge(spec: CheckpointMergeSpec, inputs: list[Checkpoint]) -> MergePlan:
+    """Check the inputs against each other and decide every output tensor."""
+    from loraforge.plugins import MERGE_METHODS
+
+    method = MERGE_METHODS.get(spec.method)
+    method = method() if isinstance(method, type) else method
+    params = method.check(len(inputs), dict(spec.params))
+    components = merged_components(spec)
+    if not components:
+        raise ConfigError("every component is excluded: nothing would be merged (check --include/--exclude)")
+    out_dtype = dtype_from_name(spec.dtype)
+    first = inputs[0]
+    for other in inputs[1:]:
+        check_compatible(first, other, set(components))
+    weights = [m.weight for m in spec.models]
+    alpha = spec.alpha if spec.alpha is not None else (
+        weights[1] if method.max_models == 2 and weights[1] is not None else method.default_alpha)
+
+    block_alphas = None
+    layers = 2
+    if spec.block_weights is not None:
+        if "unet" not in components:
+            raise ConfigError("block weights apply to the UNet, which is excluded from this merge")
+        ukeys = [k for c in first.index if (k := unet_key(c, first.layout)) is not None]
+        layers = layers_per_block(ukeys) if first.layout == "diffusers" else 2
+        block_alphas = resolve_block_weights(spec.block_weights, block_names(ukeys, first.layout), alpha)
+
+    files = []
+    for rel, keys in first.file_layout():
+        tasks = []
+        for ckey, key in keys:
+            info = first.info(ckey)
+            merge = first.component(ckey) in components and info.is_float
+            a = alpha
+            if merge and block_alphas is not None:
+                if first.component(ckey) == "unet":
+                    block = block_of(unet_key(ckey, first.layout), first.layout, layers)
+                    a = block_alphas[block or BASE]
+                else:
+                    a = block_alphas[BASE]
+            tasks.append(TensorTask(ckey, key, info.shape, out_dtype if merge else info.torch_dtype, merge, a))
+        files.append(FileTask(rel, tuple(tasks)))
+    return MergePlan(method, spec.method, params, weights, alpha, inputs, files, components, block_alphas)
+
+
+def _merge_tensor(plan: MergePlan, task: TensorTask) -> list[torch.Tensor]:
+    """The output tensor (as row chunks for elementwise methods on big tensors)."""
+    numel = 1
+    for s in task.shape:
+        numel *= s
+    if plan.method.elementwise and task.shape and numel > CHUNK_ELEMENTS:
+        rows_per = max(1, CHUNK_ELEMENTS * task.shape[0] // numel)
+        spans = [(r, min(r + rows_per, task.shape[0])) for r in range(0, task.shape[0], rows_per)]
+    else:
+        spans = [None]
+    for span in spans:
+        tensors = [c.get(task.ckey, span).to(torch.float32) for c in plan.inputs]
+        ctx = TensorContext(task.ckey, span[0] if span else 0)
+        out = plan.method.merge(tensors, task.alpha, plan.weights, plan.params, ctx)
+        del tensors
+        yield out.to(task.dtype)
+
+
+def execute_merge(plan: MergePlan, out_path: Path, progress: Callable[..., None] | None = None) -> Path:
+    """Write the merged checkpoint to `out_path` (a file for single files, a folder for diffusers)."""
+    first = plan.inputs[0]
+    out_path = Path(out_path)
+    if first.layout == "diffusers":
+        copy_folder_extras(first.path, out_path, {f.rel for f in plan.files})
+    metadata = {"format": "pt", "loraforge.method": plan.method_name}
+    for ftask in plan.files:
+        target = out_path / ftask.rel if first.layout == "diffusers" else out_path
+        entries = [(t.key, t.shape, t.dtype) for t in ftask.tensors]
+        with SafetensorsWriter(target, entries, metadata) as writer:
+            for t in ftask.tensors:
+                if t.merge:
+                    writer.write_chunks(t.key, _merge_tensor(plan, t))
+                else:
+                    writer.write(t.key, first.get(t.ckey))
+                if progress:
+                    progress()
+    return out_path
+
+
+def copy_folder_extras(src: Path, dst: Path, skip: set[str]) -> None:
+    """Copy a diffusers folder's configs, tokenizers and schedulers (everything but the weights we write)."""
+    for path in sorted(Path(src).rglob("*")):
+        rel = path.relative_to(src).as_posix()
+        if path.is_dir() or rel in skip or path.suffix in (".safetensors", ".bin", ".ckpt", ".pt"):
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dst / rel)
+
+
+def open_inputs(registry, refs: list[str]) -> list[Checkpoint]:
+    from loraforge.registry.resolve import resolve_base
+
+    opened = []
+    try:
+        for ref in refs:
+            opened.append(Checkpoint.open(resolve_base(registry, ref)))
+    except Exception:
+        for c in opened:
+            c.close()
+        raise
+    return opened
+
+
+def merge_checkpoints(registry, spec: CheckpointMergeSpec, *, name: str | None = None, output: str | Path | None = None,
+                      recipe=None, input_digest: str | None = None, progress: Callable[..., None] | None = None):
+    """Merge `spec.models`; register the result as checkpoint `name` and/or write it to `output`.
+
+    Returns the Manifest when registered, else the output path. Nothing is registered on failure.
+    """
+    from loraforge.home import tmp_dir
+    from loraforge.registry.manifest import Manifest, Parent, Provenance
+    from loraforge.registry.refs import check_name
+
+    if name is None and output is None:
+        raise ConfigError("give a name to register the merge, or an output path")
+    if name is not None:
+        check_name(name)
+    inputs = open_inputs(registry, [m.ref for m in spec.models])
+    try:
+        plan = plan_merge(spec, inputs)
+        first = inputs[0]
+        suffix = "" if first.layout == "diffusers" else ".safetensors"
+        with tempfile.TemporaryDirectory(dir=tmp_dir(registry.home), prefix="merge-") as tmp:
+            staged = execute_merge(plan, Path(tmp) / f"merged{suffix}", progress)
+            result: Any = None
+            if output is not None:
+                result = _place_output(staged, Path(output).expanduser())
+            if name is not None:
+                weights = plan.method.weights(plan.alpha, plan.weights)
+                # Methods over task vectors (any number of models) treat the first model as the base.
+                roles = ["base" if i == 0 and plan.method.max_models is None else "model" for i in range(len(inputs))]
+                parents = [Parent(ref=c.ref, digest=c.digest, role=role, weight=w)
+                           for c, w, role in zip(inputs, weights, roles)]
+                params = {"alpha": plan.alpha, "weights": plan.weights, "dtype": spec.dtype,
+                          "components": list(plan.components), "block_weights": plan.block_alphas, **plan.params}
+                manifest = Manifest(
+                    name=name, kind="checkpoint", digest="", files=[], layout=first.layout,
+                    provenance=Provenance(method=f"merge:{spec.method}", params=params, parents=parents,
+                                          recipe=recipe, source=f"merge:{spec.method}"),
+                )
+                result = registry.register(manifest, _artifact_files(staged, first.layout), input_digest=input_digest)
+            return result
+    finally:
+        for c in inputs:
+            c.close()
+
+
+def _artifact_files(staged: Path, layout: str) -> list[tuple[Path, str]]:
+    if layout == "diffusers":
+        return [(p, p.relative_to(staged).as_posix()) for p in sorted(staged.rglob("*")) if p.is_file()]
+    return [(staged, "model.safetensors")]
+
+
+def _place_output(staged: Path, output: Path) -> Path:
+    if output.exists():
+        if output.is_dir() and any(output.iterdir()):
+            raise ConfigError(f"output {output} is a folder that is not empty; choose a new path")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if staged.is_dir():
+        if output.exists():
+            output.rmdir()
+        shutil.copytree(staged, output)
+    else:
+        shutil.copyfile(staged, output)
+    return output

@@ -1,0 +1,66 @@
+"""Checkpoint merge methods, one module each, registered in `loraforge.plugins.MERGE_METHODS`.
+
+A method sees one tensor at a time (all inputs in float32, the first model first) and returns the
+merged tensor. `elementwise` methods may also be given row chunks of large tensors.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from loraforge.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """Where a tensor (or chunk) comes from: its key and first row, for per-tensor seeded randomness."""
+
+    key: str
+    row_start: int = 0
+
+    def generator(self, seed: int, index: int) -> torch.Generator:
+        """A generator that depends only on (seed, key, row, index), so results do not depend on order."""
+        mix = zlib.crc32(f"{seed}:{self.key}:{self.row_start}:{index}".encode())
+        return torch.Generator().manual_seed(mix)
+
+
+class MergeMethod:
+    """Base of the built-in merge methods (a plugin may be any object with the same attributes)."""
+
+    min_models: int = 2
+    max_models: Optional[int] = 2
+    default_alpha: float = 0.5
+    elementwise: bool = True
+    params: dict[str, Any] = {}
+
+    def check(self, num_models: int, params: dict[str, Any]) -> dict[str, Any]:
+        """All parameters (defaults filled) after checking the model count and parameter names."""
+        name = getattr(self, "name", type(self).__name__)
+        if num_models < self.min_models or (self.max_models is not None and num_models > self.max_models):
+            want = (f"{self.min_models}" if self.max_models == self.min_models
+                    else f"{self.min_models} or more" if self.max_models is None
+                    else f"{self.min_models} to {self.max_models}")
+            raise ConfigError(f"merge method {name} takes {want} models, got {num_models}")
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            known = ", ".join(self.params) or "none"
+            raise ConfigError(f"merge method {name} has no parameter {unknown[0]!r} (its parameters: {known})")
+        return {**self.params, **params}
+
+    def weights(self, alpha: float, weights: list[Optional[float]]) -> list[float]:
+        """The weight of each input in the result, recorded as provenance."""
+        raise NotImplementedError
+
+    def merge(self, tensors: list[Tensor], alpha: float, weights: list[Optional[float]], params: dict[str, Any],
+              ctx: TensorContext) -> Tensor:
+        raise NotImplementedError
+
+
+def task_weights(weights: list[Optional[float]]) -> list[float]:
+    """Weights of the task models (all but the base): as given, 1.0 when not."""
+    return [1.0 if w is None else float(w) for w in weights[1:]]
