@@ -65,7 +65,9 @@ def test_import_versions_dedup_and_kohya_round_trip(home, kohya_file, tmp_path):
     shown = json.loads(run(home, "registry", "show", "style", "--json").output)
     assert shown["version"] == 2 and shown["adapter"]["rank"] == 4 and shown["adapter"]["alpha"] == 2.0
     assert shown["adapter"]["components"] == ["text_encoder", "unet"]
-    assert shown["base"]["family"] == "sd1"
+    assert shown["base"] is None
+    first_manifest = json.loads(run(home, "registry", "show", "style:1", "--json").output)
+    assert first_manifest["base"]["ref"] == "builtin:tiny-sd" and first_manifest["base"]["family"] == "sd1"
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "peft", "loraforge"])

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 import torch
 from torch import Tensor
 
@@ -105,8 +104,39 @@ def write_safetensors(sd: Mapping[str, Tensor], path: Path, metadata: Mapping[st
     if bad:
         raise FormatError(f"safetensors metadata values must be strings; {bad[0]!r} is not")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=dict(metadata or {}))
+    path.write_bytes(safetensors_bytes(sd, metadata))
     return path
+
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def safetensors_bytes(sd: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """A safetensors file as bytes with a deterministic layout: tensors and metadata sorted by name.
+
+    `safetensors.save_file` orders metadata through a hash map, so the same adapter could give
+    different bytes — and different content addresses — in different processes.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    chunks, offset = [], 0
+    for name in sorted(sd):
+        tensor = sd[name].detach().contiguous().cpu()
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise FormatError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 
 
 # -- the formats -----------------------------------------------------------------------------
