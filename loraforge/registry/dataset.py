@@ -62,3 +62,46 @@ def dataset_files(folder: Path) -> list[tuple[Path, str]]:
         if p.suffix == ".txt" or p.name == "metadata.jsonl":
             files.append((p, p.relative_to(folder).as_posix()))
     return sorted(set(files), key=lambda x: x[1])
+
+
+def load_image(path: Path):
+    """An RGB PIL image with EXIF rotation applied; transparency is flattened onto white.
+
+    Grayscale, palette and 16-bit images are converted; a file that does not decode raises
+    DatasetError naming it.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                flat = Image.new("RGB", im.size, "white")
+                flat.paste(im, mask=im.getchannel("A"))
+                return flat
+            if im.mode == "I;16" or im.mode == "I":
+                im = im.point(lambda v: v / 256).convert("L")
+            return im.convert("RGB")
+    except Exception as exc:
+        raise DatasetError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}") from None
+
+
+def complete_captions(captions: dict[str, str], images: list[str], instance_prompt: str | None,
+                      folder: Path | str = "the dataset") -> dict[str, str]:
+    """Every image's caption: its own, else `instance_prompt`; DatasetError when neither exists."""
+    out: dict[str, str] = {}
+    missing: list[str] = []
+    for rel in images:
+        text = (captions.get(rel) or "").strip() or (instance_prompt or "").strip()
+        if not text:
+            missing.append(rel)
+        out[rel] = text
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DatasetError(
+            f"image {missing[0]}{more} in {folder} has no caption: add a .txt side file or metadata.jsonl "
+            "line, or give an instance prompt"
+        )
+    return out

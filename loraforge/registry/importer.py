@@ -119,8 +119,12 @@ def _import_adapter(registry: Registry, path: Path, name: str, kind: str, base_r
         return registry.register(manifest, [(out, "adapter.safetensors")])
 
 
-def register_adapter(registry: Registry, state, manifest: Manifest, input_digest: str | None = None) -> Manifest:
-    """Register an adapter made in memory (merge, train …) under `manifest`'s name and kind."""
+def register_adapter(registry: Registry, state, manifest: Manifest, input_digest: str | None = None,
+                     extra_files: list[tuple[Path, str]] | None = None) -> Manifest:
+    """Register an adapter made in memory (merge, train …) under `manifest`'s name and kind.
+
+    `extra_files` are (source, path inside the artifact) pairs stored alongside, e.g. a validation grid.
+    """
     from loraforge.formats import write_adapter
 
     state.check_finite()
@@ -128,7 +132,8 @@ def register_adapter(registry: Registry, state, manifest: Manifest, input_digest
     with tempfile.TemporaryDirectory(dir=tmp_dir(registry.home)) as tmp:
         out = Path(tmp) / "adapter.safetensors"
         write_adapter(state, out, "loraforge")
-        return registry.register(manifest, [(out, "adapter.safetensors")], input_digest=input_digest)
+        files = [(out, "adapter.safetensors"), *(extra_files or [])]
+        return registry.register(manifest, files, input_digest=input_digest)
 
 
 def _import_checkpoint(registry: Registry, path: Path, name: str) -> Manifest:

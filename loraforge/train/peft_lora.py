@@ -1,0 +1,95 @@
+"""Trainable LoRA layers injected with PEFT, their scales, and conversion back to a LoraState."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from loraforge.formats import LoraModule, LoraState
+
+DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+_ATTN = r"(to_q|to_k|to_v|to_out\.0)"
+# Concept Sliders train-method presets, as PEFT regexes over UNet module paths.
+LAYER_PRESETS: dict[str, str] = {
+    "xattn": rf".*attn2\.{_ATTN}",
+    "noxattn": rf".*(attn1\.{_ATTN}|ff\.net\.0\.proj|ff\.net\.2|attentions\.\d+\.proj_in|attentions\.\d+\.proj_out)",
+    "full": rf".*(attn1\.{_ATTN}|attn2\.{_ATTN}|ff\.net\.0\.proj|ff\.net\.2|attentions\.\d+\.proj_in"
+            rf"|attentions\.\d+\.proj_out|resnets\.\d+\.conv1|resnets\.\d+\.conv2)",
+}
+# transformers 5 builds CLIPTextModel without its `text_model` wrapper; files (and LoraState) keep it.
+_TEXT_MODEL_ROOTS = ("embeddings.", "encoder.", "final_layer_norm")
+
+
+def inject_lora(model: nn.Module, *, rank: int, alpha: float | None = None,
+                target_modules: Iterable[str] | str = DEFAULT_UNET_TARGETS, adapter_name: str = "default",
+                seed: int = 0) -> list[nn.Parameter]:
+    """Add a trainable LoRA (B = 0, so the model is unchanged at first) to `model`'s matching layers.
+
+    `target_modules` is a list of module-name endings or one regex (see LAYER_PRESETS). The initial A
+    factors come from `seed`, without touching the global RNG. Returns the new parameters (fp32).
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    config = LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank),
+                        target_modules=targets, lora_dropout=0.0, init_lora_weights=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    params = []
+    for name, param in model.named_parameters():
+        if f".{adapter_name}." in name and ("lora_A" in name or "lora_B" in name):
+            param.data = param.data.float()
+            param.requires_grad_(True)
+            params.append(param)
+    return params
+
+
+def lora_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def set_lora_scale(model: nn.Module, scale: float, adapter_name: str = "default") -> None:
+    """Multiply adapter `adapter_name`'s ΔW by `scale` (0 turns it off, −1 reverses it)."""
+    for _, layer in lora_layers(model):
+        layer.set_scale(adapter_name, scale)
+
+
+def activate_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Make `adapter_name` the only active adapter of every LoRA layer (others keep their weights)."""
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            layer._active_adapter = [adapter_name]
+
+
+def lora_parameters(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:
+    """Adapter parameters by their name in `model`, in a stable order (for checkpoints and optimisers)."""
+    return {n: p for n, p in model.named_parameters()
+            if f".{adapter_name}." in n and ("lora_A" in n or "lora_B" in n)}
+
+
+def _canonical_path(component: str, name: str) -> str:
+    if component.startswith("text_encoder") and name.startswith(_TEXT_MODEL_ROOTS):
+        name = "text_model." + name
+    return f"{component}.{name}"
+
+
+def extract_lora(model: nn.Module, component: str = "unet", adapter_name: str = "default",
+                 state: LoraState | None = None, dtype: torch.dtype = torch.float32) -> LoraState:
+    """The adapter's factors as a canonical LoraState (added to `state` when given)."""
+    state = state if state is not None else LoraState()
+    for name, layer in lora_layers(model):
+        if adapter_name not in layer.lora_A:
+            continue
+        down = layer.lora_A[adapter_name].weight.detach().to("cpu", dtype).clone()
+        up = layer.lora_B[adapter_name].weight.detach().to("cpu", dtype).clone()
+        state[_canonical_path(component, name)] = LoraModule(down=down, up=up,
+                                                             alpha=float(layer.lora_alpha[adapter_name]))
+    return state

@@ -1,0 +1,107 @@
+"""One training run from start to registration: model, run folder, checkpoints, validation, manifests.
+
+Trainers build their objective on top of a `Session`; this module also serves other trainers (reward
+fine-tuning) that need the same plumbing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from loraforge.home import tmp_dir
+from loraforge.registry.manifest import Manifest, RecipeInfo, SliderInfo
+from loraforge.registry.registry import Registry
+from loraforge.train.base import TrainConfig
+from loraforge.train.checkpoint import run_key, runs_dir
+from loraforge.train.model import TrainingModel, load_training_model
+
+
+@dataclass
+class AdapterOutput:
+    """One adapter a run registers."""
+
+    name: str
+    state: object  # LoraState
+    adapter_name: str = "default"
+    kind: str = "lora"
+    slider: SliderInfo | None = None
+    datasets: list[Manifest] = field(default_factory=list)
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_scales: tuple[float, ...] = (0.0, 1.0)
+    metrics: dict = field(default_factory=dict)
+
+
+class Session:
+    """The base model, run folder and run id of one training run of `method` with `config`."""
+
+    def __init__(self, method: str, config: TrainConfig, *, registry: Registry, output: str,
+                 recipe: RecipeInfo | None = None, input_digest: str | None = None, resume: bool = False,
+                 progress: bool | None = None):
+        from loraforge.registry.refs import check_name
+
+        check_name(output)  # a bad name fails now, not after the training
+        self.method, self.config, self.registry, self.output = method, config, registry, output
+        self.recipe, self.input_digest, self.resume, self.progress = recipe, input_digest, resume, progress
+        self.key = run_key(method, config.model_dump(mode="json"), output, input_digest)
+        self.run_dir = runs_dir(registry.home) / self.key
+        self.run_id = f"{self.key}-{uuid.uuid4().hex[:8]}"
+        if not resume and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)  # a fresh run must not pick up an older run's checkpoints
+        self.model: TrainingModel | None = None
+        self._forward = None
+
+    def load_model(self) -> TrainingModel:
+        torch.manual_seed(self.config.seed)
+        self.model = load_training_model(self.registry, self.config.base, self.config.mixed_precision,
+                                         self.config.gradient_checkpointing)
+        return self.model
+
+    def forward_unet(self):
+        """The UNet to call in the loss: compiled when the config opts in."""
+        if self._forward is None:
+            unet = self.model.unet
+            self._forward = torch.compile(unet) if self.config.compile else unet
+        return self._forward
+
+    def loop_kwargs(self) -> dict:
+        c = self.config
+        return dict(steps=c.steps, learning_rate=c.learning_rate, lr_scheduler=c.lr_scheduler,
+                    lr_warmup_steps=c.lr_warmup_steps, gradient_accumulation=c.gradient_accumulation,
+                    max_grad_norm=c.max_grad_norm, use_8bit_adam=c.use_8bit_adam, checkpoint_every=c.checkpoint_every,
+                    run_dir=self.run_dir, resume=self.resume, device=self.model.device, progress=self.progress)
+
+    def finish(self, outputs: Sequence[AdapterOutput], metrics: dict, training: dict | None = None) -> list[Manifest]:
+        """Render validation grids, then register every adapter (sharing this run id); drop the run folder."""
+        from loraforge.registry.importer import register_adapter
+        from loraforge.train.manifest import training_manifest
+        from loraforge.train.validation import save_grid, validation_grid
+
+        c = self.config
+        registered = []
+        with tempfile.TemporaryDirectory(dir=tmp_dir(self.registry.home)) as tmp:
+            staged = []
+            for i, out in enumerate(outputs):
+                prompts = list(c.validation_prompts) or out.validation_prompts
+                files = []
+                if prompts:
+                    grid = validation_grid(self.model.pipe, prompts, out.validation_scales, adapter_name=out.adapter_name,
+                                           seed=c.seed, steps=c.validation_steps, resolution=c.resolution,
+                                           title=f"{out.name} ({self.method})")
+                    files.append((save_grid(grid, Path(tmp) / str(i)), "validation.png"))
+                manifest = training_manifest(
+                    name=out.name, method=self.method, config=c, base=self.model.base, state=out.state,
+                    datasets=out.datasets, run_id=self.run_id, metrics={**metrics, **out.metrics},
+                    training=training, recipe=self.recipe, kind=out.kind, slider=out.slider)
+                staged.append((out, manifest, files))
+            for out, manifest, files in staged:
+                registered.append(register_adapter(self.registry, out.state, manifest, input_digest=self.input_digest,
+                                                   extra_files=files))
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        return registered

@@ -1,0 +1,92 @@
+"""Text-to-image LoRA on an image + caption dataset (the diffusers train_text_to_image_lora recipe)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from loraforge.plugins import TRAINERS
+from loraforge.registry.manifest import Manifest, RecipeInfo
+from loraforge.registry.registry import Registry
+from loraforge.train.base import TrainConfig
+from loraforge.train.cache import BatchSource
+from loraforge.train.data import TrainingSet, batch_indices, prepare_dataset, step_generator
+from loraforge.train.loop import run_loop
+from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
+from loraforge.train.peft_lora import TEXT_ENCODER_TARGETS, extract_lora, inject_lora, lora_parameters
+from loraforge.train.session import AdapterOutput, Session
+
+
+class LoraConfig(TrainConfig):
+    dataset: str = Field(description="Folder of images with .txt captions or metadata.jsonl, or a registry dataset reference.")
+    instance_prompt: Optional[str] = Field(None, description="Caption for images that have none.")
+    crop: Literal["center", "random"] = Field("center", description="How images are cropped to the square resolution.")
+
+
+@TRAINERS.register("lora", reference_url="https://arxiv.org/abs/2106.09685", version="1")
+class LoraTrainer:
+    """Text-to-image LoRA on an image + caption dataset."""
+
+    config_class = LoraConfig
+    method = "lora"
+
+    def train(self, config: LoraConfig, *, registry: Registry, output: str, recipe: RecipeInfo | None = None,
+              input_digest: str | None = None, resume: bool = False, progress: bool | None = None) -> list[Manifest]:
+        session = Session(self.method, config, registry=registry, output=output, recipe=recipe,
+                          input_digest=input_digest, resume=resume, progress=progress)
+        data = prepare_dataset(registry, config.dataset, output=output, instance_prompt=config.instance_prompt)
+        datasets = [data.manifest]
+        prior = self.prior_data(session, config, registry, output)  # DreamBooth's class images, if any
+        if prior is not None:
+            datasets.append(prior.manifest)
+        model = session.load_model()
+        sources = [self._source(session, d) for d in [data] + ([prior] if prior else [])]
+        params = add_lora(session)
+        unet = session.forward_unet()
+        n_timesteps = model.noise_scheduler.config.num_train_timesteps
+
+        def step_fn(step: int, micro: int):
+            total = 0.0
+            for k, source in enumerate(sources):
+                idx = batch_indices(len(source.data), config.batch_size, step, micro, config.seed + k,
+                                    config.gradient_accumulation)
+                latents, text = source.batch(idx)
+                if text is None:
+                    text = encode_prompts(model, source.prompts(idx), grad=True)
+                noise, t = sample_noise(latents, step_generator(config.seed, step, micro, stream=k), n_timesteps)
+                weight = 1.0 if k == 0 else self.prior_weight(config)
+                total = total + weight * denoising_loss(model, unet, latents, text, noise, t)
+            return total
+
+        result = run_loop(title=f"train {self.method} {output}", params=params, step_fn=step_fn,
+                          samples_per_step=config.batch_size * len(sources), **session.loop_kwargs())
+        state = extract_lora(model.unet, "unet")
+        if config.train_text_encoder:
+            extract_lora(model.pipe.text_encoder, "text_encoder", state=state)
+        prompts = list(dict.fromkeys(data.captions))[:2]
+        out = AdapterOutput(name=output, state=state, datasets=datasets, validation_prompts=prompts)
+        return session.finish([out], result.metrics)
+
+    def _source(self, session: Session, data: TrainingSet) -> BatchSource:
+        c = session.config
+        return BatchSource(session.model, data, home=session.registry.home, resolution=c.resolution, crop=c.crop,
+                           seed=c.seed, cached=c.cache_latents, encode_text=not c.train_text_encoder)
+
+    def prior_data(self, session: Session, config, registry: Registry, output: str) -> TrainingSet | None:
+        return None
+
+    def prior_weight(self, config) -> float:
+        return 1.0
+
+
+def add_lora(session: Session) -> dict:
+    """Inject the configured LoRA into the UNet (and text encoder); trainable parameters by name."""
+    c, model = session.config, session.model
+    inject_lora(model.unet, rank=c.rank, alpha=c.alpha, target_modules=c.target_modules, seed=c.seed)
+    params = {f"unet.{n}": p for n, p in lora_parameters(model.unet).items()}
+    if c.train_text_encoder:
+        inject_lora(model.pipe.text_encoder, rank=c.rank, alpha=c.alpha, target_modules=TEXT_ENCODER_TARGETS,
+                    seed=c.seed + 1)
+        params.update({f"text_encoder.{n}": p for n, p in lora_parameters(model.pipe.text_encoder).items()})
+    return params

@@ -1,0 +1,38 @@
+"""Validation images: one row per prompt, one column per adapter scale, as a labelled grid PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from loraforge.train.peft_lora import set_lora_scale
+
+
+@torch.no_grad()
+def validation_grid(pipe, prompts: Sequence[str], scales: Sequence[float], *, adapter_name: str = "default",
+                    seed: int = 0, steps: int = 8, resolution: int = 64, title: str | None = None):
+    """Images of `prompts` with the adapter at each of `scales` (0 = the base), same noise per row."""
+    from loraforge.models.pipeline import generate, image_grid
+    from loraforge.train.peft_lora import activate_adapter
+
+    activate_adapter(pipe.unet, adapter_name)
+    rows = []
+    try:
+        for i, prompt in enumerate(prompts):
+            row = []
+            for scale in scales:
+                set_lora_scale(pipe.unet, scale, adapter_name)
+                row.append(generate(pipe, prompt, seed=seed + i, steps=steps, height=resolution, width=resolution))
+            rows.append(row)
+    finally:
+        set_lora_scale(pipe.unet, 1.0, adapter_name)
+    return image_grid(rows, [p[:40] for p in prompts], [f"scale {s:g}" for s in scales], title=title)
+
+
+def save_grid(grid, folder: Path, name: str = "validation.png") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    grid.save(path, format="PNG")
+    return path
