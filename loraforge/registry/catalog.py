@@ -88,3 +88,36 @@ def immediate(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
         raise
     else:
         conn.execute("COMMIT")
+
+
+@migrations()
+def m010_jobs(db: sqlite_utils.Database) -> None:
+    """Daemon jobs: one row per queued recipe run (see loraforge.daemon.queue)."""
+    db["jobs"].create(
+        {
+            "id": int,
+            "recipe": str,
+            "recipe_name": str,
+            "recipe_digest": str,
+            "steps": str,
+            "status": str,
+            "reason": str,
+            "worker": str,
+            "pid": int,
+            "log_path": str,
+            "error": str,
+            "exit_code": int,
+            "attempts": int,
+            "retry_of": int,
+            "cancel_requested": int,
+            "created_at": str,
+            "updated_at": str,
+            "started_at": str,
+            "finished_at": str,
+        },
+        pk="id",
+        not_null={"recipe", "status", "created_at"},
+        defaults={"attempts": 0, "cancel_requested": 0},
+    )
+    db["jobs"].create_index(["status"])
+    db["jobs"].create_index(["recipe", "status"])
