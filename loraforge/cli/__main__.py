@@ -1,0 +1,5 @@
+"""`python -m loraforge` runs the CLI."""
+
+from loraforge.cli import main
+
+main()
