@@ -57,3 +57,17 @@ class FuseSpec(Spec):
     @model_validator(mode="after")
     def _distinct(self) -> "FuseSpec":
         return self
+
+
+def make_spec(cls: type[Spec], **fields: Any) -> Spec:
+    """Build a spec, turning a validation failure into a one-line ConfigError naming the field."""
+    from pydantic import ValidationError
+
+    from loraforge.errors import ConfigError
+
+    try:
+        return cls(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or cls.__name__
+        raise ConfigError(f"invalid {where}: {err['msg']} (got {err.get('input')!r})") from None

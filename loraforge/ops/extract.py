@@ -1,0 +1,79 @@
+"""`lora extract`: a LoRA from a fine-tuned checkpoint, ΔW = W_tuned − W_base per module, truncated SVD."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from loraforge.errors import ConfigError, MergeError
+from loraforge.formats.lora import LoraModule, LoraState
+from loraforge.ops.checkpoints import Checkpoint, check_compatible
+from loraforge.ops.lowrank import choose_rank, dense_factors
+
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+SKIP_WORDS = ("embedding",)  # token / position embeddings are not linear layers a LoRA adapts
+
+
+def extract_state(tuned: Checkpoint, base: Checkpoint, rank: int, rule: str = "fixed", value: Optional[float] = None,
+                  conv: bool = False, randomized: Optional[bool] = None, min_diff: float = 1e-6,
+                  progress: Callable[..., None] | None = None) -> LoraState:
+    """LoraState of the per-module truncated SVDs of tuned − base (diffusers folders)."""
+    if tuned.layout != "diffusers" or base.layout != "diffusers":
+        raise ConfigError("lora extract needs diffusers folders (module names come from their layout)")
+    check_compatible(base, tuned, {"unet", "text_encoder"})
+    state = LoraState()
+    for ckey in base.index:
+        folder, _, key = ckey.partition("/")
+        info = base.info(ckey)
+        if folder not in LORA_COMPONENTS or not key.endswith(".weight") or any(w in key for w in SKIP_WORDS):
+            continue
+        if len(info.shape) != 2 and not (conv and len(info.shape) == 4):
+            continue
+        delta = tuned.get(ckey).to(torch.float32) - base.get(ckey).to(torch.float32)
+        if float(delta.abs().max()) <= min_diff:
+            continue
+        flat = delta.flatten(1)
+        b, a, s = dense_factors(flat, rank, randomized=randomized)
+        if rule != "fixed":
+            r = choose_rank(s, rule, value, rank, total_energy=float((flat.double() ** 2).sum()))
+            b, a = b[:, :r], a[:r]
+        r = a.shape[0]
+        down = a.reshape(r, *info.shape[1:]) if len(info.shape) == 4 else a
+        up = b.reshape(b.shape[0], r, 1, 1) if len(info.shape) == 4 else b
+        state[f"{folder}.{key[: -len('.weight')]}"] = LoraModule(down.contiguous(), up.contiguous(), float(r))
+        if progress:
+            progress()
+    if not len(state):
+        raise MergeError(f"{tuned.ref} does not differ from {base.ref} in any linear layer: nothing to extract")
+    return state
+
+
+def extract_lora(registry, tuned_ref: str, base_ref: str, *, name: str, rank: int, rule: str = "fixed",
+                 value: Optional[float] = None, conv: bool = False, recipe=None, input_digest: str | None = None,
+                 progress: Callable[..., None] | None = None):
+    """Extract and register LoRA `name` from `tuned_ref` against `base_ref`."""
+    from loraforge.registry.importer import adapter_info, register_adapter
+    from loraforge.registry.manifest import BaseInfo, Manifest, Parent, Provenance
+    from loraforge.registry.refs import check_name
+    from loraforge.registry.resolve import resolve_base
+
+    check_name(name)
+    if rank <= 0:
+        raise ConfigError(f"rank {rank} must be a positive integer")
+    tuned = Checkpoint.open(resolve_base(registry, tuned_ref))
+    base = Checkpoint.open(resolve_base(registry, base_ref))
+    try:
+        state = extract_state(tuned, base, rank, rule, value, conv, progress=progress)
+    finally:
+        tuned.close()
+        base.close()
+    parents = [Parent(ref=tuned.ref, digest=tuned.digest, role="model", weight=1.0),
+               Parent(ref=base.ref, digest=base.digest, role="base", weight=-1.0)]
+    manifest = Manifest(
+        name=name, kind="lora", digest="", files=[], adapter=adapter_info(state, "loraforge"),
+        base=BaseInfo(ref=base.ref, digest=base.digest, family=base.family),
+        provenance=Provenance(method="extract", params={"rank": rank, "rule": rule, "value": value, "conv": conv},
+                              parents=parents, recipe=recipe, source="extract"),
+    )
+    return register_adapter(registry, state, manifest, input_digest=input_digest)

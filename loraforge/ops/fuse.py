@@ -1,0 +1,96 @@
+"""Fuse: bake weighted adapters into a base checkpoint, streamed one weight at a time."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from loraforge.errors import ConfigError
+from loraforge.ops.checkpoints import Checkpoint
+from loraforge.ops.merge import _artifact_files, _place_output, copy_folder_extras
+from loraforge.ops.specs import FuseSpec
+from loraforge.ops.tensors import SafetensorsWriter, dtype_from_name
+
+
+def fused_deltas(states_weights, name: str) -> torch.Tensor | None:
+    """Σ wᵢ·ΔWᵢ for one module (float32), or None when no adapter touches it."""
+    total = None
+    for state, weight in states_weights:
+        if name in state:
+            d = state[name].delta() * weight
+            total = d if total is None else total.add_(d)
+    return total
+
+
+def write_fused(base: Checkpoint, states_weights, out: Path, dtype: torch.dtype,
+                progress: Callable[..., None] | None = None) -> Path:
+    """Write base + Σ wᵢ·ΔWᵢ as a diffusers folder at `out`; untouched tensors keep their dtype,
+    float tensors of LoRA-able components are stored in `dtype`."""
+    copy_folder_extras(base.path, out, set(base.files))
+    for rel, keys in base.file_layout():
+        component = rel.split("/", 1)[0]
+        entries = []
+        for ckey, key in keys:
+            info = base.info(ckey)
+            entries.append((key, info.shape, dtype if info.is_float and component != "vae" else info.torch_dtype))
+        with SafetensorsWriter(out / rel, entries, {"format": "pt"}) as writer:
+            for (ckey, key), (_, _, want) in zip(keys, entries):
+                tensor = base.get(ckey)
+                if key.endswith(".weight"):
+                    delta = fused_deltas(states_weights, f"{component}.{key[: -len('.weight')]}")
+                    if delta is not None:
+                        tensor = tensor.to(torch.float32).add_(delta.reshape(tensor.shape))
+                writer.write(key, tensor.to(want))
+                if progress:
+                    progress()
+    return out
+
+
+def fuse_loras(registry, spec: FuseSpec, *, name: str | None = None, output: str | Path | None = None,
+               recipe=None, input_digest: str | None = None, progress: Callable[..., None] | None = None):
+    """Bake `spec.adapters` into `spec.base`; register checkpoint `name` and/or write folder `output`."""
+    from loraforge.home import tmp_dir
+    from loraforge.ops.lora_merge import load_inputs
+    from loraforge.registry.manifest import BaseInfo, Manifest, Parent, Provenance
+    from loraforge.registry.refs import check_name
+    from loraforge.registry.resolve import base_targets, resolve_base
+
+    if name is None and output is None:
+        raise ConfigError("give a name to register the fused checkpoint, or an output folder")
+    if name is not None:
+        check_name(name)
+    dtype = dtype_from_name(spec.dtype)
+    base_model = resolve_base(registry, spec.base)
+    if base_model.layout != "diffusers":
+        raise ConfigError(f"{spec.base} is a single-file checkpoint; fusing needs a diffusers folder base "
+                          "(import or convert the base as a folder first)")
+    loaded = load_inputs(registry, spec.adapters, base=base_model)
+    targets = base_targets(base_model)
+    for state, _, ref, _ in loaded:
+        try:
+            state.check_against(targets)
+        except Exception as exc:
+            raise type(exc)(f"{ref}: {exc}") from None
+    base = Checkpoint.open(base_model)
+    try:
+        with tempfile.TemporaryDirectory(dir=tmp_dir(registry.home), prefix="fuse-") as tmp:
+            staged = write_fused(base, [(s, a.weight) for (s, *_), a in zip(loaded, spec.adapters)],
+                                 Path(tmp) / "fused", dtype, progress)
+            result = _place_output(staged, Path(output).expanduser()) if output is not None else None
+            if name is not None:
+                parents = [Parent(ref=base.ref, digest=base.digest, role="base", weight=1.0)]
+                parents += [Parent(ref=ref, digest=digest, role="adapter", weight=a.weight)
+                            for (_, _, ref, digest), a in zip(loaded, spec.adapters)]
+                manifest = Manifest(
+                    name=name, kind="checkpoint", digest="", files=[], layout="diffusers",
+                    base=BaseInfo(ref=base.ref, digest=base.digest, family=base.family),
+                    provenance=Provenance(method="fuse", params={"dtype": spec.dtype}, parents=parents,
+                                          recipe=recipe, source="fuse"),
+                )
+                result = registry.register(manifest, _artifact_files(staged, "diffusers"), input_digest=input_digest)
+            return result
+    finally:
+        base.close()

@@ -1,0 +1,121 @@
+"""LoRA algebra: combine weighted adapters module by module with a registered LoRA method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from loraforge.errors import ConfigError, IncompatibleBaseError
+from loraforge.formats.lora import LoraModule, LoraState
+from loraforge.ops.lora_methods import ModuleInputs
+from loraforge.ops.specs import AdapterInput, LoraMergeSpec
+
+
+def get_lora_method(name: str):
+    from loraforge.plugins import LORA_METHODS
+
+    method = LORA_METHODS.get(name)
+    return method() if isinstance(method, type) else method
+
+
+def module_from_factors(b: torch.Tensor, a: torch.Tensor, like: LoraModule, dtype: torch.dtype) -> LoraModule:
+    """A LoraModule (alpha = rank, so scale 1) with B·A, shaped like `like` (linear or conv)."""
+    r = a.shape[0]
+    if like.is_conv:
+        down = a.reshape(r, *like.down.shape[1:])
+        up = b.reshape(b.shape[0], r, 1, 1)
+    else:
+        down, up = a, b
+    return LoraModule(down=down.contiguous().to(dtype), up=up.contiguous().to(dtype), alpha=float(r))
+
+
+def combine_states(states: list[LoraState], weights: list[float], method: str, rank: Optional[int] = None,
+                   params: dict[str, Any] | None = None, labels: list[str] | None = None,
+                   progress: Callable[..., None] | None = None) -> LoraState:
+    """The merged LoraState. Adapters may have different ranks and module sets; weights may be negative."""
+    impl = get_lora_method(method)
+    unknown = sorted(set(params or {}) - set(impl.params))
+    if unknown:
+        raise ConfigError(f"LoRA method {method} has no parameter {unknown[0]!r} "
+                          f"(its parameters: {', '.join(impl.params) or 'none'})")
+    full = {**impl.params, **(params or {})}
+    labels = labels or [f"adapter {i + 1}" for i in range(len(states))]
+    names = sorted(set().union(*[set(s) for s in states]))
+    out = LoraState()
+    dtype = max((s.dtype for s in states if s.dtype is not None), key=lambda d: torch.finfo(d).bits,
+                default=torch.float32)
+    for name in names:
+        present = [(s[name], w, label) for s, w, label in zip(states, weights, labels) if name in s]
+        shape = present[0][0].weight_shape
+        for m, _, label in present[1:]:
+            if m.weight_shape != shape:
+                raise IncompatibleBaseError(f"module {name} has shape {m.weight_shape} in {label} but {shape} in "
+                                            f"{present[0][2]}: the adapters are for different base models")
+        inputs = ModuleInputs(name, [m.factors() for m, _, _ in present], [w for _, w, _ in present], rank, full)
+        b, a = impl.combine(inputs)
+        out[name] = module_from_factors(b, a, present[0][0], dtype)
+        if progress:
+            progress()
+    return out
+
+
+def _input_digest_of(path: Path) -> str:
+    from loraforge.hashing import sha256_file, sha256_folder
+
+    return sha256_folder(path) if path.is_dir() else sha256_file(path)
+
+
+def load_inputs(registry, adapters: list[AdapterInput], base=None):
+    """[(state, manifest or None, parent ref, digest)] for each adapter input."""
+    from loraforge.registry.resolve import load_adapter
+
+    loaded = []
+    for item in adapters:
+        state, manifest = load_adapter(registry, item.ref, base=base)
+        if manifest is not None:
+            loaded.append((state, manifest, manifest.ref, manifest.digest))
+        else:
+            path = Path(item.ref).expanduser()
+            loaded.append((state, None, item.ref, _input_digest_of(path)))
+    return loaded
+
+
+def check_same_family(loaded) -> Optional[Any]:
+    """The BaseInfo the inputs agree on (or None); IncompatibleBaseError when two differ in family."""
+    base_info = None
+    for _, manifest, ref, _ in loaded:
+        info = manifest.base if manifest is not None else None
+        if info is None or info.family is None:
+            continue
+        if base_info is not None and base_info.family != info.family:
+            raise IncompatibleBaseError(f"{ref} is an adapter for an {info.family} base but another input is for "
+                                        f"{base_info.family}: they cannot be merged")
+        base_info = base_info or info
+    return base_info
+
+
+def merge_loras(registry, spec: LoraMergeSpec, *, name: str, recipe=None, input_digest: str | None = None,
+                progress: Callable[..., None] | None = None):
+    """Merge the adapters of `spec` and register the result as LoRA `name` with full provenance."""
+    from loraforge.registry.importer import register_adapter
+    from loraforge.registry.manifest import Manifest, Parent, Provenance
+    from loraforge.registry.refs import check_name
+
+    check_name(name)
+    get_lora_method(spec.method)  # an unknown method fails before any adapter is read
+    loaded = load_inputs(registry, spec.adapters)
+    base_info = check_same_family(loaded)
+    state = combine_states([s for s, *_ in loaded], [a.weight for a in spec.adapters], spec.method, spec.rank,
+                           dict(spec.params), labels=[ref for _, _, ref, _ in loaded], progress=progress)
+    parents = [Parent(ref=ref, digest=digest, role="adapter", weight=a.weight)
+               for (_, _, ref, digest), a in zip(loaded, spec.adapters)]
+    params = {"rank": spec.rank, **{**get_lora_method(spec.method).params, **spec.params}}
+    manifest = Manifest(name=name, kind="lora", digest="", files=[], base=base_info,
+                        provenance=Provenance(method=f"lora_merge:{spec.method}", params=params, parents=parents,
+                                              recipe=recipe, source=f"lora_merge:{spec.method}"))
+    from loraforge.registry.importer import adapter_info
+
+    manifest = manifest.model_copy(update={"adapter": adapter_info(state, "loraforge")})
+    return register_adapter(registry, state, manifest, input_digest=input_digest)

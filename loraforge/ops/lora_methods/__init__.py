@@ -1,0 +1,33 @@
+"""LoRA algebra methods, one module each, registered in `loraforge.plugins.LORA_METHODS`.
+
+A method combines, for one module, the (scaled up factor B, down factor A) pairs of the adapters that
+have it with their weights, and returns new (B, A) factors as 2-D float32 matrices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ModuleInputs:
+    """What a LoRA method sees for one module."""
+
+    name: str
+    pairs: list  # [(B m×r, A r×n)], B already multiplied by alpha/rank
+    weights: list[float]
+    rank: Optional[int]  # the target rank (None: method default)
+    params: dict[str, Any]
+
+
+class LoraMethod:
+    """Base of the built-in LoRA methods."""
+
+    params: dict[str, Any] = {}
+    exact: bool = False
+
+    def combine(self, inputs: ModuleInputs) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError

@@ -1,0 +1,54 @@
+"""`lora resize`: re-factor every module of an adapter to a new rank (fixed or by a singular-value rule),
+through QR of its factors and an SVD of the small core — exact singular values, no dense matrix."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from loraforge.formats.lora import LoraState
+from loraforge.ops.lora_merge import module_from_factors
+from loraforge.ops.lowrank import choose_rank, refactor
+
+
+def resize_state(state: LoraState, rank: Optional[int] = None, rule: str = "fixed",
+                 value: Optional[float] = None) -> LoraState:
+    """Each module truncated to `rank` (rule fixed) or to the rank a rule picks (capped by `rank`)."""
+    out = LoraState(hints=state.hints)
+    for name in state:
+        module = state[name]
+        b, a = module.factors()
+        new_b, new_a, s = refactor(b, a, module.rank)
+        cap = rank or module.rank
+        r = cap if rule == "fixed" else choose_rank(s, rule, value, cap)
+        r = min(r, s.numel())
+        out[name] = module_from_factors(new_b[:, :r], new_a[:r], module, module.down.dtype)
+    return out
+
+
+def resize_lora(registry, ref: str, *, name: str, rank: Optional[int] = None, rule: str = "fixed",
+                value: Optional[float] = None, recipe=None, input_digest: str | None = None):
+    """Resize adapter `ref` and register it as `name`."""
+    from loraforge.errors import ConfigError
+    from loraforge.ops.lora_merge import load_inputs
+    from loraforge.ops.specs import AdapterInput
+    from loraforge.registry.importer import adapter_info, register_adapter
+    from loraforge.registry.manifest import Manifest, Parent, Provenance
+    from loraforge.registry.refs import check_name
+
+    check_name(name)
+    if rule == "fixed" and not rank:
+        raise ConfigError("give --rank R or an --energy / --ratio rule")
+    if rank is not None and rank <= 0:
+        raise ConfigError(f"rank {rank} must be a positive integer")
+    (state, manifest, parent_ref, digest), = load_inputs(registry, [AdapterInput(ref=ref)])
+    out = resize_state(state, rank, rule, value)
+    kind = manifest.kind if manifest is not None else "lora"
+    new = Manifest(
+        name=name, kind=kind, digest="", files=[], adapter=adapter_info(out, "loraforge"),
+        base=manifest.base if manifest is not None else None,
+        slider=manifest.slider if manifest is not None else None,
+        provenance=Provenance(method="resize", params={"rank": rank, "rule": rule, "value": value},
+                              parents=[Parent(ref=parent_ref, digest=digest, role="adapter", weight=1.0)],
+                              recipe=recipe, source="resize"),
+    )
+    return register_adapter(registry, out, new, input_digest=input_digest)
