@@ -56,8 +56,11 @@ def _detect_gpus() -> list[str]:
               help="Quiet time after a file event before a recipe is re-planned.")
 @click.option("--grace", type=Duration(), default="60s", show_default=True,
               help="On SIGTERM/SIGINT, how long a running job may take to checkpoint before it is killed.")
+@click.option("--recipe-cmd", metavar="COMMAND",
+              help="The command jobs run as `COMMAND recipe plan|apply FILE` (default: this loraforge), "
+                   "e.g. 'nice -n 10 loraforge'.")
 @click.pass_context
-def daemon(ctx, watch, gpus, cpu, no_publish, debounce, grace):
+def daemon(ctx, watch, gpus, cpu, no_publish, debounce, grace, recipe_cmd):
     """Watch recipes and the data they read; re-run stale steps as jobs, one per GPU.
 
     Stop it with SIGTERM or Ctrl-C (running jobs checkpoint first); a second signal stops at once.
@@ -74,7 +77,10 @@ def daemon(ctx, watch, gpus, cpu, no_publish, debounce, grace):
 
     devices = [] if cpu else ([g.strip() for g in gpus.split(",") if g.strip()] if gpus else _detect_gpus())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    runner = Daemon(watch, home=_home(ctx), gpus=devices, publish=not no_publish, debounce=debounce, grace=grace)
+    import shlex
+
+    runner = Daemon(watch, home=_home(ctx), gpus=devices, publish=not no_publish, debounce=debounce, grace=grace,
+                    recipe_cmd=shlex.split(recipe_cmd) if recipe_cmd else None)
     ctx.exit(runner.run())
 
 
