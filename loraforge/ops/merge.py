@@ -135,6 +135,13 @@ def execute_merge(plan: MergePlan, out_path: Path, progress: Callable[..., None]
     metadata = {"format": "pt", "loraforge.method": plan.method_name}
     for ftask in plan.files:
         target = out_path / ftask.rel if first.layout == "diffusers" else out_path
+        if not any(t.merge for t in ftask.tensors):
+            # an excluded component's file (e.g. the VAE) is copied as is, byte for byte
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(first.files[ftask.rel].path, target)
+            if progress:
+                progress(len(ftask.tensors))
+            continue
         entries = [(t.key, t.shape, t.dtype) for t in ftask.tensors]
         with SafetensorsWriter(target, entries, metadata) as writer:
             for t in ftask.tensors:

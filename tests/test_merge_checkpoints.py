@@ -1,0 +1,323 @@
+"""Checkpoint merges: every method's numbers vs a direct computation, block weights, filters, errors, memory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from loraforge.cli import cli
+from loraforge.ops.blocks import block_names, block_of
+from loraforge.ops.merge_methods.ties import ties_combine
+from loraforge.registry import Registry
+from loraforge.synthetic import perturbed_checkpoint
+
+UNET = "unet/diffusion_pytorch_model.safetensors"
+TE = "text_encoder/model.safetensors"
+VAE = "vae/diffusion_pytorch_model.safetensors"
+SF_PREFIX = {"unet": "model.diffusion_model.", "text_encoder": "cond_stage_model.transformer.", "vae": "first_stage_model."}
+SF_FILES = {"unet": UNET, "text_encoder": TE, "vae": VAE}
+
+
+def run(home: Path, *args: str, ok: bool = True):
+    result = CliRunner().invoke(cli, ["--home", str(home), *args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def single_file(folder: Path, dst: Path) -> Path:
+    """A single-file checkpoint of a tiny diffusers folder: component keys behind A1111 prefixes."""
+    state = {}
+    for component, rel in SF_FILES.items():
+        for k, v in load_file(folder / rel).items():
+            state[SF_PREFIX[component] + k] = v
+    save_file(state, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def variants(tmp_path_factory, tiny_sd_path):
+    root = tmp_path_factory.mktemp("variants")
+    b = perturbed_checkpoint(tiny_sd_path, root / "b", seed=1, scale=0.05, components=("unet", "text_encoder", "vae"))
+    c = perturbed_checkpoint(tiny_sd_path, root / "c", seed=2, scale=0.05)
+    return {"a": tiny_sd_path, "b": b, "c": c}
+
+
+def weights(folder: Path, rel: str) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in load_file(Path(folder) / rel).items()}
+
+
+def slerp_ref(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    if a64.norm() == 0 or b64.norm() == 0:
+        return (1 - t) * a + t * b
+    cos = float(torch.dot(a64, b64) / (a64.norm() * b64.norm()))
+    if 1 - abs(cos) < 1e-4:  # nearly colinear: plain interpolation
+        return (1 - t) * a + t * b
+    omega = math.acos(cos)
+    return ((math.sin((1 - t) * omega) * a64 + math.sin(t * omega) * b64) / math.sin(omega)).reshape(a.shape).float()
+
+
+def ties_ref(base, models, ws, density):
+    """TIES written out element by element on the flattened tensors (slow but obvious)."""
+    taus = [(m - base).flatten() for m in models]
+    trimmed = []
+    for tau, w in zip(taus, ws):
+        k = int(round(density * tau.numel()))
+        order = tau.abs().argsort(descending=True)
+        kept = torch.zeros_like(tau)
+        kept[order[:k]] = tau[order[:k]]
+        trimmed.append(kept * w)
+    total = sum(trimmed)
+    out = torch.zeros_like(total)
+    for i in range(total.numel()):
+        sign = torch.sign(total[i])
+        num = den = 0.0
+        for t, w in zip(trimmed, ws):
+            if t[i] != 0 and torch.sign(t[i]) == sign:
+                num += float(t[i])
+                den += abs(w)
+        out[i] = num / den if den else 0.0
+    return out.reshape(base.shape)
+
+
+CASES = {
+    "weighted_sum": (["a", "b"], 0.3, {}, lambda t, a: (1 - a) * t["a"] + a * t["b"]),
+    "add_difference": (["a", "b", "c"], 0.7, {}, lambda t, a: t["a"] + a * (t["b"] - t["c"])),
+    "slerp": (["a", "b"], 0.35, {}, lambda t, a: slerp_ref(t["a"], t["b"], a)),
+    "task_arithmetic": (["a", "b=0.5", "c"], 0.8, {},
+                        lambda t, a: t["a"] + a * (0.5 * (t["b"] - t["a"]) + (t["c"] - t["a"]))),
+}
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_method_numbers_match_direct_computation(home, variants, tmp_path, method):
+    models, alpha, params, ref = CASES[method]
+    args = [str(variants[m.split("=")[0]]) + ("=" + m.split("=")[1] if "=" in m else "") for m in models]
+    out = tmp_path / "merged"
+    run(home, "merge", "checkpoints", *args, "--method", method, "--alpha", str(alpha), "--dtype", "fp32", "-o", str(out))
+    for rel in (UNET, TE):
+        got = weights(out, rel)
+        inputs = {m.split("=")[0]: weights(variants[m.split("=")[0]], rel) for m in models}
+        for key in got:
+            if not got[key].is_floating_point() or key.endswith("position_ids"):
+                continue
+            want = ref({k: v[key] for k, v in inputs.items()}, alpha)
+            torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6, msg=f"{method} {rel}:{key}")
+    # the VAE is copied from the first model, byte for byte, even though B's VAE differs
+    assert (out / VAE).read_bytes() == (variants["a"] / VAE).read_bytes()
+    assert (out / "model_index.json").is_file() and (out / "unet" / "config.json").is_file()
+
+
+def test_ties_on_a_hand_made_example():
+    base = torch.zeros(4)
+    t1, t2 = torch.tensor([1.0, -2.0, 3.0, 0.1]), torch.tensor([-3.0, -1.0, 2.0, 0.2])
+    # density 0.5 keeps two entries each: [0, -2, 3, 0] and [-3, 0, 2, 0]; signs elected -,-,+,0;
+    # agreeing entries averaged: -3, -2, (3+2)/2, 0
+    got = ties_combine([t1 - base, t2 - base], [1.0, 1.0], density=0.5)
+    assert got.tolist() == [-3.0, -2.0, 2.5, 0.0]
+
+
+def test_ties_engine_matches_elementwise_reference(home, variants, tmp_path):
+    out = tmp_path / "ties"
+    run(home, "merge", "checkpoints", str(variants["a"]), str(variants["b"]), f"{variants['c']}=0.5",
+        "--method", "ties", "--alpha", "0.9", "--param", "density=0.3", "--dtype", "fp32", "-o", str(out))
+    got = weights(out, UNET)
+    a, b, c = (weights(variants[k], UNET) for k in "abc")
+    for key in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight", "conv_in.bias"):
+        want = a[key] + 0.9 * ties_ref(a[key], [b[key], c[key]], [1.0, 0.5], 0.3)
+        torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6)
+
+
+def test_slerp_endpoints(home, variants, tmp_path):
+    for t, source in ((0.0, "a"), (1.0, "b")):
+        out = tmp_path / f"slerp{t}"
+        run(home, "merge", "checkpoints", str(variants["a"]), str(variants["b"]), "--method", "slerp",
+            "--alpha", str(t), "--dtype", "fp32", "-o", str(out))
+        got, want = weights(out, UNET), weights(variants[source], UNET)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+
+
+def test_dare_is_reproducible_with_a_seed(home, variants, tmp_path):
+    def dare(seed, name):
+        out = tmp_path / name
+        run(home, "merge", "checkpoints", str(variants["a"]), str(variants["b"]), "--method", "dare",
+            "--param", "drop_rate=0.5", "--param", f"seed={seed}", "--dtype", "fp32", "-o", str(out))
+        return weights(out, UNET)
+
+    first, again, other = dare(7, "d1"), dare(7, "d2"), dare(8, "d3")
+    a, b = weights(variants["a"], UNET), weights(variants["b"], UNET)
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first[key], other[key])
+    # each entry is either the base (dropped) or base + τ/(1 − p) (kept), about half of each
+    tau = b[key] - a[key]
+    kept = torch.isclose(first[key], a[key] + tau / 0.5, atol=1e-6)
+    dropped = torch.isclose(first[key], a[key], atol=1e-7)
+    assert bool((kept | dropped).all())
+    assert 0.4 < kept.float().mean().item() < 0.6
+
+
+def test_block_weights_hit_the_right_keys(home, variants, tmp_path):
+    out = tmp_path / "blocks"
+    run(home, "merge", "checkpoints", str(variants["a"]), str(variants["b"]), "--alpha", "0",
+        "--block-weights", "IN01:1,OUT03:0.5", "--dtype", "fp32", "-o", str(out))
+    got, a, b = weights(out, UNET), weights(variants["a"], UNET), weights(variants["b"], UNET)
+    for key in got:
+        if key.startswith(("down_blocks.0.resnets.0.", "down_blocks.0.attentions.0.")):
+            want = b[key]  # IN01: the first layer of the first down level
+        elif key.startswith(("up_blocks.1.resnets.1.", "up_blocks.1.attentions.1.")):
+            want = 0.5 * a[key] + 0.5 * b[key]  # OUT03: the last layer of the last up level
+        else:
+            want = a[key]
+        torch.testing.assert_close(got[key], want, rtol=1e-6, atol=1e-7, msg=key)
+    assert all(torch.equal(v, weights(variants["a"], TE)[k]) for k, v in weights(out, TE).items())
+
+
+def test_sd1_block_map_has_25_blocks_for_both_namings():
+    from diffusers import UNet2DConditionModel
+
+    from loraforge.models.builtin import sd15_configs
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**sd15_configs()["unet"])
+    keys = list(unet.state_dict())
+    names = block_names(keys, "diffusers")
+    assert names == [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
+    assert block_of("down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k.weight", "diffusers") == "IN05"
+    assert block_of("down_blocks.2.downsamplers.0.conv.weight", "diffusers") == "IN09"
+    assert block_of("up_blocks.3.attentions.2.proj_out.weight", "diffusers") == "OUT11"
+    assert block_of("up_blocks.0.upsamplers.0.conv.weight", "diffusers") == "OUT02"
+    assert block_of("input_blocks.5.1.transformer_blocks.0.attn2.to_k.weight", "single_file") == "IN05"
+    assert block_of("middle_block.1.proj_in.weight", "single_file") == "M00"
+    assert block_of("time_embed.0.weight", "single_file") is None
+
+
+def test_single_files_merge_like_folders(home, variants, tmp_path):
+    sa, sb = single_file(variants["a"], tmp_path / "a.safetensors"), single_file(variants["b"], tmp_path / "b.safetensors")
+    out = tmp_path / "merged.safetensors"
+    run(home, "merge", "checkpoints", str(sa), str(sb), "--alpha", "0.25", "-o", str(out))
+    got = load_file(out)
+    a, b = load_file(sa), load_file(sb)
+    key = "model.diffusion_model.down_blocks.0.attentions.0.proj_in.weight"
+    assert got[key].dtype == torch.float16
+    torch.testing.assert_close(got[key].float(), (0.75 * a[key] + 0.25 * b[key]).half().float())
+    vae_keys = [k for k in a if k.startswith("first_stage_model.")]
+    assert vae_keys and all(torch.equal(got[k], a[k]) for k in vae_keys)
+
+
+def test_cli_registers_provenance(home, variants):
+    run(home, "registry", "import", str(variants["b"]), "--name", "bmodel", "--kind", "checkpoint")
+    run(home, "merge", "checkpoints", "builtin:tiny-sd", "bmodel:1", "--alpha", "0.3", "--name", "blend")
+    reg = Registry(home)
+    m = reg.resolve("blend")
+    b = reg.resolve("bmodel:1")
+    assert m.kind == "checkpoint" and m.layout == "diffusers"
+    assert m.provenance.method == "merge:weighted_sum"
+    assert m.provenance.params["alpha"] == 0.3 and m.provenance.params["dtype"] == "fp16"
+    assert m.provenance.params["components"] == ["unet", "text_encoder"]
+    p0, p1 = m.provenance.parents
+    assert (p0.ref, p0.weight) == ("builtin:tiny-sd", 0.7) and len(p0.digest) == 64
+    assert (p1.ref, p1.digest, p1.weight) == ("bmodel:1", b.digest, 0.3)
+    folder = reg.checkout(m)
+    assert load_file(folder / UNET)["conv_in.weight"].dtype == torch.float16
+    # the merged checkpoint is itself a usable input
+    run(home, "merge", "checkpoints", "blend", "builtin:tiny-sd", "--method", "slerp", "--name", "blend2")
+    assert Registry(home).resolve("blend2").provenance.parents[0].ref == "blend:1"
+
+
+def _error(home, *args) -> str:
+    result = run(home, *args, ok=False)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert Registry(home).list() == [], "nothing may be registered after a failure"
+    return lines[0]
+
+
+def test_errors_are_one_line_and_register_nothing(home, variants, tmp_path):
+    a = str(variants["a"])
+    line = _error(home, "merge", "checkpoints", a, "builtin:tiny-sdxl", "--name", "x")
+    assert "different architectures" in line and "sdxl" in line
+
+    missing = tmp_path / "missing"
+    shutil.copytree(variants["b"], missing)
+    state = load_file(missing / UNET)
+    del state["conv_in.bias"]
+    save_file(state, missing / UNET)
+    line = _error(home, "merge", "checkpoints", a, str(missing), "--name", "x")
+    assert "unet/conv_in.bias" in line and "missing" in line
+
+    reshaped = tmp_path / "reshaped"
+    shutil.copytree(variants["b"], reshaped)
+    state = load_file(reshaped / TE)
+    key = sorted(k for k in state if k.endswith("q_proj.weight"))[0]
+    state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+    save_file(state, reshaped / TE)
+    line = _error(home, "merge", "checkpoints", a, str(reshaped), "--name", "x")
+    assert f"text_encoder/{key}" in line and "shape" in line
+
+    assert "fp8" in _error(home, "merge", "checkpoints", a, str(variants["b"]), "--dtype", "fp8", "--name", "x")
+    assert "add_difference takes 3" in _error(home, "merge", "checkpoints", a, str(variants["b"]),
+                                              "--method", "add_difference", "--name", "x")
+    assert "nope" in _error(home, "merge", "checkpoints", a, str(variants["b"]), "--method", "nope", "--name", "x")
+    assert "IN99" in _error(home, "merge", "checkpoints", a, str(variants["b"]), "--block-weights", "IN99:1",
+                            "--name", "x")
+
+
+MEMORY_CHILD = textwrap.dedent("""
+    import json, resource, sys
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    from loraforge.ops.tensors import SafetensorsWriter
+    from loraforge.ops.merge import merge_checkpoints
+    from loraforge.ops.specs import CheckpointMergeSpec, ModelInput
+    from loraforge.registry import Registry
+
+    root = Path(sys.argv[1])
+    # two ~320 MB fp16 single files, written tensor by tensor with the streaming writer
+    names = [f"model.diffusion_model.blocks.{i}.weight" for i in range(20)] + ["cond_stage_model.transformer.w"]
+    shapes = [(4096, 2048)] * 20 + [(8, 8)]
+    for seed, name in ((1, "a"), (2, "b")):
+        gen = torch.Generator().manual_seed(seed)
+        with SafetensorsWriter(root / f"{name}.safetensors", [(n, s, torch.float16) for n, s in zip(names, shapes)]) as w:
+            for n, s in zip(names, shapes):
+                w.write(n, torch.randn(s, generator=gen).half())
+    registry = Registry(root / "home")
+    spec = CheckpointMergeSpec(models=[ModelInput(ref=str(root / "a.safetensors")), ModelInput(ref=str(root / "b.safetensors"))],
+                               alpha=0.5, dtype="fp16")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    merge_checkpoints(registry, spec, output=root / "out.safetensors")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"before": before, "peak": peak}))
+""")
+
+
+@pytest.mark.slow
+def test_streamed_merge_peak_memory_stays_small(tmp_path):
+    result = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    inputs = sum((tmp_path / f).stat().st_size for f in ("a.safetensors", "b.safetensors"))
+    growth = numbers["peak"] - numbers["before"]
+    # loading both inputs fully would add at least their size (≈ 670 MB); the stream adds a few tensors
+    assert growth < inputs / 4, f"merge grew RSS by {growth / 2**20:.0f} MB for {inputs / 2**20:.0f} MB of inputs"
+    out = load_file(tmp_path / "out.safetensors")
+    a = load_file(tmp_path / "a.safetensors")
+    b = load_file(tmp_path / "b.safetensors")
+    key = "model.diffusion_model.blocks.3.weight"
+    torch.testing.assert_close(out[key], ((a[key].float() + b[key].float()) / 2).half())
