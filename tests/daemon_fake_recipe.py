@@ -76,7 +76,7 @@ def apply(path: Path, publish: bool) -> int:
     start = int(ckpt.read_text()) if ckpt.is_file() else 0
     if start:
         print(f"resumed from step {start}")
-    total = int(float(data.get("seconds", 0)) / 0.05)
+    total = round(float(data.get("seconds", 0)) / 0.05)
     for step in range(start, total):
         if stop["asked"] and not data.get("ignore_sigterm"):
             print(f"interrupted: checkpoint saved at step {step}")
