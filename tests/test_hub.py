@@ -294,3 +294,55 @@ def test_builtin_names_in_card_are_builtin_names():
     assert [hub_base_id(f"builtin:{n}") for n in BUILTIN_NAMES] == list(BUILTIN_NAMES)
     assert hub_base_id("hf://org/base@v2") == "org/base" and hub_base_id("org/base") == "org/base"
     assert hub_base_id("/models/x.safetensors") is None
+
+
+def test_slider_with_validation_grid_card_and_round_trip(home, hub, tmp_path, tiny_sd_path):
+    from PIL import Image
+
+    from loraforge.hub.push import push_artifact
+    from loraforge.registry.manifest import SliderInfo
+
+    reg = Registry(home)
+    slider = import_artifact(reg, make_adapter(tmp_path, tiny_sd_path, 7), "age", kind="slider",
+                             base="builtin:tiny-sd", slider=SliderInfo(concept="age", scale_range=(-2.0, 4.0)))
+    grid = tmp_path / "grid.png"
+    Image.new("RGB", (8, 8), "red").save(grid)
+    folder = reg.checkout(slider)
+    with_grid = reg.register(slider.model_copy(update={"metrics": {"clip_score": 0.25}}),
+                             [(folder / "adapter.safetensors", "adapter.safetensors"), (grid, "validation_grid.png")])
+    result = push_artifact(reg, with_grid.ref, "me/age")
+    files = hub.state.repos["me/age"].commits[result.commit].files
+    assert "validation_grid.png" in files
+    card = hub.state.blobs[files["README.md"].sha256].decode()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert "slider" in meta["tags"] and meta["base_model_relation"] == "adapter" and "license" not in meta
+    assert "![validation_grid.png](validation_grid.png)" in card
+    assert "Recommended scale range: -2 to 4." in card and "clip_score" in card
+
+    other = Registry(second_home(tmp_path, home))
+    pulled = other.resolve(json.loads(run(other.home, "hub", "pull", "me/age@v2", "--json").output)["name"])
+    assert pulled.kind == "slider" and pulled.digest == with_grid.digest
+    assert pulled.slider.scale_range == (-2.0, 4.0)
+    assert (other.checkout(pulled) / "validation_grid.png").read_bytes() == grid.read_bytes()
+
+
+def test_checkpoint_push_pull_and_foreign_pipeline_as_base(home, hub, tmp_path, tiny_sd_path):
+    from loraforge.hub.push import push_artifact
+    from loraforge.registry.resolve import resolve_base
+
+    reg = Registry(home)
+    ckpt = import_artifact(reg, tiny_sd_path, "tiny", kind="checkpoint")
+    with pytest.raises(Exception, match="only adapters"):
+        push_artifact(reg, "tiny", "me/tiny", fmt="kohya")
+    push_artifact(reg, "tiny", "me/tiny")
+    other = Registry(second_home(tmp_path, home))
+    base = resolve_base(other, "hf://me/tiny@v1")
+    assert base.layout == "diffusers" and base.family == "sd1"
+    assert other.resolve("tiny").digest == ckpt.digest
+
+    files = {p.relative_to(tiny_sd_path).as_posix(): p.read_bytes() for p in tiny_sd_path.rglob("*") if p.is_file()}
+    hub.state.seed("someone/tiny-pipe", files)
+    foreign = resolve_base(other, "hf://someone/tiny-pipe")
+    assert foreign.family == "sd1"
+    pulled = other.resolve("tiny-pipe")
+    assert pulled.kind == "checkpoint" and pulled.provenance.source.startswith("hf://someone/tiny-pipe@")

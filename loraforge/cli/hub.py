@@ -10,6 +10,12 @@ from loraforge.cli.output import echo_json, human_size, print_table, registry_fr
 @click.group()
 def hub() -> None:
     """Push artifacts to and pull them from the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)."""
+    import sys
+
+    if not sys.stderr.isatty():  # huggingface_hub's own bars would litter logs and piped output
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 @hub.command("push")
