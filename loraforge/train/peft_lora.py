@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -36,7 +37,9 @@ def inject_lora(model: nn.Module, *, rank: int, alpha: float | None = None,
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank),
                         target_modules=targets, lora_dropout=0.0, init_lora_weights=True)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # PEFT warns when a second adapter joins a model: joint training does that on purpose.
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
         torch.manual_seed(seed)
         inject_adapter_in_model(config, model, adapter_name=adapter_name)
     params = []

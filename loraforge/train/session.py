@@ -55,6 +55,10 @@ class Session:
         if not resume and self.run_dir.exists():
             shutil.rmtree(self.run_dir)  # a fresh run must not pick up an older run's checkpoints
         self.model: TrainingModel | None = None
+        # (adapter name, prompts, scales) rendered every `validation_every` steps; set by the trainer.
+        self.periodic: list[tuple[str, list[str], tuple[float, ...]]] = []
+        self._periodic_files: dict[str, list[tuple[Path, str]]] = {}
+        self._scratch = tmp_dir(registry.home) / f"train-{self.run_id}"  # created only if grids are rendered
         self._forward = None
 
     def load_model(self) -> TrainingModel:
@@ -75,7 +79,25 @@ class Session:
         return dict(steps=c.steps, learning_rate=c.learning_rate, lr_scheduler=c.lr_scheduler,
                     lr_warmup_steps=c.lr_warmup_steps, gradient_accumulation=c.gradient_accumulation,
                     max_grad_norm=c.max_grad_norm, use_8bit_adam=c.use_8bit_adam, checkpoint_every=c.checkpoint_every,
-                    run_dir=self.run_dir, resume=self.resume, device=self.model.device, progress=self.progress)
+                    run_dir=self.run_dir, resume=self.resume, device=self.model.device, progress=self.progress,
+                    on_step=self._on_step if c.validation_every else None)
+
+    def _on_step(self, step: int) -> None:
+        """Render the intermediate validation grids (they become validation/step-N.png files of the artifact)."""
+        from loraforge.train.validation import save_grid, validation_grid
+
+        c = self.config
+        if step % c.validation_every or step == c.steps:
+            return
+        for adapter_name, prompts, scales in self.periodic:
+            prompts = list(c.validation_prompts) or prompts
+            if not prompts:
+                continue
+            grid = validation_grid(self.model.pipe, prompts, scales, adapter_name=adapter_name, seed=c.seed,
+                                   steps=c.validation_steps, resolution=c.resolution, title=f"step {step}")
+            rel = f"validation/step-{step:08d}.png"
+            path = save_grid(grid, self._scratch / adapter_name / "validation", f"step-{step:08d}.png")
+            self._periodic_files.setdefault(adapter_name, []).append((path, rel))
 
     def finish(self, outputs: Sequence[AdapterOutput], metrics: dict, training: dict | None = None) -> list[Manifest]:
         """Render validation grids, then register every adapter (sharing this run id); drop the run folder."""
@@ -89,7 +111,7 @@ class Session:
             staged = []
             for i, out in enumerate(outputs):
                 prompts = list(c.validation_prompts) or out.validation_prompts
-                files = []
+                files = list(self._periodic_files.get(out.adapter_name, []))
                 if prompts:
                     grid = validation_grid(self.model.pipe, prompts, out.validation_scales, adapter_name=out.adapter_name,
                                            seed=c.seed, steps=c.validation_steps, resolution=c.resolution,
@@ -104,4 +126,5 @@ class Session:
                 registered.append(register_adapter(self.registry, out.state, manifest, input_digest=self.input_digest,
                                                    extra_files=files))
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        shutil.rmtree(self._scratch, ignore_errors=True)
         return registered

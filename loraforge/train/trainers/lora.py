@@ -44,6 +44,7 @@ class LoraTrainer:
         sources = [self._source(session, d) for d in [data] + ([prior] if prior else [])]
         params = add_lora(session)
         unet = session.forward_unet()
+        session.periodic = [("default", list(dict.fromkeys(data.captions))[:2], (0.0, 1.0))]
         n_timesteps = model.noise_scheduler.config.num_train_timesteps
 
         def step_fn(step: int, micro: int):

@@ -1,0 +1,93 @@
+"""Joint training: several named LoRA adapters on one UNet, one run, each on its own data and loss weight
+(e.g. one adapter per view of a visual illusion). Every adapter is registered as its own artifact."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from loraforge.plugins import TRAINERS
+from loraforge.registry.manifest import Manifest, RecipeInfo
+from loraforge.registry.refs import check_name
+from loraforge.registry.registry import Registry
+from loraforge.train.base import TrainConfig
+from loraforge.train.cache import BatchSource
+from loraforge.train.data import batch_indices, prepare_dataset, step_generator
+from loraforge.train.loop import run_loop
+from loraforge.train.model import denoising_loss, sample_noise
+from loraforge.train.peft_lora import activate_adapter, extract_lora, inject_lora, lora_parameters
+from loraforge.train.session import AdapterOutput, Session
+
+
+class JointAdapter(BaseModel):
+    """One adapter of a joint run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset: str = Field(description="Folder or registry dataset this adapter trains on.")
+    instance_prompt: Optional[str] = Field(None, description="Caption for this dataset's images that have none.")
+    loss_weight: float = Field(1.0, ge=0, description="Weight of this adapter's loss in the joint objective.")
+    name: Optional[str] = Field(None, description="Artifact name (default: <output>-<adapter>).")
+
+
+class JointConfig(TrainConfig):
+    adapters: dict[str, JointAdapter] = Field(description='Adapters by name, as JSON: {"view1": {"dataset": "./a", "loss_weight": 1.0}, ...}.')
+    crop: Literal["center", "random"] = Field("center", description="How images are cropped to the square resolution.")
+
+    @model_validator(mode="after")
+    def _names(self) -> "JointConfig":
+        if not self.adapters:
+            raise ValueError("a joint run needs at least one adapter")
+        for key in self.adapters:
+            if not key.replace("_", "").isalnum():
+                raise ValueError(f"adapter name {key!r} must be letters, digits and '_'")
+        return self
+
+
+@TRAINERS.register("joint", reference_url="https://huggingface.co/docs/peft/developer_guides/mixed_models", version="1")
+class JointTrainer:
+    """Several named LoRA adapters trained jointly on one UNet, each on its own data."""
+
+    config_class = JointConfig
+
+    def train(self, config: JointConfig, *, registry: Registry, output: str, recipe: RecipeInfo | None = None,
+              input_digest: str | None = None, resume: bool = False, progress: bool | None = None) -> list[Manifest]:
+        session = Session("joint", config, registry=registry, output=output, recipe=recipe,
+                          input_digest=input_digest, resume=resume, progress=progress)
+        keys = sorted(config.adapters)
+        names = {k: config.adapters[k].name or f"{output}-{k}" for k in keys}
+        for name in names.values():
+            check_name(name)
+        data = {k: prepare_dataset(registry, config.adapters[k].dataset, output=names[k],
+                                   instance_prompt=config.adapters[k].instance_prompt) for k in keys}
+        model = session.load_model()
+        params = {}
+        for i, k in enumerate(keys):
+            inject_lora(model.unet, rank=config.rank, alpha=config.alpha, target_modules=config.target_modules,
+                        adapter_name=k, seed=config.seed + i)
+            params.update({f"unet.{n}": p for n, p in lora_parameters(model.unet, k).items()})
+        sources = {k: BatchSource(model, data[k], home=registry.home, resolution=config.resolution, crop=config.crop,
+                                  seed=config.seed, cached=config.cache_latents) for k in keys}
+        unet = session.forward_unet()
+        session.periodic = [(k, list(dict.fromkeys(data[k].captions))[:2], (0.0, 1.0)) for k in keys]
+        n_timesteps = model.noise_scheduler.config.num_train_timesteps
+
+        def step_fn(step: int, micro: int):
+            total = 0.0
+            for i, k in enumerate(keys):
+                activate_adapter(model.unet, k)  # only this adapter acts on (and gets gradients from) its batch
+                idx = batch_indices(len(data[k]), config.batch_size, step, micro, config.seed + i,
+                                    config.gradient_accumulation)
+                latents, text = sources[k].batch(idx)
+                noise, t = sample_noise(latents, step_generator(config.seed, step, micro, stream=i), n_timesteps)
+                total = total + config.adapters[k].loss_weight * denoising_loss(model, unet, latents, text, noise, t)
+            return total
+
+        result = run_loop(title=f"train joint {output}", params=params, step_fn=step_fn,
+                          samples_per_step=config.batch_size * len(keys), **session.loop_kwargs())
+        outputs = [AdapterOutput(name=names[k], state=extract_lora(model.unet, "unet", adapter_name=k), adapter_name=k,
+                                 datasets=[data[k].manifest], validation_prompts=list(dict.fromkeys(data[k].captions))[:2],
+                                 metrics={"adapter": k, "loss_weight": config.adapters[k].loss_weight})
+                   for k in keys]
+        return session.finish(outputs, result.metrics, training={"adapters": keys})
