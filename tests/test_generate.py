@@ -40,3 +40,31 @@ def test_generate_bad_weight_is_a_one_line_error(home):
                                       "--prompt", "x", "-o", "x.png"])
     assert result.exit_code == 1
     assert result.output == "Error: invalid weight in 'style=abc': write REF=NUMBER, e.g. asuka:3=0.8\n"
+
+
+def test_exported_text_encoder_lora_loads_in_plain_diffusers(home, tiny_sd_path, tmp_path):
+    """Our diffusers export loads from a file with `load_lora_weights` and gives W + ΔW exactly."""
+    import copy
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    state = random_lora(module_shapes(tiny_sd_path), rank=4, alpha=2.0, components=("unet", "text_encoder"),
+                        targets=("to_q", "q_proj", "v_proj"), seed=4)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    from loraforge.formats import write_adapter
+
+    write_adapter(state, path, "diffusers")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    reference = copy.deepcopy(pipe.text_encoder)
+    pipe.load_lora_weights(str(path))
+    modules = dict(reference.named_modules())
+    for name, module in state.component("text_encoder").items():
+        target = modules[name.removeprefix("text_model.")] if name not in modules else modules[name]
+        target.weight.data += module.delta()
+    ids = pipe.tokenizer(["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        got, want = pipe.text_encoder(ids)[0], reference(ids)[0]
+        base = StableDiffusionPipeline.from_pretrained(tiny_sd_path).text_encoder(ids)[0]
+    assert (want - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -145,6 +145,10 @@ def diffusers_to_lora(sd: Mapping[str, Tensor], metadata: Mapping[str, Any] | No
     return state
 
 
+def _peft_suffix(path: str) -> str:
+    return path[len("text_model."):] if path.startswith("text_model.") else path
+
+
 def lora_to_diffusers(state: LoraState) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(state dict, safetensors header metadata) that `load_lora_weights` loads as exactly ΔW."""
     sd: dict[str, Tensor] = {}
@@ -155,7 +159,9 @@ def lora_to_diffusers(state: LoraState) -> tuple[dict[str, Tensor], dict[str, st
         sd[f"{name}.lora_B.weight"] = up.contiguous()
     adapter_meta: dict[str, Any] = {}
     for component in state.components:
-        ranks = {path: m.rank for path, m in state.component(component).items()}
+        # PEFT matches these names as suffixes. Text encoders lose the `text_model.` wrapper in
+        # transformers 5, so the suffix without it matches both the old and the new module tree.
+        ranks = {_peft_suffix(path): m.rank for path, m in state.component(component).items()}
         r = Counter(ranks.values()).most_common(1)[0][0]
         pattern = {path: rank for path, rank in sorted(ranks.items()) if rank != r}
         adapter_meta.update({
