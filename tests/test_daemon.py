@@ -14,9 +14,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from loraforge.cli import cli
-from loraforge.daemon import Daemon, JobQueue
+from loraforge.daemon import Daemon, JobQueue, read_status
 from loraforge.daemon.debounce import Debouncer
 from loraforge.daemon.worker import JOB_ENV
+from loraforge.errors import ConfigError
 from loraforge.hashing import sha256_folder
 from loraforge.registry import Registry
 
@@ -262,9 +263,11 @@ def test_a_second_daemon_on_the_same_home_is_refused(lf_home, recipes):
     first = make_daemon(lf_home, recipes)
     first.start(now=0.0)
     second = make_daemon(lf_home, recipes)
-    with pytest.raises(Exception, match=r"another loraforge daemon \(pid \d+\) is running"):
-        second.start(now=0.0)
+    with pytest.raises(ConfigError, match=r"another loraforge daemon \(pid \d+\) is running on .*; stop it first"):
+        second.run()
+    assert read_status(lf_home)["running"], "the refused daemon must not mark the running one stopped"
     first.close()
+    assert not read_status(lf_home)["running"]
 
 
 def test_watchdog_turns_an_editor_save_into_one_change(lf_home, recipes):

@@ -39,6 +39,13 @@ def is_recipe_name(path: Path) -> bool:
             and ".lock." not in name and not name.endswith((".lock.yaml", ".lock.yml")))
 
 
+def _short(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 class Daemon:
     """Watches recipe folders and the local paths recipes read; rebuilds stale steps.
 
@@ -159,6 +166,9 @@ class Daemon:
         self.request_stop(immediate=self._signals > 1)
 
     def close(self) -> None:
+        """Kill what still runs (re-queuing it), stop watching, write the final status, unlock."""
+        if self._lock_file is None:
+            return  # never started (another daemon holds the home): its status file is not ours
         for worker in self.workers:
             worker.kill()
             if worker.busy:
@@ -223,7 +233,7 @@ class Daemon:
             if recipe == str(path):
                 self._reasons[recipe] = f"{path.name} changed"
             else:
-                self._reasons.setdefault(recipe, f"{path} changed")
+                self._reasons.setdefault(recipe, f"{_short(path, Path(recipe).parent)} changed")
         return recipes
 
     def _rewatch(self) -> None:
