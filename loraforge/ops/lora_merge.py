@@ -112,10 +112,10 @@ def merge_loras(registry, spec: LoraMergeSpec, *, name: str, recipe=None, input_
     parents = [Parent(ref=ref, digest=digest, role="adapter", weight=a.weight)
                for (_, _, ref, digest), a in zip(loaded, spec.adapters)]
     params = {"rank": spec.rank, **{**get_lora_method(spec.method).params, **spec.params}}
-    manifest = Manifest(name=name, kind="lora", digest="", files=[], base=base_info,
-                        provenance=Provenance(method=f"lora_merge:{spec.method}", params=params, parents=parents,
-                                              recipe=recipe, source=f"lora_merge:{spec.method}"))
     from loraforge.registry.importer import adapter_info
 
-    manifest = manifest.model_copy(update={"adapter": adapter_info(state, "loraforge")})
+    manifest = Manifest(name=name, kind="lora", digest="", files=[], base=base_info,
+                        adapter=adapter_info(state, "loraforge"),
+                        provenance=Provenance(method=f"lora_merge:{spec.method}", params=params, parents=parents,
+                                              recipe=recipe, source=f"lora_merge:{spec.method}"))
     return register_adapter(registry, state, manifest, input_digest=input_digest)

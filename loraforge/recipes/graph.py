@@ -1,0 +1,97 @@
+"""The step DAG of a recipe: dependencies from `${step}` references and `after:`, cycles, order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loraforge.recipes.loader import step_ref
+from loraforge.recipes.schema import Recipe, Step
+
+# Which artifact kinds a reference role accepts ("adapter" output of a train step fits both).
+_ACCEPTS = {
+    "model": {"checkpoint"},
+    "adapter": {"lora", "slider", "adapter"},
+    "artifact": {"checkpoint", "lora", "slider", "adapter", "image", "dataset"},
+    "any": {"checkpoint", "lora", "slider", "adapter", "image", "dataset"},
+    "path": set(),
+}
+
+
+@dataclass(frozen=True)
+class Graph:
+    order: tuple[str, ...]
+    deps: dict[str, tuple[str, ...]]
+
+    def descendants(self, step_id: str) -> set[str]:
+        out: set[str] = set()
+        frontier = [step_id]
+        while frontier:
+            current = frontier.pop()
+            for sid, deps in self.deps.items():
+                if current in deps and sid not in out:
+                    out.add(sid)
+                    frontier.append(sid)
+        return out
+
+
+def step_dependencies(recipe: Recipe, step: Step) -> tuple[str, ...]:
+    """Steps `step` reads, checked: each exists and produces a kind its reference accepts."""
+    source = recipe.source
+    deps: list[str] = []
+    for loc, role, value in step.references():
+        target = step_ref(value)
+        if target is None:
+            continue
+        full = ("steps", step.id, *loc) if not step.id.startswith("publish-") else _publish_loc(step, loc)
+        if target not in recipe.steps:
+            raise source.error(full, f"dangling reference ${{{target}}}: no step named {target!r}")
+        if target == step.id:
+            raise source.error(full, f"step {step.id!r} refers to itself")
+        produced = recipe.steps[target].output_kind()
+        if recipe.steps[target].kind == "publish":
+            raise source.error(full, f"${{{target}}} is a publish step: it makes no artifact to use")
+        if produced is not None and role in _ACCEPTS and _ACCEPTS[role] and produced not in _ACCEPTS[role]:
+            wanted = "a checkpoint" if role == "model" else "an adapter" if role == "adapter" else "an artifact"
+            raise source.error(full, f"${{{target}}} makes a {produced}, but {wanted} is needed here")
+        if target not in deps:
+            deps.append(target)
+    for i, target in enumerate(step.after):
+        if target not in recipe.steps:
+            raise source.error(("steps", step.id, "after", i), f"after: no step named {target!r}")
+        if target not in deps:
+            deps.append(target)
+    return tuple(deps)
+
+
+def _publish_loc(step: Step, loc: tuple) -> tuple:
+    index = int(step.id.split("-")[1]) - 1
+    return ("publish", index, *loc[1:])
+
+
+def build_graph(recipe: Recipe) -> Graph:
+    """Dependencies and a topological order (file order among ready steps); a cycle raises RecipeError."""
+    deps = {sid: step_dependencies(recipe, step) for sid, step in recipe.steps.items()}
+    order: list[str] = []
+    done: set[str] = set()
+    remaining = list(recipe.steps)
+    while remaining:
+        ready = [sid for sid in remaining if all(d in done for d in deps[sid])]
+        if not ready:
+            cycle = _find_cycle(deps, remaining)
+            raise recipe.source.error(("steps", cycle[0]), "dependency cycle: " + " -> ".join(cycle + [cycle[0]]))
+        for sid in ready:
+            order.append(sid)
+            done.add(sid)
+        remaining = [sid for sid in remaining if sid not in done]
+    return Graph(order=tuple(order), deps=deps)
+
+
+def _find_cycle(deps: dict[str, tuple[str, ...]], nodes: list[str]) -> list[str]:
+    """One cycle among `nodes` (every node there lies on or behind a cycle)."""
+    pending = set(nodes)
+    node = nodes[0]
+    path: list[str] = []
+    while node not in path:
+        path.append(node)
+        node = next(d for d in deps[node] if d in pending)
+    return path[path.index(node):]

@@ -1,0 +1,177 @@
+"""Reading a recipe file: YAML with line/column positions, `vars:` with `--set` overrides, `${...}` checks."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from loraforge.errors import RecipeError
+
+Path_ = tuple  # a path into the YAML document: ("steps", "mix", "merge", "models", 0, "ref")
+
+REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_.-]*)\}")
+# `${x}` is not a plain scalar inside YAML flow collections ({ } are flow indicators), so before
+# parsing every `${x}` becomes `$(x)` — same length, so line/column positions stay exact.
+_SAFE_RE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+VAR_PREFIX = "vars."
+
+
+@dataclass
+class RecipeSource:
+    """A parsed recipe document: plain data, where each value sits in the file, and the file."""
+
+    path: Path
+    data: dict
+    positions: dict[tuple, tuple[int, int]] = field(default_factory=dict)
+
+    def where(self, loc: Iterable[Any]) -> str:
+        """`FILE:LINE:COL` of the deepest existing prefix of `loc`."""
+        loc = tuple(loc)
+        while loc and loc not in self.positions:
+            loc = loc[:-1]
+        line, col = self.positions.get(loc, (1, 1))
+        return f"{self.path}:{line}:{col}"
+
+    def error(self, loc: Iterable[Any], message: str) -> RecipeError:
+        loc = tuple(loc)
+        dotted = ".".join(str(p) for p in loc)
+        return RecipeError(f"{self.where(loc)}: {dotted + ': ' if dotted else ''}{message}")
+
+
+def _restore(text: str) -> str:
+    return _SAFE_RE.sub(lambda m: "${" + m.group(1) + "}", text)
+
+
+def _build(loader: yaml.SafeLoader, node: yaml.Node, path: tuple, positions: dict, source: Path) -> Any:
+    positions.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)
+        out: dict = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if isinstance(key, str):
+                key = _restore(key)
+            if key in out:
+                line, col = key_node.start_mark.line + 1, key_node.start_mark.column + 1
+                raise RecipeError(f"{source}:{line}:{col}: duplicate key {key!r}")
+            # Point errors about an entry at its key, which is where a reader looks.
+            positions[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            out[key] = _build(loader, value_node, path + (key,), positions, source)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_build(loader, item, path + (i,), positions, source) for i, item in enumerate(node.value)]
+    value = loader.construct_object(node, deep=True)
+    return _restore(value) if isinstance(value, str) else value
+
+
+def parse_yaml(text: str, path: Path) -> RecipeSource:
+    """Parse one YAML document into data and a map of positions (1-based line and column)."""
+    safe = REF_RE.sub(lambda m: "$(" + m.group(1) + ")", text)
+    loader = yaml.SafeLoader(safe)
+    try:
+        node = loader.get_single_node()
+        positions: dict = {}
+        data = _build(loader, node, (), positions, path) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: not valid YAML: {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}:1:1: a recipe is a mapping with `steps:` (got {type(data).__name__})")
+    return RecipeSource(path=path, data=data, positions=positions)
+
+
+def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
+    """`--set key=value` pairs; values are read as YAML scalars, so `--set alpha=0.5` is a number."""
+    out: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if key.startswith(VAR_PREFIX):
+            key = key[len(VAR_PREFIX):]
+        if not sep or not key:
+            raise RecipeError(f"invalid --set {item!r}: write --set NAME=VALUE, e.g. --set alpha=0.3")
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key] = value
+    return out
+
+
+def load_source(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RecipeSource:
+    """Read `path`, apply `vars:` (with `overrides`) everywhere and check every `${name}` resolves.
+
+    `${name}` is a variable when `vars:` has it, else a step id (kept as written, resolved at run
+    time to the step's output). A variable alone in a value keeps its type (`weight: ${alpha}` is a
+    number); inside a longer string it is interpolated.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    source = parse_yaml(path.read_text(encoding="utf-8"), path.resolve())
+    data = source.data
+    raw_vars = data.get("vars") or {}
+    if not isinstance(raw_vars, dict):
+        raise source.error(("vars",), "vars must be a mapping of NAME: value")
+    variables = dict(raw_vars)
+    for key, value in (overrides or {}).items():
+        if key not in variables:
+            known = ", ".join(sorted(variables)) or "none"
+            raise RecipeError(f"--set {key}: the recipe has no variable {key!r} under vars: (known: {known})")
+        variables[key] = value
+    steps = data.get("steps") if isinstance(data.get("steps"), dict) else {}
+    for name in variables:
+        if name in steps:
+            raise source.error(("vars", name), f"variable {name!r} has the name of a step; rename one of them")
+    data["vars"] = variables
+    for key in list(data):
+        if key != "vars":
+            data[key] = _substitute(data[key], (key,), variables, set(steps), source)
+    return source
+
+
+def _substitute(value: Any, loc: tuple, variables: dict, steps: set, source: RecipeSource) -> Any:
+    if isinstance(value, dict):
+        return {k: _substitute(v, loc + (k,), variables, steps, source) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, loc + (i,), variables, steps, source) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+    whole = REF_RE.fullmatch(value)
+    if whole:
+        name = whole.group(1)
+        name = name[len(VAR_PREFIX):] if name.startswith(VAR_PREFIX) else name
+        if name in variables:
+            return variables[name]
+        if name in steps:
+            return value
+        raise source.error(loc, f"dangling reference ${{{name}}}: no step or variable named {name!r} "
+                                f"(steps: {', '.join(sorted(steps)) or 'none'}; vars: {', '.join(sorted(variables)) or 'none'})")
+
+    def repl(match: re.Match) -> str:
+        name = match.group(1)
+        name = name[len(VAR_PREFIX):] if name.startswith(VAR_PREFIX) else name
+        if name in variables:
+            return str(variables[name])
+        if name in steps:
+            raise source.error(loc, f"${{{name}}} names a step: a step reference must be the whole value")
+        raise source.error(loc, f"dangling reference ${{{name}}}: no step or variable named {name!r}")
+
+    return REF_RE.sub(repl, value)
+
+
+def step_ref(value: Any) -> str | None:
+    """The step id of a `${step}` value, else None."""
+    if isinstance(value, str):
+        match = REF_RE.fullmatch(value)
+        if match:
+            return match.group(1)
+    return None

@@ -1,0 +1,87 @@
+"""`render:` steps: a labelled image grid — prompts × seeds down, one adapter's weight sweep across.
+
+The adapters are loaded into the pipeline once; each column only changes their weights with
+`set_adapters`, and every row uses the same seed in every column, so columns differ by the sweep alone.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from loraforge.home import tmp_dir
+from loraforge.recipes.steps import StepContext
+from loraforge.registry.manifest import BaseInfo, Manifest, Parent, Provenance
+
+
+def grid_labels(spec) -> tuple[list[tuple[str, int]], list[str], list[float | None]]:
+    """(rows as (prompt, seed), column labels, the sweep weight of each column or None)."""
+    rows = [(p, s) for p in spec.prompts for s in spec.seeds]
+    if spec.sweep is None:
+        return rows, ["as stacked"], [None]
+    label = spec.sweep.label or spec.sweep.adapter
+    return rows, [f"{label} = {w:g}" for w in spec.sweep.scales], list(spec.sweep.scales)
+
+
+def render_grid(registry, spec, progress=None):
+    """(grid image, [[cell images]], parents) for a concrete render spec."""
+    from loraforge.models.pipeline import generate, image_grid, load_pipeline
+    from loraforge.registry.resolve import base_targets, load_adapter, resolve_base
+    from loraforge.render import apply_adapters
+
+    base = resolve_base(registry, spec.base)
+    targets = base_targets(base)
+    adapters = [(a.ref, a.weight) for a in spec.adapters]
+    sweep_index = None
+    if spec.sweep is not None:
+        refs = [r for r, _ in adapters]
+        if spec.sweep.adapter in refs:
+            sweep_index = refs.index(spec.sweep.adapter)
+        else:
+            adapters.append((spec.sweep.adapter, 0.0))
+            sweep_index = len(adapters) - 1
+    parents = [Parent(ref=base.ref, digest=base.digest, role="base")]
+    loaded = []
+    for ref, weight in adapters:
+        state, manifest = load_adapter(registry, ref, base=base)
+        if targets is not None:
+            state.check_against(targets)
+        loaded.append((state, weight))
+        parents.append(Parent(ref=manifest.ref if manifest else ref, digest=manifest.digest if manifest else None,
+                              role="adapter", weight=None if len(parents) - 1 == sweep_index else weight))
+    pipe = load_pipeline(base)
+    names = apply_adapters(pipe, loaded)
+    rows, col_labels, sweep = grid_labels(spec)
+    cells: list[list] = [[] for _ in rows]
+    for weight in sweep:
+        if names:
+            weights = [w for _, w in loaded]
+            if weight is not None:
+                weights[sweep_index] = weight
+            pipe.set_adapters(names, adapter_weights=weights)
+        for i, (prompt, seed) in enumerate(rows):
+            cells[i].append(generate(pipe, prompt, seed=seed, steps=spec.steps, guidance=spec.guidance,
+                                     height=spec.size, width=spec.size, negative_prompt=spec.negative_prompt))
+            if progress:
+                progress()
+    row_labels = [f"{prompt} | seed {seed}" for prompt, seed in rows]
+    grid = image_grid(cells, row_labels, col_labels, title=spec.title)
+    return grid, cells, parents, base
+
+
+def run(ctx: StepContext) -> Manifest:
+    spec = ctx.spec
+    grid, cells, parents, base = render_grid(ctx.registry, spec)
+    rows, cols, _ = grid_labels(spec)
+    manifest = Manifest(
+        name=ctx.output, kind="image", digest="", files=[],
+        base=BaseInfo(ref=base.ref, digest=base.digest, family=base.family),
+        provenance=Provenance(method="render:grid", params=spec.model_dump(mode="json")),
+        metrics={"rows": len(rows), "columns": len(cols), "cell_size": list(cells[0][0].size),
+                 "grid_size": list(grid.size)},
+    )
+    manifest = ctx.stamp(manifest, parents=parents)
+    with tempfile.TemporaryDirectory(dir=tmp_dir(ctx.registry.home), prefix="render-") as tmp:
+        path = Path(tmp) / "grid.png"
+        grid.save(path, format="PNG")
+        return ctx.registry.register(manifest, [(path, "grid.png")], input_digest=ctx.input_digest)

@@ -1,0 +1,66 @@
+"""`synthetic:` steps: seeded random demo inputs — a perturbed checkpoint or a random LoRA/slider.
+
+They exist so example recipes run offline from a fresh clone; their outputs are labelled
+`synthetic:*` in provenance and are not trained on anything.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from loraforge.home import tmp_dir
+from loraforge.recipes.steps import StepContext
+from loraforge.registry.manifest import BaseInfo, Manifest, Parent, Provenance
+
+
+def run(ctx: StepContext):
+    from loraforge.registry.resolve import resolve_base
+
+    spec = ctx.spec
+    base = resolve_base(ctx.registry, spec.base)
+    parent = Parent(ref=base.ref, digest=base.digest, role="base")
+    if spec.kind == "checkpoint":
+        return _checkpoint(ctx, base, parent)
+    return _adapter(ctx, base, parent)
+
+
+def _checkpoint(ctx: StepContext, base, parent: Parent) -> Manifest:
+    from loraforge.errors import ConfigError
+    from loraforge.synthetic import perturbed_checkpoint
+
+    spec = ctx.spec
+    if base.layout != "diffusers":
+        raise ConfigError(f"synthetic checkpoint: {spec.base} is a single file; perturb a diffusers folder model")
+    with tempfile.TemporaryDirectory(dir=tmp_dir(ctx.registry.home), prefix="synthetic-") as tmp:
+        out = perturbed_checkpoint(Path(base.path), Path(tmp) / "model", seed=spec.seed, scale=spec.scale)
+        files = [(p, p.relative_to(out).as_posix()) for p in sorted(out.rglob("*")) if p.is_file()]
+        manifest = Manifest(
+            name=ctx.output, kind="checkpoint", digest="", files=[], layout="diffusers",
+            base=BaseInfo(ref=base.ref, digest=base.digest, family=base.family),
+            provenance=Provenance(method="synthetic:perturb", params={"seed": spec.seed, "scale": spec.scale}),
+        )
+        manifest = ctx.stamp(manifest, parents=[parent])
+        return ctx.registry.register(manifest, files, input_digest=ctx.input_digest)
+
+
+def _adapter(ctx: StepContext, base, parent: Parent) -> Manifest:
+    from loraforge.models.builtin import ensure_builtin
+    from loraforge.models.targets import module_shapes
+    from loraforge.registry.importer import adapter_info, register_adapter
+    from loraforge.registry.manifest import SliderInfo
+    from loraforge.synthetic import random_lora
+
+    spec = ctx.spec
+    folder = Path(base.path) if base.layout == "diffusers" else ensure_builtin(
+        {"sd1": "tiny-sd", "sdxl": "tiny-sdxl"}[base.family], ctx.registry.home)
+    state = random_lora(module_shapes(folder), rank=spec.rank, seed=spec.seed, std=spec.std, targets=spec.targets)
+    manifest = Manifest(
+        name=ctx.output, kind=spec.kind, digest="", files=[], adapter=adapter_info(state, "loraforge"),
+        slider=SliderInfo(method="imported", concept="synthetic") if spec.kind == "slider" else None,
+        base=BaseInfo(ref=base.ref, digest=base.digest, family=base.family),
+        provenance=Provenance(method="synthetic:random_lora",
+                              params={"seed": spec.seed, "rank": spec.rank, "std": spec.std, "targets": spec.targets}),
+    )
+    manifest = ctx.stamp(manifest, parents=[parent])
+    return register_adapter(ctx.registry, state, manifest, input_digest=ctx.input_digest)
