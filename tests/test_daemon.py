@@ -293,3 +293,39 @@ def test_watchdog_turns_an_editor_save_into_one_change(lf_home, recipes):
     drive(daemon, lambda: idle(daemon), now=2.6)
     assert [(Path(j.recipe).name, j.status) for j in JobQueue(lf_home).list()] == [("style.yaml", "succeeded")]
     daemon.close()
+
+
+def test_jobs_logs_follow_streams_until_the_job_ends_and_listings_have_json(lf_home, recipes):
+    (recipes / "r.yaml").write_text("name: r\nseconds: 0.5\n")
+    daemon = make_daemon(lf_home, recipes)
+    daemon.start(now=0.0)
+    queue = JobQueue(lf_home)
+    drive(daemon, lambda: queue.list(status="running"), now=0.0)
+    follower = subprocess.Popen([sys.executable, "-m", "loraforge", "--home", str(lf_home), "jobs", "logs", "1",
+                                 "--follow"], stdout=subprocess.PIPE, text=True)
+    drive(daemon, lambda: idle(daemon), now=0.0)
+    out, _ = follower.communicate(timeout=20)
+    assert follower.returncode == 0
+    assert "step 10/10" in out and out.rstrip().endswith("train: registered r:1")
+
+    rows = json.loads(CliRunner().invoke(cli, ["--home", str(lf_home), "jobs", "ls", "--json"]).output)
+    assert [(r["id"], r["status"], r["recipe"], r["exit_code"]) for r in rows] == [
+        (1, "succeeded", str(recipes / "r.yaml"), 0)]
+    shown = CliRunner().invoke(cli, ["--home", str(lf_home), "jobs", "show", "1"]).output
+    assert "status:           succeeded" in shown and "train (train: inputs changed)" in shown
+    daemon.close()
+    status = CliRunner().invoke(cli, ["--home", str(lf_home), "daemon", "status"]).output
+    assert status.startswith("daemon: not running") and "queue: 0 queued, 0 running, 1 succeeded" in status
+    assert "job 1: succeeded (r.yaml)" in status
+
+
+def test_daemon_command_needs_a_folder_to_watch(tmp_path):
+    result = CliRunner().invoke(cli, ["--home", str(tmp_path / "h"), "daemon"])
+    assert result.exit_code == 2 and "give at least one --watch DIR" in result.output
+    result = CliRunner().invoke(cli, ["--home", str(tmp_path / "h"), "daemon", "--watch", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and f"--watch {tmp_path / 'nope'}: no such folder" in result.output
+    result = CliRunner().invoke(cli, ["--home", str(tmp_path / "h"), "daemon", "--watch", str(tmp_path),
+                                      "--debounce", "soon"])
+    assert result.exit_code == 2 and "'soon' is not a duration" in result.output
+    result = CliRunner().invoke(cli, ["--home", str(tmp_path / "h"), "daemon", "status"])
+    assert result.exit_code == 0 and "daemon: never started" in result.output
