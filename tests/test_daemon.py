@@ -248,13 +248,18 @@ def test_restart_requeues_a_running_job_and_stops_the_child_left_behind(lf_home,
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
                               env={**os.environ, JOB_ENV: str(job.id)})
     queue.set_pid(job.id, orphan.pid)
+    # another job was running too, and the user cancelled it while the daemon was down
+    other, _ = queue.enqueue(str(recipes / "other.yaml"), [{"id": "train"}], reason="test")
+    queue.claim("gpu1")
+    assert queue.cancel(other.id).status == "running"
 
     daemon = make_daemon(lf_home, recipes)
     daemon.start(now=0.0)
     assert orphan.wait(timeout=10) is not None
     assert queue.get(job.id).status == "queued"
     drive(daemon, lambda: idle(daemon), now=0.0)
-    assert [(j.id, j.status, j.attempts) for j in queue.list()] == [(job.id, "succeeded", 2)]
+    assert [(j.id, j.status, j.attempts) for j in queue.list()] == [(job.id, "succeeded", 2),
+                                                                  (other.id, "cancelled", 1)]
     assert [r["version"] for r in Registry(lf_home).list()] == [1]
     daemon.close()
 

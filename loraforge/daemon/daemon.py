@@ -123,6 +123,10 @@ class Daemon:
             if orphan_alive(job.pid, job.id):
                 self.event(f"job {job.id}: stopping pid {job.pid} left by the previous daemon")
                 stop_orphan(job.pid, job.id, self.grace)
+            if job.cancel_requested:
+                self.queue.finish(job.id, "cancelled", None, "cancelled by user")
+                self.event(f"job {job.id}: cancelled (asked while the daemon was down)")
+                continue
             self.queue.requeue(job.id, "re-queued: the daemon running it stopped")
             self.event(f"job {job.id}: re-queued ({Path(job.recipe).name} was running when the daemon stopped)")
             requeued.append(job.id)
