@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
@@ -68,31 +67,4 @@ def perturbed_checkpoint(src_folder, dst, seed: int, scale: float = 0.05, compon
                 if t.is_floating_point():
                     state[key] = (t.float() + scale * torch.randn(t.shape, generator=gen)).to(t.dtype)
             save_file(state, path, metadata={"format": "pt"})
-    return dst
-
-
-def perturbed_checkpoint(src: Path, dst: Path, seed: int = 0, scale: float = 0.02,
-                         components: Iterable[str] = ("unet", "text_encoder")) -> Path:
-    """A copy of diffusers folder `src` at `dst` whose `components` weights get seeded Gaussian noise.
-
-    Each floating tensor t becomes t + scale·std(t)·N(0, 1): a second, visibly different checkpoint of
-    the same architecture, for demo merges that must run offline. The VAE and configs are copied as-is.
-    """
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    src, dst = Path(src), Path(dst)
-    shutil.copytree(src, dst)
-    gen = torch.Generator().manual_seed(seed)
-    for component in components:
-        for path in sorted((dst / component).glob("*.safetensors")):
-            tensors = load_file(str(path))
-            for key in sorted(tensors):
-                t = tensors[key]
-                if t.is_floating_point() and t.numel() > 1:
-                    noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
-                    std = t.float().std()
-                    tensors[key] = (t.float() + scale * std * noise).to(t.dtype)
-            save_file(tensors, str(path))
     return dst

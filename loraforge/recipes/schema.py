@@ -81,7 +81,7 @@ class SyntheticSpec(Spec):
     kind: Literal["checkpoint", "lora", "slider"] = Field(description="What to make.")
     base: Optional[str] = Field(None, description="Checkpoint to perturb, or the base the adapter fits (default: recipe base).")
     seed: int = Field(0, description="Random seed.")
-    scale: float = Field(0.02, ge=0, description="checkpoint: noise as a fraction of each tensor's std.")
+    scale: float = Field(0.02, ge=0, description="checkpoint: std of the Gaussian noise added to every weight.")
     rank: int = Field(4, ge=1, description="lora/slider: rank.")
     std: float = Field(0.1, gt=0, description="lora/slider: std of both random factors.")
     targets: list[str] = Field(list(DEFAULT_TARGETS), description="lora/slider: UNet modules that get a LoRA.")
