@@ -121,3 +121,23 @@ def m010_jobs(db: sqlite_utils.Database) -> None:
     )
     db["jobs"].create_index(["status"])
     db["jobs"].create_index(["recipe", "status"])
+
+
+@migrations()
+def m020_reward_cache(db: sqlite_utils.Database) -> None:
+    """Cached reward-model answers, keyed by (image digest, prompt, model, reward version) (see loraforge.rewards)."""
+    db["reward_cache"].create(
+        {
+            "key": str,
+            "reward": str,
+            "version": str,
+            "model": str,
+            "image_digest": str,
+            "prompt": str,
+            "value": float,
+            "detail": str,
+            "created_at": str,
+        },
+        pk="key",
+        not_null={"reward", "value"},
+    )
