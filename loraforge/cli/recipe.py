@@ -69,10 +69,11 @@ def plan(ctx: click.Context, file: str, sets: tuple[str, ...], locked: bool, as_
               help="Re-run STEP and the steps downstream of it even if up to date (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Plan and print what would run; change nothing.")
 @click.option("--locked", is_flag=True, help="Use exactly the versions and digests in FILE.lock; fail if anything changed.")
+@click.option("--no-publish", is_flag=True, help="Build everything but push nothing to the Hub (publish steps are skipped).")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help=SET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result of every step as one JSON object.")
 @click.pass_context
-def apply(ctx: click.Context, file: str, force: tuple[str, ...], dry_run: bool, locked: bool,
+def apply(ctx: click.Context, file: str, force: tuple[str, ...], dry_run: bool, locked: bool, no_publish: bool,
           sets: tuple[str, ...], as_json: bool) -> None:
     """Build FILE: run stale steps in dependency order, reuse the rest, write FILE.lock."""
     from loraforge.recipes.apply import apply_plan
@@ -81,7 +82,7 @@ def apply(ctx: click.Context, file: str, force: tuple[str, ...], dry_run: bool, 
     registry = registry_from_ctx(ctx)
     plan_ = make_plan(_load(file, sets), registry, force=force, locked=locked)
     echo = (lambda line: click.echo(line, err=True)) if as_json else click.echo
-    result = apply_plan(plan_, registry, dry_run=dry_run, echo=echo)
+    result = apply_plan(plan_, registry, dry_run=dry_run, publish=not no_publish, echo=echo)
     if as_json:
         echo_json(result.to_json())
     elif dry_run:

@@ -65,7 +65,7 @@ class ApplyResult:
                 "lock": str(self.lock) if self.lock else None, "steps": [r.to_json() for r in self.results]}
 
 
-def apply_plan(plan: Plan, registry, *, dry_run: bool = False,
+def apply_plan(plan: Plan, registry, *, dry_run: bool = False, publish: bool = True,
                echo: Callable[[str], None] = lambda s: None) -> ApplyResult:
     recipe = plan.recipe
     result = ApplyResult(plan)
@@ -93,6 +93,11 @@ def apply_plan(plan: Plan, registry, *, dry_run: bool = False,
                                              message=ps.reason))
             lock_steps[ps.id] = _lock_entry(ps, ps.existing, lock_steps.get(ps.id))
             echo(f"{label}: up to date ({ps.reason})")
+            continue
+        if ps.kind == "publish" and not publish:
+            not_done.add(ps.id)
+            result.results.append(StepResult(ps.id, SKIPPED, message="publish skipped: --no-publish"))
+            echo(f"{label}: publish skipped (--no-publish)")
             continue
         echo(f"{label}: running ({ps.reason})")
         started = time.perf_counter()

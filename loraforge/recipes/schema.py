@@ -249,7 +249,7 @@ def _raise_validation(source: RecipeSource, prefix: tuple, exc: ValidationError,
     errors = exc.errors(include_url=False)
     first = errors[0]
     loc = tuple((alias or {}).get(p, p) for p in first["loc"])
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = f"unknown field {loc[-1]!r}"
     elif first["type"] == "missing":
