@@ -1,0 +1,1 @@
+"""Benchmarks run by `make bench`: every `bench_*.py` module here with a `main()`."""
