@@ -25,7 +25,7 @@ def grid_labels(spec) -> tuple[list[tuple[str, int]], list[str], list[float | No
 
 def render_grid(registry, spec, progress=None):
     """(grid image, [[cell images]], parents) for a concrete render spec."""
-    from loraforge.models.pipeline import generate, image_grid, load_pipeline
+    from loraforge.models.pipeline import image_grid, load_pipeline
     from loraforge.registry.resolve import base_targets, load_adapter, resolve_base
     from loraforge.render import apply_adapters
 
@@ -59,14 +59,26 @@ def render_grid(registry, spec, progress=None):
             if weight is not None:
                 weights[sweep_index] = weight
             pipe.set_adapters(names, adapter_weights=weights)
-        for i, (prompt, seed) in enumerate(rows):
-            cells[i].append(generate(pipe, prompt, seed=seed, steps=spec.steps, guidance=spec.guidance,
-                                     height=spec.size, width=spec.size, negative_prompt=spec.negative_prompt))
-            if progress:
-                progress()
+        for i, image in enumerate(_column(pipe, rows, spec)):
+            cells[i].append(image)
+        if progress:
+            progress()
     row_labels = [f"{prompt} | seed {seed}" for prompt, seed in rows]
     grid = image_grid(cells, row_labels, col_labels, title=spec.title)
     return grid, cells, parents, base
+
+
+def _column(pipe, rows: list[tuple[str, int]], spec) -> list:
+    """All rows of one column in one batched call: one generator per row, so each row's noise is
+    exactly what a single-image call with that seed draws (small models run far faster batched)."""
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in rows]
+    negative = [spec.negative_prompt] * len(rows) if spec.negative_prompt else None
+    result = pipe([p for p, _ in rows], num_inference_steps=spec.steps, guidance_scale=spec.guidance,
+                  height=spec.size, width=spec.size, negative_prompt=negative, generator=generators,
+                  output_type="pil")
+    return list(result.images)
 
 
 def run(ctx: StepContext) -> Manifest:
