@@ -39,7 +39,21 @@ def refactor(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     return new_b.to(torch.float32), new_a.to(torch.float32), s.to(torch.float32)
 
 
-def dense_factors(delta: Tensor, rank: int, randomized: Optional[bool] = None, niter: int = 4,
+def randomized_svd(x: Tensor, k: int, oversample: int = 10, niter: int = 2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Leading k+oversample singular triplets of `x` by a randomized range finder with `niter` power
+    iterations (Halko, Martinsson & Tropp 2011): 2 + 2·niter passes over x instead of a full SVD."""
+    m, n = x.shape
+    q = min(k + oversample, m, n)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, q, generator=gen, dtype=x.dtype).to(x.device)
+    basis = torch.linalg.qr(x @ omega).Q
+    for _ in range(niter):  # power iterations sharpen the basis when the spectrum decays slowly
+        basis = torch.linalg.qr(x @ torch.linalg.qr(x.T @ basis).Q).Q
+    ub, s, vh = torch.linalg.svd(basis.T @ x, full_matrices=False)
+    return basis @ ub, s, vh
+
+
+def dense_factors(delta: Tensor, rank: int, randomized: Optional[bool] = None, niter: int = 2,
                   seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(B, A, S) with B·A the rank-`rank` truncated SVD of a dense 2-D matrix; randomized when `rank` is
     small next to min(m, n) (S then holds only the leading singular values)."""
@@ -48,13 +62,7 @@ def dense_factors(delta: Tensor, rank: int, randomized: Optional[bool] = None, n
     if randomized is None:
         randomized = k < RANDOMIZED_BELOW * min(m, n)
     if randomized:
-        state = torch.random.get_rng_state()
-        torch.manual_seed(seed)  # svd_lowrank draws its test matrix from the global generator
-        try:
-            u, s, v = torch.svd_lowrank(delta, q=min(k + 10, m, n), niter=niter)
-        finally:
-            torch.random.set_rng_state(state)
-        vh = v.T
+        u, s, vh = randomized_svd(delta, k, niter=niter, seed=seed)
     else:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     root = s[:k].sqrt()

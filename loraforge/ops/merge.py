@@ -16,7 +16,7 @@ from loraforge.ops.blocks import BASE, block_names, block_of, layers_per_block, 
 from loraforge.ops.checkpoints import Checkpoint, check_compatible, unet_key
 from loraforge.ops.merge_methods import TensorContext
 from loraforge.ops.specs import CheckpointMergeSpec
-from loraforge.ops.tensors import SafetensorsWriter, dtype_from_name
+from loraforge.ops.tensors import SafetensorsWriter, dtype_from_name, return_freed_memory
 
 ALL_COMPONENTS = ("unet", "text_encoder", "vae")
 # Elementwise methods see big tensors in row chunks of about this many elements, to bound memory.
@@ -130,6 +130,7 @@ def execute_merge(plan: MergePlan, out_path: Path, progress: Callable[..., None]
     """Write the merged checkpoint to `out_path` (a file for single files, a folder for diffusers)."""
     first = plan.inputs[0]
     out_path = Path(out_path)
+    return_freed_memory()
     if first.layout == "diffusers":
         copy_folder_extras(first.path, out_path, {f.rel for f in plan.files})
     metadata = {"format": "pt", "loraforge.method": plan.method_name}
