@@ -99,9 +99,14 @@ def sample_trajectory(eps_fn: EpsFn, scheduler, x_T: torch.Tensor, *, steps: int
 
 def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                guidance: float) -> torch.Tensor:
-    """Classifier-free guidance ε_∅ + γ(ε_c − ε_∅), both halves in one UNet call."""
+    """Classifier-free guidance ε_∅ + γ(ε_c − ε_∅), both halves in one UNet call (`uncond` may have batch 1;
+    `t` is a scalar or one timestep per sample)."""
     n = x.shape[0]
-    both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.float()
+    t = torch.as_tensor(t, device=x.device)
+    if guidance == 1.0:  # no guidance: the unconditional half would be multiplied by zero
+        return unet(x, t, encoder_hidden_states=cond).sample.float()
+    both = unet(torch.cat([x, x]), t.repeat(2) if t.dim() else t,
+                encoder_hidden_states=torch.cat([uncond.expand(n, -1, -1), cond])).sample.float()
     e_uncond, e_cond = both[:n], both[n:]
     return e_uncond + guidance * (e_cond - e_uncond)
 
