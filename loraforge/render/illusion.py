@@ -107,11 +107,13 @@ def illusion_eps(unet, x: torch.Tensor, t, views: Sequence[View], conds: Sequenc
     for v in views:
         if v.square and x.shape[-1] != x.shape[-2]:
             raise ConfigError(f"view {v.name} needs a square image; got latents {x.shape[-2]}x{x.shape[-1]}")
+    t = torch.as_tensor(t, device=x.device)
     if adapters is None:
         xs = torch.cat([v.apply(x) for v in views])
         inputs = torch.cat([xs, xs])
         text = torch.cat([uncond.expand(n * len(views), -1, -1), torch.cat(list(conds))])
-        out = unet(inputs, t, encoder_hidden_states=text).sample.float()
+        tt = t.repeat(2 * len(views)) if t.dim() else t  # one timestep per sample: repeat it per view and half
+        out = unet(inputs, tt, encoder_hidden_states=text).sample.float()
         e_uncond, e_cond = out[: n * len(views)], out[n * len(views):]
         guided = (e_uncond + guidance * (e_cond - e_uncond)).split(n)
     else:
@@ -121,7 +123,7 @@ def illusion_eps(unet, x: torch.Tensor, t, views: Sequence[View], conds: Sequenc
         for v, cond, name in zip(views, conds, adapters):
             activate_adapter(unet, name)
             xi = v.apply(x)
-            out = unet(torch.cat([xi, xi]), t, encoder_hidden_states=torch.cat([uncond.expand(n, -1, -1), cond])).sample
+            out = unet(torch.cat([xi, xi]), t.repeat(2) if t.dim() else t, encoder_hidden_states=torch.cat([uncond.expand(n, -1, -1), cond])).sample
             e_uncond, e_cond = out.float()[:n], out.float()[n:]
             guided.append(e_uncond + guidance * (e_cond - e_uncond))
     eps = [v.inverse(e) for v, e in zip(views, guided)]

@@ -294,7 +294,7 @@ class _RewardRun:
         means = self.history["reward_mean"]
         tail = means[-max(1, len(means) // 4):]
         return {
-            **{f"{k}_per_iteration": [round(v, 6) for v in vals] for k, vals in self.history.items()},
+            **{f"{k}_per_iteration": list(vals) for k, vals in self.history.items()},
             "iterations": c.iterations,
             "reward_first": means[0],
             "reward_last": means[-1],
