@@ -160,3 +160,35 @@ def test_cli_train_reward_bad_input_fails_before_training(home, monkeypatch):
                                  "--sampler", "illusion", "--views", "identity", "--views", "vflip", "--views", "rot90"])
     assert result.exit_code == 1 and "has 2 part(s) but there are 3 views" in result.output
     assert Registry(home).list() == []
+
+
+def test_clip_score_is_the_cosine_of_clip_features(tiny_sd_path, tmp_path):
+    from PIL import Image
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                              CLIPTokenizer, CLIPVisionConfig)
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path / "tokenizer")
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                                   eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id).to_dict(),
+                        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                       num_attention_heads=4, image_size=32, patch_size=8).to_dict(),
+                        projection_dim=16)
+    model = CLIPModel(config).eval()
+    folder = tmp_path / "tiny-clip"
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(folder)
+    reward = load_reward("clip_score", {"model": str(folder), "scale": 100.0, "device": "cpu"})
+    images = [Image.new("RGB", (40, 40), (200, 30, 30)), Image.new("RGB", (40, 40), (20, 30, 220))]
+    scores = reward(images, ["a red apple", "a blue sky"])
+    processor = CLIPProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        inputs = processor(text=["a red apple", "a blue sky"], images=images, return_tensors="pt", padding="max_length")
+        out = model(**inputs)
+    want = 100 * torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
+    assert scores == pytest.approx(want.tolist(), abs=1e-3)
+    assert reward.version == f"1:{folder}"
+    with pytest.raises(RewardError, match="cannot load CLIP model"):
+        load_reward("clip_score", {"model": str(tmp_path / "missing")})
