@@ -51,6 +51,26 @@ class RenderSpec(Spec):
     size: Optional[int] = Field(None, ge=8, description="Image size in pixels (default: the model's).")
     negative_prompt: Optional[str] = None
     title: Optional[str] = Field(None, description="Grid title (default: recipe name and step id).")
+    views: Optional[list[str]] = Field(
+        None, description="Render visual-anagram illusions: one view per '|'-separated part of each prompt "
+                          "(identity, vflip, hflip, rot90, rot180, rot270, negate, jigsaw); the columns show "
+                          "the image as each view sees it.")
+
+    @model_validator(mode="after")
+    def _illusion_prompts(self) -> "RenderSpec":
+        if self.views:
+            from loraforge.render.illusion import get_view
+
+            for view in self.views:
+                get_view(view)
+            if self.sweep is not None:
+                raise ValueError("an illusion render (views) cannot also sweep an adapter; use two render steps")
+            for prompt in self.prompts:
+                parts = [p for p in prompt.split("|") if p.strip()]
+                if len(parts) != len(self.views):
+                    raise ValueError(f"illusion prompt {prompt!r} has {len(parts)} part(s) for {len(self.views)} "
+                                     "views; give one prompt per view separated by '|'")
+        return self
 
 
 class TrainSpec(BaseModel):

@@ -17,6 +17,8 @@ from loraforge.registry.manifest import BaseInfo, Manifest, Parent, Provenance
 def grid_labels(spec) -> tuple[list[tuple[str, int]], list[str], list[float | None]]:
     """(rows as (prompt, seed), column labels, the sweep weight of each column or None)."""
     rows = [(p, s) for p in spec.prompts for s in spec.seeds]
+    if spec.views:
+        return rows, [f"view {v}" for v in spec.views], [None] * len(spec.views)
     if spec.sweep is None:
         return rows, ["as stacked"], [None]
     label = spec.sweep.label or spec.sweep.adapter
@@ -53,6 +55,9 @@ def render_grid(registry, spec, progress=None):
     names = apply_adapters(pipe, loaded)
     rows, col_labels, sweep = grid_labels(spec)
     cells: list[list] = [[] for _ in rows]
+    if spec.views:
+        cells = _illusion_rows(pipe, rows, spec)
+        sweep = []
     for weight in sweep:
         if names:
             weights = [w for _, w in loaded]
@@ -66,6 +71,19 @@ def render_grid(registry, spec, progress=None):
     row_labels = [f"{prompt} | seed {seed}" for prompt, seed in rows]
     grid = image_grid(cells, row_labels, col_labels, title=spec.title)
     return grid, cells, parents, base
+
+
+def _illusion_rows(pipe, rows: list[tuple[str, int]], spec) -> list[list]:
+    """One row per (prompt, seed): the illusion as each view sees it (see `loraforge.render.illusion`)."""
+    from loraforge.render.illusion import illusion_sample, split_view_prompts
+
+    out = []
+    for prompt, seed in rows:
+        _image, per_view = illusion_sample(
+            pipe, split_view_prompts(prompt, len(spec.views)), spec.views, seed, spec.steps, spec.guidance,
+            height=spec.size, width=spec.size, negative_prompt=spec.negative_prompt or "", return_views=True)
+        out.append(list(per_view))
+    return out
 
 
 def _column(pipe, rows: list[tuple[str, int]], spec) -> list:
@@ -88,7 +106,7 @@ def run(ctx: StepContext) -> Manifest:
     manifest = Manifest(
         name=ctx.output, kind="image", digest="", files=[],
         base=BaseInfo(ref=base.ref, digest=base.digest, family=base.family),
-        provenance=Provenance(method="render:grid", params=spec.model_dump(mode="json")),
+        provenance=Provenance(method="render:illusion" if spec.views else "render:grid", params=spec.model_dump(mode="json")),
         metrics={"rows": len(rows), "columns": len(cols), "cell_size": list(cells[0][0].size),
                  "grid_size": list(grid.size)},
     )
