@@ -1,0 +1,89 @@
+"""Trainer effects a user notices: resume after a real SIGKILL is exact, image-pair sliders move towards the
+high images, DreamBooth binds its change to the instance prompt."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraforge.registry import Registry
+from test_train import RES, adapter_state, pattern_images
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- resume after a real kill ------------------------------------------------------------------
+
+def _train_cmd(home: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "loraforge", "--home", str(home), "train", "lora", "--name", "x",
+            "--dataset", str(data), "--steps", "30", "--checkpoint-every", "3", "--resolution", str(RES),
+            "--rank", "4", "--alpha", "8", "--learning-rate", "1e-2", "--batch-size", "2",
+            "--validation-steps", "1", "--validation-prompts", "red stripes", "--json", *extra]
+
+
+def _env(home: Path) -> dict:
+    # One thread in every process: the same reduction order, so CPU results are bit-identical.
+    return {**os.environ, "LORAFORGE_HOME": str(home), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _link_builtins(home: Path, tiny_sd_path: Path) -> Path:
+    builtin = home / "models" / "builtin"
+    builtin.mkdir(parents=True)
+    (builtin / "tiny-sd").symlink_to(tiny_sd_path, target_is_directory=True)
+    return home
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_sd_path):
+    data = pattern_images(tmp_path / "d", "stripes", caption="red stripes")
+    whole_home = _link_builtins(tmp_path / "whole", tiny_sd_path)
+    done = subprocess.run(_train_cmd(whole_home, data), env=_env(whole_home), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    home = _link_builtins(tmp_path / "killed", tiny_sd_path)
+    proc = subprocess.Popen(_train_cmd(home, data), env=_env(home), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while not list((home / "runs").glob("*/step-*/state.json")):
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    checkpoints = sorted(p.name for p in (home / "runs").glob("*/step-*"))
+    assert checkpoints and checkpoints[-1] != "step-00000030", checkpoints
+    assert Registry(home).list(name="x") == []  # nothing registered by the killed run
+
+    resumed = subprocess.run(_train_cmd(home, data, "--resume"), env=_env(home), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    registry = Registry(home)
+    assert [row["version"] for row in registry.list(name="x")] == [1]  # one version, not one per attempt
+    resumed_m = registry.resolve("x:1")
+    assert resumed_m.metrics["resumed_from_step"] >= 3
+    assert not list((home / "runs").glob("*/step-*"))  # the finished run cleans its checkpoints
+
+    whole = Registry(whole_home).resolve("x:1")
+    a, b = adapter_state(whole_home, whole), adapter_state(home, resumed_m)
+    assert sorted(a) == sorted(b) and len(a) > 0
+    for name in a:
+        assert torch.equal(a[name].down, b[name].down) and torch.equal(a[name].up, b[name].up), name
+    assert resumed_m.metrics["loss_last"] == whole.metrics["loss_last"]
