@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--out", default="out", type=Path)
     parser.add_argument("--recipe", default="recipes/quickstart.yaml", type=Path)
     args = parser.parse_args()
+    from loraforge.quiet import quiet_library_logs
+
+    quiet_library_logs()
     try:
         from loraforge.recipes.apply import apply_recipe_cli  # noqa: F401
     except ImportError:

@@ -9,6 +9,7 @@ import click
 
 from loraforge import __version__
 from loraforge.errors import LoraforgeError
+from loraforge.quiet import quiet_library_logs
 
 # name → "module:attribute"; each group lives in its own module and is imported only when used,
 # so `loraforge registry ls` never pays for importing torch.
@@ -89,6 +90,9 @@ def cli(ctx: click.Context, debug: bool, home: str | None) -> None:
 
 
 def main() -> None:
+    # Library chatter (optional backends, adapter bookkeeping) is noise for CLI users; --debug keeps it.
+    if "--debug" not in sys.argv:
+        quiet_library_logs()
     cli(prog_name="loraforge")
 
 

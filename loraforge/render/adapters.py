@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 from loraforge.registry.refs import parse_weighted
@@ -15,7 +16,10 @@ def apply_adapters(pipe, adapters: Sequence[tuple[object, float]], prefix: str =
     for i, (state, weight) in enumerate(adapters):
         name = f"{prefix}{i}"
         state_dict, _meta = lora_to_diffusers(state)
-        pipe.load_lora_weights(dict(state_dict), adapter_name=name)
+        with warnings.catch_warnings():
+            # PEFT warns each time a second adapter joins a model; several adapters are the point here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            pipe.load_lora_weights(dict(state_dict), adapter_name=name)
         names.append(name)
         weights.append(float(weight))
     if names:
