@@ -31,6 +31,7 @@ from loraforge.models import (
     resolve_base,
     sd15_configs,
 )
+from loraforge.models.pipeline import GRID_GAP
 from loraforge.models.builtin import save_tiny_pipeline, tiny_clip_vocab
 
 PIPELINES = [
@@ -265,12 +266,12 @@ def test_image_grid_scales_small_images_and_labels_them():
     images = [[Image.new("RGB", (64, 64), c) for c in row] for row in colours]
     grid = image_grid(images, ["scale -1", "scale 1"], ["seed 0", "seed 1", "seed 2"], title="slider: age")
     width, height = grid.size
-    label_width, header_height = width - 3 * 128, height - 2 * 128
+    label_width, header_height = width - 3 * 128 - 2 * GRID_GAP, height - 2 * 128 - GRID_GAP
     assert label_width > 20 and header_height > 20
     for i, row in enumerate(colours):
         for j, colour in enumerate(row):
-            cell = grid.crop((label_width + j * 128, header_height + i * 128,
-                              label_width + (j + 1) * 128, header_height + (i + 1) * 128))
+            left, top = label_width + j * (128 + GRID_GAP), header_height + i * (128 + GRID_GAP)
+            cell = grid.crop((left, top, left + 128, top + 128))
             assert cell.getcolors() == [(128 * 128, colour)]
     # the label strips carry dark text on white
     assert min(grid.crop((0, 0, width, header_height)).convert("L").getdata()) < 128

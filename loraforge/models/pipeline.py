@@ -172,6 +172,9 @@ def generate(
     return result.images[0]
 
 
+GRID_GAP = 4  # white pixels between cells, so neighbouring images read as separate
+
+
 def image_grid(
     images: list[list[Image.Image]],
     row_labels: list[str],
@@ -203,22 +206,22 @@ def image_grid(
     line_h = max(text_size("Ag")[1], 10) + 2 * pad
     label_w = max([text_size(t)[0] for t in row_labels] + [0]) + 2 * pad
     title_h = line_h if title else 0
-    width = label_w + cell_w * len(col_labels)
-    height = title_h + line_h + cell_h * len(row_labels)
+    width = label_w + (cell_w + GRID_GAP) * len(col_labels) - GRID_GAP
+    height = title_h + line_h + (cell_h + GRID_GAP) * len(row_labels) - GRID_GAP
 
     grid = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(grid)
     if title:
         draw.text((pad, pad), title, fill="black", font=font)
     for j, label in enumerate(col_labels):
-        draw.text((label_w + j * cell_w + pad, title_h + pad), _fit(label, cell_w - 2 * pad, text_size),
+        draw.text((label_w + j * (cell_w + GRID_GAP) + pad, title_h + pad), _fit(label, cell_w - 2 * pad, text_size),
                   fill="black", font=font)
     for i, (label, row) in enumerate(zip(row_labels, images)):
-        top = title_h + line_h + i * cell_h
+        top = title_h + line_h + i * (cell_h + GRID_GAP)
         draw.text((pad, top + cell_h // 2 - line_h // 2 + pad), label, fill="black", font=font)
         for j, im in enumerate(row):
             cell = im.convert("RGB").resize((im.width * scale, im.height * scale), Image.NEAREST)
-            grid.paste(cell, (label_w + j * cell_w, top))
+            grid.paste(cell, (label_w + j * (cell_w + GRID_GAP), top))
     return grid
 
 
