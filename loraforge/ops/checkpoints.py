@@ -91,6 +91,11 @@ class Checkpoint:
         rel, key = self.index[ckey]
         return self.files[rel].get(key, rows)
 
+    def read_into(self, ckey: str, buffer: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Read tensor `ckey` (or a row range) into the flat `buffer`; see `TensorFile.read_into`."""
+        rel, key = self.index[ckey]
+        return self.files[rel].read_into(key, buffer, rows)
+
     def component(self, ckey: str) -> str:
         return component_of(ckey, self.layout)
 

@@ -3,11 +3,12 @@ execute tensor by tensor into an output that mirrors the first model's files."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -16,7 +17,7 @@ from loraforge.ops.blocks import BASE, block_names, block_of, layers_per_block, 
 from loraforge.ops.checkpoints import Checkpoint, check_compatible, unet_key
 from loraforge.ops.merge_methods import TensorContext
 from loraforge.ops.specs import CheckpointMergeSpec
-from loraforge.ops.tensors import SafetensorsWriter, dtype_from_name, return_freed_memory
+from loraforge.ops.tensors import SafetensorsWriter, dtype_from_name
 
 ALL_COMPONENTS = ("unet", "text_encoder", "vae")
 # Elementwise methods see big tensors in row chunks of about this many elements, to bound memory.
@@ -108,29 +109,66 @@ def plan_merge(spec: CheckpointMergeSpec, inputs: list[Checkpoint]) -> MergePlan
     return MergePlan(method, spec.method, params, weights, alpha, inputs, files, components, block_alphas)
 
 
-def _merge_tensor(plan: MergePlan, task: TensorTask) -> list[torch.Tensor]:
-    """The output tensor (as row chunks for elementwise methods on big tensors)."""
-    numel = 1
-    for s in task.shape:
-        numel *= s
+class ScratchBuffers:
+    """Flat scratch tensors reused from tensor to tensor (grown when a bigger one comes): the raw bytes read
+    from each input, its float32 copy and the output in its dtype. Streaming through fixed buffers keeps the
+    resident set at a few chunks and avoids faulting in fresh pages for every temporary."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+
+    def get(self, role: str, index: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat `dtype` tensor of `numel` elements, sharing memory with earlier calls for (role, index)."""
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        buf = self._buffers.get((role, index))
+        if buf is None or buf.numel() < nbytes:
+            self._buffers.pop((role, index), None)
+            buf = self._buffers[(role, index)] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf[:nbytes].view(dtype)
+
+
+def _spans(plan: MergePlan, task: TensorTask) -> list[Optional[tuple[int, int]]]:
+    numel = math.prod(task.shape)
     if plan.method.elementwise and task.shape and numel > CHUNK_ELEMENTS:
         rows_per = max(1, CHUNK_ELEMENTS * task.shape[0] // numel)
-        spans = [(r, min(r + rows_per, task.shape[0])) for r in range(0, task.shape[0], rows_per)]
-    else:
-        spans = [None]
-    for span in spans:
-        tensors = [c.get(task.ckey, span).to(torch.float32) for c in plan.inputs]
+        return [(r, min(r + rows_per, task.shape[0])) for r in range(0, task.shape[0], rows_per)]
+    return [None]
+
+
+def _merge_tensor(plan: MergePlan, task: TensorTask, scratch: ScratchBuffers) -> Iterator[torch.Tensor]:
+    """The output tensor (as row chunks for elementwise methods on big tensors). Each chunk is a view of a
+    scratch buffer, valid until the next one is asked for: the writer writes it out before that."""
+    for span in _spans(plan, task):
+        tensors = []
+        for i, ckpt in enumerate(plan.inputs):
+            info = ckpt.info(task.ckey)
+            _, nbytes, shape = ckpt.files[ckpt.index[task.ckey][0]].span(ckpt.index[task.ckey][1], span)
+            numel = math.prod(shape)
+            work = scratch.get("work", i, numel, torch.float32)
+            if info.torch_dtype == torch.float32:  # read straight into the float32 buffer
+                tensors.append(ckpt.read_into(task.ckey, work, span))
+            else:
+                raw = ckpt.read_into(task.ckey, scratch.get("raw", i, nbytes, torch.uint8), span)
+                tensors.append(work.view(shape).copy_(raw))
         ctx = TensorContext(task.ckey, span[0] if span else 0)
         out = plan.method.merge(tensors, task.alpha, plan.weights, plan.params, ctx)
         del tensors
-        yield out.to(task.dtype)
+        if out.dtype != task.dtype:
+            out = scratch.get("out", 0, out.numel(), task.dtype).view(out.shape).copy_(out)
+        yield out
+
+
+def _copy_tensor(ckpt: Checkpoint, ckey: str, scratch: ScratchBuffers) -> torch.Tensor:
+    """A tensor copied unchanged, read into the first raw buffer (valid until the next read)."""
+    _, nbytes, _ = ckpt.files[ckpt.index[ckey][0]].span(ckpt.index[ckey][1])
+    return ckpt.read_into(ckey, scratch.get("raw", 0, nbytes, torch.uint8))
 
 
 def execute_merge(plan: MergePlan, out_path: Path, progress: Callable[..., None] | None = None) -> Path:
     """Write the merged checkpoint to `out_path` (a file for single files, a folder for diffusers)."""
     first = plan.inputs[0]
     out_path = Path(out_path)
-    return_freed_memory()
+    scratch = ScratchBuffers()
     if first.layout == "diffusers":
         copy_folder_extras(first.path, out_path, {f.rel for f in plan.files})
     metadata = {"format": "pt", "loraforge.method": plan.method_name}
@@ -147,9 +185,9 @@ def execute_merge(plan: MergePlan, out_path: Path, progress: Callable[..., None]
         with SafetensorsWriter(target, entries, metadata) as writer:
             for t in ftask.tensors:
                 if t.merge:
-                    writer.write_chunks(t.key, _merge_tensor(plan, t))
+                    writer.write_chunks(t.key, _merge_tensor(plan, t, scratch))
                 else:
-                    writer.write(t.key, first.get(t.ckey))
+                    writer.write(t.key, _copy_tensor(first, t.ckey, scratch))
                 if progress:
                     progress()
     return out_path

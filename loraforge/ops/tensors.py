@@ -31,21 +31,6 @@ FLOAT_ST = ("F64", "F32", "F16", "BF16")
 MAX_HEADER = 100 << 20
 
 
-def return_freed_memory() -> None:
-    """Make glibc serve big allocations with mmap at a fixed threshold, so each freed tensor goes back to
-    the OS at once. By default the threshold rises to the size of the last freed block (up to 32 MB), after
-    which streamed tensors of varying sizes fragment the heap and peak RSS creeps up by hundreds of MB."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
 def dtype_from_name(name: str) -> torch.dtype:
     """torch dtype of `fp32` / `fp16` / `bf16`; a one-line error naming the choices otherwise."""
     if name not in DTYPE_NAMES:
@@ -97,8 +82,8 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def get(self, key: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        """The tensor `key` (or rows start:stop of its first dimension) in its stored dtype."""
+    def span(self, key: str, rows: Optional[tuple[int, int]] = None) -> tuple[int, int, list[int]]:
+        """(first byte, byte count, shape) of tensor `key`, or of rows start:stop of its first dimension."""
         info = self.entries[key]
         shape = list(info.shape)
         begin, end = info.begin, info.end
@@ -107,18 +92,33 @@ class TensorFile:
             start, stop = rows
             begin, end = info.begin + start * row_bytes, info.begin + stop * row_bytes
             shape[0] = stop - start
-        n = end - begin
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            chunk = os.preadv(self._fd, [view[got:]], self._data_start + begin + got)
-            if chunk <= 0:
-                raise FormatError(f"{self.path} is truncated: tensor {key} could not be read")
-            got += chunk
-        if n == 0:
-            return torch.empty(shape, dtype=info.torch_dtype)
-        return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(shape)
+        return begin, end - begin, shape
+
+    def get(self, key: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """The tensor `key` (or rows start:stop of its first dimension) in its stored dtype, newly allocated."""
+        _, n, shape = self.span(key, rows)
+        out = torch.empty(n, dtype=torch.uint8)
+        return self.read_into(key, out, rows)
+
+    def read_into(self, key: str, buffer: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Read tensor `key` (or a row range) into the start of the flat contiguous CPU `buffer` (any dtype,
+        large enough) and return a view of it with the stored dtype and shape. Reusing one buffer keeps the
+        allocator from mapping fresh pages for every tensor, which is both slower and what makes RSS creep."""
+        info = self.entries[key]
+        begin, n, shape = self.span(key, rows)
+        raw = buffer.view(torch.uint8) if buffer.dtype != torch.uint8 else buffer
+        if raw.numel() < n:
+            raise ValueError(f"buffer of {raw.numel()} bytes is too small for {n} bytes of {key}")
+        raw = raw[:n]
+        if n:
+            view = memoryview(raw.numpy())
+            got = 0
+            while got < n:
+                chunk = os.preadv(self._fd, [view[got:]], self._data_start + begin + got)
+                if chunk <= 0:
+                    raise FormatError(f"{self.path} is truncated: tensor {key} could not be read")
+                got += chunk
+        return raw.view(info.torch_dtype).view(shape)
 
 
 def _parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
