@@ -28,7 +28,7 @@ class SliderConfig(TrainConfig):
     neutral: Optional[str] = Field(None, description="Anchor prompt c_n (default: the target prompt).")
     guidance: float = Field(2.0, gt=0, description="Guidance η: how far one unit of scale moves along ε(c+) − ε(c−).")
     preservation: list[str] = Field(default_factory=list, description="Attribute words prepended to every prompt so the slider does not move them, e.g. male, female.")
-    layers: Literal["noxattn", "xattn", "full"] = Field("noxattn", description="Targeted layers: noxattn = all but cross-attention, xattn = cross-attention only, full = attention, FF and ResNet convs.")
+    layers: Literal["noxattn", "xattn", "full", "custom"] = Field("noxattn", description="Targeted layers: noxattn = all but cross-attention, xattn = cross-attention only, full = attention, FF and ResNet convs, custom = the --target-modules list.")
     denoise_steps: int = Field(10, ge=2, description="Schedule length used to sample the intermediate x_t with the slider on.")
     low_images: Optional[str] = Field(None, description="Image-pair slider: folder (or dataset) of 'low' images (scale −1).")
     high_images: Optional[str] = Field(None, description="Image-pair slider: folder (or dataset) of 'high' images with the same file names (scale +1).")
@@ -63,8 +63,8 @@ class SliderTrainer:
                           input_digest=input_digest, resume=resume, progress=progress)
         pairs = _pair_sets(registry, config, output) if config.mode == "image_pair" else None
         model = session.load_model()
-        inject_lora(model.unet, rank=config.rank, alpha=config.alpha, target_modules=LAYER_PRESETS[config.layers],
-                    seed=config.seed)
+        targets = config.target_modules if config.layers == "custom" else LAYER_PRESETS[config.layers]
+        inject_lora(model.unet, rank=config.rank, alpha=config.alpha, target_modules=targets, seed=config.seed)
         params = {f"unet.{n}": p for n, p in lora_parameters(model.unet).items()}
         unet = session.forward_unet()
         if pairs is None:
