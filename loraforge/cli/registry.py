@@ -92,7 +92,7 @@ def show(ctx, ref, as_json):
     if manifest.dataset:
         lines.append(f"dataset:  {manifest.dataset.num_images} images")
     p = manifest.provenance
-    lines.append(f"made by:  {p.method or '?'}" + (f" from {p.source}" if p.source else ""))
+    lines.append(f"made by:  {p.method or '?'}" + (f" from {p.source}" if p.source and p.source != p.method else ""))
     for parent in p.parents:
         weight = f" weight {parent.weight}" if parent.weight is not None else ""
         lines.append(f"  {parent.role}: {parent.ref}{weight}")
@@ -132,14 +132,20 @@ def tag(ctx, ref, alias):
     click.echo(f"{manifest.name}:{alias} -> {manifest.ref}")
 
 
-def _print_tree(node, prefix: str = "", last: bool = True, root: bool = True) -> None:
+def _print_tree(node, prefix: str = "", last: bool = True, root: bool = True, shown: set | None = None) -> None:
+    """Print a lineage tree; a subtree already printed is shown once and then referred to with '…'."""
+    shown = set() if shown is None else shown
     weight = f" ×{node.weight:g}" if node.weight is not None else ""
     role = "" if root else f"[{node.role}] "
     connector = "" if root else ("└── " if last else "├── ")
-    click.echo(f"{prefix}{connector}{role}{node.ref} ({node.kind}){weight}")
+    repeated = node.children and node.ref in shown
+    click.echo(f"{prefix}{connector}{role}{node.ref} ({node.kind}){weight}" + (" …" if repeated else ""))
+    if repeated:
+        return
+    shown.add(node.ref)
     child_prefix = prefix + ("" if root else ("    " if last else "│   "))
     for i, child in enumerate(node.children):
-        _print_tree(child, child_prefix, i == len(node.children) - 1, root=False)
+        _print_tree(child, child_prefix, i == len(node.children) - 1, root=False, shown=shown)
 
 
 @registry.command()

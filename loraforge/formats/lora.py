@@ -136,7 +136,12 @@ class LoraState(MutableMapping[str, LoraModule]):
 
     @property
     def target_modules(self) -> list[str]:
-        return sorted({name.rsplit(".", 1)[-1] for name in self._modules})
+        """Module names as LoRA configs write them: the last segment, or two when it is an index (to_out.0)."""
+        out = set()
+        for name in self._modules:
+            parts = name.split(".")
+            out.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
+        return sorted(out)
 
     @property
     def dtype(self) -> torch.dtype | None:
