@@ -111,8 +111,8 @@ def plan_merge(spec: CheckpointMergeSpec, inputs: list[Checkpoint]) -> MergePlan
 
 class ScratchBuffers:
     """Flat scratch tensors reused from tensor to tensor (grown when a bigger one comes): the raw bytes read
-    from each input, its float32 copy and the output in its dtype. Streaming through fixed buffers keeps the
-    resident set at a few chunks and avoids faulting in fresh pages for every temporary."""
+    from an input (then the output in its dtype) and each input's float32 copy. Streaming through fixed
+    buffers keeps the resident set at a few chunks and avoids faulting in fresh pages for every temporary."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
@@ -148,13 +148,14 @@ def _merge_tensor(plan: MergePlan, task: TensorTask, scratch: ScratchBuffers) ->
             if info.torch_dtype == torch.float32:  # read straight into the float32 buffer
                 tensors.append(ckpt.read_into(task.ckey, work, span))
             else:
-                raw = ckpt.read_into(task.ckey, scratch.get("raw", i, nbytes, torch.uint8), span)
+                # one raw buffer serves every input: each is converted to float32 before the next is read
+                raw = ckpt.read_into(task.ckey, scratch.get("raw", 0, nbytes, torch.uint8), span)
                 tensors.append(work.view(shape).copy_(raw))
         ctx = TensorContext(task.ckey, span[0] if span else 0)
         out = plan.method.merge(tensors, task.alpha, plan.weights, plan.params, ctx)
         del tensors
         if out.dtype != task.dtype:
-            out = scratch.get("out", 0, out.numel(), task.dtype).view(out.shape).copy_(out)
+            out = scratch.get("raw", 0, out.numel(), task.dtype).view(out.shape).copy_(out)  # raw is free again
         yield out
 
 
