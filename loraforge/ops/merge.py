@@ -20,8 +20,11 @@ from loraforge.ops.specs import CheckpointMergeSpec
 from loraforge.ops.tensors import SafetensorsWriter, dtype_from_name
 
 ALL_COMPONENTS = ("unet", "text_encoder", "vae")
-# Elementwise methods see big tensors in row chunks of about this many elements, to bound memory.
-CHUNK_ELEMENTS = 8 << 20
+# Elementwise methods see big tensors in row chunks of about this many elements: small enough that a
+# chunk's fp16 bytes and fp32 copies (2.5 MB) stay in cache between the convert, multiply-add and
+# convert-back passes, large enough that per-chunk overhead is negligible. A method may set its own
+# `chunk_elements` (DARE does, because its random masks are drawn per chunk).
+CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,9 @@ class ScratchBuffers:
 
 def _spans(plan: MergePlan, task: TensorTask) -> list[Optional[tuple[int, int]]]:
     numel = math.prod(task.shape)
-    if plan.method.elementwise and task.shape and numel > CHUNK_ELEMENTS:
-        rows_per = max(1, CHUNK_ELEMENTS * task.shape[0] // numel)
+    chunk = getattr(plan.method, "chunk_elements", None) or CHUNK_ELEMENTS
+    if plan.method.elementwise and task.shape and numel > chunk:
+        rows_per = max(1, chunk * task.shape[0] // numel)
         return [(r, min(r + rows_per, task.shape[0])) for r in range(0, task.shape[0], rows_per)]
     return [None]
 

@@ -36,6 +36,7 @@ class MergeMethod:
     max_models: Optional[int] = 2
     default_alpha: float = 0.5
     elementwise: bool = True
+    chunk_elements: Optional[int] = None  # rows per chunk for elementwise methods; None: the engine's default
     params: dict[str, Any] = {}
 
     def check(self, num_models: int, params: dict[str, Any]) -> dict[str, Any]:

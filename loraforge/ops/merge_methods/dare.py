@@ -23,6 +23,8 @@ class Dare(MergeMethod):
     max_models = None
     default_alpha = 1.0
     params = {"drop_rate": 0.9, "seed": 0}
+    # masks are seeded per chunk (key and first row), so the chunking is part of the result: kept fixed
+    chunk_elements = 8 << 20
 
     def weights(self, alpha, weights):
         return [1.0] + [alpha * w for w in task_weights(weights)]
