@@ -260,3 +260,46 @@ def test_concurrent_imports_from_four_processes(home, kohya_file):
     rows = Registry(home).list(name="race")
     assert sorted(r["version"] for r in rows) == [1, 2, 3, 4]
     assert run(home, "registry", "verify").output.endswith("ok\n")
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers", "peft"])
+def test_sdxl_adapter_round_trips_and_loads_in_diffusers(home, tmp_path, tiny_sdxl_path, fmt):
+    """SDXL paths: kohya lora_te1_/lora_te2_ keys, both text encoders, SDXL pipeline loading."""
+    shapes = module_shapes(tiny_sdxl_path)
+    state = random_lora(shapes, rank=2, alpha=1.0, components=("unet", "text_encoder", "text_encoder_2"),
+                        targets=("to_q", "to_v", "q_proj", "v_proj"), seed=9)
+    source = tmp_path / "xl.safetensors"
+    write_adapter(state, source, "kohya")
+    keys = load_file(source).keys()
+    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    run(home, "registry", "import", str(source), "--name", "xl", "--base", "builtin:tiny-sdxl")
+    out = tmp_path / ("xl_peft" if fmt == "peft" else f"xl_{fmt}.safetensors")
+    run(home, "registry", "export", "xl", "--format", fmt, "-o", str(out))
+    from loraforge.formats import read_adapter
+
+    back, _, _ = read_adapter(out)
+    assert sorted(back) == sorted(state)
+    for name in state:
+        torch.testing.assert_close(back[name].delta(), state[name].delta(), rtol=1e-5, atol=1e-7)
+    if fmt == "kohya":
+        original, exported = load_file(source), load_file(out)
+        assert sorted(original) == sorted(exported)
+        assert all(torch.equal(original[k], exported[k]) for k in original)
+    if fmt == "diffusers":
+        import logging
+
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("diffusers").addHandler(handler)
+        try:
+            pipe.load_lora_weights(str(out))
+        finally:
+            logging.getLogger("diffusers").removeHandler(handler)
+        messages = " ".join(r.getMessage() for r in records).lower()
+        assert "unexpected" not in messages and "missing" not in messages, messages
+        loaded = {n for n, _ in pipe.text_encoder_2.named_modules() if n.endswith("lora_A")}
+        assert len(loaded) == len(state.component("text_encoder_2"))
