@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -34,9 +36,10 @@ def test_help(path):
 
 
 def test_docs_are_current():
-    expected = cli_docs.render()
-    actual = (ROOT / "docs" / "cli.md").read_text()
-    assert actual == expected, "docs/cli.md is stale: run `python scripts/cli_docs.py`"
+    # A fresh interpreter: test modules register fake plugins that must not count as commands.
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "cli_docs.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_readme_links_the_reference():
