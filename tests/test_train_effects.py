@@ -108,3 +108,35 @@ def test_dreambooth_changes_the_instance_prompt_more_than_an_unrelated_one(home,
     model.fuse(None)
     # Same noise and timesteps; measured 35.1 vs 25.0 (ratio 1.40).
     assert moved["a photo of sks dog"] > 1.25 * moved["a red house"], moved
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_then_resume_finishes(tmp_path, tiny_sd_path):
+    """The daemon stops a job with SIGTERM: training saves a checkpoint at once and exits 1; a resumed
+    run continues from that step instead of losing everything since the last periodic checkpoint."""
+    data = pattern_images(tmp_path / "d", "stripes", caption="red stripes")
+    home = _link_builtins(tmp_path / "h", tiny_sd_path)
+    cmd = _train_cmd(home, data)
+    cmd[cmd.index("--steps") + 1], cmd[cmd.index("--checkpoint-every") + 1] = "200", "1000"
+    cmd.remove("--json")  # plain progress lines on stderr tell the test when training is under way
+    proc = subprocess.Popen(cmd, env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "step 20/200" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert "stopped by SIGTERM after step" in err and "checkpoint saved" in err
+    stopped_at = int(err.split("stopped by SIGTERM after step ")[1].split()[0])
+    assert 20 <= stopped_at < 200
+    assert [p.name for p in (home / "runs").glob("*/step-*")] == [f"step-{stopped_at:08d}"]
+    assert Registry(home).list(name="x") == []
+
+    cmd.append("--resume")
+    resumed = subprocess.run(cmd, env=_env(home), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    manifest = Registry(home).resolve("x")
+    assert manifest.version == 1 and manifest.metrics["resumed_from_step"] == stopped_at

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from loraforge.errors import TrainingError
 from loraforge.train.checkpoint import latest_checkpoint, load_checkpoint, restore_checkpoint, save_checkpoint
 
 log = logging.getLogger("loraforge.train")
@@ -116,6 +120,7 @@ def run_loop(*, title: str, params: dict[str, torch.nn.Parameter], step_fn: Step
     reporter = _Reporter(title, steps, start, progress)
     per_step = samples_per_step * gradient_accumulation
     t0 = time.perf_counter()
+    stop = _StopOnSigterm()
     try:
         for step in range(start, steps):
             for group in optimizer.param_groups:
@@ -137,7 +142,15 @@ def run_loop(*, title: str, params: dict[str, torch.nn.Parameter], step_fn: Step
                                 {"losses": losses, "elapsed_s": elapsed_before + run_time})
             if on_step is not None:
                 on_step(done)
+            if stop.requested and done < steps:
+                where = "no checkpoint folder"
+                if run_dir is not None:
+                    save_checkpoint(run_dir, done, params, optimizer,
+                                    {"losses": losses, "elapsed_s": elapsed_before + run_time})
+                    where = "checkpoint saved; run again with resume to continue"
+                raise TrainingError(f"{title}: stopped by SIGTERM after step {done} of {steps} ({where})")
     finally:
+        stop.restore()
         reporter.close()
     run_time = time.perf_counter() - t0
     trained = steps - start
@@ -153,6 +166,27 @@ def run_loop(*, title: str, params: dict[str, torch.nn.Parameter], step_fn: Step
         "resumed_from_step": start,
     }
     return LoopResult(losses=losses, metrics=metrics, resumed_from=start)
+
+
+class _StopOnSigterm:
+    """Turns SIGTERM into a request to stop after the current step (the daemon sends it to let a job
+    checkpoint). Only the main thread can own signal handlers; elsewhere SIGTERM keeps its default."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second SIGTERM: stop at once
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _tail_mean(losses: list[float]) -> float | None:
