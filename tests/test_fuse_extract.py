@@ -7,9 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from loraforge.cli import cli
 from loraforge.formats import read_adapter, write_adapter
 from loraforge.models.base import base_from_path
 from loraforge.models.pipeline import generate, load_pipeline
@@ -18,14 +16,9 @@ from loraforge.registry import Registry
 from loraforge.render.adapters import load_pipeline_with_adapters
 from loraforge.synthetic import random_lora
 
+from cli_helpers import run_cli as run
+
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "q_proj", "v_proj")
-
-
-def run(home: Path, *args: str, ok: bool = True):
-    result = CliRunner().invoke(cli, ["--home", str(home), *args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture()

@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 
-from loraforge.cli import cli
 from loraforge.errors import HubError
 from loraforge.formats import read_adapter, write_adapter
 from loraforge.models.builtin import BUILTIN_NAMES
@@ -18,6 +16,8 @@ from loraforge.models.targets import module_shapes
 from loraforge.registry import Registry
 from loraforge.registry.importer import import_artifact
 from loraforge.synthetic import random_lora
+
+from cli_helpers import run_cli as run
 
 from hub_server import HubServer
 
@@ -49,13 +49,6 @@ def second_home(tmp_path: Path, home: Path) -> Path:
     (other / "models").mkdir(parents=True)
     (other / "models" / "builtin").symlink_to(home / "models" / "builtin", target_is_directory=True)
     return other
-
-
-def run(home: Path, *args: str, ok: bool = True):
-    result = CliRunner().invoke(cli, ["--home", str(home), *args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 def make_adapter(tmp_path: Path, tiny_sd_path: Path, seed: int, alpha: float | None = None,

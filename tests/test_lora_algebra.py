@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from loraforge.cli import cli
 from loraforge.formats import read_adapter, write_adapter
 from loraforge.models.targets import module_shapes
 from loraforge.ops.lora_merge import combine_states
@@ -16,14 +13,9 @@ from loraforge.ops.lowrank import choose_rank, dense_factors
 from loraforge.registry import Registry
 from loraforge.synthetic import random_lora
 
+from cli_helpers import run_cli as run
+
 SHAPES = {"unet": {"a.to_q": (64, 48), "b.to_k": (80, 32), "c.to_v": (16, 8, 3, 3), "d.to_out.0": (40, 40)}}
-
-
-def run(home: Path, *args: str, ok: bool = True):
-    result = CliRunner().invoke(cli, ["--home", str(home), *args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture()

@@ -13,27 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from loraforge.cli import cli
 from loraforge.ops.blocks import block_names, block_of
 from loraforge.ops.merge_methods.ties import ties_combine
 from loraforge.registry import Registry
 from loraforge.synthetic import perturbed_checkpoint
+
+from cli_helpers import run_cli as run
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
 TE = "text_encoder/model.safetensors"
 VAE = "vae/diffusion_pytorch_model.safetensors"
 SF_PREFIX = {"unet": "model.diffusion_model.", "text_encoder": "cond_stage_model.transformer.", "vae": "first_stage_model."}
 SF_FILES = {"unet": UNET, "text_encoder": TE, "vae": VAE}
-
-
-def run(home: Path, *args: str, ok: bool = True):
-    result = CliRunner().invoke(cli, ["--home", str(home), *args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 def single_file(folder: Path, dst: Path) -> Path:

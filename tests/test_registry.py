@@ -12,21 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from loraforge.cli import cli
 from loraforge.formats import write_adapter
 from loraforge.models.targets import module_shapes
 from loraforge.registry import Manifest, Parent, Provenance, Registry
 from loraforge.synthetic import random_lora
 
-
-def run(home: Path, *args: str, ok: bool = True):
-    result = CliRunner().invoke(cli, ["--home", str(home), *args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
+from cli_helpers import run_cli as run
 
 
 @pytest.fixture()
@@ -149,8 +142,8 @@ def test_rm_then_gc_frees_only_unreferenced_blobs(home, kohya_file, tmp_path):
     size = Registry(home).resolve("drop").total_size
     run(home, "registry", "rm", "drop")
     result = run(home, "registry", "gc")
-    assert f"deleted 1 blobs" in result.output and f"({size} bytes)" in result.output
-    assert "verify" and run(home, "registry", "verify").output.endswith("ok\n")
+    assert "deleted 1 blobs" in result.output and f"({size} bytes)" in result.output
+    assert run(home, "registry", "verify").output.endswith("ok\n")
     assert run(home, "registry", "show", "drop", ok=False).exit_code == 1
 
 
@@ -303,3 +296,20 @@ def test_sdxl_adapter_round_trips_and_loads_in_diffusers(home, tmp_path, tiny_sd
         assert "unexpected" not in messages and "missing" not in messages, messages
         loaded = {n for n, _ in pipe.text_encoder_2.named_modules() if n.endswith("lora_A")}
         assert len(loaded) == len(state.component("text_encoder_2"))
+
+
+def test_truncated_single_file_checkpoint_is_refused(home, tmp_path):
+    from loraforge.formats.detect import safetensors_bytes
+
+    data = safetensors_bytes({"model.diffusion_model.x.weight": torch.ones(64, 64),
+                              "first_stage_model.y.weight": torch.ones(8, 8),
+                              "cond_stage_model.z.weight": torch.ones(8, 8)})
+    whole, broken = tmp_path / "model.safetensors", tmp_path / "broken.safetensors"
+    whole.write_bytes(data)
+    broken.write_bytes(data[:-200])
+    run(home, "registry", "import", str(whole), "--name", "ckpt")
+    assert Registry(home).resolve("ckpt").layout == "single_file"
+    result = run(home, "registry", "import", str(broken), "--name", "ckpt", "--kind", "checkpoint", ok=False)
+    assert result.exit_code == 1 and result.output.startswith("Error: ")
+    assert len(result.output.strip().splitlines()) == 1
+    assert [r["version"] for r in Registry(home).list(name="ckpt")] == [1]

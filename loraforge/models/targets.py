@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
+from loraforge.formats.detect import read_header
+
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (tensor name → dtype, shape, offsets)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
 
 
 def _component_files(folder: Path, component: str) -> list[Path]:
@@ -29,8 +22,8 @@ def module_shapes(folder: Path) -> dict[str, dict[str, tuple[int, ...]]]:
     for component in COMPONENTS:
         shapes: dict[str, tuple[int, ...]] = {}
         for path in _component_files(Path(folder), component):
-            for key, info in safetensors_header(path).items():
-                if key == "__metadata__" or not key.endswith(".weight"):
+            for key, info in read_header(path)[0].items():
+                if not key.endswith(".weight"):
                     continue
                 shape = tuple(info["shape"])
                 if len(shape) in (2, 4):

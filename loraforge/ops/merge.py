@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from loraforge.errors import ConfigError, MergeError
+from loraforge.errors import ConfigError
 from loraforge.ops.blocks import BASE, block_names, block_of, layers_per_block, resolve_block_weights
 from loraforge.ops.checkpoints import Checkpoint, check_compatible, unet_key
 from loraforge.ops.merge_methods import TensorContext

@@ -19,6 +19,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from loraforge.errors import FormatError
+from loraforge.formats.detect import read_header
 
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -28,7 +29,6 @@ ST_DTYPES: dict[str, torch.dtype] = {
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 DTYPE_NAMES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FLOAT_ST = ("F64", "F32", "F16", "BF16")
-MAX_HEADER = 100 << 20
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -122,30 +122,15 @@ class TensorFile:
 
 
 def _parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
-    size = path.stat().st_size
+    """(tensor infos, metadata, data start) after `read_header` has checked every length and offset."""
+    header, metadata = read_header(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise FormatError(f"{path} is not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > MAX_HEADER:
-            raise FormatError(f"{path} is truncated or not safetensors: header length {n} exceeds the file")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise FormatError(f"{path} has a safetensors header that is not valid JSON: {exc}") from None
-    metadata = header.pop("__metadata__", None) or {}
+        (n,) = struct.unpack("<Q", f.read(8))
     entries = {}
-    data_size = size - 8 - n
     for key, e in header.items():
-        try:
-            info = TensorInfo(e["dtype"], tuple(int(s) for s in e["shape"]), *map(int, e["data_offsets"]))
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{path}: header entry of tensor {key} is malformed") from None
+        info = TensorInfo(e["dtype"], tuple(int(s) for s in e["shape"]), *map(int, e["data_offsets"]))
         if info.dtype not in ST_DTYPES:
             raise FormatError(f"{path}: tensor {key} has dtype {info.dtype}, which loraforge cannot merge")
-        if info.end > data_size or info.begin > info.end:
-            raise FormatError(f"{path} is truncated: tensor {key} ends at byte {info.end} of {data_size}")
         entries[key] = info
     return entries, metadata, 8 + n
 

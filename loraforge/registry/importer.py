@@ -20,11 +20,11 @@ CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_sta
 
 
 def _is_checkpoint_file(path: Path) -> bool:
-    from loraforge.models.targets import safetensors_header
+    from loraforge.formats import read_header
 
     try:
-        keys = safetensors_header(path).keys()
-    except Exception:
+        keys = read_header(path)[0].keys()
+    except (FormatError, OSError):
         return False
     return any(k.startswith(CHECKPOINT_PREFIXES) for k in keys)
 
@@ -137,6 +137,7 @@ def register_adapter(registry: Registry, state, manifest: Manifest, input_digest
 
 
 def _import_checkpoint(registry: Registry, path: Path, name: str) -> Manifest:
+    from loraforge.formats import read_header
     from loraforge.models.base import base_from_path
 
     base = base_from_path(path, str(path))
@@ -144,7 +145,7 @@ def _import_checkpoint(registry: Registry, path: Path, name: str) -> Manifest:
         files = [(p, p.relative_to(path).as_posix()) for p in iter_folder_files(path)]
         layout = "diffusers"
     else:
-        _check_safetensors(path)
+        read_header(path)  # refuses truncated files and headers whose offsets run past the end
         files = [(path, "model.safetensors")]
         layout = "single_file"
     manifest = Manifest(
@@ -153,26 +154,6 @@ def _import_checkpoint(registry: Registry, path: Path, name: str) -> Manifest:
         provenance=Provenance(source=str(path.resolve()), method="import"),
     )
     return registry.register(manifest, files)
-
-
-def _check_safetensors(path: Path) -> None:
-    """Refuse truncated files and headers whose offsets run past the end of the file."""
-    from loraforge.models.targets import safetensors_header
-
-    size = path.stat().st_size
-    try:
-        header = safetensors_header(path)
-    except Exception as exc:
-        raise FormatError(f"{path} is not a readable safetensors file ({exc})") from None
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-    data_size = size - 8 - header_len
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if end > data_size or start > end:
-            raise FormatError(f"{path} is truncated or damaged: tensor {key} ends at byte {end} of {data_size}")
 
 
 def import_dataset(registry: Registry, folder: Path, name: str, instance_prompt: Optional[str] = None,

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
-from loraforge.errors import ConfigError, TrainingError
+from loraforge.errors import ConfigError
 from loraforge.hashing import sha256_json
 from loraforge.plugins import TRAINERS
 from loraforge.registry.manifest import Manifest, RecipeInfo
