@@ -30,16 +30,14 @@ def apply_adapters(pipe, adapters: Sequence[tuple[object, float]], prefix: str =
 def load_pipeline_with_adapters(registry, base_ref: str, lora_specs: Sequence[str], device=None):
     """(pipeline, base, [(state, weight, manifest)]) for a base reference and `REF=W` adapter specs."""
     from loraforge.models.pipeline import load_pipeline
-    from loraforge.registry.resolve import load_adapter, resolve_base
+    from loraforge.registry.resolve import base_targets, load_adapter, resolve_base
 
     base = resolve_base(registry, base_ref)
+    targets = base_targets(base)
     loaded = []
     for spec in lora_specs:
         ref, weight = parse_weighted(spec)
         state, manifest = load_adapter(registry, ref, base=base)
-        from loraforge.registry.resolve import base_targets
-
-        targets = base_targets(base)
         if targets is not None:
             state.check_against(targets)
         loaded.append((state, weight, manifest))
