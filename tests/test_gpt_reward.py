@@ -189,3 +189,43 @@ def test_probability_helpers():
     assert probability_from_logprobs([("maybe", -0.1)]) is None
     assert probability_from_text("yes") == 1.0 and probability_from_text(".25") == 0.25
     assert probability_from_text("unsure") is None
+
+
+@pytest.mark.parametrize("setting", [
+    {"detail": "high"},           # the image is seen at another resolution
+    {"top_logprobs": 3},          # P(yes) is renormalised over other tokens
+    {"max_tokens": 20},           # a longer answer text
+    {"question": "Is it an illusion? yes or no."},
+])
+def test_every_setting_that_changes_the_answer_is_part_of_the_cache_key(api, home, setting):
+    _reward(api, Registry(home))(_images(1), ["p"])
+    changed = _reward(api, Registry(home), **setting)
+    changed(_images(1), ["p"])
+    assert changed.metrics()["reward_cache_hits"] == 0 and len(api.requests) == 2
+    again = _reward(api, Registry(home), **setting)  # the same settings: answered from the cache
+    again(_images(1), ["p"])
+    assert again.metrics()["reward_cache_hits"] == 1 and len(api.requests) == 2
+    assert len(list(Registry(home).db["reward_cache"].rows)) == 2
+
+
+def test_another_endpoint_is_asked_not_answered_from_the_cache(api, home):
+    other = FakeOpenAI()
+    other.default = {"content": "No", "top": [("No", math.log(0.9)), ("Yes", math.log(0.1))]}
+    try:
+        first = _reward(api, Registry(home))(_images(1), ["p"])
+        scores = _reward(api, Registry(home), base_url=other.base_url)(_images(1), ["p"])
+        assert len(other.requests) == 1 and scores == [pytest.approx(0.9)] != first
+        again = _reward(api, Registry(home), base_url=other.base_url)
+        assert again(_images(1), ["p"]) == scores and len(other.requests) == 1
+    finally:
+        other.close()
+
+
+def test_the_api_key_is_not_part_of_the_cache_key(api, home, monkeypatch):
+    _reward(api, Registry(home))(_images(1), ["p"])
+    monkeypatch.setenv("OTHER_KEY", "sk-another-secret")
+    again = _reward(api, Registry(home), api_key_env="OTHER_KEY")
+    again(_images(1), ["p"])
+    assert again.metrics()["reward_cache_hits"] == 1 and len(api.requests) == 1
+    rows = list(Registry(home).db["reward_cache"].rows)
+    assert len(rows) == 1 and not any(s in json.dumps(rows) for s in (SECRET, "sk-another-secret"))

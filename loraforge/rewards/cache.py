@@ -9,8 +9,10 @@ from typing import Iterable
 from loraforge.hashing import sha256_json
 
 
-def cache_key(*, reward: str, version: str, model: str, image_digest: str, prompt: str, question: str = "") -> str:
-    return sha256_json([reward, version, model, image_digest, prompt, question])
+def cache_key(*, reward: str, version: str, image_digest: str, prompt: str, settings: dict) -> str:
+    """The key of one answer: the image, the prompt and every setting that can change the answer
+    (model, endpoint, question, sampling options …). Callers never pass credentials in `settings`."""
+    return sha256_json([reward, version, image_digest, prompt, settings])
 
 
 class RewardCache:

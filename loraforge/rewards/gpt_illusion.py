@@ -22,6 +22,8 @@ from loraforge.rewards.base import image_digest
 from loraforge.rewards.cache import RewardCache, cache_key
 
 VERSION = "1"
+DEFAULT_ENDPOINT = "https://api.openai.com/v1"  # the openai client's default when no base_url is set
+TEMPERATURE = 0
 DEFAULT_QUESTION = ("Does this image contain an optical illusion (for example an image that shows something "
                     "different when flipped or rotated)? Answer with one word: yes or no.")
 YES = {"yes", "y", "true"}
@@ -115,11 +117,18 @@ class GptIllusionReward:
     def __repr__(self) -> str:  # never the key
         return f"GptIllusionReward(model={self.model!r}, base_url={self.base_url!r})"
 
+    def _answer_settings(self) -> dict:
+        """What the answer depends on besides the image: the cache key. Never the API key (another key
+        on the same endpoint gives the same answer, and keys must not be stored)."""
+        endpoint = (self.base_url or DEFAULT_ENDPOINT).rstrip("/")
+        return {"model": self.model, "base_url": endpoint, "question": self.question, "detail": self.detail,
+                "top_logprobs": self.top_logprobs, "max_tokens": self.max_tokens, "temperature": TEMPERATURE}
+
     def probabilities(self, images: Sequence, prompts: Sequence[str]) -> list[float]:
         """P(illusion) per image: cached answers first, the rest asked concurrently."""
         digests = [image_digest(im) for im in images]
-        keys = [cache_key(reward=self.name, version=self.version, model=self.model, image_digest=d, prompt=p,
-                          question=self.question) for d, p in zip(digests, prompts)]
+        keys = [cache_key(reward=self.name, version=self.version, image_digest=d, prompt=p, settings=self._answer_settings())
+                for d, p in zip(digests, prompts)]
         known = self._cache.get_many(keys) if self._cache is not None else {}
         todo, asked = [], set()
         for i, key in enumerate(keys):
@@ -156,7 +165,7 @@ class GptIllusionReward:
                 with self._lock:
                     self._stats["requests"] += 1
                 response = self._client.chat.completions.create(
-                    model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=0,
+                    model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=TEMPERATURE,
                     logprobs=True, top_logprobs=self.top_logprobs)
                 break
             except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as exc:
