@@ -8,6 +8,7 @@ imports every module of its built-in package, then every entry point of its entr
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 import re
 from dataclasses import dataclass, field
@@ -70,25 +71,53 @@ class PluginGroup:
             return
         self._loading = True
         try:
-            try:
-                package = importlib.import_module(self.builtin_package)
-            except ModuleNotFoundError:
-                package = None
-            if package is not None and hasattr(package, "__path__"):
-                for info in pkgutil.iter_modules(package.__path__):
-                    if not info.name.startswith("_"):
-                        importlib.import_module(f"{self.builtin_package}.{info.name}")
+            for module in self._builtin_modules():
+                self._import_builtin(module)
             for ep in entry_points(group=self.entry_point_group):
-                try:
-                    obj = ep.load()
-                except Exception as exc:
-                    raise PluginError(f"cannot load {self.name} plugin {ep.name!r} from {ep.value}: {exc}") from None
-                if ep.name not in self._plugins:
-                    self.register(ep.name, reference_url=getattr(obj, "reference_url", None),
-                                  version=str(getattr(obj, "version", "1")))(obj)
+                self._load_entry_point(ep)
             self._loaded = True
         finally:
             self._loading = False
+
+    def _builtin_modules(self) -> list[str]:
+        # Only a package that does not exist at all is an empty group (evaluators has none yet); a
+        # package that exists but fails to import would otherwise leave the group silently empty.
+        try:
+            spec = importlib.util.find_spec(self.builtin_package)
+        except ModuleNotFoundError:  # a parent package is missing
+            spec = None
+        if spec is None:
+            return []
+        package = self._import_builtin(self.builtin_package)
+        if not hasattr(package, "__path__"):
+            return []
+        return [f"{self.builtin_package}.{info.name}" for info in pkgutil.iter_modules(package.__path__)
+                if not info.name.startswith("_")]
+
+    def _import_builtin(self, module: str) -> Any:
+        try:
+            return importlib.import_module(module)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"cannot import the built-in {self.name} plugins of {module}: "
+                              f"{type(exc).__name__}: {exc}; reinstall loraforge or install what it names") from None
+
+    def _load_entry_point(self, ep) -> None:
+        if ep.name in self._plugins:
+            # Without this an installed plugin would be ignored without a word, and the user would
+            # run the built-in while believing they run the plugin.
+            taken = self._plugins[ep.name]
+            owner = "a built-in" if taken.source == "builtin" else f"one from {taken.source}"
+            raise PluginError(f"{self.name} plugin {ep.name!r} from entry point {ep.value} has the name of "
+                              f"{owner} {self.description or self.name}: rename the entry point in its "
+                              "package's metadata, or uninstall that package")
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            raise PluginError(f"cannot load {self.name} plugin {ep.name!r} from {ep.value}: {exc}") from None
+        self.register(ep.name, reference_url=getattr(obj, "reference_url", None),
+                      version=str(getattr(obj, "version", "1")))(obj)
 
     def get(self, name: str) -> Any:
         return self.info(name).obj

@@ -348,7 +348,7 @@ def parse_step(source: RecipeSource, step_id: str, raw: Any) -> Step:
 
 
 def check_methods(recipe: Recipe) -> None:
-    """Method names exist in their plugin group (checked when the group has any entries)."""
+    """Method names exist in their plugin group (an empty group accepts none)."""
     from loraforge.plugins import LORA_METHODS, MERGE_METHODS, TRAINERS
 
     source = recipe.source
@@ -367,8 +367,9 @@ def check_methods(recipe: Recipe) -> None:
             names = group.names()
         except PluginError as exc:
             raise source.error(loc, str(exc)) from None
-        if names and method not in names:
-            raise source.error(loc, f"unknown {group.description} {method!r}: choose one of {', '.join(names)}")
+        if method not in names:
+            known = ", ".join(names) or "none installed"
+            raise source.error(loc, f"unknown {group.description} {method!r}: choose one of {known}")
         if step.kind == "train" and method in names:
             check_train_config(recipe, step)
 
