@@ -509,3 +509,59 @@ def test_written_files_carry_metadata_and_canonical_files_are_exact(bases, tmp_p
     back, fmt, metadata = read_adapter(path)
     assert fmt == "loraforge" and metadata["loraforge.name"] == "x"
     assert_states_equal(back, state)
+
+
+# -- detection by the parsed header: every header length -----------------------------------
+
+def _header_length(path: Path) -> int:
+    return struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+def _files_for_every_residue(tmp_path: Path, write, step: int) -> dict[int, Path]:
+    """residue of the header length mod 256 → a file written by `write(path, padding)` with it."""
+    files: dict[int, Path] = {}
+    for pad in range(0, 256 * 3):
+        path = tmp_path / f"pad{pad}.safetensors"
+        write(path, "x" * pad)
+        residue = _header_length(path) % 256
+        if residue in files:
+            path.unlink()
+        else:
+            files[residue] = path
+        if len(files) == 256 // step:
+            return files
+    raise AssertionError(f"padding reached only residues {sorted(files)}")
+
+
+def test_safetensors_files_of_every_header_length_are_detected_as_safetensors(tmp_path):
+    """A first byte of 0x80 is the low byte of the header length, not a pickle marker."""
+    sd = {"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3),
+          "lora_unet_conv_in.lora_up.weight": torch.full((8, 2, 1, 1), 0.5)}
+    state = kohya_to_lora(sd)
+    (tmp_path / "lib").mkdir(), (tmp_path / "ours").mkdir(), (tmp_path / "hand").mkdir()
+
+    def by_safetensors(path, pad):  # header lengths are multiples of 8: 32 residues
+        save_file(sd, str(path), metadata={"pad": pad})
+
+    def by_loraforge(path, pad):
+        write_adapter(state, path, "loraforge", metadata={"pad": pad})
+
+    def by_hand(path, pad):  # other tools pad with any number of spaces: all 256 residues
+        header = {"lora_unet_conv_in.lora_down.weight": {"dtype": "F32", "shape": [2, 4, 3, 3],
+                                                        "data_offsets": [0, 288]},
+                  "lora_unet_conv_in.lora_up.weight": {"dtype": "F32", "shape": [8, 2, 1, 1],
+                                                      "data_offsets": [288, 352]}}
+        raw = json.dumps(header).encode() + b" " * len(pad)
+        data = torch.ones(72).numpy().tobytes() + torch.full((16,), 0.5).numpy().tobytes()
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+    for folder, write, fmt, step in [("lib", by_safetensors, "kohya", 8), ("ours", by_loraforge, "loraforge", 8),
+                                     ("hand", by_hand, "kohya", 1)]:
+        files = _files_for_every_residue(tmp_path / folder, write, step)
+        assert 0x80 in files
+        for residue, path in sorted(files.items()):
+            assert detect_format(path) == fmt, (folder, residue)
+            back, detected, _ = read_adapter(path)
+            assert detected == fmt
+            assert_states_equal(back, state)
+        load_file(str(files[0x80]))  # the owner's reader agrees these are valid files

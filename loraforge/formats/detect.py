@@ -254,9 +254,14 @@ def detect_format(path: Path) -> str:
         raise FormatError(f"{path} is a folder but not a PEFT adapter folder (no adapter_config.json)")
     with open(path, "rb") as f:
         head = f.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive or a bare pickle
-        return "slider_pt"
-    if len(head) < 9 or head[8:9] != b"{":
+    # Safetensors first: its 8-byte length field can begin with any byte (0x80 for a header of
+    # 0x480 bytes), so only a JSON object after it tells; read_header then checks every offset.
+    if head[8:9] != b"{":
+        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive or a bare pickle
+            if path.suffix.lower() == ".safetensors":
+                raise FormatError(f"{path} is a torch pickle named .safetensors; rename it to "
+                                  f"{path.with_suffix('.pt').name} to import it as a .pt file")
+            return "slider_pt"
         raise FormatError(f"{path} is neither a safetensors file nor a torch .pt file")
     header, _ = read_header(path)
     fmt = _format_of_keys(sorted(header))
