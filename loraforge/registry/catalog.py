@@ -56,10 +56,10 @@ def connect(path: Path) -> sqlite_utils.Database:
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock between processes (released when the process dies)."""
+def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
+    """An advisory lock between processes (released when the process dies); exclusive unless `shared`."""
     with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:

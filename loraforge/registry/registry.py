@@ -15,7 +15,7 @@ from loraforge.errors import ArtifactNotFound, ConfigError, IntegrityError
 from loraforge.hashing import digest_of_files
 from loraforge.home import checkouts_dir, loraforge_home, tmp_dir
 from loraforge.registry.blobs import BlobStore, fsync_dir
-from loraforge.registry.catalog import immediate, open_catalog
+from loraforge.registry.catalog import file_lock, immediate, open_catalog
 from loraforge.registry.manifest import ARTIFACT_KINDS, FileEntry, Manifest
 from loraforge.registry.refs import check_alias, check_name, parse_registry_ref
 
@@ -80,6 +80,16 @@ class Registry:
         registration leaves at most unreferenced blobs (removed by `gc`), never half an artifact.
         """
         check_name(manifest.name)
+        # From the first blob stored until the rows commit, those blobs are referenced by nothing
+        # in the catalog yet: keep `gc` out for that long (registrations share the lock).
+        with self._blob_lock(shared=True):
+            return self._register(manifest, files, input_digest)
+
+    def _blob_lock(self, shared: bool):
+        return file_lock(self.home / "blobs.lock", shared=shared)
+
+    def _register(self, manifest: Manifest, files: Iterable[tuple[Path, str]] | None,
+                  input_digest: str | None) -> Manifest:
         if files is not None:
             entries = self.store_files(files)
             manifest = manifest.model_copy(update={"files": entries})
@@ -148,13 +158,17 @@ class Registry:
         return manifest
 
     def gc(self) -> tuple[int, int]:
-        """Delete blobs no artifact references and stale temp files. Returns (blobs, bytes) freed."""
-        referenced = {r[0] for r in self.db.execute("SELECT DISTINCT sha256 FROM files").fetchall()}
+        """Delete blobs no artifact references and stale temp files. Returns (blobs, bytes) freed.
+
+        Waits for registrations in progress: their blobs are stored before the catalog names them.
+        """
         count = freed = 0
-        for digest in list(self.blobs):
-            if digest not in referenced:
-                freed += self.blobs.delete(digest)
-                count += 1
+        with self._blob_lock(shared=False):
+            referenced = {r[0] for r in self.db.execute("SELECT DISTINCT sha256 FROM files").fetchall()}
+            for digest in list(self.blobs):
+                if digest not in referenced:
+                    freed += self.blobs.delete(digest)
+                    count += 1
         live = {r[0] for r in self.db.execute("SELECT digest FROM artifacts").fetchall()}
         root = checkouts_dir(self.home)
         if root.exists():
