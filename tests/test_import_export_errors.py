@@ -3,7 +3,11 @@ a damaged store. Each case prints `Error: …` naming the value and the fix, exi
 
 from __future__ import annotations
 
+import collections
+import os
+import pickle
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -62,4 +66,47 @@ def test_a_pickle_named_safetensors_is_refused_in_one_line(home, tmp_path, zip_f
                _use_new_zipfile_serialization=zip_format)
     line = one_error_line(run(home, "registry", "import", str(path), "--name", "s", ok=False))
     assert str(path) in line and "torch pickle named .safetensors" in line and "rename it to slider.pt" in line
+    assert Registry(home).list() == []
+
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _Custom:
+    """A harmless class torch's weights-only loader does not know: it answers with allow-list advice."""
+
+
+def _pickle(path: Path, payload: str, marker: Path, key: str) -> Path:
+    if payload == "code":
+        torch.save({key: _Evil(marker)}, path)
+    elif payload == "class":
+        torch.save({key: _Custom()}, path)
+    else:  # an opcode torch's unpickler lacks: its answer asks to file an issue
+        with open(path, "wb") as f:
+            pickle.dump({key: collections.Counter()}, f, protocol=4)
+    return path
+
+
+@pytest.mark.parametrize("payload", ["code", "class", "opcode"])
+@pytest.mark.parametrize("where", ["adapter", "base"])
+def test_pickle_refusals_never_suggest_turning_weights_only_off(home, tmp_path, kohya_file, payload, where):
+    marker = tmp_path / "pwned"
+    if where == "adapter":
+        path = _pickle(tmp_path / "slider.pt", payload, marker, "lora_unet_conv_in.lora_down.weight")
+        args = ["registry", "import", str(path), "--name", "evil"]
+    else:
+        path = _pickle(tmp_path / "model.ckpt", payload, marker, "cond_stage_model.x")
+        args = ["registry", "import", str(kohya_file), "--name", "style", "--base", str(path)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about pickle protocol 4 on its own
+        line = one_error_line(run(home, *args, ok=False))
+    assert line.startswith(f"Error: refusing to unpickle {path}: it contains objects other than tensors (")
+    assert "weights_only" not in line and "safe_globals" not in line and "trust" not in line, line
+    assert line.endswith("; use a .safetensors copy of it"), line
+    assert not marker.exists()
     assert Registry(home).list() == []

@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraforge.errors import FormatError, UnresolvedReference, UnsafePickleError
+from loraforge.errors import FormatError, UnresolvedReference
 from loraforge.hashing import iter_folder_files, sha256_file, sha256_folder, sha256_json
 from loraforge.home import cache_dir, loraforge_home
 from loraforge.models.builtin import BUILTIN_PREFIX, ensure_builtin
@@ -100,19 +100,9 @@ def checkpoint_keys(path: Path) -> list[str]:
 
 
 def _load_pickle_state_dict(path: Path) -> dict:
-    import pickle
+    from loraforge.formats.pickles import load_weights_only
 
-    import torch
-
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsafePickleError(
-            f"{path} is a pickle with objects other than tensors ({first_line}); convert it to .safetensors"
-        ) from None
-    except (RuntimeError, OSError, EOFError) as exc:
-        raise FormatError(f"{path} is not a readable checkpoint: {exc}") from None
+    data = load_weights_only(path, mmap=True)
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):

@@ -1,0 +1,58 @@
+"""Loading torch pickles (`.pt`, `.ckpt`, `.bin`) without running any code they carry.
+
+`torch.load(weights_only=True)` refuses everything but tensors and plain containers. Its refusal
+then advises retrying with weights_only turned off or allow-listing the refused class — the one
+thing not to do with a file of unknown origin — so only the line naming what was refused is kept.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+from loraforge.errors import FormatError, UnsafePickleError
+
+# Lines of torch's refusal that explain torch rather than the file.
+_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+_REASON_MARK = "WeightsUnpickler error:"
+
+
+def load_weights_only(path: Path, *, mmap: bool = False) -> object:
+    """The unpickled object of a torch file, loaded with weights_only=True (memory-mapped with `mmap`).
+
+    Raises UnsafePickleError (naming what was refused) for anything else, FormatError for a file
+    torch cannot read. The file is opened here, so torch never picks a loader by the file's name.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            # torch maps only zip archives (torch.save since 1.6), and only files it opens itself;
+            # older bare pickles are read in full.
+            if mmap and f.read(4) == b"PK\x03\x04":
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            f.seek(0)
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafePickleError(
+            f"refusing to unpickle {path}: it contains objects other than tensors ({refusal_reason(e)}); "
+            "use a .safetensors copy of it"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FormatError(f"{path} is not a readable torch file: {first}") from None
+
+
+def refusal_reason(error: Exception) -> str:
+    """The first sentence of torch's weights_only refusal that says what was refused."""
+    for line in str(error).splitlines():
+        line = line.split(_REASON_MARK, 1)[-1].strip()
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+        if not line or line.startswith(_BOILERPLATE) or "weights_only" in line:
+            continue
+        sentence = re.split(r"\.\s", line, maxsplit=1)[0].rstrip(".")
+        if "weights_only" not in sentence and "safe_globals" not in sentence:
+            return sentence
+    return "torch's weights-only loader refused it"
