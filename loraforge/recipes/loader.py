@@ -46,26 +46,96 @@ def _restore(text: str) -> str:
     return _SAFE_RE.sub(lambda m: "${" + m.group(1) + "}", text)
 
 
-def _build(loader: yaml.SafeLoader, node: yaml.Node, path: tuple, positions: dict, source: Path) -> Any:
-    positions.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
-    if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)
+# How many nodes aliases may add to a recipe beyond those written in it. Templates reused a few
+# times add hundreds; a "billion laughs" file of 300 bytes would add 9**9 (and hang every reader).
+MAX_ALIAS_NODES = 10_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _mark(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _check_expansion(root: yaml.Node, source: Path) -> None:
+    """Refuse a document whose aliases expand it by more than MAX_ALIAS_NODES nodes, or loop.
+
+    Sizes are memoised per node, so this costs one pass over the nodes as written, however large
+    their expansion would be.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    added = 0
+
+    def size(node: yaml.Node) -> int:
+        nonlocal added
+        key = id(node)
+        if key in sizes:  # a second visit: this node is an alias's target, expanded again
+            added += sizes[key]
+            if added > MAX_ALIAS_NODES:
+                line, col = _mark(node)
+                raise RecipeError(f"{source}:{line}:{col}: YAML aliases expand the recipe by more than "
+                                  f"{MAX_ALIAS_NODES} nodes (this anchor alone is {sizes[key]}): write the "
+                                  "repeated parts out, or use fewer nested aliases")
+            return sizes[key]
+        if key in active:
+            line, col = _mark(node)
+            raise RecipeError(f"{source}:{line}:{col}: this anchor refers to itself through an alias; "
+                              "a recipe must be a tree")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(item) for item in node.value)
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
+class _Builder:
+    """Plain data and positions from a composed YAML node graph (PyYAML's constructor keeps neither)."""
+
+    def __init__(self, loader: yaml.SafeLoader, source: Path):
+        self.loader = loader
+        self.source = source
+        self.positions: dict = {}
+        # Keys written in a mapping itself, before merge keys (`<<: *base`) add others: an
+        # explicit key may override a merged one, but not another explicit one. Kept per node because
+        # flatten_mapping rewrites a node in place and an aliased node is built again.
+        self._explicit: dict[int, set[int]] = {}
+
+    def build(self, node: yaml.Node, path: tuple = ()) -> Any:
+        self.positions.setdefault(path, _mark(node))
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
+        value = self.loader.construct_object(node, deep=True)
+        return _restore(value) if isinstance(value, str) else value
+
+    def _mapping(self, node: yaml.MappingNode, path: tuple) -> dict:
+        explicit = self._explicit.setdefault(id(node), {id(k) for k, _ in node.value if k.tag != _MERGE_TAG})
+        self.loader.flatten_mapping(node)
         out: dict = {}
+        explicit_keys: set = set()
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            line, col = _mark(key_node)
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise RecipeError(f"{self.source}:{line}:{col}: a mapping key must be a plain value, "
+                                  f"not a {'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}")
+            key = self.loader.construct_object(key_node, deep=True)
             if isinstance(key, str):
                 key = _restore(key)
-            if key in out:
-                line, col = key_node.start_mark.line + 1, key_node.start_mark.column + 1
-                raise RecipeError(f"{source}:{line}:{col}: duplicate key {key!r}")
+            if id(key_node) in explicit:
+                if key in explicit_keys:
+                    raise RecipeError(f"{self.source}:{line}:{col}: duplicate key {key!r}")
+                explicit_keys.add(key)
             # Point errors about an entry at its key, which is where a reader looks.
-            positions[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            out[key] = _build(loader, value_node, path + (key,), positions, source)
+            self.positions[path + (key,)] = (line, col)
+            out[key] = self.build(value_node, path + (key,))
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_build(loader, item, path + (i,), positions, source) for i, item in enumerate(node.value)]
-    value = loader.construct_object(node, deep=True)
-    return _restore(value) if isinstance(value, str) else value
 
 
 def parse_yaml(text: str, path: Path) -> RecipeSource:
@@ -74,19 +144,24 @@ def parse_yaml(text: str, path: Path) -> RecipeSource:
     loader = yaml.SafeLoader(safe)
     try:
         node = loader.get_single_node()
-        positions: dict = {}
-        data = _build(loader, node, (), positions, path) if node is not None else None
+        data = None
+        builder = _Builder(loader, path)
+        if node is not None:
+            _check_expansion(node, path)
+            data = builder.build(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise RecipeError(f"{where}: not valid YAML: {exc.problem or exc}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to read: flatten the recipe") from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):
         raise RecipeError(f"{path}:1:1: a recipe is a mapping with `steps:` (got {type(data).__name__})")
-    return RecipeSource(path=path, data=data, positions=positions)
+    return RecipeSource(path=path, data=data, positions=builder.positions)
 
 
 def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
