@@ -35,7 +35,7 @@ class TrainConfig(BaseModel):
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], description="UNet module names (last segments) that get a LoRA.")
     train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder's attention projections.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
-    cache_latents: bool = Field(True, description="Cache VAE latents and text embeddings on disk (keyed by dataset + model digest).")
+    cache_latents: bool = Field(True, description="Cache VAE latents and text embeddings on disk (keyed by images, transform, text and model weights).")
     use_8bit_adam: bool = Field(False, description="Use bitsandbytes 8-bit AdamW when it is installed.")
     compile: bool = Field(False, description="torch.compile the UNet (opt-in; slower start, faster steps on GPU).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")

@@ -1,24 +1,80 @@
-"""Latents and text embeddings of a training set: cached on disk by dataset + model digest, or encoded per batch."""
+"""Latents and text embeddings of a training set: cached on disk, or encoded per batch.
+
+Latents and text embeddings are separate entries, each keyed by everything that determines its
+content: latents by the image bytes, the pixel transform and the VAE's weights; text by the token ids
+and the text encoder's weights. So a DreamBooth run on a folder a text-to-image run used shares its
+latents but never its caption embeddings.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
 
-from loraforge.hashing import sha256_json
+from loraforge.hashing import sha256_file, sha256_json
 from loraforge.home import cache_dir
-from loraforge.train.data import TrainingSet, image_tensor
-from loraforge.train.model import TrainingModel, encode_images, encode_prompts
+from loraforge.train.data import IMAGE_TRANSFORM, TrainingSet, image_tensor
+from loraforge.train.model import TrainingModel, encode_images, encode_prompts, tokenize_prompts
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+
+_module_digests: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
-def cache_key(dataset_digest: str, model_digest: str, resolution: int, crop: str, seed: int) -> str:
-    return sha256_json(["train-cache", CACHE_VERSION, dataset_digest, model_digest, resolution, crop,
-                        seed if crop == "random" else 0])[:32]
+def module_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's config and weights (names, dtypes, shapes, bytes), once per module object.
+
+    Taken from the weights in memory, not from files, so a single-file checkpoint, a diffusers folder
+    and a merge that kept its base's VAE all name the same VAE the same way.
+    """
+    if module in _module_digests:
+        return _module_digests[module]
+    h = hashlib.sha256()
+    config = getattr(module, "config", None)
+    h.update(repr(config.to_dict() if hasattr(config, "to_dict") else config).encode())
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    _module_digests[module] = digest = h.hexdigest()
+    return digest
+
+
+def _image_digests(data: TrainingSet) -> list[tuple[str, str]]:
+    known = {e.path: e.sha256 for e in data.manifest.files}
+    return [(rel, known.get(rel) or sha256_file(data.folder / rel)) for rel in data.images]
+
+
+def latents_key(model: TrainingModel, data: TrainingSet, resolution: int, crop: str, seed: int) -> str:
+    return sha256_json(["train-latents", CACHE_VERSION, module_digest(model.pipe.vae), str(model.autocast_dtype),
+                        IMAGE_TRANSFORM, resolution, crop, seed if crop == "random" else None,
+                        _image_digests(data)])[:32]
+
+
+def text_key(model: TrainingModel, captions: list[str]) -> str:
+    ids = tokenize_prompts(model, captions)
+    return sha256_json(["train-text", CACHE_VERSION, module_digest(model.pipe.text_encoder),
+                        str(model.autocast_dtype), list(ids.shape),
+                        hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()])[:32]
+
+
+def _load_or_build(path: Path, build) -> torch.Tensor:
+    from safetensors.torch import load_file, save_file
+
+    if path.is_file():
+        return load_file(path)["data"]
+    value = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file({"data": value.contiguous()}, tmp)
+    os.replace(tmp, path)  # readers see a whole file or none
+    return value
 
 
 class BatchSource:
@@ -30,33 +86,26 @@ class BatchSource:
         self.encode_text = encode_text  # False while a text-encoder LoRA trains: text is encoded per step
         self.latents: torch.Tensor | None = None
         self.text: torch.Tensor | None = None
-        self.cache_file: Path | None = None
+        self.cache_files: list[Path] = []
         if cached:
-            key = cache_key(data.digest, model.base.digest, resolution, crop, seed)
-            self.cache_file = cache_dir(Path(home)) / "train" / f"{key}.safetensors"
-            self._load_or_build()
+            folder = cache_dir(Path(home)) / "train"
+            path = folder / f"latents-{latents_key(model, data, resolution, crop, seed)}.safetensors"
+            self.latents = _load_or_build(path, self._encode_all_images)
+            self.cache_files.append(path)
+            if encode_text:
+                path = folder / f"text-{text_key(model, data.captions)}.safetensors"
+                self.text = _load_or_build(path, self._encode_all_captions)
+                self.cache_files.append(path)
 
     def _pixels(self, i: int) -> torch.Tensor:
         return image_tensor(self.data.folder / self.data.images[i], self.resolution, self.crop, seed=self.seed * 7919 + i)
 
-    def _load_or_build(self) -> None:
-        from safetensors.torch import load_file, save_file
+    def _encode_all_images(self) -> torch.Tensor:
+        return torch.cat([encode_images(self.model, self._pixels(i)[None]).cpu() for i in range(len(self.data))])
 
-        if self.cache_file.is_file():
-            stored = load_file(self.cache_file)
-            self.latents, self.text = stored["latents"], stored["text"]
-            return
-        latents, texts = [], []
-        for i in range(len(self.data)):
-            latents.append(encode_images(self.model, self._pixels(i)[None]).cpu())
-        for start in range(0, len(self.data), 16):
-            texts.append(encode_prompts(self.model, self.data.captions[start:start + 16]).cpu())
-        self.latents, self.text = torch.cat(latents), torch.cat(texts)
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({"latents": self.latents.contiguous(), "text": self.text.contiguous()}, tmp)
-        os.replace(tmp, self.cache_file)  # readers see a whole file or none
+    def _encode_all_captions(self) -> torch.Tensor:
+        captions = self.data.captions
+        return torch.cat([encode_prompts(self.model, captions[i:i + 16]).cpu() for i in range(0, len(captions), 16)])
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Latents and (unless encode_text is False) text embeddings on the model's device."""

@@ -80,6 +80,10 @@ def prepare_dataset(registry: Registry, source: str, *, output: str,
     return TrainingSet(manifest=manifest, folder=folder, images=rels, captions=[captions[r] for r in rels])
 
 
+# Names the pixel transform of image_tensor in cache keys: change it whenever the transform changes.
+IMAGE_TRANSFORM = "rgb-shorter-side-bicubic-crop-v1"
+
+
 def image_tensor(path: Path, resolution: int, crop: str = "center", seed: int = 0) -> torch.Tensor:
     """A 3×res×res tensor in [-1, 1]: shorter side resized to `resolution`, then a centre or seeded random crop."""
     from PIL import Image

@@ -70,13 +70,19 @@ def load_training_model(registry: Registry, base_ref: str, mixed_precision: str 
     return TrainingModel(pipe=pipe, base=base, device=dev, autocast_dtype=amp, noise_scheduler=noise_scheduler)
 
 
-def encode_prompts(model: TrainingModel, prompts: Sequence[str], grad: bool = False) -> torch.Tensor:
-    """Per-token text embeddings (batch × 77 × dim) from the text encoder."""
+def tokenize_prompts(model: TrainingModel, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids (batch × 77) exactly as the text encoder receives them."""
     tok = model.pipe.tokenizer(list(prompts), padding="max_length", max_length=model.pipe.tokenizer.model_max_length,
                                truncation=True, return_tensors="pt")
+    return tok.input_ids
+
+
+def encode_prompts(model: TrainingModel, prompts: Sequence[str], grad: bool = False) -> torch.Tensor:
+    """Per-token text embeddings (batch × 77 × dim) from the text encoder."""
+    ids = tokenize_prompts(model, prompts)
     ctx = contextlib.nullcontext() if grad else torch.no_grad()
     with ctx, model.autocast():
-        out = model.pipe.text_encoder(tok.input_ids.to(model.device))[0]
+        out = model.pipe.text_encoder(ids.to(model.device))[0]
     return out.float()
 
 
