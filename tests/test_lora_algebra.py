@@ -14,6 +14,7 @@ from loraforge.registry import Registry
 from loraforge.synthetic import random_lora
 
 from cli_helpers import run_cli as run
+from sparsify_reference import ties_reference
 
 SHAPES = {"unet": {"a.to_q": (64, 48), "b.to_k": (80, 32), "c.to_v": (16, 8, 3, 3), "d.to_out.0": (40, 40)}}
 
@@ -63,15 +64,10 @@ def test_svd_merge_is_the_eckart_young_optimum(states):
 
 
 def test_ties_and_dare_match_dense_references(states):
-    from loraforge.ops.merge_methods.ties import trim_top
-
     out = combine_states(states, WEIGHTS, "ties", 40, {"density": 0.4})
     for name in out:
-        deltas = [w * s[name].delta().flatten(1) for s, w in zip(states, WEIGHTS) if name in s]
-        trimmed = torch.stack([trim_top(d, 0.4) for d in deltas])
-        sign = torch.sign(trimmed.sum(0))
-        agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
-        want = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+        present = [(s[name].delta().flatten(1), w) for s, w in zip(states, WEIGHTS) if name in s]
+        want = ties_reference([d for d, _ in present], [w for _, w in present], 0.4)
         u, s, vh = torch.linalg.svd(want.double(), full_matrices=False)
         r = min(40, s.numel())
         best = (u[:, :r] * s[:r]) @ vh[:r]

@@ -48,12 +48,14 @@ def combine_states(states: list[LoraState], weights: list[float], method: str, r
                 default=torch.float32)
     for name in names:
         present = [(s[name], w, label) for s, w, label in zip(states, weights, labels) if name in s]
+        indices = [i for i, s in enumerate(states) if name in s]
         shape = present[0][0].weight_shape
         for m, _, label in present[1:]:
             if m.weight_shape != shape:
                 raise IncompatibleBaseError(f"module {name} has shape {m.weight_shape} in {label} but {shape} in "
                                             f"{present[0][2]}: the adapters are for different base models")
-        inputs = ModuleInputs(name, [m.factors() for m, _, _ in present], [w for _, w, _ in present], rank, full)
+        inputs = ModuleInputs(name, [m.factors() for m, _, _ in present], [w for _, w, _ in present], rank, full,
+                              indices)
         b, a = impl.combine(inputs)
         out[name] = module_from_factors(b, a, present[0][0], dtype)
         if progress:

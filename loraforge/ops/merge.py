@@ -23,7 +23,7 @@ ALL_COMPONENTS = ("unet", "text_encoder", "vae")
 # Elementwise methods see big tensors in row chunks of about this many elements: small enough that a
 # chunk's fp16 bytes and fp32 copies (2.5 MB) stay in cache between the convert, multiply-add and
 # convert-back passes, large enough that per-chunk overhead is negligible. A method may set its own
-# `chunk_elements` (DARE does, because its random masks are drawn per chunk).
+# `chunk_elements` (DARE does, to match its mask blocks; its result does not depend on the chunking).
 CHUNK_ELEMENTS = 1 << 18
 
 
@@ -155,7 +155,7 @@ def _merge_tensor(plan: MergePlan, task: TensorTask, scratch: ScratchBuffers) ->
                 # one raw buffer serves every input: each is converted to float32 before the next is read
                 raw = ckpt.read_into(task.ckey, scratch.get("raw", 0, nbytes, torch.uint8), span)
                 tensors.append(work.view(shape).copy_(raw))
-        ctx = TensorContext(task.ckey, span[0] if span else 0)
+        ctx = TensorContext(task.ckey, span[0] if span else 0, task.shape, span[1] if span else None)
         out = plan.method.merge(tensors, task.alpha, plan.weights, plan.params, ctx)
         del tensors
         if out.dtype != task.dtype:

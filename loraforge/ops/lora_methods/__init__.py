@@ -21,6 +21,10 @@ class ModuleInputs:
     weights: list[float]
     rank: Optional[int]  # the target rank (None: method default)
     params: dict[str, Any]
+    indices: Optional[list[int]] = None  # each pair's adapter position among all inputs (None: 0, 1, …)
+
+    def adapter_indices(self) -> list[int]:
+        return list(self.indices) if self.indices is not None else list(range(len(self.pairs)))
 
 
 class LoraMethod:

@@ -6,11 +6,9 @@ merged tensor. `elementwise` methods may also be given row chunks of large tenso
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
 from loraforge.errors import ConfigError
@@ -18,15 +16,22 @@ from loraforge.errors import ConfigError
 
 @dataclass(frozen=True)
 class TensorContext:
-    """Where a tensor (or chunk) comes from: its key and first row, for per-tensor seeded randomness."""
+    """Where a tensor (or chunk) comes from: its key, the whole tensor's shape and the chunk's rows.
+
+    Seeded randomness should be a function of the key and the element, never of the chunk, so that the
+    result does not depend on how the engine splits a tensor: `loraforge.ops.sparsify.dare_keep(seed,
+    ctx.key, index, p, ctx.shape, ctx.rows)` draws such masks.
+    """
 
     key: str
     row_start: int = 0
+    shape: Optional[tuple[int, ...]] = None  # the whole tensor's shape (None: the chunk is the whole tensor)
+    row_stop: Optional[int] = None
 
-    def generator(self, seed: int, index: int) -> torch.Generator:
-        """A generator that depends only on (seed, key, row, index), so results do not depend on order."""
-        mix = zlib.crc32(f"{seed}:{self.key}:{self.row_start}:{index}".encode())
-        return torch.Generator().manual_seed(mix)
+    @property
+    def rows(self) -> Optional[tuple[int, int]]:
+        """(first row, row after the last) of the chunk, or None when it is the whole tensor."""
+        return None if self.row_stop is None else (self.row_start, self.row_stop)
 
 
 class MergeMethod:
