@@ -73,6 +73,7 @@ def apply(path: Path, publish: bool) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     ckpt = registry.home / "tmp" / f"fake-{input_digest[:16]}.ckpt"
+    ckpt.parent.mkdir(exist_ok=True)  # the registry makes scratch folders only when it writes
     start = int(ckpt.read_text()) if ckpt.is_file() else 0
     if start:
         print(f"resumed from step {start}")

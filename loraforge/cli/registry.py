@@ -173,9 +173,14 @@ def rm(ctx, ref):
 @registry.command()
 @click.pass_context
 def gc(ctx):
-    """Delete blobs that no artifact references; reports bytes freed."""
-    count, freed = registry_from_ctx(ctx).gc()
-    click.echo(f"deleted {count} blobs, freed {human_size(freed)} ({freed} bytes)")
+    """Delete unreferenced blobs and temp files of dead processes.
+
+    Waits for registrations in progress; temp folders of live processes are kept. Reports what was freed.
+    """
+    report = registry_from_ctx(ctx).gc()
+    entries = "entry" if report.temp_entries == 1 else "entries"
+    click.echo(f"deleted {report.blobs} blobs, freed {human_size(report.blob_bytes)} ({report.blob_bytes} bytes); "
+               f"removed {report.temp_entries} stale temp {entries} ({human_size(report.temp_bytes)})")
 
 
 @registry.command()

@@ -20,7 +20,7 @@ from loraforge.daemon.status import daemon_dir, write_status
 from loraforge.daemon.watcher import Watcher
 from loraforge.daemon.worker import Worker, describe_exit, orphan_alive, stop_orphan, worker_specs
 from loraforge.errors import ConfigError
-from loraforge.home import loraforge_home
+from loraforge.home import loraforge_home, remove_stale_tmp
 
 log = logging.getLogger("loraforge.daemon")
 
@@ -137,6 +137,9 @@ class Daemon:
         now = time.monotonic() if now is None else now
         self._acquire_lock()
         self.recover()
+        removed, size = remove_stale_tmp(self.home)  # what killed runs left (after recover stopped orphans)
+        if removed:
+            self.event(f"removed {removed} stale temp {'entry' if removed == 1 else 'entries'} ({size} bytes)")
         if self.watcher is not None:
             self.watcher.start()
             self._rewatch()

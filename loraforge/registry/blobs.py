@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from loraforge.errors import IntegrityError
 from loraforge.hashing import CHUNK, sha256_file
@@ -27,11 +27,11 @@ def fsync_dir(path: Path) -> None:
 class BlobStore:
     """Files addressed by their sha256. A blob is complete once it has its final name."""
 
-    def __init__(self, root: Path, tmp: Path):
+    def __init__(self, root: Path, scratch: Callable[[], Path]):
+        """`scratch()` gives the folder for partly written blobs (same filesystem as `root`)."""
         self.root = Path(root)
-        self.tmp = Path(tmp)
+        self.scratch = scratch
         self.root.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
 
     def path(self, digest: str) -> Path:
         return self.root / digest[:2] / digest
@@ -54,7 +54,7 @@ class BlobStore:
         """Copy a stream into the store; returns (sha256, size)."""
         h = hashlib.sha256()
         size = 0
-        fd, name = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
+        fd, name = tempfile.mkstemp(dir=self.scratch(), prefix="blob-")
         tmp_path = Path(name)
         try:
             with os.fdopen(fd, "wb") as out:

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Optional
 
 from loraforge.errors import ArtifactNotFound, ConfigError, IntegrityError
 from loraforge.hashing import digest_of_files
-from loraforge.home import checkouts_dir, loraforge_home, tmp_dir
+from loraforge.home import checkouts_dir, loraforge_home, remove_stale_tmp, tmp_dir
 from loraforge.registry.blobs import BlobStore, fsync_dir
 from loraforge.registry.catalog import file_lock, immediate, open_catalog
 from loraforge.registry.manifest import ARTIFACT_KINDS, FileEntry, Manifest
@@ -51,13 +51,21 @@ class VerifyReport:
         return not self.problems
 
 
+@dataclass
+class GcReport:
+    blobs: int = 0
+    blob_bytes: int = 0
+    temp_entries: int = 0
+    temp_bytes: int = 0
+
+
 class Registry:
     """A loraforge home: catalog (`registry.db`) + blobs (`blobs/sha256/`)."""
 
     def __init__(self, home: str | os.PathLike | None = None):
         self.home = loraforge_home(home)
         self.db = open_catalog(self.home)
-        self.blobs = BlobStore(self.home / "blobs" / "sha256", tmp_dir(self.home))
+        self.blobs = BlobStore(self.home / "blobs" / "sha256", lambda: tmp_dir(self.home))
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -157,25 +165,26 @@ class Registry:
         shutil.rmtree(checkouts_dir(self.home) / manifest.digest, ignore_errors=True)
         return manifest
 
-    def gc(self) -> tuple[int, int]:
-        """Delete blobs no artifact references and stale temp files. Returns (blobs, bytes) freed.
+    def gc(self) -> GcReport:
+        """Delete blobs no artifact references and the temp files of dead processes.
 
         Waits for registrations in progress: their blobs are stored before the catalog names them.
         """
-        count = freed = 0
+        report = GcReport()
         with self._blob_lock(shared=False):
             referenced = {r[0] for r in self.db.execute("SELECT DISTINCT sha256 FROM files").fetchall()}
             for digest in list(self.blobs):
                 if digest not in referenced:
-                    freed += self.blobs.delete(digest)
-                    count += 1
+                    report.blob_bytes += self.blobs.delete(digest)
+                    report.blobs += 1
+        report.temp_entries, report.temp_bytes = remove_stale_tmp(self.home)
         live = {r[0] for r in self.db.execute("SELECT digest FROM artifacts").fetchall()}
         root = checkouts_dir(self.home)
         if root.exists():
             for sub in root.iterdir():
                 if sub.name not in live:
                     shutil.rmtree(sub, ignore_errors=True)
-        return count, freed
+        return report
 
     # -- reading -----------------------------------------------------------------------------
 
