@@ -12,7 +12,7 @@ from loraforge.plugins import LORA_METHODS
 
 @LORA_METHODS.register("dare", reference_url="https://arxiv.org/abs/2311.03099")
 class LoraDare(LoraMethod):
-    """DARE on dense deltas (drop with probability p, rescale by 1/(1−p), seeded per module), then SVD."""
+    """The checkpoint DARE, same masks, on each module's dense ΔWᵢ (keep w.p. 1−p, ×1/(1−p)), then SVD to the rank."""
 
     params = {"drop_rate": 0.5, "seed": 0}
 

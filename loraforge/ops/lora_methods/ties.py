@@ -11,7 +11,7 @@ from loraforge.plugins import LORA_METHODS
 
 @LORA_METHODS.register("ties", reference_url="https://arxiv.org/abs/2306.01708")
 class LoraTies(LoraMethod):
-    """TIES on dense per-module deltas (trim, elect sign by weighted mass, mean of agreeing wᵢΔWᵢ), then SVD."""
+    """The checkpoint TIES on each module's dense ΔWᵢ (mean by count of agreeing wᵢΔWᵢ), then SVD to the rank."""
 
     params = {"density": 0.5, "seed": 0}
 

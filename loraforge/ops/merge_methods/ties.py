@@ -9,7 +9,7 @@ from loraforge.plugins import MERGE_METHODS
 
 @MERGE_METHODS.register("ties", reference_url="https://arxiv.org/abs/2306.01708")
 class Ties(MergeMethod):
-    """Base + α·TIES(modelᵢ − base): trim to density, elect sign by weighted mass, mean of agreeing wᵢτᵢ."""
+    """Base + α·TIES(modelᵢ − base): trim to density, elect sign by Σwᵢτᵢ, mean (by count) of agreeing wᵢτᵢ."""
 
     name = "ties"
     max_models = None
