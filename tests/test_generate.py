@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -68,3 +69,30 @@ def test_exported_text_encoder_lora_loads_in_plain_diffusers(home, tiny_sd_path,
         base = StableDiffusionPipeline.from_pretrained(tiny_sd_path).text_encoder(ids)[0]
     assert (want - base).abs().max() > 1e-3
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, value, fix", [
+    (["--size", "7"], "--size 7", "--size 8"),
+    (["--size", "12"], "--size 12", "--size 16"),
+    (["--size", "0"], "--size 0", "--size 8"),  # not silently the model's default
+    (["--size", "-8"], "--size -8", "--size 8"),
+    (["--steps", "0"], "--steps 0", "--steps 1"),
+    (["--steps", "-3"], "--steps -3", "--steps 1"),
+])
+def test_generate_bad_size_or_steps_is_a_one_line_error(home, tmp_path, args, value, fix):
+    out = tmp_path / "x.png"
+    result = CliRunner().invoke(cli, ["generate", "--base", "builtin:tiny-sd", "--prompt", "x", "-o", str(out),
+                                      *args])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {value} ") and fix in lines[0], result.output
+    assert not out.exists()
+
+
+def test_a_render_step_size_that_is_not_a_multiple_of_8_is_refused_by_validate(home, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  r:\n    render: {prompts: [a cat], size: 12}\n")
+    result = CliRunner().invoke(cli, ["recipe", "validate", str(recipe)])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {recipe.resolve()}:3:") and "size 12" in result.output
+    assert "size 16" in result.output

@@ -17,13 +17,14 @@ from loraforge.cli.output import registry_from_ctx
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--steps", type=int, default=20, show_default=True)
 @click.option("--guidance", type=float, default=5.0, show_default=True)
-@click.option("--size", type=int, help="Image height and width in pixels (default: the model's).")
+@click.option("--size", type=int, help="Image height and width in pixels, a multiple of 8 (default: the model's).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.pass_context
 def generate(ctx, base, loras, prompt, negative_prompt, seed, steps, guidance, size, output):
     """Generate one image from BASE with adapters applied at their weights."""
-    from loraforge.render import generate_image
+    from loraforge.render.generate import check_generation, generate_image
 
+    check_generation(steps, size, steps_name="--steps", size_name="--size")  # before the slow model load
     image = generate_image(
         registry_from_ctx(ctx), base, list(loras), prompt, seed=seed, steps=steps, guidance=guidance,
         negative_prompt=negative_prompt, size=size,

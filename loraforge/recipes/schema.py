@@ -57,6 +57,15 @@ class RenderSpec(Spec):
                           "the image as each view sees it.")
 
     @model_validator(mode="after")
+    def _size_in_latent_blocks(self) -> "RenderSpec":
+        from loraforge.render.generate import size_problem
+
+        problem = size_problem(self.size)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _illusion_prompts(self) -> "RenderSpec":
         if self.views:
             from loraforge.render.illusion import get_view

@@ -4,6 +4,29 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from loraforge.errors import ConfigError
+
+# Diffusers' Stable Diffusion pipelines refuse sizes that are not whole 8-pixel latent blocks.
+LATENT_BLOCK = 8
+
+
+def size_problem(size: Optional[int], name: str = "size") -> Optional[str]:
+    """Why `size` cannot be an image size (None when it can, or when it is left to the model)."""
+    if size is None or (size >= LATENT_BLOCK and size % LATENT_BLOCK == 0):
+        return None
+    fix = max(LATENT_BLOCK, -(-size // LATENT_BLOCK) * LATENT_BLOCK)
+    return (f"{name} {size} is not a positive multiple of {LATENT_BLOCK} (images are made of "
+            f"{LATENT_BLOCK}-pixel latent blocks): use {name} {fix}")
+
+
+def check_generation(steps: int, size: Optional[int], *, steps_name: str = "steps", size_name: str = "size") -> None:
+    """Refuse a step count or size the pipeline would fail on (or, for size 0, quietly replace)."""
+    if steps < 1:
+        raise ConfigError(f"{steps_name} {steps} is not a number of denoising steps: use {steps_name} 1 or more")
+    problem = size_problem(size, size_name)
+    if problem:
+        raise ConfigError(problem)
+
 
 def generate_image(registry, base_ref: str, lora_specs: Sequence[str], prompt: str, *, seed: int = 0,
                    steps: int = 20, guidance: float = 5.0, negative_prompt: Optional[str] = None,
@@ -11,6 +34,7 @@ def generate_image(registry, base_ref: str, lora_specs: Sequence[str], prompt: s
     from loraforge.models.pipeline import generate
     from loraforge.render.adapters import load_pipeline_with_adapters
 
+    check_generation(steps, size)
     pipe, _base, _loaded = load_pipeline_with_adapters(registry, base_ref, lora_specs)
     return generate(pipe, prompt, seed=seed, steps=steps, guidance=guidance, height=size, width=size,
                     negative_prompt=negative_prompt)
