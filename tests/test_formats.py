@@ -30,6 +30,7 @@ from loraforge.formats import (
     register_format,
     write_adapter,
 )
+from loraforge.formats.lora import with_text_model, without_text_model
 
 torch.set_num_threads(1)
 
@@ -69,8 +70,11 @@ def bases():
 
 
 def targets_of(models) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Canonical module paths → weight shapes; text-encoder paths under `text_model.` as files spell
+    them, whether or not the installed transformers builds CLIPTextModel with that wrapper."""
     return {
-        component: {name: tuple(mod.weight.shape) for name, mod in model.named_modules()
+        component: {(name if component == "unet" else with_text_model(name)): tuple(mod.weight.shape)
+                    for name, mod in model.named_modules()
                     if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))}
         for component, model in models.items()
     }
@@ -104,7 +108,8 @@ def patched(model, state: LoraState, component: str):
     modules = dict(model.named_modules())
     with torch.no_grad():
         for path, m in state.component(component).items():
-            modules[path].weight += m.delta(modules[path].weight.dtype)
+            module = modules[path] if path in modules else modules[without_text_model(path)]
+            module.weight += m.delta(module.weight.dtype)
     return model
 
 
@@ -565,3 +570,45 @@ def test_safetensors_files_of_every_header_length_are_detected_as_safetensors(tm
             assert detected == fmt
             assert_states_equal(back, state)
         load_file(str(files[0x80]))  # the owner's reader agrees these are valid files
+
+
+# -- PEFT folders of text encoders ---------------------------------------------------------
+
+@pytest.mark.parametrize("component, projection", [("text_encoder", False), ("text_encoder_2", True)])
+def test_peft_loads_our_text_encoder_folder_with_identical_outputs(bases, tmp_path, component, projection):
+    from peft import PeftModel
+
+    family = "sdxl" if projection else "sd1"
+    te = bases[family][component]
+    state = LoraState({n: m for n, m in random_state(bases[family]).items() if n.startswith(f"{component}.")})
+    unet = LoraState({n: m for n, m in random_state(bases[family], every=5).items() if n.startswith("unet.")})
+    both = LoraState({**state, **unet})
+    write_adapter(both, tmp_path / "both", "peft")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(copy.deepcopy(te), str(tmp_path / "both" / component))
+    assert not [str(w.message) for w in caught if re.search(r"missing|unexpected", str(w.message), re.I)]
+    torch.testing.assert_close(te_out(model), te_out(patched(te, state, component)),
+                               rtol=0, atol=1e-5)
+    assert not torch.allclose(te_out(model), te_out(te), atol=1e-4)
+    unet_model = PeftModel.from_pretrained(copy.deepcopy(bases[family]["unet"]), str(tmp_path / "both" / "unet"))
+    torch.testing.assert_close(unet_out(unet_model.base_model.model, projection),
+                               unet_out(patched(bases[family]["unet"], unet, "unet"), projection), rtol=0, atol=1e-5)
+    assert_states_equal(read_adapter(tmp_path / "both")[0], both)
+
+
+def test_reading_a_text_encoder_folder_written_by_peft(bases, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    te = copy.deepcopy(bases["sd1"]["text_encoder"])
+    model = get_peft_model(te, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "fc1"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    model.save_pretrained(str(tmp_path / "peft"))
+    state, fmt, _ = read_adapter(tmp_path / "peft")
+    assert fmt == "peft" and state.components == ["text_encoder"]
+    assert all(n.startswith("text_encoder.text_model.encoder.layers.") for n in state), sorted(state)
+    torch.testing.assert_close(te_out(patched(bases["sd1"]["text_encoder"], state, "text_encoder")),
+                               te_out(model), rtol=0, atol=1e-5)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from loraforge.errors import FormatError
 from loraforge.formats.kohya import is_kohya_key, kohya_to_lora
-from loraforge.formats.lora import COMPONENTS, LoraModule, LoraState, alpha_value, pair_names
+from loraforge.formats.lora import COMPONENTS, LoraModule, LoraState, alpha_value, pair_names, without_text_model
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
@@ -145,8 +145,6 @@ def diffusers_to_lora(sd: Mapping[str, Tensor], metadata: Mapping[str, Any] | No
     return state
 
 
-def _peft_suffix(path: str) -> str:
-    return path[len("text_model."):] if path.startswith("text_model.") else path
 
 
 def lora_to_diffusers(state: LoraState) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -161,7 +159,7 @@ def lora_to_diffusers(state: LoraState) -> tuple[dict[str, Tensor], dict[str, st
     for component in state.components:
         # PEFT matches these names as suffixes. Text encoders lose the `text_model.` wrapper in
         # transformers 5, so the suffix without it matches both the old and the new module tree.
-        ranks = {_peft_suffix(path): m.rank for path, m in state.component(component).items()}
+        ranks = {without_text_model(path): m.rank for path, m in state.component(component).items()}
         r = Counter(ranks.values()).most_common(1)[0][0]
         pattern = {path: rank for path, rank in sorted(ranks.items()) if rank != r}
         adapter_meta.update({

@@ -20,6 +20,20 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 DOWN_SUFFIX = ".lora_down.weight"
 UP_SUFFIX = ".lora_up.weight"
 ALPHA_SUFFIX = ".alpha"
+# Canonical text-encoder paths, like every SD file, keep CLIP's `text_model.` wrapper, which
+# transformers 5 dropped from CLIPTextModel (CLIPTextModelWithProjection kept it).
+TEXT_MODEL_PREFIX = "text_model."
+TEXT_MODEL_ROOTS = ("embeddings.", "encoder.", "final_layer_norm")
+
+
+def without_text_model(path: str) -> str:
+    """A text-encoder module path as transformers 5 names it inside CLIPTextModel."""
+    return path.removeprefix(TEXT_MODEL_PREFIX)
+
+
+def with_text_model(path: str) -> str:
+    """A text-encoder module path in canonical form, whichever CLIP layout it was spelled in."""
+    return TEXT_MODEL_PREFIX + path if path.startswith(TEXT_MODEL_ROOTS) else path
 
 
 @dataclass

@@ -7,11 +7,17 @@ The component of a single folder is recorded in the safetensors header (`lorafor
 where PEFT ignores it; the config stays a plain `LoraConfig` so PEFT loads it unchanged. Factors
 are stored untouched with the alphas in `lora_alpha`/`alpha_pattern`, so our own folders round
 trip bit-exactly. Reading accepts both layouts and folders written by PEFT itself; a folder with
-no recorded component is `text_encoder` when its modules live under `text_model.`, else `unet`.
+no recorded component is `text_encoder` when its modules are CLIP text-model modules, else `unet`.
+
+PEFT finds modules and weights by the names the model has in memory, so a text encoder's paths
+are written as the installed transformers names them: CLIPTextModel (`text_encoder`) lost its
+`text_model.` wrapper in transformers 5, CLIPTextModelWithProjection (`text_encoder_2`) kept it.
+Reading restores canonical `text_model.` paths from either spelling.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Mapping
@@ -22,7 +28,10 @@ from torch import Tensor
 
 from loraforge.errors import FormatError
 from loraforge.formats.diffusers_lora import peft_alpha
-from loraforge.formats.lora import COMPONENTS, LoraModule, LoraState, pair_names
+from loraforge.formats.lora import (
+    COMPONENTS, TEXT_MODEL_PREFIX, TEXT_MODEL_ROOTS, LoraModule, LoraState, pair_names, with_text_model,
+    without_text_model,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -51,7 +60,8 @@ def peft_to_lora(sd: Mapping[str, Tensor], config: Mapping[str, Any], component:
     for path in sorted(downs):
         rank = int(downs[path].shape[0])
         alpha = peft_alpha(config, path, rank)
-        state[f"{component}.{path}"] = LoraModule(downs[path], ups[path], rank if alpha is None else alpha)
+        canonical = with_text_model(path) if component.startswith("text_encoder") else path
+        state[f"{component}.{canonical}"] = LoraModule(downs[path], ups[path], rank if alpha is None else alpha)
     return state
 
 
@@ -118,7 +128,27 @@ def read_peft_folder(folder: Path) -> tuple[LoraState, dict[str, str]]:
 
 
 def _guess_component(sd: Mapping[str, Tensor]) -> str:
-    return "text_encoder" if all(k.removeprefix(PREFIX).startswith("text_model.") for k in sd) else "unet"
+    text_roots = (TEXT_MODEL_PREFIX, *TEXT_MODEL_ROOTS)
+    return "text_encoder" if all(k.removeprefix(PREFIX).startswith(text_roots) for k in sd) else "unet"
+
+
+@functools.cache
+def _clip_text_model_is_wrapped() -> bool:
+    """Whether the installed transformers builds CLIPTextModel inside a `text_model` wrapper (before 5)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                            vocab_size=4, max_position_embeddings=2, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    with torch.device("meta"):  # no memory, no initialisation: only the module tree is looked at
+        return hasattr(CLIPTextModel(config), "text_model")
+
+
+def _in_memory_modules(component: str, modules: Mapping[str, LoraModule]) -> dict[str, LoraModule]:
+    """`modules` keyed by the paths PEFT will see in the installed transformers' model."""
+    if component != "text_encoder" or _clip_text_model_is_wrapped():
+        return dict(modules)
+    return {without_text_model(path): m for path, m in modules.items()}
 
 
 def write_peft_folder(state: LoraState, folder: Path, metadata: Mapping[str, str] | None = None) -> list[Path]:
@@ -132,7 +162,7 @@ def write_peft_folder(state: LoraState, folder: Path, metadata: Mapping[str, str
     for component in components:
         sub = folder if len(components) == 1 else folder / component
         sub.mkdir(parents=True, exist_ok=True)
-        sd, kwargs = lora_to_peft(state.component(component))
+        sd, kwargs = lora_to_peft(_in_memory_modules(component, state.component(component)))
         LoraConfig(**kwargs).save_pretrained(str(sub))
         header = {**(metadata or {}), "format": "pt", COMPONENT_KEY: component}
         written += [sub / CONFIG_NAME, write_safetensors(sd, sub / WEIGHTS_NAME, header)]
