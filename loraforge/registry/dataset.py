@@ -34,6 +34,19 @@ def read_captions(folder: Path, images: list[Path]) -> dict[str, str]:
     return captions
 
 
+def check_links_stay_inside(folder: Path) -> None:
+    """Refuse symbolic links that lead out of `folder`: through them any readable file on the machine
+    would be stored in the snapshot (and could be published). Links within the folder are fine."""
+    root = folder.resolve()
+    for path in sorted(folder.rglob("*")):
+        if not path.is_symlink() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        target = path.resolve()
+        if not target.is_relative_to(root):
+            raise DatasetError(f"{path} links to {target}, outside the dataset folder {folder}: "
+                               "copy what it points at into the folder, or remove the link")
+
+
 def scan_dataset(folder: Path) -> tuple[list[Path], dict[str, str]]:
     """Image files (checked to decode) and their captions; corrupt images raise DatasetError."""
     from PIL import Image
@@ -41,6 +54,7 @@ def scan_dataset(folder: Path) -> tuple[list[Path], dict[str, str]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"dataset folder {folder} does not exist")
+    check_links_stay_inside(folder)
     images = [p for p in iter_folder_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
         raise DatasetError(f"dataset folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
