@@ -74,6 +74,23 @@ class LazyGroup(click.Group):
             message = " ".join(str(exc).split("\n"))
             click.echo(f"Error: {message}", err=True)
             ctx.exit(1)
+        except KeyboardInterrupt:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"Error: interrupted: {_interrupted_state()}", err=True)
+            ctx.exit(130)  # 128 + SIGINT, as shells report a Ctrl-C
+
+
+def _interrupted_state() -> str:
+    """What an interrupted command leaves: registrations are all-or-nothing, so only whole versions."""
+    registry = sys.modules.get("loraforge.registry.registry")  # not imported: nothing was registered
+    refs = list(registry.registered_in_this_process) if registry else []
+    if not refs:
+        return "nothing was registered; run the command again to start over"
+    shown = ", ".join(refs[:5]) + (f" and {len(refs) - 5} more" if len(refs) > 5 else "")
+    one = len(refs) == 1
+    return (f"{len(refs)} version{'' if one else 's'} registered before it {'stays' if one else 'stay'}: "
+            f"{shown}; nothing half-done was registered")
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -20,6 +20,10 @@ from loraforge.registry.manifest import ARTIFACT_KINDS, FileEntry, Manifest
 from loraforge.registry.refs import check_alias, check_name, parse_registry_ref
 
 
+# Refs this process has committed, oldest first: an interrupted command says which of them stay.
+registered_in_this_process: list[str] = []
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -91,7 +95,9 @@ class Registry:
         # From the first blob stored until the rows commit, those blobs are referenced by nothing
         # in the catalog yet: keep `gc` out for that long (registrations share the lock).
         with self._blob_lock(shared=True):
-            return self._register(manifest, files, input_digest)
+            manifest = self._register(manifest, files, input_digest)
+        registered_in_this_process.append(manifest.ref)
+        return manifest
 
     def _blob_lock(self, shared: bool):
         return file_lock(self.home / "blobs.lock", shared=shared)
