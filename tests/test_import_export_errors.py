@@ -110,3 +110,27 @@ def test_pickle_refusals_never_suggest_turning_weights_only_off(home, tmp_path, 
     assert line.endswith("; use a .safetensors copy of it"), line
     assert not marker.exists()
     assert Registry(home).list() == []
+
+
+@pytest.mark.parametrize("module, shape", [
+    ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", (32, 32)),
+    ("unet.down_blocks.0.resnets.0.conv1", (32, 32, 3, 3)),
+])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_a_rank_above_min_in_out_is_refused_on_import(home, tmp_path, tiny_sd_path, module, shape, with_base):
+    from loraforge.formats import LoraModule
+
+    assert module_shapes(tiny_sd_path)["unet"][module.split(".", 1)[1]] == shape
+    state = random_lora(module_shapes(tiny_sd_path), rank=4, seed=2)
+    rank = 33  # one more than min(out, in·k·k) = 32
+    gen = torch.Generator().manual_seed(0)
+    down = torch.randn(rank, *shape[1:], generator=gen) * 0.01
+    up = torch.randn(shape[0], rank, *(1,) * (len(shape) - 2), generator=gen) * 0.01
+    state[module] = LoraModule(down, up, 8.0)
+    path = tmp_path / "too_high.safetensors"
+    write_adapter(state, path, "kohya")
+    args = ["registry", "import", str(path), "--name", "high"] + (["--base", "builtin:tiny-sd"] if with_base else [])
+    line = one_error_line(run(home, *args, ok=False))
+    assert f"module {module} has rank 33" in line and "min(out, in) = 32" in line, line
+    assert str(tmp_path / "too_high.safetensors") in line and "rank 32 or less" in line, line
+    assert Registry(home).list() == []

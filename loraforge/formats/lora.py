@@ -66,6 +66,11 @@ class LoraModule:
             return (int(self.up.shape[0]), *self.down.shape[1:])
         return (int(self.up.shape[0]), int(self.down.shape[1]))
 
+    @property
+    def max_rank(self) -> int:
+        """min(out, in) of the flattened weight: a higher rank adds nothing but size and cost."""
+        return min(int(self.up.shape[0]), math.prod(int(s) for s in self.down.shape[1:]))
+
     def factors(self) -> tuple[Tensor, Tensor]:
         """(scale·B, A) as 2-D float32 matrices, so ΔW.flatten(1) = B @ A."""
         b = self.up.reshape(self.up.shape[0], -1).to(torch.float32) * self.scale
@@ -218,6 +223,16 @@ class LoraState(MutableMapping[str, LoraModule]):
                     raise FormatError(f"tensor {key} contains NaN or Inf values")
             if not math.isfinite(m.alpha):
                 raise FormatError(f"tensor {name}{ALPHA_SUFFIX} is not finite ({m.alpha})")
+
+    def check_ranks(self) -> None:
+        """Raise FormatError naming the first module whose rank exceeds min(out, in) of its weight."""
+        for name in sorted(self._modules):
+            m = self._modules[name]
+            if m.rank > m.max_rank:
+                raise FormatError(
+                    f"LoRA module {name} has rank {m.rank}, above min(out, in) = {m.max_rank} of its "
+                    f"{'×'.join(map(str, m.weight_shape))} weight; save the adapter at rank {m.max_rank} or less"
+                )
 
     def check_against(self, targets: Mapping[str, Mapping[str, tuple[int, ...]]]) -> None:
         """Raise IncompatibleBaseError unless every module exists in `targets`

@@ -100,6 +100,10 @@ def _import_adapter(registry: Registry, path: Path, name: str, kind: str, base_r
     names = {c: list(s) for c, s in targets.items()} if targets else None
     state, fmt, _meta = read_adapter(path, module_names=names)
     state.check_finite()
+    try:
+        state.check_ranks()
+    except FormatError as e:
+        raise FormatError(f"{path}: {e}") from None
     if targets is not None:
         state.check_against(targets)
     if fmt == "slider_pt" and kind == "lora":
