@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from loraforge.errors import IntegrityError
+from loraforge.faults import fault_point
 from loraforge.hashing import CHUNK, sha256_file
 
 
@@ -46,6 +47,7 @@ class BlobStore:
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(tmp_path, 0o444)
+        fault_point("blob-before-rename")
         os.replace(tmp_path, final)
         fsync_dir(final.parent)
         return final
@@ -59,6 +61,9 @@ class BlobStore:
         try:
             with os.fdopen(fd, "wb") as out:
                 while chunk := stream.read(CHUNK):
+                    if size == CHUNK:  # the first chunk is on disk and more follows
+                        out.flush()
+                        fault_point("blob-partial")
                     h.update(chunk)
                     out.write(chunk)
                     size += len(chunk)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from loraforge.errors import ArtifactNotFound, ConfigError, IntegrityError
+from loraforge.faults import fault_point
 from loraforge.hashing import digest_of_files
 from loraforge.home import checkouts_dir, loraforge_home, remove_stale_tmp, tmp_dir
 from loraforge.registry.blobs import BlobStore, fsync_dir
@@ -111,6 +112,7 @@ class Registry:
             if not self.blobs.exists(entry.sha256):
                 raise IntegrityError(f"blob {entry.sha256} of {entry.path} is not in the store")
         digest = digest_of_files((f.path, f.sha256) for f in manifest.files)
+        fault_point("register-before-transaction")
         with immediate(self.db) as conn:
             row = conn.execute(
                 "SELECT COALESCE(MAX(version), 0) FROM artifacts WHERE name = ?", [manifest.name]
@@ -136,6 +138,8 @@ class Registry:
                 "INSERT INTO files (artifact_id, path, sha256, size) VALUES (?, ?, ?, ?)",
                 [(artifact_id, f.path, f.sha256, f.size) for f in manifest.files],
             )
+            fault_point("register-in-transaction")
+        fault_point("register-after-transaction")
         return manifest
 
     def update_metrics(self, ref: str, metrics: dict) -> Manifest:
