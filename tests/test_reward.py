@@ -69,6 +69,23 @@ def test_recorded_trajectory_log_probs_replay_exactly():
         torch.testing.assert_close(lp, traj.log_probs[k])  # PPO ratio exactly 1 before the first update
 
 
+@pytest.mark.parametrize("config", [{}, {"timestep_spacing": "trailing"},
+                                    {"timestep_spacing": "linspace", "set_alpha_to_one": False, "steps_offset": 1}])
+def test_a_zero_variance_last_step_is_deterministic_and_marked(config):
+    from diffusers import DDIMScheduler
+
+    # Stock DDIM configs: the last step lands on alpha_bar = 1, or on alpha_bar_prev = alpha_bar_t; its variance is 0.
+    s = ddim_scheduler(DDIMScheduler(clip_sample=False, **config).config)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    traj = sample_trajectory(lambda x, t: 0.3 * x, s, x_T, steps=4, eta=1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.isfinite(traj.log_probs).all() and torch.isfinite(traj.latents).all()
+    assert traj.stochastic.tolist() == [True, True, True, False]
+    # The deterministic step is diffusers' own DDIM step (with eta its variance is zero, so no noise is added).
+    t = traj.timesteps[-1]
+    want = s.step(0.3 * traj.latents[-2], t, traj.latents[-2], eta=1.0).prev_sample
+    torch.testing.assert_close(traj.latents[-1], want, atol=1e-5, rtol=1e-5)
+
+
 def test_advantages_are_normalised_per_prompt():
     stats = PromptStats(size=8, min_count=2)
     adv = stats.advantages(["a", "a", "b", "b"], torch.tensor([1.0, 3.0, 10.0, 30.0]))

@@ -40,6 +40,11 @@ def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, t: torch.Tenso
     With `prev_sample` given (recomputing the log-prob of a recorded trajectory) no noise is drawn.
     The log-prob is averaged over the latent's elements (as DDPO does) so its scale does not depend on
     the resolution. `t` is a scalar or one timestep per sample; noise comes from `generator` on CPU.
+
+    A step with σ_t = 0 (the last step of most stock DDIM configs: onto ᾱ = 1 with set_alpha_to_one, or
+    onto ᾱ_{t−1} = ᾱ_t when the schedule ends at t = 0) is deterministic, x_{t−1} = μ_θ, as in diffusers'
+    own step. It has no density: its log-prob is reported as 0 and `step_is_stochastic` says so, so that
+    training never divides by its zero variance.
     """
     if eta <= 0:
         raise ValueError("a log-prob needs a stochastic step: eta must be > 0")
@@ -58,24 +63,39 @@ def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, t: torch.Tenso
         eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x_t
     else:
         raise ValueError(f"prediction_type {kind!r} is not supported by the stochastic DDIM step")
-    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    std = eta * variance.sqrt()
+    std = eta * _variance(a_t, a_prev).sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
     if prev_sample is None:
         noise = torch.randn(x_t.shape, generator=generator, dtype=torch.float32).to(x_t.device)
         prev_sample = mean + std * noise
     prev_sample = prev_sample.float()
-    log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi))
+    stochastic = std > 0
+    safe_std = torch.where(stochastic, std, torch.ones_like(std))
+    log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std)
+                - 0.5 * math.log(2 * math.pi))
+    log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))
     return prev_sample, log_prob.mean(dim=tuple(range(1, x_t.dim())))
+
+
+def _variance(a_t: torch.Tensor, a_prev: torch.Tensor) -> torch.Tensor:
+    """σ_t²/η² of the DDIM step ᾱ_t → ᾱ_{t−1} (Song et al. eq. 16); exactly 0 when ᾱ_{t−1} is 1 or ᾱ_t."""
+    return ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0)
+
+
+def step_is_stochastic(scheduler, t: torch.Tensor) -> torch.Tensor:
+    """Whether the DDIM step at each timestep in `t` has a non-zero variance (so a log-prob) for any η > 0."""
+    a_t, a_prev = _alphas(scheduler, t)
+    return _variance(a_t.float(), a_prev.float()) > 0
 
 
 @dataclass
 class Trajectory:
     """A sampled trajectory: latents[k] → latents[k+1] at timesteps[k], with the step's log-prob."""
 
-    latents: torch.Tensor    # (steps + 1, batch, C, H, W): x_T … x_0
-    log_probs: torch.Tensor  # (steps, batch)
-    timesteps: torch.Tensor  # (steps,)
+    latents: torch.Tensor     # (steps + 1, batch, C, H, W): x_T … x_0
+    log_probs: torch.Tensor   # (steps, batch); 0 for a deterministic step
+    timesteps: torch.Tensor   # (steps,)
+    stochastic: torch.Tensor  # (steps,) bool: the steps that have a log-prob, the only ones a policy gradient can use
 
     @property
     def final(self) -> torch.Tensor:
@@ -94,7 +114,8 @@ def sample_trajectory(eps_fn: EpsFn, scheduler, x_T: torch.Tensor, *, steps: int
         x, lp = ddim_step_with_logprob(scheduler, eps, t, x, eta=eta, generator=generator)
         latents.append(x)
         log_probs.append(lp)
-    return Trajectory(torch.stack(latents), torch.stack(log_probs), scheduler.timesteps.clone())
+    timesteps = scheduler.timesteps.clone()
+    return Trajectory(torch.stack(latents), torch.stack(log_probs), timesteps, step_is_stochastic(scheduler, timesteps))
 
 
 def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,

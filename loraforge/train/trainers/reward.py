@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
-from loraforge.errors import ConfigError
+from loraforge.errors import ConfigError, TrainingError
 from loraforge.hashing import sha256_json
 from loraforge.plugins import TRAINERS
 from loraforge.registry.manifest import Manifest, RecipeInfo
@@ -312,10 +312,14 @@ class _RewardRun:
         from loraforge.train.sampling import ddim_step_with_logprob, lora_disabled
 
         c = self.c
-        n_steps = traj.log_probs.shape[0]
-        n_train = max(1, round(c.timestep_fraction * n_steps))
+        # Only stochastic steps have a log-prob; a deterministic last step (σ = 0) is not an action of the policy.
+        steps = traj.stochastic.nonzero().flatten()
+        if not len(steps):
+            raise TrainingError(f"no denoising step of this base's scheduler is stochastic at sample_steps "
+                                f"{c.sample_steps}; raise sample_steps")
+        n_train = max(1, round(c.timestep_fraction * len(steps)))
         # Each sample trains on its own random subset of steps, drawn from the iteration's generator.
-        chosen = torch.stack([torch.randperm(n_steps, generator=gen)[:n_train] for _ in batch_prompts])
+        chosen = torch.stack([steps[torch.randperm(len(steps), generator=gen)[:n_train]] for _ in batch_prompts])
         B = len(batch_prompts)
         n_terms = math.ceil(B / c.batch_size) * n_train
         total_loss = total_kl = total_clip = 0.0
