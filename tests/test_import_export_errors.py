@@ -134,3 +134,14 @@ def test_a_rank_above_min_in_out_is_refused_on_import(home, tmp_path, tiny_sd_pa
     assert f"module {module} has rank 33" in line and "min(out, in) = 32" in line, line
     assert str(tmp_path / "too_high.safetensors") in line and "rank 32 or less" in line, line
     assert Registry(home).list() == []
+
+
+@pytest.mark.parametrize("hints", ["{not json", "[1, 2]", '{"unet.conv_in": 3}', "null",
+                                   '{"kohya_alpha_dtype": "system"}', '{"kohya_te_prefix": "lora_unet_"}'])
+def test_a_malformed_hints_header_entry_is_refused_in_one_line(home, tmp_path, tiny_sd_path, hints):
+    state = random_lora(module_shapes(tiny_sd_path), rank=2, seed=3)
+    path = tmp_path / "hinted.safetensors"
+    write_adapter(state, path, "loraforge", metadata={"loraforge.hints": hints})
+    line = one_error_line(run(home, "registry", "import", str(path), "--name", "h", ok=False))
+    assert str(path) in line and "loraforge.hints" in line and "remove the loraforge.hints header entry" in line, line
+    assert Registry(home).list() == []

@@ -187,8 +187,26 @@ def _write_diffusers(state: LoraState, path: Path, metadata: Mapping[str, str]) 
 def _read_loraforge(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, str]]:
     sd, meta = read_safetensors(path)
     check_finite_tensors(sd)
-    hints = json.loads(meta[HINTS_KEY]) if HINTS_KEY in meta else None
-    return LoraState.from_state_dict(sd, hints=hints), meta
+    return LoraState.from_state_dict(sd, hints=_parse_hints(meta)), meta
+
+
+def _parse_hints(meta: Mapping[str, str]) -> dict[str, str]:
+    """The spelling hints of a loraforge file's header; a damaged entry is refused, not ignored."""
+    if HINTS_KEY not in meta:
+        return {}
+    fix = f"remove the {HINTS_KEY} header entry (it only records how keys were spelled)"
+    try:
+        hints = json.loads(meta[HINTS_KEY])
+    except json.JSONDecodeError as e:
+        raise FormatError(f"the {HINTS_KEY} header entry is not valid JSON ({e}); {fix}") from None
+    if not isinstance(hints, dict) or not all(isinstance(v, str) for v in hints.values()):
+        raise FormatError(f"the {HINTS_KEY} header entry must be a JSON object of strings, "
+                          f"got {meta[HINTS_KEY][:60]!r}; {fix}")
+    try:
+        kohya.check_hints(hints)
+    except FormatError as e:
+        raise FormatError(f"the {HINTS_KEY} header entry is damaged: {e}; {fix}") from None
+    return hints
 
 
 def _write_loraforge(state: LoraState, path: Path, metadata: Mapping[str, str]) -> list[Path]:

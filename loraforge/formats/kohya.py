@@ -59,6 +59,17 @@ SGM_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_")
 HINT_TE_PREFIX = "kohya_te_prefix"
 HINT_ALPHA_DTYPE = "kohya_alpha_dtype"
 HINT_NO_ALPHA = "kohya_alpha_omitted"
+HINT_VALUES = {HINT_TE_PREFIX: ("lora_te_", "lora_te1_"), HINT_NO_ALPHA: ("1",)}
+
+
+def check_hints(hints: Mapping[str, str]) -> None:
+    """Raise FormatError unless every kohya hint has a value `lora_to_kohya` knows how to write."""
+    for key, allowed in HINT_VALUES.items():
+        if key in hints and hints[key] not in allowed:
+            raise FormatError(f"hint {key} is {hints[key]!r}; expected one of {', '.join(allowed)}")
+    dtype = hints.get(HINT_ALPHA_DTYPE)
+    if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise FormatError(f"hint {HINT_ALPHA_DTYPE} is {dtype!r}, which is not a torch dtype name")
 
 
 def is_kohya_key(key: str) -> bool:
