@@ -243,7 +243,7 @@ def test_example_recipes_validate(home):
 def test_publish_entries_are_validated_and_skipped_with_no_publish(home, tmp_path):
     bad = write(tmp_path, CHAIN + "publish:\n  - {artifact: ${c}, repo: not a repo}\n", "bad.yaml")
     result = cli_run(home, "recipe", "validate", str(bad), code=1)
-    assert f"{bad.resolve()}:14:5: publish.0" in result.output and "not a Hub repository id" in result.output
+    assert f"{bad.resolve()}:14:5: publish.0" in result.output and "invalid Hub repo 'not a repo'" in result.output
     recipe = write(tmp_path, CHAIN + "publish:\n  - {artifact: ${c}, repo: me/chain}\n")
     plan = plan_json(home, recipe)
     assert plan["steps"][-1] == {**plan["steps"][-1], "id": "publish-1", "kind": "publish", "depends_on": ["c"],

@@ -25,8 +25,16 @@ _TRANSPORT_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3", "h11
 
 
 def check_repo_id(repo: str) -> str:
+    """`repo` if it is an ORG/NAME the Hub accepts (huggingface_hub's own rules: length, '--', '..')."""
     if not REPO_ID.match(repo or ""):
         raise HubError(f"invalid Hub repo {repo!r}: write ORG/NAME, e.g. me/asuka-style")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        reason = str(exc).split(":")[0].rstrip(".")
+        raise HubError(f"invalid Hub repo {repo!r}: {reason}; write ORG/NAME, e.g. me/asuka-style") from None
     return repo
 
 

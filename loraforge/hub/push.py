@@ -291,17 +291,24 @@ def push_artifact(registry: Registry, ref: str, repo: str, *, private: bool = Fa
     return result
 
 
+PUBLISH_OPTIONS = ("branch", "fmt", "format", "license", "private", "token")
+
+
+def check_publish_options(opts: dict) -> None:
+    """Unknown options raise ConfigError so a typo in a recipe does not publish something else."""
+    unknown = sorted(set(opts) - set(PUBLISH_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown publish option(s) {', '.join(map(repr, unknown))}: use "
+                          f"{', '.join(PUBLISH_OPTIONS)}")
+
+
 def publish(registry: Registry, artifact_ref: str, repo: str, **opts: Any) -> PushResult:
     """Push `artifact_ref` to `repo`: what a recipe's `publish:` block runs after its step succeeds.
 
     Options mirror `loraforge hub push`: `private` (bool), `branch` (str), `format` or `fmt`
     (diffusers / kohya / both), `license` (str), `token` (str; default HF_TOKEN or the login).
-    Unknown options raise ConfigError so a typo in a recipe does not publish something else.
     """
-    allowed = {"private", "branch", "format", "fmt", "license", "token"}
-    unknown = sorted(set(opts) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown publish option(s) {', '.join(unknown)}: use {', '.join(sorted(allowed))}")
+    check_publish_options(opts)
     fmt = opts.get("format") or opts.get("fmt") or "diffusers"
     return push_artifact(registry, artifact_ref, repo, private=bool(opts.get("private", False)),
                          branch=opts.get("branch"), fmt=fmt, token=opts.get("token"), license=opts.get("license"))

@@ -1,8 +1,8 @@
 """Executing a plan: run stale steps in order, reuse up-to-date outputs, record the lock.
 
-A failing step stops only its descendants; finished steps stay registered and the lock is rewritten
-after every step, so the next apply resumes where this one stopped (outputs are found again by
-input digest, not by the lock).
+A failing step stops only its descendants; finished steps stay registered, so the next apply
+resumes where this one stopped (outputs are found again by input digest, not by the lock). The lock
+is written only when every step succeeded: a failed apply leaves the previous lock as it was.
 """
 
 from __future__ import annotations
@@ -12,16 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from loraforge.errors import LoraforgeError, RecipeError
+from loraforge.errors import LoraforgeError, RecipeError, Stopped
 from loraforge.recipes.digest import concrete_spec
 from loraforge.recipes.loader import parse_set, step_ref
 from loraforge.recipes.lock import lock_path, write_lock
 from loraforge.recipes.plan import STALE, Plan, PlanStep, make_plan
 from loraforge.recipes.schema import load_recipe
-from loraforge.recipes.steps import StepContext, StepSkipped, runner
+from loraforge.recipes.steps import StepContext, runner
 from loraforge.registry.manifest import Manifest, RecipeInfo
+from loraforge.stopping import sigterm_stops, stop_requested
 
 BUILT, REUSED, FAILED, BLOCKED, SKIPPED, WOULD_RUN = "built", "reused", "failed", "blocked", "skipped", "would run"
+STOPPED, NOT_STARTED = "stopped", "not started"  # a SIGTERM: the step it interrupted, the steps after it
 
 
 @dataclass
@@ -31,6 +33,7 @@ class StepResult:
     ref: Optional[str] = None
     seconds: float = 0.0
     message: str = ""
+    error: Optional[BaseException] = field(default=None, repr=False)  # what a failed step raised
 
     def to_json(self) -> dict:
         return {"id": self.id, "action": self.action, "output": self.ref, "seconds": round(self.seconds, 3),
@@ -50,21 +53,39 @@ class ApplyResult:
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        return any(r.action in (STOPPED, NOT_STARTED) for r in self.results)
 
     def raise_for_failure(self) -> None:
+        if self.stopped:
+            raise Stopped(self._stop_message())
         if self.failed:
             first = self.failed[0]
             blocked = [r.id for r in self.results if r.action == BLOCKED]
             more = f"; {len(self.failed) - 1} other step(s) failed" if len(self.failed) > 1 else ""
             after = f"; not run: {', '.join(blocked)}" if blocked else ""
-            raise RecipeError(f"step {first.id!r} failed: {first.message}{more}{after}")
+            raise RecipeError(f"step {first.id!r} failed: {first.message}{more}{after}") from first.error
+
+    def _stop_message(self) -> str:
+        interrupted = [r for r in self.results if r.action == STOPPED]
+        not_started = [r.id for r in self.results if r.action == NOT_STARTED]
+        if interrupted:
+            what = f"stopped by SIGTERM in step {interrupted[0].id!r}: {interrupted[0].message}"
+        else:
+            done = [r.id for r in self.results if r.action in (BUILT, REUSED)]
+            what = "stopped by SIGTERM " + (f"after step {done[-1]!r} finished" if done else "before any step ran")
+        rest = f"; not started: {', '.join(not_started)}" if not_started else ""
+        return f"{what}{rest}; finished steps stay registered, apply again to continue"
 
     def to_json(self) -> dict:
         return {"recipe": str(self.plan.recipe.source.path), "digest": self.plan.digest, "ok": self.ok,
                 "lock": str(self.lock) if self.lock else None, "steps": [r.to_json() for r in self.results]}
 
 
+@sigterm_stops()  # a SIGTERM ends the apply at the next step boundary; a trainer stops at a checkpoint
 def apply_plan(plan: Plan, registry, *, dry_run: bool = False, publish: bool = True,
                echo: Callable[[str], None] = lambda s: None) -> ApplyResult:
     recipe = plan.recipe
@@ -79,6 +100,11 @@ def apply_plan(plan: Plan, registry, *, dry_run: bool = False, publish: bool = T
         if dry_run:
             result.results.append(StepResult(ps.id, WOULD_RUN if ps.status == STALE else REUSED,
                                              ps.existing.ref if ps.existing else None, message=ps.reason))
+            continue
+        if stop_requested():  # no step starts after a SIGTERM, dependent or not
+            not_done.add(ps.id)
+            result.results.append(StepResult(ps.id, NOT_STARTED, message="stopped by SIGTERM"))
+            echo(f"{label}: not started (stopped by SIGTERM)")
             continue
         blocked_by = [d for d in ps.depends_on if d in not_done]
         if blocked_by:
@@ -103,17 +129,17 @@ def apply_plan(plan: Plan, registry, *, dry_run: bool = False, publish: bool = T
         started = time.perf_counter()
         try:
             manifest = _run_step(plan, ps, step, registry, result.outputs, echo)
-        except StepSkipped as exc:
+        except Stopped as exc:
             not_done.add(ps.id)
-            result.results.append(StepResult(ps.id, SKIPPED, seconds=time.perf_counter() - started,
-                                             message=str(exc)))
-            echo(f"{label}: {exc}")
+            message = " ".join(str(exc).split())
+            result.results.append(StepResult(ps.id, STOPPED, seconds=time.perf_counter() - started, message=message))
+            echo(f"{label}: STOPPED: {message}")
             continue
         except LoraforgeError as exc:
-            _record_failure(result, not_done, ps, started, " ".join(str(exc).split()), label, echo)
+            _record_failure(result, not_done, ps, started, exc, " ".join(str(exc).split()), label, echo)
             continue
         except Exception as exc:  # an unexpected failure in one step must not lose the others' work
-            _record_failure(result, not_done, ps, started, f"{type(exc).__name__}: {exc}".splitlines()[0],
+            _record_failure(result, not_done, ps, started, exc, f"{type(exc).__name__}: {exc}".splitlines()[0],
                             label, echo)
             continue
         seconds = time.perf_counter() - started
@@ -125,15 +151,16 @@ def apply_plan(plan: Plan, registry, *, dry_run: bool = False, publish: bool = T
         lock_steps[ps.id] = entry
         result.results.append(StepResult(ps.id, BUILT, manifest.ref if manifest else None, seconds))
         echo(f"{label}: built {manifest.ref if manifest else ''} in {seconds:.1f}s".replace("built  in", "done in"))
-        result.lock = _write(plan, lock_steps)
-    if not dry_run:
+    # A lock records a build that happened; after a failure it would pin references of a half build.
+    if not dry_run and result.ok:
         result.lock = _write(plan, lock_steps)
     return result
 
 
-def _record_failure(result, not_done, ps, started, message, label, echo) -> None:
+def _record_failure(result, not_done, ps, started, error, message, label, echo) -> None:
     not_done.add(ps.id)
-    result.results.append(StepResult(ps.id, FAILED, seconds=time.perf_counter() - started, message=message))
+    result.results.append(StepResult(ps.id, FAILED, seconds=time.perf_counter() - started, message=message,
+                                     error=error))
     echo(f"{label}: FAILED: {message}")
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from loraforge.errors import PluginError, RecipeError
+from loraforge.errors import LoraforgeError, PluginError, RecipeError
 from loraforge.ops.specs import AdapterInput, CheckpointMergeSpec, DType, LoraMergeSpec
 from loraforge.recipes.loader import RecipeSource, step_ref
 from loraforge.synthetic import DEFAULT_TARGETS
@@ -98,9 +98,19 @@ class PublishSpec(BaseModel):
     private: bool = False
 
     @model_validator(mode="after")
-    def _repo_shape(self) -> "PublishSpec":
-        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", self.repo):
-            raise ValueError(f"repo {self.repo!r} is not a Hub repository id: write org/name")
+    def _push_accepts_it(self) -> "PublishSpec":
+        # The Hub push's own checks, so `validate` refuses what `apply` would refuse after building.
+        try:
+            from loraforge.hub.client import check_repo_id
+            from loraforge.hub.push import check_publish_options
+        except ImportError as exc:
+            raise ValueError(f"cannot check a publish entry: the Hub code (loraforge.hub) does not import "
+                             f"({exc}); reinstall loraforge with its dependencies") from None
+        try:
+            check_repo_id(self.repo)
+            check_publish_options(self.model_extra or {})
+        except LoraforgeError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
 
@@ -314,6 +324,7 @@ def parse_recipe(source: RecipeSource) -> Recipe:
     steps = {sid: _with_defaults(step, top.base, name) for sid, step in steps.items()}
     recipe = Recipe(source=source, name=name, description=top.description, base=top.base,
                     vars=top.vars, steps=steps)
+    check_output_names(recipe)
     check_methods(recipe)
     return recipe
 
@@ -354,6 +365,22 @@ def parse_step(source: RecipeSource, step_id: str, raw: Any) -> Step:
     spec = getattr(parsed, "import_" if kind == "import" else kind)
     return Step(id=step_id, kind=kind, spec=spec, output=parsed.output, after=tuple(parsed.after),
                 description=parsed.description)
+
+
+def check_output_names(recipe: Recipe) -> None:
+    """Every step's output name (given, or RECIPE-STEP) is one the registry accepts."""
+    from loraforge.registry.refs import check_name
+
+    for step in recipe.steps.values():
+        if step.kind == "publish":
+            continue
+        name = recipe.output_name(step)
+        try:
+            check_name(name)
+        except LoraforgeError as exc:
+            where = ("steps", step.id, "output") if step.output is not None else ("steps", step.id)
+            fix = "" if step.output is not None else "; give the step an `output:` name, or shorten the recipe name"
+            raise recipe.source.error(where, f"{exc}{fix}") from None
 
 
 def check_methods(recipe: Recipe) -> None:

@@ -20,10 +20,6 @@ RUNNERS: dict[str, str] = {
 }
 
 
-class StepSkipped(Exception):
-    """A step that cannot run here for a reason that is not a failure (e.g. hub support missing)."""
-
-
 @dataclass
 class StepContext:
     """Everything a runner needs: the registry, the step's concrete spec and its provenance facts."""
