@@ -70,7 +70,9 @@ def test_dare_matches_peft_dare_linear_given_the_same_masks(monkeypatch):
     torch.testing.assert_close(got.double(), dare_reference(taus, weights, p, keeps), rtol=1e-6, atol=1e-6)
 
 
-def test_dare_masks_are_seeded_by_tensor_and_task_not_by_chunk():
+@pytest.mark.parametrize("block", [sparsify.DARE_BLOCK_ELEMENTS, 100])
+def test_dare_masks_are_seeded_by_tensor_and_task_not_by_chunk(monkeypatch, block):
+    monkeypatch.setattr(sparsify, "DARE_BLOCK_ELEMENTS", block)  # 100: blocks of 4 rows, crossed by the chunks
     shape, p = (300, 7, 3), 0.3
     full = sparsify.dare_keep(9, "unet/a.weight", 1, p, shape)
     assert full.shape == shape and abs(full.float().mean().item() - 0.7) < 0.03
@@ -78,10 +80,10 @@ def test_dare_masks_are_seeded_by_tensor_and_task_not_by_chunk():
         spans = [(r, min(r + rows_per_chunk, shape[0])) for r in range(0, shape[0], rows_per_chunk)]
         chunks = [sparsify.dare_keep(9, "unet/a.weight", 1, p, shape, span) for span in spans]
         assert torch.equal(torch.cat(chunks), full), rows_per_chunk
-    # small block sizes too: the mask is a function of (seed, key, task, element), whatever the blocks
-    assert torch.equal(sparsify.dare_keep(9, "unet/a.weight", 1, p, (5,)), sparsify.dare_keep(9, "unet/a.weight", 1, p, (5,)))
     for other in ((10, "unet/a.weight", 1), (9, "unet/b.weight", 1), (9, "unet/a.weight", 2)):
         assert not torch.equal(sparsify.dare_keep(*other, p, shape), full), other
+    # 0-d and 1-d tensors are one row of one element per entry
+    assert sparsify.dare_keep(9, "s", 0, p, ()).shape == () and sparsify.dare_keep(9, "v", 0, p, (5,)).shape == (5,)
 
 
 def test_dare_refuses_a_drop_rate_outside_0_1():
@@ -185,11 +187,12 @@ def test_checkpoint_dare_does_not_depend_on_the_chunk_size(home, same_deltas, mo
     from loraforge.ops import merge
     from loraforge.ops.merge_methods.dare import Dare
 
+    # small mask blocks so the tiny tensors span several; the block size is fixed, only the chunking varies
+    monkeypatch.setattr(sparsify, "DARE_BLOCK_ELEMENTS", 500)
     outputs = []
-    for chunk in (None, 1000, 37):  # the method's own chunking, then small chunks that split every tensor
-        if chunk is not None:
-            monkeypatch.setattr(Dare, "chunk_elements", chunk)
-            monkeypatch.setattr(merge, "CHUNK_ELEMENTS", chunk)
+    for chunk in (500, 1000, 37):  # chunks of whole blocks (as the method asks for), then others
+        monkeypatch.setattr(Dare, "chunk_elements", chunk)
+        monkeypatch.setattr(merge, "CHUNK_ELEMENTS", chunk)
         out = same_deltas["out"] / f"dare-{chunk}"
         run(home, "merge", "checkpoints", str(same_deltas["base"]), str(same_deltas["a"]), str(same_deltas["b"]),
             "--method", "dare", "--param", "drop_rate=0.5", "--param", "seed=1", "--dtype", "fp32", "-o", str(out))
