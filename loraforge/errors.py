@@ -45,6 +45,10 @@ class TrainingError(LoraforgeError):
     """A training run cannot start or failed."""
 
 
+class Stopped(LoraforgeError):
+    """Work was stopped on request (SIGTERM); what it finished or checkpointed is kept for the next run."""
+
+
 class DatasetError(LoraforgeError):
     """A dataset folder is unusable."""
 
@@ -59,3 +63,28 @@ class RewardError(LoraforgeError):
 
 class PluginError(LoraforgeError):
     """A plugin is malformed, duplicated or missing."""
+
+
+class StorageError(LoraforgeError):
+    """The disk refused a write: it is full, over a file-size limit, or read-only."""
+
+
+class CatalogError(LoraforgeError):
+    """The registry catalog (registry.db) is missing, damaged or cannot be opened."""
+
+
+def storage_error(exc: OSError, path=None) -> StorageError | None:
+    """The user-facing form of a write that failed for lack of space, a size limit or a read-only disk."""
+    import errno
+
+    where = exc.filename or (f"a file in {path}" if path else "a file")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(f"no space left on the device writing {where}: free some space (or point "
+                            "LORAFORGE_HOME at a larger disk) and retry")
+    if exc.errno == errno.EFBIG:
+        return StorageError(f"the file size limit (ulimit -f) stopped a write to {where}: raise the limit "
+                            "(ulimit -f unlimited) and retry")
+    if exc.errno == errno.EROFS:
+        return StorageError(f"{where} is on a read-only filesystem: set LORAFORGE_HOME (or --home) to a "
+                            "writable folder")
+    return None

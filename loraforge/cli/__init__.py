@@ -8,7 +8,7 @@ import sys
 import click
 
 from loraforge import __version__
-from loraforge.errors import LoraforgeError
+from loraforge.errors import LoraforgeError, storage_error
 from loraforge.quiet import quiet_library_logs
 
 # name → "module:attribute"; each group lives in its own module and is imported only when used,
@@ -73,6 +73,13 @@ class LazyGroup(click.Group):
                 raise
             message = " ".join(str(exc).split("\n"))
             click.echo(f"Error: {message}", err=True)
+            ctx.exit(1)
+        except OSError as exc:
+            # A full disk, `ulimit -f` or a read-only mount can hit any write; say which, in one line.
+            storage = storage_error(exc, (ctx.obj or {}).get("home"))
+            if storage is None or (ctx.obj and ctx.obj.get("debug")):
+                raise
+            click.echo(f"Error: {storage}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             if ctx.obj and ctx.obj.get("debug"):

@@ -40,11 +40,13 @@ class BlobStore:
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_file()
 
-    def _commit(self, tmp_path: Path, digest: str) -> Path:
+    def _commit(self, tmp_path: Path, digest: str, created: set[str] | None = None) -> Path:
         final = self.path(digest)
         if final.exists():
             tmp_path.unlink(missing_ok=True)
             return final
+        if created is not None:
+            created.add(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(tmp_path, 0o444)
         fault_point("blob-before-rename")
@@ -52,8 +54,8 @@ class BlobStore:
         fsync_dir(final.parent)
         return final
 
-    def put_stream(self, stream: BinaryIO) -> tuple[str, int]:
-        """Copy a stream into the store; returns (sha256, size)."""
+    def put_stream(self, stream: BinaryIO, created: set[str] | None = None) -> tuple[str, int]:
+        """Copy a stream into the store; returns (sha256, size). A new blob's digest is added to `created`."""
         h = hashlib.sha256()
         size = 0
         fd, name = tempfile.mkstemp(dir=self.scratch(), prefix="blob-")
@@ -70,18 +72,19 @@ class BlobStore:
                 out.flush()
                 os.fsync(out.fileno())
             digest = h.hexdigest()
-            self._commit(tmp_path, digest)
+            self._commit(tmp_path, digest, created)
             return digest, size
         except BaseException:
             tmp_path.unlink(missing_ok=True)
             raise
 
-    def put_file(self, src: Path, expected_sha256: str | None = None) -> tuple[str, int]:
+    def put_file(self, src: Path, expected_sha256: str | None = None,
+                 created: set[str] | None = None) -> tuple[str, int]:
         """Store a file. When its digest is known and already stored, nothing is copied."""
         if expected_sha256 and self.exists(expected_sha256):
             return expected_sha256, self.path(expected_sha256).stat().st_size
         with open(src, "rb") as f:
-            digest, size = self.put_stream(f)
+            digest, size = self.put_stream(f, created)
         if expected_sha256 and digest != expected_sha256:
             raise IntegrityError(f"{src} changed while it was being stored (sha256 {digest}, expected {expected_sha256})")
         return digest, size

@@ -74,14 +74,14 @@ class Registry:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def store_files(self, files: Iterable[tuple[Path, str]]) -> list[FileEntry]:
-        """Put (source path, artifact-relative path) pairs into the blob store."""
+    def store_files(self, files: Iterable[tuple[Path, str]], created: set[str] | None = None) -> list[FileEntry]:
+        """Put (source path, artifact-relative path) pairs into the blob store; new digests go to `created`."""
         entries = []
         for src, rel in files:
             rel = Path(rel).as_posix()
             if rel.startswith("/") or ".." in Path(rel).parts:
                 raise ConfigError(f"invalid file path {rel!r} inside an artifact")
-            digest, size = self.blobs.put_file(Path(src))
+            digest, size = self.blobs.put_file(Path(src), created=created)
             entries.append(FileEntry(path=rel, sha256=digest, size=size))
         return sorted(entries, key=lambda e: e.path)
 
@@ -89,24 +89,40 @@ class Registry:
                  input_digest: str | None = None) -> Manifest:
         """Store `files` (if given), then add the manifest as the next version of its name.
 
-        Blobs are written first; the catalog rows go in one transaction, so an interrupted
-        registration leaves at most unreferenced blobs (removed by `gc`), never half an artifact.
+        Blobs are written first; the catalog rows go in one transaction, so a killed registration
+        leaves at most unreferenced blobs (removed by `gc`), never half an artifact. One that fails
+        (a full disk, a bad file) removes the blobs it added.
         """
         check_name(manifest.name)
         # From the first blob stored until the rows commit, those blobs are referenced by nothing
         # in the catalog yet: keep `gc` out for that long (registrations share the lock).
-        with self._blob_lock(shared=True):
-            manifest = self._register(manifest, files, input_digest)
+        created: set[str] = set()
+        try:
+            with self._blob_lock(shared=True):
+                manifest = self._register(manifest, files, input_digest, created)
+        except Exception:
+            self._drop_unreferenced(created)  # a failed registration leaves the store as it was
+            raise
         registered_in_this_process.append(manifest.ref)
         return manifest
 
     def _blob_lock(self, shared: bool):
         return file_lock(self.home / "blobs.lock", shared=shared)
 
+    def _drop_unreferenced(self, digests: set[str]) -> None:
+        if not digests:
+            return
+        # Only under the exclusive lock: a concurrent registration may have found one of these
+        # blobs already stored and be about to reference it.
+        with self._blob_lock(shared=False):
+            for digest in digests:
+                if self.db.execute("SELECT 1 FROM files WHERE sha256 = ? LIMIT 1", [digest]).fetchone() is None:
+                    self.blobs.delete(digest)
+
     def _register(self, manifest: Manifest, files: Iterable[tuple[Path, str]] | None,
-                  input_digest: str | None) -> Manifest:
+                  input_digest: str | None, created: set[str]) -> Manifest:
         if files is not None:
-            entries = self.store_files(files)
+            entries = self.store_files(files, created)
             manifest = manifest.model_copy(update={"files": entries})
         for entry in manifest.files:
             if not self.blobs.exists(entry.sha256):
