@@ -145,3 +145,105 @@ def test_a_malformed_hints_header_entry_is_refused_in_one_line(home, tmp_path, t
     line = one_error_line(run(home, "registry", "import", str(path), "--name", "h", ok=False))
     assert str(path) in line and "loraforge.hints" in line and "remove the loraforge.hints header entry" in line, line
     assert Registry(home).list() == []
+
+
+# -- export ----------------------------------------------------------------------------------
+
+@pytest.fixture()
+def imported(home, kohya_file) -> str:
+    run(home, "registry", "import", str(kohya_file), "--name", "style")
+    return "style:1"
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "peft", "kohya", "loraforge"])
+def test_export_to_an_existing_folder_is_refused(home, tmp_path, imported, fmt):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    line = one_error_line(run(home, "registry", "export", imported, "--format", fmt, "-o", str(folder), ok=False))
+    assert f"{folder} is an existing folder" in line, line
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_export_over_an_existing_file_is_refused(home, tmp_path, imported, fmt):
+    target = tmp_path / "taken.safetensors"
+    target.write_bytes(b"not yours to overwrite")
+    line = one_error_line(run(home, "registry", "export", imported, "--format", fmt, "-o", str(target), ok=False))
+    assert f"{target} already exists" in line and "remove it first" in line, line
+    assert target.read_bytes() == b"not yours to overwrite"
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_export_to_an_uncreatable_path_is_refused(home, tmp_path, imported, fmt):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    out = blocker / "sub" / "out.safetensors"
+    line = one_error_line(run(home, "registry", "export", imported, "--format", fmt, "-o", str(out), ok=False))
+    assert "cannot create" in line and str(blocker) in line and "a folder you can write to" in line, line
+    assert blocker.read_text() == "x"
+
+
+def test_export_into_a_read_only_folder_leaves_nothing_behind(home, tmp_path, imported):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        out = folder / "x.safetensors"
+        line = one_error_line(run(home, "registry", "export", imported, "--format", "kohya", "-o", str(out),
+                                  ok=False))
+        assert "cannot create" in line and str(folder) in line, line
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_export_with_a_blob_missing_from_the_store_is_refused(home, tmp_path, imported):
+    import shutil
+
+    manifest = Registry(home).resolve(imported)
+    blob = Registry(home).blob_path(manifest.files[0])
+    blob.unlink()
+    shutil.rmtree(home / "checkouts", ignore_errors=True)
+    out = tmp_path / "out.safetensors"
+    line = one_error_line(run(home, "registry", "export", imported, "--format", "kohya", "-o", str(out), ok=False))
+    assert manifest.files[0].sha256[:12] in line and "missing from the store" in line, line
+    assert "registry verify" in line
+    assert not out.exists()
+
+
+def test_diffusers_export_without_an_extension_writes_a_folder_diffusers_loads(home, tmp_path, imported,
+                                                                               tiny_sd_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "style_for_diffusers"
+    result = run(home, "registry", "export", imported, "--format", "diffusers", "-o", str(out))
+    weights = out / "pytorch_lora_weights.safetensors"
+    assert result.output.strip().splitlines() == [str(weights)]
+    assert sorted(p.name for p in out.iterdir()) == ["pytorch_lora_weights.safetensors"]
+
+    from loraforge.formats import read_adapter
+
+    state = read_adapter(Registry(home).primary_file(Registry(home).resolve(imported)))[0]
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_path), safety_checker=None)
+    pipe.load_lora_weights(str(out), adapter_name="style")  # finds the standard file name itself
+    pipe.unet.load_lora_adapter(str(out), weight_name="pytorch_lora_weights.safetensors", prefix="unet",
+                                adapter_name="again")
+    modules = dict(pipe.unet.named_modules())
+    for name, module in state.component("unet").items():
+        for adapter in ("style", "again"):
+            torch.testing.assert_close(modules[name].get_delta_weight(adapter), module.delta(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "loraforge"])
+def test_file_export_without_an_extension_gets_one_and_says_so(home, tmp_path, imported, fmt):
+    out = tmp_path / "exported"
+    result = run(home, "registry", "export", imported, "--format", fmt, "-o", str(out))
+    assert result.output.strip() == str(tmp_path / "exported.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("exported", ".exported"))) == [
+        "exported.safetensors"]
+    from loraforge.formats import detect_format
+
+    assert detect_format(tmp_path / "exported.safetensors") == fmt

@@ -179,6 +179,20 @@ def test_cli_train_reward_bad_input_fails_before_training(home, monkeypatch):
     assert Registry(home).list() == []
 
 
+def test_cli_train_reward_registers_one_version(home):
+    args = ["train", "reward", "-n", "bright", "--reward", "brightness", "--prompts", "a cat", "--prompts", "a dog",
+            "--iterations", "2", "--sample-batch-size", "2", "--batch-size", "2", "--sample-steps", "2",
+            "--resolution", "16", "--rank", "2", "--guidance", "1", "--validation-steps", "1"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    [manifest] = Registry(home).list()  # the adapter, complete; no other version
+    assert (manifest["name"], manifest["version"], manifest["kind"]) == ("bright", 1, "lora")
+    m = Registry(home).resolve("bright").metrics
+    assert f"registered bright:1 (lora, rank 2, 2 steps, final loss {m['loss_last']:.4f}" in result.output
+    assert len(m["reward_mean_per_iteration"]) == 2 and m["iterations"] == 2
+    assert not list((home / "runs").glob("*/step-*"))
+
+
 def test_clip_score_is_the_cosine_of_clip_features(tiny_sd_path, tmp_path):
     from PIL import Image
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,

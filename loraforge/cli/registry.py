@@ -111,11 +111,14 @@ def show(ctx, ref, as_json):
 @click.argument("ref")
 @click.option("--format", "fmt", type=click.Choice(["diffusers", "peft", "kohya", "loraforge", "native"]),
               default="diffusers", show_default=True, help="Adapter format (checkpoints/datasets: native).")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="File or folder to write.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="New file or folder to write (never overwritten). diffusers: a path without .safetensors "
+                   "becomes a folder with pytorch_lora_weights.safetensors; kohya/loraforge: .safetensors is "
+                   "added when missing; peft: a folder.")
 @click.pass_context
 def export(ctx, ref, fmt, output):
-    """Export REF to a file or folder in the chosen format."""
-    from loraforge.registry.importer import export_artifact
+    """Export REF to a new file or folder in the chosen format; prints the files written."""
+    from loraforge.registry.exporter import export_artifact
 
     written = export_artifact(registry_from_ctx(ctx), ref, fmt, output)
     for path in written:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from loraforge.errors import LoraforgeError, RecipeError
+from loraforge.errors import LoraforgeError, RecipeError, Stopped
 from loraforge.recipes.digest import concrete_spec
 from loraforge.recipes.loader import parse_set, step_ref
 from loraforge.recipes.lock import lock_path, write_lock
@@ -20,8 +20,10 @@ from loraforge.recipes.plan import STALE, Plan, PlanStep, make_plan
 from loraforge.recipes.schema import load_recipe
 from loraforge.recipes.steps import StepContext, runner
 from loraforge.registry.manifest import Manifest, RecipeInfo
+from loraforge.stopping import sigterm_stops, stop_requested
 
 BUILT, REUSED, FAILED, BLOCKED, SKIPPED, WOULD_RUN = "built", "reused", "failed", "blocked", "skipped", "would run"
+STOPPED, NOT_STARTED = "stopped", "not started"  # a SIGTERM: the step it interrupted, the steps after it
 
 
 @dataclass
@@ -51,9 +53,15 @@ class ApplyResult:
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        return any(r.action in (STOPPED, NOT_STARTED) for r in self.results)
 
     def raise_for_failure(self) -> None:
+        if self.stopped:
+            raise Stopped(self._stop_message())
         if self.failed:
             first = self.failed[0]
             blocked = [r.id for r in self.results if r.action == BLOCKED]
@@ -61,11 +69,23 @@ class ApplyResult:
             after = f"; not run: {', '.join(blocked)}" if blocked else ""
             raise RecipeError(f"step {first.id!r} failed: {first.message}{more}{after}") from first.error
 
+    def _stop_message(self) -> str:
+        interrupted = [r for r in self.results if r.action == STOPPED]
+        not_started = [r.id for r in self.results if r.action == NOT_STARTED]
+        if interrupted:
+            what = f"stopped by SIGTERM in step {interrupted[0].id!r}: {interrupted[0].message}"
+        else:
+            done = [r.id for r in self.results if r.action in (BUILT, REUSED)]
+            what = "stopped by SIGTERM " + (f"after step {done[-1]!r} finished" if done else "before any step ran")
+        rest = f"; not started: {', '.join(not_started)}" if not_started else ""
+        return f"{what}{rest}; finished steps stay registered, apply again to continue"
+
     def to_json(self) -> dict:
         return {"recipe": str(self.plan.recipe.source.path), "digest": self.plan.digest, "ok": self.ok,
                 "lock": str(self.lock) if self.lock else None, "steps": [r.to_json() for r in self.results]}
 
 
+@sigterm_stops()  # a SIGTERM ends the apply at the next step boundary; a trainer stops at a checkpoint
 def apply_plan(plan: Plan, registry, *, dry_run: bool = False, publish: bool = True,
                echo: Callable[[str], None] = lambda s: None) -> ApplyResult:
     recipe = plan.recipe
@@ -80,6 +100,11 @@ def apply_plan(plan: Plan, registry, *, dry_run: bool = False, publish: bool = T
         if dry_run:
             result.results.append(StepResult(ps.id, WOULD_RUN if ps.status == STALE else REUSED,
                                              ps.existing.ref if ps.existing else None, message=ps.reason))
+            continue
+        if stop_requested():  # no step starts after a SIGTERM, dependent or not
+            not_done.add(ps.id)
+            result.results.append(StepResult(ps.id, NOT_STARTED, message="stopped by SIGTERM"))
+            echo(f"{label}: not started (stopped by SIGTERM)")
             continue
         blocked_by = [d for d in ps.depends_on if d in not_done]
         if blocked_by:
@@ -104,6 +129,12 @@ def apply_plan(plan: Plan, registry, *, dry_run: bool = False, publish: bool = T
         started = time.perf_counter()
         try:
             manifest = _run_step(plan, ps, step, registry, result.outputs, echo)
+        except Stopped as exc:
+            not_done.add(ps.id)
+            message = " ".join(str(exc).split())
+            result.results.append(StepResult(ps.id, STOPPED, seconds=time.perf_counter() - started, message=message))
+            echo(f"{label}: STOPPED: {message}")
+            continue
         except LoraforgeError as exc:
             _record_failure(result, not_done, ps, started, exc, " ".join(str(exc).split()), label, echo)
             continue

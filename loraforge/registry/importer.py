@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -171,36 +170,6 @@ def import_dataset(registry: Registry, folder: Path, name: str, instance_prompt:
         provenance=Provenance(source=str(Path(folder).resolve()), method="snapshot"),
     )
     return registry.register(manifest, dataset_files(folder), input_digest=input_digest)
-
-
-def export_artifact(registry: Registry, ref: str, fmt: str, out: Path) -> list[Path]:
-    """Write an artifact to `out`: adapters in diffusers/peft/kohya/loraforge format, others copied."""
-    from loraforge.registry.resolve import resolve_artifact
-
-    manifest = resolve_artifact(registry, ref)
-    out = Path(out).expanduser()
-    if manifest.kind in ("lora", "slider"):
-        from loraforge.formats import read_adapter, write_adapter
-
-        state, _fmt, _meta = read_adapter(registry.primary_file(manifest))
-        metadata = {"loraforge_manifest": manifest.to_json(), "format": "pt"}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return write_adapter(state, out, fmt, metadata=metadata)
-    if fmt not in ("native", "diffusers", "single_file"):
-        raise ConfigError(f"a {manifest.kind} exports as-is: use --format native (got {fmt!r})")
-    folder = registry.checkout(manifest)
-    if len(manifest.files) == 1 and manifest.kind == "checkpoint" and manifest.layout == "single_file":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(folder / manifest.files[0].path, out)
-        return [out]
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for entry in manifest.files:
-        dest = out / entry.path
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(folder / entry.path, dest)
-        written.append(dest)
-    return written
 
 
 def parent_of(manifest: Manifest, role: str = "input", weight: float | None = None) -> Parent:

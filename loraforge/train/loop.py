@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import resource
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +14,15 @@ from typing import Callable
 
 import torch
 
-from loraforge.errors import TrainingError
+from loraforge.errors import Stopped, TrainingError
+from loraforge.stopping import sigterm_stops, stop_requested
 from loraforge.train.checkpoint import latest_checkpoint, load_checkpoint, restore_checkpoint, save_checkpoint
 
 log = logging.getLogger("loraforge.train")
 
-# step_fn(step, micro) -> loss of that micro-batch (a scalar tensor that still needs backward()).
-StepFn = Callable[[int, int], torch.Tensor]
+# step_fn(step, micro) -> loss of that micro-batch: a scalar tensor that still needs backward(), or a float
+# when step_fn has back-propagated it itself in parts (to bound memory; it then scales by accumulation itself).
+StepFn = Callable[[int, int], "torch.Tensor | float"]
 
 
 @dataclass
@@ -87,6 +86,14 @@ class _Reporter:
             print(f"{self.title}: step {step}/{self.steps}  {info}", file=sys.stderr, flush=True)
         log.debug("%s step %d %s", self.title, step, info)
 
+    def note(self, message: str) -> None:
+        """A line the user should see (a resume) whether or not a bar is shown."""
+        if self.bar is not None:
+            self.bar.console.print(message)
+        elif self.plain:
+            print(message, file=sys.stderr, flush=True)
+        log.info("%s", message)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
@@ -97,61 +104,88 @@ def run_loop(*, title: str, params: dict[str, torch.nn.Parameter], step_fn: Step
              max_grad_norm: float = 1.0, samples_per_step: int = 1, use_8bit_adam: bool = False,
              checkpoint_every: int = 0, run_dir: Path | None = None, resume: bool = False,
              device: torch.device = torch.device("cpu"), progress: bool | None = None,
-             on_step: Callable[[int], None] | None = None) -> LoopResult:
+             on_step: Callable[[int], None] | None = None, checkpoint_unit: int = 1,
+             save_state: Callable[[], dict] | None = None, load_state: Callable[[dict], None] | None = None,
+             ) -> LoopResult:
     """Train `params` for `steps` optimiser steps of `gradient_accumulation` micro-batches each.
 
     With `checkpoint_every` and `run_dir`, a checkpoint is written every N steps; `resume` continues from
     the newest one. step_fn must draw its randomness from the step number (not from running state), so a
     resumed run computes exactly what an uninterrupted one would.
+
+    A trainer whose steps come in groups that only make sense whole (reward fine-tuning: one sampled batch,
+    then `checkpoint_unit` steps on it) checkpoints only after a whole group: `checkpoint_every` then counts
+    groups. `save_state` returns the trainer's own JSON state to store with a checkpoint; `load_state` gets
+    it back on resume. SIGTERM stops the run at the next checkpointable step, after saving a checkpoint there.
     """
     plist = list(params.values())
     optimizer = make_optimizer(plist, learning_rate, use_8bit_adam)
     losses: list[float] = []
-    start, elapsed_before = 0, 0.0
+    start, elapsed_before, resumed = 0, 0.0, None
     if resume and run_dir is not None and (path := latest_checkpoint(run_dir)) is not None:
         ckpt = load_checkpoint(path)
         restore_checkpoint(ckpt, params, optimizer)
         start = ckpt.step
         losses = list(ckpt.state.get("losses", []))
         elapsed_before = float(ckpt.state.get("elapsed_s", 0.0))
-        log.info("%s: resuming from step %d (%s)", title, start, path)
+        if load_state is not None:
+            if "trainer" not in ckpt.state:
+                raise TrainingError(f"checkpoint {path} has no trainer state; delete it to restart")
+            load_state(ckpt.state["trainer"])
+        resumed = f"{title}: resumed from step {start} of {steps} ({path.name})"
+    reporter = _Reporter(title, steps, start, progress)
+    if resumed:
+        reporter.note(resumed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    reporter = _Reporter(title, steps, start, progress)
     per_step = samples_per_step * gradient_accumulation
     t0 = time.perf_counter()
-    stop = _StopOnSigterm()
-    try:
-        for step in range(start, steps):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate * lr_factor(step, steps, lr_scheduler, lr_warmup_steps)
-            total = 0.0
-            for micro in range(gradient_accumulation):
-                loss = step_fn(step, micro) / gradient_accumulation
-                loss.backward()
-                total += float(loss.detach())
-            torch.nn.utils.clip_grad_norm_(plist, max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(total)
-            done = step + 1
-            run_time = time.perf_counter() - t0
-            reporter.update(done, total, (done - start) * per_step / max(run_time, 1e-9))
-            if checkpoint_every and run_dir is not None and done % checkpoint_every == 0 and done < steps:
-                save_checkpoint(run_dir, done, params, optimizer,
-                                {"losses": losses, "elapsed_s": elapsed_before + run_time})
-            if on_step is not None:
-                on_step(done)
-            if stop.requested and done < steps:
-                where = "no checkpoint folder"
-                if run_dir is not None:
-                    save_checkpoint(run_dir, done, params, optimizer,
-                                    {"losses": losses, "elapsed_s": elapsed_before + run_time})
-                    where = "checkpoint saved; run again with resume to continue"
-                raise TrainingError(f"{title}: stopped by SIGTERM after step {done} of {steps} ({where})")
-    finally:
-        stop.restore()
-        reporter.close()
+
+    def checkpoint(done: int) -> None:
+        state = {"losses": losses, "elapsed_s": elapsed_before + time.perf_counter() - t0}
+        if save_state is not None:
+            state["trainer"] = save_state()
+        save_checkpoint(run_dir, done, params, optimizer, state)
+
+    with sigterm_stops():
+        try:
+            for step in range(start, steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate * lr_factor(step, steps, lr_scheduler, lr_warmup_steps)
+                total = 0.0
+                for micro in range(gradient_accumulation):
+                    loss = step_fn(step, micro)
+                    if isinstance(loss, torch.Tensor):
+                        loss = loss / gradient_accumulation
+                        loss.backward()
+                        loss = loss.detach()
+                    total += float(loss)
+                norm = float(torch.nn.utils.clip_grad_norm_(plist, max_grad_norm))
+                done = step + 1
+                if not (math.isfinite(total) and math.isfinite(norm)):
+                    # Refused before the step, so the weights are those of step `step`, never NaN.
+                    raise TrainingError(f"{title}: training diverged at step {done} of {steps} (loss {total:.4g}, "
+                                        f"gradient norm {norm:.4g}); nothing was registered; lower learning_rate "
+                                        f"(now {learning_rate:g})")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(total)
+                run_time = time.perf_counter() - t0
+                reporter.update(done, total, (done - start) * per_step / max(run_time, 1e-9))
+                whole = done % checkpoint_unit == 0
+                if (checkpoint_every and run_dir is not None and whole and done < steps
+                        and (done // checkpoint_unit) % checkpoint_every == 0):
+                    checkpoint(done)
+                if on_step is not None:
+                    on_step(done)
+                if stop_requested() and whole and done < steps:
+                    where = "no checkpoint folder, nothing kept"
+                    if run_dir is not None:
+                        checkpoint(done)
+                        where = "checkpoint saved; run again with resume to continue"
+                    raise Stopped(f"{title}: stopped by SIGTERM after step {done} of {steps} ({where})")
+        finally:
+            reporter.close()
     run_time = time.perf_counter() - t0
     trained = steps - start
     metrics = {
@@ -166,27 +200,6 @@ def run_loop(*, title: str, params: dict[str, torch.nn.Parameter], step_fn: Step
         "resumed_from_step": start,
     }
     return LoopResult(losses=losses, metrics=metrics, resumed_from=start)
-
-
-class _StopOnSigterm:
-    """Turns SIGTERM into a request to stop after the current step (the daemon sends it to let a job
-    checkpoint). Only the main thread can own signal handlers; elsewhere SIGTERM keeps its default."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second SIGTERM: stop at once
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-        self.requested = True
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _tail_mean(losses: list[float]) -> float | None:

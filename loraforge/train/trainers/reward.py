@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -238,72 +237,55 @@ class _RewardRun:
         return self.c.kl_weight * min(1.0, (iteration + 1) / self.c.kl_warmup)
 
     def train(self, params: dict[str, torch.nn.Parameter]) -> dict:
+        """Run the iterations in the shared loop: each is one sampled, scored batch and then `steps`
+        optimiser steps on it, so checkpoints (and SIGTERM stops) fall between iterations."""
         from loraforge.rewards.base import check_scores, reward_metrics
-        from loraforge.train.checkpoint import latest_checkpoint, load_checkpoint, restore_checkpoint, save_checkpoint
-        from loraforge.train.loop import _Reporter, lr_factor, make_optimizer, peak_memory_mb
+        from loraforge.train.loop import run_loop
 
         c = self.c
-        plist = list(params.values())
-        optimizer = make_optimizer(plist, c.learning_rate, c.use_8bit_adam)
-        start, elapsed_before = 0, 0.0
-        run_dir = self.session.run_dir
-        if self.session.resume and (path := latest_checkpoint(run_dir)) is not None:
-            ckpt = load_checkpoint(path)
-            restore_checkpoint(ckpt, params, optimizer)
-            start = ckpt.step
-            self.history = ckpt.state["history"]
-            self.stats.load(ckpt.state["stats"])
-            elapsed_before = float(ckpt.state.get("elapsed_s", 0.0))
-            log.info("reward %s: resuming from iteration %d (%s)", self.session.output, start, path)
-        if self.model.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.model.device)
-        reporter = _Reporter(f"train reward {self.session.output}", c.iterations, start, self.session.progress)
-        total_opt_steps = c.iterations * c.steps
-        t0 = time.perf_counter()
-        try:
-            for it in range(start, c.iterations):
-                batch_prompts, traj, images, gen = self.sample(it)
-                rewards = torch.tensor(check_scores(self.reward.name, self.reward(images, batch_prompts), len(images)))
-                adv = self.stats.advantages(batch_prompts, rewards).clamp(-c.adv_clip_max, c.adv_clip_max)
+        batch: dict[str, Any] = {}  # the current iteration's samples, advantages and generator
+        parts: dict[str, list[float]] = {}
+
+        def step_fn(step: int, micro: int) -> float:
+            it, inner = divmod(step, c.steps)
+            if inner == 0:
+                prompts, traj, images, gen = self.sample(it)
+                rewards = torch.tensor(check_scores(self.reward.name, self.reward(images, prompts), len(images)))
+                adv = self.stats.advantages(prompts, rewards).clamp(-c.adv_clip_max, c.adv_clip_max)
                 self.history["reward_mean"].append(float(rewards.mean()))
                 self.history["reward_std"].append(float(rewards.std(unbiased=False)))
-                losses, kls, clipped = [], [], []
-                for inner in range(c.steps):
-                    opt_step = it * c.steps + inner
-                    for group in optimizer.param_groups:
-                        group["lr"] = c.learning_rate * lr_factor(opt_step, total_opt_steps, c.lr_scheduler, c.lr_warmup_steps)
-                    loss, kl, clip = self.update(traj, batch_prompts, adv.to(self.model.device), self.kl_weight(it), gen)
-                    torch.nn.utils.clip_grad_norm_(plist, c.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(loss), kls.append(kl), clipped.append(clip)
-                self.history["loss"].append(sum(losses) / len(losses))
-                self.history["kl"].append(sum(kls) / len(kls))
-                self.history["clip_fraction"].append(sum(clipped) / len(clipped))
-                done = it + 1
-                run_time = time.perf_counter() - t0
-                reporter.update(done, self.history["loss"][-1], (done - start) * c.sample_batch_size / max(run_time, 1e-9))
-                log.info("reward %s: iteration %d/%d reward %.4f ± %.4f kl %.3g", self.session.output, done,
-                         c.iterations, self.history["reward_mean"][-1], self.history["reward_std"][-1], self.history["kl"][-1])
-                if c.checkpoint_every and done % c.checkpoint_every == 0 and done < c.iterations:
-                    save_checkpoint(run_dir, done, params, optimizer, {"history": self.history, "stats": self.stats.state(),
-                                                                      "elapsed_s": elapsed_before + run_time})
-        finally:
-            reporter.close()
-        run_time = time.perf_counter() - t0
+                batch.update(prompts=prompts, traj=traj, adv=adv.to(self.model.device), gen=gen)
+                parts.update(loss=[], kl=[], clip_fraction=[])
+            loss, kl, clip = self.update(batch["traj"], batch["prompts"], batch["adv"], self.kl_weight(it), batch["gen"])
+            parts["loss"].append(loss), parts["kl"].append(kl), parts["clip_fraction"].append(clip)
+            if inner == c.steps - 1:
+                for key, values in parts.items():
+                    self.history[key].append(sum(values) / len(values))
+                log.info("reward %s: iteration %d/%d reward %.4f ± %.4f kl %.3g", self.session.output, it + 1,
+                         c.iterations, self.history["reward_mean"][-1], self.history["reward_std"][-1],
+                         self.history["kl"][-1])
+            return loss  # already back-propagated, one timestep at a time
+
+        def load_state(state: dict) -> None:
+            self.history = state["history"]
+            self.stats.load(state["stats"])
+
+        loop = {**self.session.loop_kwargs(), "steps": c.iterations * c.steps}
+        result = run_loop(title=f"train reward {self.session.output}", params=params, step_fn=step_fn,
+                          samples_per_step=c.sample_batch_size / c.steps, checkpoint_unit=c.steps,
+                          save_state=lambda: {"history": self.history, "stats": self.stats.state()},
+                          load_state=load_state, **loop)
         means = self.history["reward_mean"]
         tail = means[-max(1, len(means) // 4):]
         return {
+            **result.metrics,
             **{f"{k}_per_iteration": list(vals) for k, vals in self.history.items()},
             "iterations": c.iterations,
             "reward_first": means[0],
             "reward_last": means[-1],
             "reward_mean_last_25pct": sum(tail) / len(tail),
             "eps_drift": self.drift(),
-            "time_s": round(elapsed_before + run_time, 3),
-            "samples_per_s": round((c.iterations - start) * c.sample_batch_size / max(run_time, 1e-9), 3),
-            "peak_memory_mb": round(peak_memory_mb(self.model.device), 1),
-            "resumed_from_iteration": start,
+            "resumed_from_iteration": result.resumed_from // c.steps,
             **reward_metrics(self.reward),
         }
 
