@@ -126,6 +126,20 @@ def test_publish_fails_loudly_when_the_hub_code_cannot_import(home, tmp_path, mo
     result = run_cli(home, "recipe", "apply", str(recipe), ok=False)
     assert result.exit_code == 1, result.output
     error = [line for line in result.output.splitlines() if line.startswith("Error: ")]
-    assert len(error) == 1 and "publish-1" in error[0] and "loraforge.hub.push" in error[0]
+    # Refused when the recipe is checked, before anything is built.
+    assert len(error) == 1 and "publish.0" in error[0] and "loraforge.hub.push" in error[0], result.output
+    assert "does not import" in error[0] and "reinstall loraforge" in error[0]
     assert "skipped" not in result.output
-    assert Registry(home).resolve("pub-style")  # the built step stays registered
+    assert Registry(home).list() == []
+
+
+def test_the_publish_step_fails_when_the_hub_code_cannot_import(monkeypatch):
+    from types import SimpleNamespace
+
+    from loraforge.errors import HubError
+    from loraforge.recipes.steps import publish
+
+    monkeypatch.setitem(sys.modules, "loraforge.hub.push", None)
+    ctx = SimpleNamespace(spec=SimpleNamespace(artifact="pub-style:1", repo="me/pub-style"))
+    with pytest.raises(HubError, match=r"cannot publish pub-style:1 to me/pub-style: .*does not import"):
+        publish.run(ctx)

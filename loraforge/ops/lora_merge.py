@@ -7,9 +7,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from loraforge.errors import ConfigError, IncompatibleBaseError
+from loraforge.errors import IncompatibleBaseError
 from loraforge.formats.lora import LoraModule, LoraState
 from loraforge.ops.lora_methods import ModuleInputs
+from loraforge.ops.method_params import method_params
 from loraforge.ops.specs import AdapterInput, LoraMergeSpec
 
 
@@ -36,11 +37,7 @@ def combine_states(states: list[LoraState], weights: list[float], method: str, r
                    progress: Callable[..., None] | None = None) -> LoraState:
     """The merged LoraState. Adapters may have different ranks and module sets; weights may be negative."""
     impl = get_lora_method(method)
-    unknown = sorted(set(params or {}) - set(impl.params))
-    if unknown:
-        raise ConfigError(f"LoRA method {method} has no parameter {unknown[0]!r} "
-                          f"(its parameters: {', '.join(impl.params) or 'none'})")
-    full = {**impl.params, **(params or {})}
+    full = method_params("LoRA merge method", method, impl, params or {})
     labels = labels or [f"adapter {i + 1}" for i in range(len(states))]
     names = sorted(set().union(*[set(s) for s in states]))
     out = LoraState()

@@ -406,8 +406,21 @@ def check_methods(recipe: Recipe) -> None:
         if method not in names:
             known = ", ".join(names) or "none installed"
             raise source.error(loc, f"unknown {group.description} {method!r}: choose one of {known}")
-        if step.kind == "train" and method in names:
+        if step.kind == "train":
             check_train_config(recipe, step)
+        elif step.kind in ("merge", "lora_merge"):
+            check_method_params(recipe, step, group)
+
+
+def check_method_params(recipe: Recipe, step: Step, group) -> None:
+    """A merge step's `params:` checked by its method's Params model, with the parameter's position."""
+    from loraforge.ops.method_params import method_params
+
+    try:
+        method_params(group.description, step.spec.method, group.get(step.spec.method), step.spec.params)
+    except LoraforgeError as exc:
+        loc = ("steps", step.id, step.kind, "params") + ((exc.param,) if getattr(exc, "param", None) else ())
+        raise recipe.source.error(loc, str(exc)) from None
 
 
 def check_train_config(recipe: Recipe, step: Step) -> Any:

@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 from torch import Tensor
 
+from loraforge.ops.method_params import MethodParams
+
 
 @dataclass(frozen=True)
 class ModuleInputs:
@@ -30,6 +32,7 @@ class ModuleInputs:
 class LoraMethod:
     """Base of the built-in LoRA methods."""
 
+    Params: type[MethodParams] = MethodParams  # typed parameters (none here); `params` holds their defaults
     params: dict[str, Any] = {}
     exact: bool = False
 

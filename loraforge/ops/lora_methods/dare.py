@@ -4,8 +4,11 @@ truncation) is the one `merge checkpoints --method dare` gives on a diffusers ba
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from loraforge.ops.lora_methods import LoraMethod
 from loraforge.ops.lowrank import dense_factors
+from loraforge.ops.method_params import MethodParams
 from loraforge.ops.sparsify import dare_keep, dare_merge, lora_key
 from loraforge.plugins import LORA_METHODS
 
@@ -14,7 +17,12 @@ from loraforge.plugins import LORA_METHODS
 class LoraDare(LoraMethod):
     """The checkpoint DARE, same masks, on each module's dense ΔWᵢ (keep w.p. 1−p, ×1/(1−p)), then SVD to the rank."""
 
-    params = {"drop_rate": 0.5, "seed": 0}
+
+    class Params(MethodParams):
+        drop_rate: float = Field(0.5, ge=0, lt=1, description="probability of dropping each entry, in [0, 1)")
+        seed: int = Field(0, description="seed of the drop masks and the randomized SVD, an integer")
+
+    params = Params().model_dump()
 
     def combine(self, inputs):
         p, seed = float(inputs.params["drop_rate"]), int(inputs.params["seed"])

@@ -3,8 +3,11 @@ back to rank r — the same ΔW as `merge checkpoints --method ties` on base + �
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from loraforge.ops.lora_methods import LoraMethod
 from loraforge.ops.lowrank import dense_factors
+from loraforge.ops.method_params import MethodParams
 from loraforge.ops.sparsify import ties_merge
 from loraforge.plugins import LORA_METHODS
 
@@ -13,7 +16,12 @@ from loraforge.plugins import LORA_METHODS
 class LoraTies(LoraMethod):
     """The checkpoint TIES on each module's dense ΔWᵢ (mean by count of agreeing wᵢΔWᵢ), then SVD to the rank."""
 
-    params = {"density": 0.5, "seed": 0}
+
+    class Params(MethodParams):
+        density: float = Field(0.5, ge=0, le=1, description="fraction of each module's delta kept, 0 to 1")
+        seed: int = Field(0, description="seed of the randomized SVD, an integer")
+
+    params = Params().model_dump()
 
     def combine(self, inputs):
         deltas = [b @ a for b, a in inputs.pairs]

@@ -12,6 +12,7 @@ from typing import Any, Optional
 from torch import Tensor
 
 from loraforge.errors import ConfigError
+from loraforge.ops.method_params import MethodParams, method_params
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class MergeMethod:
     default_alpha: float = 0.5
     elementwise: bool = True
     chunk_elements: Optional[int] = None  # rows per chunk for elementwise methods; None: the engine's default
+    Params: type[MethodParams] = MethodParams  # typed parameters (none here); `params` holds their defaults
     params: dict[str, Any] = {}
 
     def check(self, num_models: int, params: dict[str, Any]) -> dict[str, Any]:
@@ -52,11 +54,7 @@ class MergeMethod:
                     else f"{self.min_models} or more" if self.max_models is None
                     else f"{self.min_models} to {self.max_models}")
             raise ConfigError(f"merge method {name} takes {want} models, got {num_models}")
-        unknown = sorted(set(params) - set(self.params))
-        if unknown:
-            known = ", ".join(self.params) or "none"
-            raise ConfigError(f"merge method {name} has no parameter {unknown[0]!r} (its parameters: {known})")
-        return {**self.params, **params}
+        return method_params("merge method", name, self, params)
 
     def weights(self, alpha: float, weights: list[Optional[float]]) -> list[float]:
         """The weight of each input in the result, recorded as provenance."""

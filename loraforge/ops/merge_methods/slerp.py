@@ -6,7 +6,10 @@ import math
 
 import torch
 
+from pydantic import Field
+
 from loraforge.ops.merge_methods import MergeMethod
+from loraforge.ops.method_params import MethodParams
 from loraforge.plugins import MERGE_METHODS
 
 
@@ -17,7 +20,11 @@ class Slerp(MergeMethod):
     name = "slerp"
     default_alpha = 0.5
     elementwise = False  # needs whole-tensor norms and angle
-    params = {"epsilon": 1e-4}
+
+    class Params(MethodParams):
+        epsilon: float = Field(1e-4, gt=0, description="interpolate linearly when 1 - |cos| is below it, > 0")
+
+    params = Params().model_dump()
 
     def weights(self, alpha, weights):
         return [1.0 - alpha, alpha]

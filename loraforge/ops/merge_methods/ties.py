@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from loraforge.ops.merge_methods import MergeMethod, task_weights
+from loraforge.ops.method_params import MethodParams
 from loraforge.ops.sparsify import ties_merge
 from loraforge.plugins import MERGE_METHODS
 
@@ -15,7 +18,11 @@ class Ties(MergeMethod):
     max_models = None
     default_alpha = 1.0
     elementwise = False  # the top-k threshold is per whole tensor
-    params = {"density": 0.2}
+
+    class Params(MethodParams):
+        density: float = Field(0.2, ge=0, le=1, description="fraction of each task delta kept, 0 to 1")
+
+    params = Params().model_dump()
 
     def weights(self, alpha, weights):
         return [1.0] + [alpha * w for w in task_weights(weights)]
