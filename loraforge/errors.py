@@ -49,10 +49,6 @@ class Stopped(LoraforgeError):
     """Work was stopped on request (SIGTERM); what it finished or checkpointed is kept for the next run."""
 
 
-class Stopped(LoraforgeError):
-    """Work was stopped on request (SIGTERM); what it finished or checkpointed is kept for the next run."""
-
-
 class DatasetError(LoraforgeError):
     """A dataset folder is unusable."""
 
