@@ -9,14 +9,25 @@ import socket
 import time
 from pathlib import Path
 
+from loraforge.errors import StorageError
+
 
 def loraforge_home(home: str | os.PathLike | None = None) -> Path:
     """The loraforge home: the argument, else `$LORAFORGE_HOME`, else `~/.loraforge`."""
     if home is None:
         home = os.environ.get("LORAFORGE_HOME") or Path.home() / ".loraforge"
     path = Path(home).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create the loraforge home {path} ({exc.strerror}): set LORAFORGE_HOME "
+                           "(or --home) to a folder you can write") from None
     return path
+
+
+def home_is_writable(home: Path) -> bool:
+    """Whether this process may create files in `home` (false on read-only mounts, even for root)."""
+    return os.access(home, os.W_OK)
 
 
 def models_dir(home: Path) -> Path:
@@ -40,7 +51,13 @@ def tmp_dir(home: Path) -> Path:
     from what a live one is still writing.
     """
     path = home / "tmp" / _owner_tag(os.getpid())
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        if home_is_writable(home):
+            raise
+        raise StorageError(f"the loraforge home {home} is read-only: cannot write scratch files; set "
+                           "LORAFORGE_HOME (or --home) to a writable folder") from None
     return path
 
 

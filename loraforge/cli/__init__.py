@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sqlite3
 import sys
 
 import click
@@ -73,6 +74,14 @@ class LazyGroup(click.Group):
                 raise
             message = " ".join(str(exc).split("\n"))
             click.echo(f"Error: {message}", err=True)
+            ctx.exit(1)
+        except sqlite3.DatabaseError as exc:
+            # Exactly DatabaseError is SQLite's "corrupt" / "not a database" (its subclasses are other faults).
+            if type(exc) is not sqlite3.DatabaseError or (ctx.obj and ctx.obj.get("debug")):
+                raise
+            home = (ctx.obj or {}).get("home") or "the loraforge home"
+            click.echo(f"Error: the registry catalog in {home} is damaged ({exc}): restore its registry.db from "
+                       "a backup (`loraforge registry verify` lists the damage)", err=True)
             ctx.exit(1)
         except OSError as exc:
             # A full disk, `ulimit -f` or a read-only mount can hit any write; say which, in one line.

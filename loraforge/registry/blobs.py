@@ -31,8 +31,7 @@ class BlobStore:
     def __init__(self, root: Path, scratch: Callable[[], Path]):
         """`scratch()` gives the folder for partly written blobs (same filesystem as `root`)."""
         self.root = Path(root)
-        self.scratch = scratch
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.scratch = scratch  # folders are made on the first write: a read-only home stays readable
 
     def path(self, digest: str) -> Path:
         return self.root / digest[:2] / digest
@@ -99,6 +98,8 @@ class BlobStore:
         return p.is_file() and sha256_file(p) == digest
 
     def __iter__(self) -> Iterator[str]:
+        if not self.root.is_dir():
+            return
         for sub in sorted(self.root.iterdir()):
             if sub.is_dir():
                 for p in sorted(sub.iterdir()):

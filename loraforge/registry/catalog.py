@@ -7,9 +7,12 @@ import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote
 
 import sqlite_utils
 from sqlite_utils import Migrations
+
+from loraforge.errors import CatalogError
 
 migrations = Migrations("loraforge")
 
@@ -66,11 +69,39 @@ def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def open_catalog(home: Path) -> sqlite_utils.Database:
-    """Open `registry.db` under `home`, applying pending migrations under a lock."""
+def connect_read_only(path: Path) -> sqlite_utils.Database:
+    """Open a catalog that this process cannot write (a read-only home)."""
+    if not path.is_file():
+        raise CatalogError(f"the loraforge home {path.parent} is read-only and holds no registry.db: "
+                           "set LORAFORGE_HOME (or --home) to a writable folder")
+    uri = f"file:{quote(str(path))}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.OperationalError:
+        # A WAL database is read through its -shm file; when the last writer removed it and the
+        # folder is read-only, SQLite can only read the file as immutable (as it is, with no writer).
+        conn.close()
+        conn = sqlite3.connect(uri.replace("mode=ro", "immutable=1"), uri=True, isolation_level=None,
+                               check_same_thread=False)
+    return sqlite_utils.Database(conn)
+
+
+def open_catalog(home: Path, read_only: bool = False) -> sqlite_utils.Database:
+    """Open `registry.db` under `home`, applying pending migrations under a lock (unless `read_only`)."""
     db_path = home / "registry.db"
-    db = connect(db_path)
-    if migrations.pending(db):
+    try:
+        db = connect_read_only(db_path) if read_only else connect(db_path)
+        pending = migrations.pending(db)
+    except sqlite3.DatabaseError as exc:
+        if "locked" in str(exc):
+            raise
+        raise CatalogError(f"{db_path} is not a readable registry catalog ({exc}): restore it from a backup, "
+                           "or move it aside to start an empty registry") from None
+    if pending:
+        if read_only:
+            raise CatalogError(f"{db_path} needs upgrading for this loraforge version, which a read-only home "
+                               "does not allow: run any command once with write access")
         with file_lock(home / "registry.lock"):
             migrations.apply(db)
     return db

@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from loraforge.errors import ArtifactNotFound, ConfigError, IntegrityError
+from loraforge.errors import ArtifactNotFound, ConfigError, IntegrityError, StorageError
 from loraforge.faults import fault_point
 from loraforge.hashing import digest_of_files
-from loraforge.home import checkouts_dir, loraforge_home, remove_stale_tmp, tmp_dir
+from loraforge.home import checkouts_dir, home_is_writable, loraforge_home, remove_stale_tmp, tmp_dir
 from loraforge.registry.blobs import BlobStore, fsync_dir
 from loraforge.registry.catalog import file_lock, immediate, open_catalog
 from loraforge.registry.manifest import ARTIFACT_KINDS, FileEntry, Manifest
@@ -69,10 +70,16 @@ class Registry:
 
     def __init__(self, home: str | os.PathLike | None = None):
         self.home = loraforge_home(home)
-        self.db = open_catalog(self.home)
+        self.read_only = not home_is_writable(self.home)
+        self.db = open_catalog(self.home, read_only=self.read_only)
         self.blobs = BlobStore(self.home / "blobs" / "sha256", lambda: tmp_dir(self.home))
 
     # -- writing -----------------------------------------------------------------------------
+
+    def _check_writable(self, action: str) -> None:
+        if self.read_only:
+            raise StorageError(f"the loraforge home {self.home} is read-only: cannot {action}; set "
+                               "LORAFORGE_HOME (or --home) to a writable folder")
 
     def store_files(self, files: Iterable[tuple[Path, str]], created: set[str] | None = None) -> list[FileEntry]:
         """Put (source path, artifact-relative path) pairs into the blob store; new digests go to `created`."""
@@ -93,6 +100,7 @@ class Registry:
         leaves at most unreferenced blobs (removed by `gc`), never half an artifact. One that fails
         (a full disk, a bad file) removes the blobs it added.
         """
+        self._check_writable("register an artifact")
         check_name(manifest.name)
         # From the first blob stored until the rows commit, those blobs are referenced by nothing
         # in the catalog yet: keep `gc` out for that long (registrations share the lock).
@@ -160,6 +168,7 @@ class Registry:
 
     def update_metrics(self, ref: str, metrics: dict) -> Manifest:
         """Merge `metrics` into an artifact's manifest (digests are unchanged)."""
+        self._check_writable("record metrics")
         manifest = self.resolve(ref)
         manifest = manifest.model_copy(update={"metrics": {**manifest.metrics, **metrics}})
         with immediate(self.db) as conn:
@@ -168,6 +177,7 @@ class Registry:
         return manifest
 
     def tag(self, ref: str, alias: str) -> Manifest:
+        self._check_writable("move an alias")
         check_alias(alias)
         manifest = self.resolve(ref)
         with immediate(self.db) as conn:
@@ -180,6 +190,7 @@ class Registry:
 
     def remove(self, ref: str) -> Manifest:
         """Remove one version (its blobs stay until `gc`). Aliases pointing at it are dropped."""
+        self._check_writable("remove an artifact")
         manifest = self.resolve(ref)
         with immediate(self.db) as conn:
             (artifact_id,) = conn.execute(
@@ -196,6 +207,7 @@ class Registry:
 
         Waits for registrations in progress: their blobs are stored before the catalog names them.
         """
+        self._check_writable("collect garbage")
         report = GcReport()
         with self._blob_lock(shared=False):
             referenced = {r[0] for r in self.db.execute("SELECT DISTINCT sha256 FROM files").fetchall()}
@@ -372,6 +384,14 @@ class Registry:
     def verify(self, progress=None) -> VerifyReport:
         """Re-hash every referenced blob and check every catalog row against its manifest."""
         report = VerifyReport()
+        try:
+            pages = [row[0] for row in self.db.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.DatabaseError as exc:
+            pages = [str(exc)]
+        if pages != ["ok"]:
+            report.problems += [f"{self.home / 'registry.db'} is damaged: {line}"
+                                for page in pages for line in page.splitlines() if not line.startswith("***")]
+            return report  # its rows cannot be trusted to say which blobs to check
         rows = self.db.execute("SELECT id, name, version, digest, manifest FROM artifacts").fetchall()
         for artifact_id, name, version, digest, text in rows:
             report.checked_artifacts += 1
