@@ -191,10 +191,17 @@ def gc(ctx):
 @click.pass_context
 def verify(ctx, as_json):
     """Re-hash every blob and check every catalog row; exits non-zero on damage."""
-    reg = registry_from_ctx(ctx)
-    total = reg.db.execute("SELECT COUNT(DISTINCT sha256) FROM files").fetchone()[0]
-    with progress("verifying blobs", total) as advance:
-        report = reg.verify(progress=advance)
+    from loraforge.errors import CatalogError
+    from loraforge.registry.registry import VerifyReport
+
+    try:
+        reg = registry_from_ctx(ctx)
+    except CatalogError as exc:  # a catalog that does not open is damage to report, not a crash
+        report = VerifyReport(problems=[str(exc)])
+    else:
+        total = reg.db.execute("SELECT COUNT(DISTINCT sha256) FROM files").fetchone()[0]
+        with progress("verifying blobs", total) as advance:
+            report = reg.verify(progress=advance)
     if as_json:
         echo_json({"ok": report.ok, "artifacts": report.checked_artifacts, "blobs": report.checked_blobs,
                    "problems": report.problems})
