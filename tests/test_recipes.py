@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -57,7 +56,7 @@ def actions(home: Path, recipe: Path, *extra: str) -> dict[str, str]:
     return {s["id"]: s["action"] for s in out["steps"]}
 
 
-def test_plan_apply_and_second_apply_runs_nothing(home, tmp_path):
+def test_plan_apply_and_second_apply_runs_nothing(home, tmp_path, monkeypatch):
     recipe = write(tmp_path, CHAIN)
     plan = plan_json(home, recipe)
     assert plan["valid"] is True and plan["recipe"] == str(recipe.resolve())
@@ -70,9 +69,12 @@ def test_plan_apply_and_second_apply_runs_nothing(home, tmp_path):
     assert [s["status"] for s in plan["steps"]] == ["up-to-date"] * 4
     assert plan["steps"][3]["reason"].startswith("chain-c:1 ")
 
-    started = time.perf_counter()
+    # The second apply runs no step at all (how fast that is: `python -m benchmarks recipe`).
+    def no_step(kind):
+        raise AssertionError(f"a {kind} step ran although every step is up to date")
+
+    monkeypatch.setattr("loraforge.recipes.apply.runner", no_step)
     assert set(actions(home, recipe).values()) == {"reused"}
-    assert time.perf_counter() - started < 2.0
     assert [r["version"] for r in Registry(home).list(name="chain-c")] == [1]
 
     # Provenance names the recipe digest, the step and its input digest; lineage follows the chain.
