@@ -93,12 +93,13 @@ def test_home_on_a_read_only_mount(filled_home, adapter_file, tmp_path):
         f"{lf} registry ls; echo rc=$?",
         f"{lf} registry show style:prod; echo rc=$?",
         f"{lf} registry verify; echo rc=$?",
+        f"{lf} jobs ls; echo rc=$?",
         f"{lf} registry import {adapter_file} --name other; echo rc=$?",
     ])
     done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
     out = done.stdout
     assert done.returncode == 0, done.stderr[-2000:]
-    assert out.count("rc=0") == 3 and out.count("rc=1") == 1, out + done.stderr
+    assert out.count("rc=0") == 4 and out.count("rc=1") == 1, out + done.stderr
     assert "style  1        lora  prod" in out and "style:1  (lora)" in out and "ok\nrc=0" in out
     assert one_error_line(done.stderr).startswith(f"Error: the loraforge home {filled_home.resolve()} is read-only")
     assert state(filled_home) == before
@@ -174,3 +175,4 @@ def test_damaged_pages_inside_registry_db_are_reported(home):
     assert listed.exit_code == 1
     line = one_error_line(listed.output)
     assert "registry catalog" in line and "is damaged" in line and "restore its registry.db from a backup" in line
+

@@ -13,6 +13,7 @@ import sqlite_utils
 from sqlite_utils import Migrations
 
 from loraforge.errors import CatalogError
+from loraforge.home import home_is_writable
 
 migrations = Migrations("loraforge")
 
@@ -87,9 +88,14 @@ def connect_read_only(path: Path) -> sqlite_utils.Database:
     return sqlite_utils.Database(conn)
 
 
-def open_catalog(home: Path, read_only: bool = False) -> sqlite_utils.Database:
-    """Open `registry.db` under `home`, applying pending migrations under a lock (unless `read_only`)."""
+def open_catalog(home: Path, read_only: bool | None = None) -> sqlite_utils.Database:
+    """Open `registry.db` under `home`, applying pending migrations under a lock.
+
+    `read_only` (by default: when this process cannot write `home`) opens it without writing anything.
+    """
     db_path = home / "registry.db"
+    if read_only is None:
+        read_only = not home_is_writable(home)
     try:
         db = connect_read_only(db_path) if read_only else connect(db_path)
         pending = migrations.pending(db)
