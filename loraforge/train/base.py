@@ -36,7 +36,7 @@ class TrainConfig(BaseModel):
     train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder's attention projections.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
     cache_latents: bool = Field(True, description="Cache VAE latents and text embeddings on disk (keyed by images, transform, text and model weights).")
-    use_8bit_adam: bool = Field(False, description="Use bitsandbytes 8-bit AdamW when it is installed.")
+    use_8bit_adam: bool = Field(False, description="Use bitsandbytes' 8-bit AdamW (needs CUDA and bitsandbytes; refused otherwise).")
     compile: bool = Field(False, description="torch.compile the UNet (opt-in; slower start, faster steps on GPU).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
 

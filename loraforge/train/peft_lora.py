@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Iterable
 
@@ -49,6 +50,36 @@ def inject_lora(model: nn.Module, *, rank: int, alpha: float | None = None,
             param.requires_grad_(True)
             params.append(param)
     return params
+
+
+def module_shapes_of(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Module path -> weight shape of every Linear and Conv2d of a loaded model (what LoRA can target)."""
+    return {name: tuple(sub.weight.shape) for name, sub in model.named_modules()
+            if isinstance(sub, (nn.Linear, nn.Conv2d))}
+
+
+def check_rank(rank: int, shapes: dict[str, tuple[int, ...]], target_modules: Iterable[str] | str,
+               component: str = "unet") -> None:
+    """Refuse `rank` above min(in, out) of a module `target_modules` selects (PEFT's own matching), and
+    targets that select nothing, before any LoRA weight is allocated. `shapes`: module path -> weight shape."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from loraforge.errors import ConfigError
+
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    config = LoraConfig(r=1, target_modules=targets)
+    # A conv LoRA factors the (out, in·kh·kw) matrix, so its rank is bounded by both.
+    limits = {name: min(shape[0], math.prod(shape[1:])) for name, shape in shapes.items()
+              if check_target_module_exists(config, name)}
+    if not limits:
+        raise ConfigError(f"target modules {targets!r} match no Linear or Conv2d module of the {component}; "
+                          "give module names such as to_q, to_k, to_v, to_out.0")
+    name = min(limits, key=limits.get)
+    if rank > limits[name]:
+        shape = "×".join(map(str, shapes[name]))
+        raise ConfigError(f"rank {rank} is larger than {limits[name]}, the largest rank the targeted {component} "
+                          f"modules allow (min(in, out); {name} is {shape}); use rank {limits[name]} or less")
 
 
 def lora_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:

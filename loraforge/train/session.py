@@ -11,16 +11,18 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
+from loraforge.errors import ConfigError
 from loraforge.home import tmp_dir
 from loraforge.registry.manifest import Manifest, RecipeInfo, SliderInfo
 from loraforge.registry.registry import Registry
 from loraforge.train.base import TrainConfig
 from loraforge.train.checkpoint import run_key, runs_dir
 from loraforge.train.model import TrainingModel, load_training_model
+from loraforge.train.peft_lora import check_rank, module_shapes_of
 
 
 @dataclass
@@ -38,6 +40,18 @@ class AdapterOutput:
     metrics: dict = field(default_factory=dict)
 
 
+def check_8bit_adam() -> None:
+    """8-bit AdamW runs only on CUDA with bitsandbytes: refuse the option up front rather than ignore it."""
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise ConfigError("use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit AdamW) and this machine has none; "
+                          "drop --use-8bit-adam")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("use_8bit_adam needs bitsandbytes, which is not installed; "
+                          "pip install bitsandbytes or drop --use-8bit-adam")
+
+
 class Session:
     """The base model, run folder and run id of one training run of `method` with `config`."""
 
@@ -47,6 +61,8 @@ class Session:
         from loraforge.registry.refs import check_name
 
         check_name(output)  # a bad name fails now, not after the training
+        if config.use_8bit_adam:
+            check_8bit_adam()
         self.method, self.config, self.registry, self.output = method, config, registry, output
         self.recipe, self.input_digest, self.resume, self.progress = recipe, input_digest, resume, progress
         self.key = run_key(method, config.model_dump(mode="json"), output, input_digest)
@@ -61,10 +77,25 @@ class Session:
         self._scratch = tmp_dir(registry.home) / f"train-{self.run_id}"  # created only if grids are rendered
         self._forward = None
 
+    def check_lora_targets(self, targets: dict[str, Iterable[str] | str]) -> None:
+        """Refuse a rank the targeted modules cannot hold, or targets that match nothing, per component
+        ({"unet": [...], "text_encoder": [...]}), before anything is registered. Shapes come from the base's
+        safetensors headers; a single-file base has no per-component headers, so it is loaded first."""
+        from loraforge.registry.resolve import base_targets, resolve_base
+
+        shapes = base_targets(resolve_base(self.registry, self.config.base))
+        if shapes is None:
+            pipe = self.load_model().pipe
+            shapes = {component: module_shapes_of(getattr(pipe, component)) for component in targets}
+        for component, component_targets in targets.items():
+            check_rank(self.config.rank, shapes.get(component, {}), component_targets, component)
+
     def load_model(self) -> TrainingModel:
-        torch.manual_seed(self.config.seed)
-        self.model = load_training_model(self.registry, self.config.base, self.config.mixed_precision,
-                                         self.config.gradient_checkpointing)
+        """The frozen base, loaded once per session."""
+        if self.model is None:
+            torch.manual_seed(self.config.seed)
+            self.model = load_training_model(self.registry, self.config.base, self.config.mixed_precision,
+                                             self.config.gradient_checkpointing)
         return self.model
 
     def forward_unet(self):

@@ -17,17 +17,22 @@ def validation_grid(pipe, prompts: Sequence[str], scales: Sequence[float], *, ad
     from loraforge.models.pipeline import generate, image_grid
     from loraforge.train.peft_lora import activate_adapter
 
-    activate_adapter(pipe.unet, adapter_name)
+    # A text-encoder LoRA belongs to the adapter too: it is switched and scaled with the UNet's.
+    parts = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None)) if m is not None]
+    for part in parts:
+        activate_adapter(part, adapter_name)
     rows = []
     try:
         for i, prompt in enumerate(prompts):
             row = []
             for scale in scales:
-                set_lora_scale(pipe.unet, scale, adapter_name)
+                for part in parts:
+                    set_lora_scale(part, scale, adapter_name)
                 row.append(generate(pipe, prompt, seed=seed + i, steps=steps, height=resolution, width=resolution))
             rows.append(row)
     finally:
-        set_lora_scale(pipe.unet, 1.0, adapter_name)
+        for part in parts:
+            set_lora_scale(part, 1.0, adapter_name)
     return image_grid(rows, [p[:40] for p in prompts], [f"scale {s:g}" for s in scales], title=title)
 
 

@@ -15,9 +15,10 @@ from loraforge.train.base import TrainConfig
 from loraforge.train.cache import BatchSource
 from loraforge.train.data import batch_indices, prepare_dataset, step_generator
 from loraforge.train.loop import run_loop
-from loraforge.train.model import denoising_loss, sample_noise
-from loraforge.train.peft_lora import activate_adapter, extract_lora, inject_lora, lora_parameters
+from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
+from loraforge.train.peft_lora import TEXT_ENCODER_TARGETS, activate_adapter, extract_lora, inject_lora, lora_parameters
 from loraforge.train.session import AdapterOutput, Session
+from loraforge.train.trainers.lora import lora_targets
 
 
 class JointAdapter(BaseModel):
@@ -59,16 +60,23 @@ class JointTrainer:
         names = {k: config.adapters[k].name or f"{output}-{k}" for k in keys}
         for name in names.values():
             check_name(name)
+        session.check_lora_targets(lora_targets(config))
         data = {k: prepare_dataset(registry, config.adapters[k].dataset, output=names[k],
                                    instance_prompt=config.adapters[k].instance_prompt) for k in keys}
         model = session.load_model()
+        text_encoder = model.pipe.text_encoder
+        sources = {k: BatchSource(model, data[k], home=registry.home, resolution=config.resolution, crop=config.crop,
+                                  seed=config.seed, cached=config.cache_latents,
+                                  encode_text=not config.train_text_encoder) for k in keys}
         params = {}
         for i, k in enumerate(keys):
             inject_lora(model.unet, rank=config.rank, alpha=config.alpha, target_modules=config.target_modules,
                         adapter_name=k, seed=config.seed + i)
             params.update({f"unet.{n}": p for n, p in lora_parameters(model.unet, k).items()})
-        sources = {k: BatchSource(model, data[k], home=registry.home, resolution=config.resolution, crop=config.crop,
-                                  seed=config.seed, cached=config.cache_latents) for k in keys}
+            if config.train_text_encoder:  # each adapter gets its own text-encoder LoRA too
+                inject_lora(text_encoder, rank=config.rank, alpha=config.alpha, target_modules=TEXT_ENCODER_TARGETS,
+                            adapter_name=k, seed=config.seed + len(keys) + i)
+                params.update({f"text_encoder.{n}": p for n, p in lora_parameters(text_encoder, k).items()})
         unet = session.forward_unet()
         session.periodic = [(k, list(dict.fromkeys(data[k].captions))[:2], (0.0, 1.0)) for k in keys]
         n_timesteps = model.noise_scheduler.config.num_train_timesteps
@@ -77,17 +85,28 @@ class JointTrainer:
             total = 0.0
             for i, k in enumerate(keys):
                 activate_adapter(model.unet, k)  # only this adapter acts on (and gets gradients from) its batch
+                activate_adapter(text_encoder, k)
                 idx = batch_indices(len(data[k]), config.batch_size, step, micro, config.seed + i,
                                     config.gradient_accumulation)
                 latents, text = sources[k].batch(idx)
+                if text is None:
+                    text = encode_prompts(model, sources[k].prompts(idx), grad=True)
                 noise, t = sample_noise(latents, step_generator(config.seed, step, micro, stream=i), n_timesteps)
                 total = total + config.adapters[k].loss_weight * denoising_loss(model, unet, latents, text, noise, t)
             return total
 
         result = run_loop(title=f"train joint {output}", params=params, step_fn=step_fn,
                           samples_per_step=config.batch_size * len(keys), **session.loop_kwargs())
-        outputs = [AdapterOutput(name=names[k], state=extract_lora(model.unet, "unet", adapter_name=k), adapter_name=k,
+        outputs = [AdapterOutput(name=names[k], state=_adapter_state(model, k, config.train_text_encoder), adapter_name=k,
                                  datasets=[data[k].manifest], validation_prompts=list(dict.fromkeys(data[k].captions))[:2],
                                  metrics={"adapter": k, "loss_weight": config.adapters[k].loss_weight})
                    for k in keys]
         return session.finish(outputs, result.metrics, training={"adapters": keys})
+
+
+def _adapter_state(model, adapter_name: str, with_text_encoder: bool):
+    """Adapter `adapter_name`'s factors: its UNet layers, and its text-encoder layers with the text-encoder prefix."""
+    state = extract_lora(model.unet, "unet", adapter_name=adapter_name)
+    if with_text_encoder:
+        extract_lora(model.pipe.text_encoder, "text_encoder", adapter_name=adapter_name, state=state)
+    return state

@@ -35,6 +35,7 @@ class LoraTrainer:
               input_digest: str | None = None, resume: bool = False, progress: bool | None = None) -> list[Manifest]:
         session = Session(self.method, config, registry=registry, output=output, recipe=recipe,
                           input_digest=input_digest, resume=resume, progress=progress)
+        session.check_lora_targets(lora_targets(config))
         data = prepare_dataset(registry, config.dataset, output=output, instance_prompt=config.instance_prompt)
         datasets = [data.manifest]
         prior = self.prior_data(session, config, registry, output)  # DreamBooth's class images, if any
@@ -79,6 +80,14 @@ class LoraTrainer:
 
     def prior_weight(self, config) -> float:
         return 1.0
+
+
+def lora_targets(config: TrainConfig) -> dict:
+    """The modules a LoRA run targets, per component (the text encoder's only with train_text_encoder)."""
+    targets: dict = {"unet": list(config.target_modules)}
+    if config.train_text_encoder:
+        targets["text_encoder"] = list(TEXT_ENCODER_TARGETS)
+    return targets
 
 
 def add_lora(session: Session) -> dict:

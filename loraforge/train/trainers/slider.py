@@ -36,9 +36,13 @@ class SliderConfig(TrainConfig):
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
     rank: int = Field(4, ge=1, description="LoRA rank r.")
     alpha: Optional[float] = Field(1.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
+    train_text_encoder: bool = Field(False, description="Not supported: a slider trains UNet layers only.")
 
     @model_validator(mode="after")
     def _one_mode(self) -> "SliderConfig":
+        if self.train_text_encoder:
+            raise ValueError("a slider trains UNet layers only; train_text_encoder is not supported, "
+                             "drop --train-text-encoder")
         pairs = self.low_images is not None or self.high_images is not None
         if pairs and (self.low_images is None or self.high_images is None):
             raise ValueError("an image-pair slider needs both low_images and high_images")
@@ -61,9 +65,10 @@ class SliderTrainer:
               input_digest: str | None = None, resume: bool = False, progress: bool | None = None) -> list[Manifest]:
         session = Session("slider", config, registry=registry, output=output, recipe=recipe,
                           input_digest=input_digest, resume=resume, progress=progress)
+        targets = config.target_modules if config.layers == "custom" else LAYER_PRESETS[config.layers]
+        session.check_lora_targets({"unet": targets})
         pairs = _pair_sets(registry, config, output) if config.mode == "image_pair" else None
         model = session.load_model()
-        targets = config.target_modules if config.layers == "custom" else LAYER_PRESETS[config.layers]
         inject_lora(model.unet, rank=config.rank, alpha=config.alpha, target_modules=targets, seed=config.seed)
         params = {f"unet.{n}": p for n, p in lora_parameters(model.unet).items()}
         unet = session.forward_unet()
