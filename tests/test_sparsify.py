@@ -4,7 +4,6 @@ plain-Python reference, then `merge checkpoints` and `merge loras` on the same d
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
