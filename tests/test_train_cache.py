@@ -85,3 +85,24 @@ def test_a_changed_caption_or_crop_is_a_new_entry(home, tmp_path):
     assert len(cache_files(home)) == 3
     train(home, "lora", "a", crop="random", **common)
     assert len(cache_files(home)) == 4  # new latents; same captions, same text entry
+
+
+def test_generated_class_images_depend_only_on_what_generates_them(home, tmp_path):
+    """A DreamBooth run's class images must not depend on which runs came before it."""
+    import shutil
+
+    data = pattern_images(tmp_path / "subject", "checks")
+    common = dict(dataset=str(data), instance_prompt="a photo of sks dog", steps=1, prior_preservation=True,
+                  class_prompt="a photo of dog", num_class_images=2, validation_prompts=["x"])
+
+    def class_digest(name: str, **values) -> str:
+        [m] = train(home, "dreambooth_lora", name, **common, **values)
+        base, instance, images = m.provenance.parents  # the class images are the second dataset
+        return images.digest
+
+    first = class_digest("a", class_generation_steps=2)
+    after_other_run = class_digest("b", class_generation_steps=3)
+    assert class_digest("a2", class_generation_steps=2) == first  # the same settings reuse the images
+    shutil.rmtree(cache_dir(home) / "class_images")
+    assert class_digest("b2", class_generation_steps=3) == after_other_run  # generated afresh: the same images
+    assert after_other_run != first

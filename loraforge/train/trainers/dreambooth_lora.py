@@ -60,8 +60,7 @@ class DreamBoothLoraTrainer(LoraTrainer):
         self._prior = None
         if not config.prior_preservation:
             return None
-        folder = Path(config.class_data).expanduser() if config.class_data else (
-            cache_dir(registry.home) / "class_images" / sha256_json([config.base, config.class_prompt, config.resolution])[:24])
+        folder = Path(config.class_data).expanduser() if config.class_data else class_images_folder(registry, config)
         if config.class_data and not folder.exists() and not config.class_data.startswith((".", "/", "~")):
             self._prior = prepare_dataset(registry, config.class_data, output=f"{output}-class",
                                           instance_prompt=config.class_prompt)
@@ -74,6 +73,19 @@ class DreamBoothLoraTrainer(LoraTrainer):
 
     def prior_weight(self, config: DreamBoothLoraConfig) -> float:
         return config.prior_loss_weight
+
+
+CLASS_IMAGES_VERSION = 1  # bump when generate_class_images changes what it renders
+
+
+def class_images_folder(registry: Registry, config: DreamBoothLoraConfig) -> Path:
+    """Where generated class images are kept: keyed by everything that renders them (the base's digest, not
+    its name), so a run never picks up images another run's settings made."""
+    from loraforge.registry.resolve import resolve_base
+
+    key = [CLASS_IMAGES_VERSION, resolve_base(registry, config.base).digest, config.class_prompt, config.resolution,
+           config.seed, config.class_generation_steps, config.num_class_images]
+    return cache_dir(registry.home) / "class_images" / sha256_json(key)[:24]
 
 
 def generate_class_images(registry: Registry, config: DreamBoothLoraConfig, folder: Path, start: int = 0) -> None:
