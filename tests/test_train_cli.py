@@ -222,3 +222,11 @@ def test_rank_is_checked_on_the_loaded_model_when_headers_cannot_tell(home, tmp_
     line = _refused(home, ["train", "lora", "--name", "big", "--rank", "100000",
                            *_method_args("lora", folders(tmp_path))])
     assert "rank 100000" in line and "use rank 32 or less" in line, line
+
+
+def test_a_plugin_trainer_that_records_no_metrics_still_reports_its_artifact(home, tmp_path):
+    import recipe_fake_trainer  # noqa: F401  (registers the `recipe_fake` trainer, whose manifests have no metrics)
+
+    data = pattern_images(tmp_path / "d", "stripes", n=1, caption="x")
+    result = run_cli(home, "train", "recipe_fake", "--name", "fake", "--dataset", str(data), "--rank", "2")
+    assert result.output.strip().splitlines()[-1] == "registered fake:1 (lora, rank 2)"

@@ -81,6 +81,21 @@ def validate_config(config_class, values: dict[str, Any]):
         raise ConfigError("invalid training options: " + "; ".join(parts)) from None
 
 
+def _summary(manifest) -> str:
+    """Kind, rank and the run figures the trainer recorded (a plugin trainer may record none)."""
+    metrics = manifest.metrics or {}
+    parts = [manifest.kind]
+    if manifest.adapter is not None:
+        parts.append(f"rank {manifest.adapter.rank}")
+    if metrics.get("steps") is not None:
+        parts.append(f"{metrics['steps']} steps")
+    if metrics.get("loss_last") is not None:
+        parts.append(f"final loss {metrics['loss_last']:.4f}")
+    if metrics.get("samples_per_s") is not None:
+        parts.append(f"{metrics['samples_per_s']} samples/s")
+    return ", ".join(parts)
+
+
 def _command(method: str, info) -> click.Command:
     trainer_cls = info.obj
     config_class = trainer_cls.config_class
@@ -96,9 +111,7 @@ def _command(method: str, info) -> click.Command:
             echo_json([m.model_dump(mode="json") for m in manifests])
             return
         for m in manifests:
-            loss = m.metrics.get("loss_last")
-            click.echo(f"registered {m.ref} ({m.kind}, rank {m.adapter.rank}, {m.metrics.get('steps')} steps, "
-                       f"final loss {loss:.4f}, {m.metrics.get('samples_per_s')} samples/s)")
+            click.echo(f"registered {m.ref} ({_summary(m)})")
 
     params = [
         click.Option(["--name", "-n"], required=True, help="Artifact name to register (a joint run adds -<adapter>)."),
