@@ -106,3 +106,21 @@ def test_generated_class_images_depend_only_on_what_generates_them(home, tmp_pat
     shutil.rmtree(cache_dir(home) / "class_images")
     assert class_digest("b2", class_generation_steps=3) == after_other_run  # generated afresh: the same images
     assert after_other_run != first
+
+
+def test_module_digest_changes_with_any_weight_or_the_config(tiny_sd_path):
+    from diffusers import AutoencoderKL
+
+    from loraforge.train.cache import module_digest
+
+    def vae(**config):
+        return AutoencoderKL.from_pretrained(tiny_sd_path / "vae", **config)
+
+    reference = module_digest(vae())
+    assert module_digest(vae()) == reference  # a fresh load of the same files
+    nudged = vae()
+    with torch.no_grad():
+        w = nudged.decoder.conv_out.weight.view(-1)
+        w[0] = torch.nextafter(w[0], torch.tensor(float("inf")))  # one ulp
+    assert module_digest(nudged) != reference
+    assert module_digest(vae(scaling_factor=0.5)) != reference  # the latents' scale is part of the config
