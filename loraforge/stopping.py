@@ -2,8 +2,10 @@
 
 One flag per process, shared by every layer that can stop cleanly: the training loop checks it after
 each step and saves a checkpoint, the recipe engine checks it before starting a step. A second SIGTERM
-stops the process at once. Only the main thread can own signal handlers; elsewhere SIGTERM keeps its
-default and the flag is never set.
+stops the process at once — unless it comes within REPEAT_S of the first: when the daemon is killed,
+the kernel sends a job its parent-death SIGTERM once per daemon thread, milliseconds apart, and that
+burst is one request to checkpoint, not two. Only the main thread can own signal handlers; elsewhere
+SIGTERM keeps its default and the flag is never set.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from typing import Iterator
 
-_state = {"depth": 0, "requested": False, "previous": None}
+REPEAT_S = 1.0  # SIGTERMs this close to the first one are the same request
+_state = {"depth": 0, "requested": False, "previous": None, "first_at": 0.0}
 
 
 def stop_requested() -> bool:
@@ -23,10 +27,12 @@ def stop_requested() -> bool:
 
 
 def _handle(signum, frame) -> None:
-    if _state["requested"]:  # a second SIGTERM: stop at once
+    now = time.monotonic()
+    if not _state["requested"]:
+        _state["requested"], _state["first_at"] = True, now
+    elif now - _state["first_at"] > REPEAT_S:  # a second SIGTERM: stop at once
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
-    _state["requested"] = True
 
 
 @contextlib.contextmanager

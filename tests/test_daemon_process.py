@@ -1,4 +1,8 @@
-"""`loraforge daemon` as a real process: watchdog events, signals, kill -9 and restart."""
+"""`loraforge daemon` as a real process: watchdog events, signals, kill -9 and restart.
+
+Watching and scheduling are tested with a stand-in recipe command (tests/daemon_fake_recipe.py); kill -9 and
+SIGTERM are tested against the real recipe engine training a tiny LoRA.
+"""
 
 from __future__ import annotations
 
@@ -21,16 +25,18 @@ from loraforge.registry import Registry
 FAKE = [sys.executable, str(Path(__file__).parent / "daemon_fake_recipe.py")]
 
 
-def wait_for(what: str, cond, timeout: float = 30.0, proc: subprocess.Popen | None = None):
+def wait_for(what: str, cond, timeout: float = 30.0, proc: subprocess.Popen | None = None,
+             log: Path | None = None):
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
         if value:
             return value
+        tail = f"\n--- {log.name}:\n{log.read_text()[-3000:]}" if log is not None and log.is_file() else ""
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the daemon exited ({proc.returncode}) while waiting for {what}")
+            pytest.fail(f"the daemon exited ({proc.returncode}) while waiting for {what}{tail}")
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+            pytest.fail(f"timed out after {timeout}s waiting for {what}{tail}")
         time.sleep(0.05)
 
 
@@ -40,13 +46,15 @@ def lf(home: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 class DaemonProcess:
-    def __init__(self, home: Path, recipes: Path, debounce: str = "0.5s", grace: str = "5s"):
+    def __init__(self, home: Path, recipes: Path, debounce: str = "0.5s", grace: str = "5s", fake: bool = True):
         self.home = home
         self.log = home.parent / "daemon.out"
+        # fake=False: jobs run the real `loraforge recipe apply` (the daemon's default command).
+        recipe_cmd = ["--recipe-cmd", shlex.join(FAKE)] if fake else []
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "loraforge", "--home", str(home), "daemon", "--watch", str(recipes), "--cpu",
-                 "--debounce", debounce, "--grace", grace, "--recipe-cmd", shlex.join(FAKE)],
+                 "--debounce", debounce, "--grace", grace, *recipe_cmd],
                 stdout=out, stderr=subprocess.STDOUT,
             )
         wait_for("the daemon to start", lambda: self.status().get("pid") == self.proc.pid, proc=self.proc)
@@ -145,42 +153,84 @@ def test_watch_build_invalid_dataset_change_and_sigterm(env):
     assert after["running"] is False
 
 
-def test_kill_9_then_restart_finishes_the_job_once_and_sigterm_lets_it_checkpoint(env):
-    home, recipes = env
-    (recipes / "long.yaml").write_text("name: long\nseconds: 2\n")  # 40 checkpointed steps
-    daemon = DaemonProcess(home, recipes)
+# The real recipe engine (the daemon's default command) training a tiny LoRA: 200 steps of ~0.1 s.
+REAL_RECIPE = """\
+name: long
+base: builtin:tiny-sd
+steps:
+  train:
+    train: {method: lora, dataset: ./data, instance_prompt: a cat, steps: 200, resolution: 16, rank: 2,
+            validation_steps: 1}
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_and_sigterm_of_the_daemon_checkpoint_a_real_training_job_that_resumes_once(home, tmp_path,
+                                                                                           monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # children on a shared 2-core box
+    recipes = tmp_path / "recipes"
+    (recipes / "data").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (16, 16), (60 * i, 90, 140)).save(recipes / "data" / f"{i}.png")
+    (recipes / "long.yaml").write_text(REAL_RECIPE)
+    daemon = DaemonProcess(home, recipes, grace="60s", fake=False)
     log = home / "jobs" / "1.log"
-    wait_for("training to start", lambda: log.is_file() and "step 5/40" in log.read_text(), proc=daemon.proc)
+    wait_for("training to start", lambda: log.is_file() and "step 20/200" in log.read_text(), timeout=180,
+             proc=daemon.proc, log=log)
     daemon.proc.kill()
     daemon.proc.wait(timeout=10)
-    # the orphaned child is told (SIGTERM) that its parent died: it checkpoints and stops
-    wait_for("the orphan to checkpoint", lambda: "interrupted: checkpoint saved" in log.read_text())
+    # The orphaned `recipe apply` is told (SIGTERM) that its parent died: the trainer checkpoints, the apply stops.
+    wait_for("the orphan to checkpoint", lambda: "Error: stopped by SIGTERM in step 'train'" in log.read_text(),
+             timeout=60, log=log)
+    first_stop = _stopped_at(log.read_text())
+    assert 20 <= first_stop < 200 and "(checkpoint saved" in log.read_text()
     assert jobs(home)[0].status == "running", "the dead daemon could not record anything"
+    assert _adapters(home) == []
 
-    daemon = DaemonProcess(home, recipes)
-    wait_for("job 1 to finish", lambda: finished(home, 1), proc=daemon.proc)
-    (job,) = jobs(home)
-    assert (job.status, job.attempts) == ("succeeded", 2)
-    text = log.read_text()
-    assert "resumed from step" in text and text.count("train: registered long:1") == 1
-    assert [r["version"] for r in Registry(home).list()] == [1], "no duplicate version"
-
-    # SIGTERM during a job: the job checkpoints, the daemon exits cleanly and re-queues it
-    (recipes / "second.yaml").write_text("name: second\nseconds: 5\n")
-    log2 = home / "jobs" / "2.log"
-    wait_for("job 2 to train", lambda: log2.is_file() and "step 3/100" in log2.read_text(), proc=daemon.proc)
-    events = daemon.stop()
+    # Restarted, the daemon re-queues the job; it resumes from that checkpoint. A SIGTERM to the daemon is forwarded:
+    # the job checkpoints again, the daemon exits cleanly and leaves the job queued.
+    daemon = DaemonProcess(home, recipes, grace="60s", fake=False)
+    resumed = f"resumed from step {first_stop} of 200"
+    wait_for("the job to resume", lambda: resumed in log.read_text(), timeout=180, proc=daemon.proc, log=log)
+    events = daemon.stop(timeout=90)  # a hang guard, above the 60 s grace
     assert daemon.proc.returncode == 0
     # the job exited by itself after checkpointing: the daemon did not wait out its grace and kill it
-    assert "stopping: waiting up to 5s for 1 running job(s)" in events
+    assert "stopping: waiting up to 60s for 1 running job(s)" in events
     assert not any("after SIGTERM; killing it" in e for e in events), events
-    assert "interrupted: checkpoint saved" in log2.read_text()
-    assert JobQueue(home).get(2).status == "queued"
+    second_stop = _stopped_at(log.read_text().split(resumed, 1)[1])
+    assert first_stop < second_stop < 200
+    job = JobQueue(home).get(1)
+    assert (job.status, job.reason) == ("queued", "re-queued: interrupted by daemon shutdown")
+    assert _adapters(home) == []
 
-    # a job that ignores SIGTERM: the second signal stops everything at once
+    # Third start: the job resumes from the second checkpoint and registers exactly one version.
+    daemon = DaemonProcess(home, recipes, grace="60s", fake=False)
+    try:
+        wait_for("job 1 to finish", lambda: finished(home, 1), timeout=240, proc=daemon.proc, log=log)
+    finally:
+        daemon.stop(timeout=90)
+    (job,) = jobs(home)
+    assert (job.status, job.attempts) == ("succeeded", 3)
+    assert f"resumed from step {second_stop} of 200" in log.read_text()
+    assert _adapters(home) == [("long-train", 1)], "no duplicate version"
+    assert Registry(home).resolve("long-train").metrics["resumed_from_step"] == second_stop
+
+
+def _stopped_at(text: str) -> int:
+    return int(text.split("stopped by SIGTERM after step ", 1)[1].split()[0])
+
+
+def _adapters(home: Path) -> list[tuple[str, int]]:
+    return sorted((r["name"], r["version"]) for r in Registry(home).list() if r["kind"] != "dataset")
+
+
+def test_a_job_that_ignores_sigterm_is_killed_on_the_second_signal(env):
+    # The real engine always honours SIGTERM; only a stand-in can play a job that does not.
+    home, recipes = env
     (recipes / "second.yaml").write_text("name: second\nseconds: 30\nignore_sigterm: true\n")
     daemon = DaemonProcess(home, recipes, grace="60s")
-    wait_for("job 2 to run again", lambda: "step 1/600" in log2.read_text(), proc=daemon.proc)
+    log = home / "jobs" / "1.log"
+    wait_for("job 1 to run", lambda: log.is_file() and "step 1/600" in log.read_text(), proc=daemon.proc)
     daemon.proc.send_signal(signal.SIGTERM)
     wait_for("the daemon to start stopping", lambda: daemon.status().get("stopping"), proc=daemon.proc)
     daemon.proc.send_signal(signal.SIGTERM)
@@ -190,6 +240,6 @@ def test_kill_9_then_restart_finishes_the_job_once_and_sigterm_lets_it_checkpoin
     events = daemon.events()
     assert "stopping now: killing running jobs" in events
     assert not any("after SIGTERM; killing it" in e for e in events), events
-    job2 = JobQueue(home).get(2)
-    assert job2.status == "queued" and job2.reason == "re-queued: interrupted by daemon shutdown"
-    assert [r["name"] for r in Registry(home).list()] == ["long"]
+    job = JobQueue(home).get(1)
+    assert job.status == "queued" and job.reason == "re-queued: interrupted by daemon shutdown"
+    assert Registry(home).list() == []

@@ -182,3 +182,30 @@ def test_sigterm_between_steps_starts_no_further_step(home, tmp_path, monkeypatc
         "Error: stopped by SIGTERM after step 'a' finished; not started: b, c; finished steps stay registered, "
         "apply again to continue")
     assert _adapters(home) == [("three-a", 1)]
+
+
+STOPPER = """\
+import os, signal, sys, time
+from loraforge.stopping import sigterm_stops, stop_requested
+
+with sigterm_stops():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.005)  # a dying daemon delivers its parent-death SIGTERM once per thread, milliseconds apart
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)
+    print("one request:", stop_requested(), flush=True)
+    time.sleep(float(sys.argv[1]))
+    os.kill(os.getpid(), signal.SIGTERM)  # a second, later SIGTERM: stop at once
+    time.sleep(0.2)
+    print("still running", flush=True)
+"""
+
+
+def test_a_burst_of_sigterms_is_one_request_and_a_later_one_stops_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "stopper.py"
+    script.write_text(STOPPER)
+    done = subprocess.run([sys.executable, str(script), "1.5"], capture_output=True, text=True, timeout=60)
+    assert done.stdout == "one request: True\n" and done.returncode == -signal.SIGTERM, (done.stdout, done.stderr)

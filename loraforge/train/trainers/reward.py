@@ -35,6 +35,7 @@ class RewardConfig(TrainConfig):
     iterations: int = Field(10, ge=1, description="Sample-then-train iterations.")
     steps: int = Field(1, ge=1, description="Optimiser steps per iteration: passes over the freshly sampled batch (DDPO's inner epochs).")
     learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate of AdamW.")
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N iterations (0: never); SIGTERM also saves one after the current iteration.")
     sample_batch_size: int = Field(4, ge=1, description="Images sampled (and scored) per iteration.")
     sample_steps: int = Field(20, ge=2, description="Denoising steps of the stochastic DDIM sampler.")
     eta: float = Field(1.0, gt=0, le=1, description="DDIM noise scale η (> 0: every step has a Gaussian log-prob).")
