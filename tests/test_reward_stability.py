@@ -85,3 +85,20 @@ def test_reward_training_on_other_sd1_bases_stays_finite(home, tmp_path, brightn
     assert math.isfinite(m["eps_drift"]) and m["eps_drift"] > 0, (why, drawn)  # it trained, and stayed finite
     state, _ = load_adapter(registry, "tuned")
     assert all(torch.isfinite(t).all() for mod in state.values() for t in (mod.down, mod.up)), (why, drawn)
+
+
+def test_the_shared_loop_refuses_a_non_finite_loss_before_it_steps():
+    from loraforge.errors import TrainingError
+    from loraforge.train.loop import run_loop
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    seen = []
+
+    def step_fn(step: int, micro: int):
+        seen.append(weight.detach().clone())
+        scale = float("nan") if step == 2 else 1.0
+        return (weight * scale).pow(2).sum()
+
+    with pytest.raises(TrainingError, match=r"^t: training diverged at step 3 of 5 \(loss nan.*lower learning_rate"):
+        run_loop(title="t", params={"w": weight}, step_fn=step_fn, steps=5, learning_rate=0.1, progress=False)
+    assert torch.equal(weight.detach(), seen[-1]) and torch.isfinite(weight).all()  # the NaN step was not taken

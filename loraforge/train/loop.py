@@ -101,7 +101,7 @@ class _Reporter:
 
 def run_loop(*, title: str, params: dict[str, torch.nn.Parameter], step_fn: StepFn, steps: int, learning_rate: float,
              lr_scheduler: str = "constant", lr_warmup_steps: int = 0, gradient_accumulation: int = 1,
-             max_grad_norm: float = 1.0, samples_per_step: int = 1, use_8bit_adam: bool = False,
+             max_grad_norm: float = 1.0, samples_per_step: float = 1, use_8bit_adam: bool = False,
              checkpoint_every: int = 0, run_dir: Path | None = None, resume: bool = False,
              device: torch.device = torch.device("cpu"), progress: bool | None = None,
              on_step: Callable[[int], None] | None = None, checkpoint_unit: int = 1,
@@ -165,7 +165,7 @@ def run_loop(*, title: str, params: dict[str, torch.nn.Parameter], step_fn: Step
                 if not (math.isfinite(total) and math.isfinite(norm)):
                     # Refused before the step, so the weights are those of step `step`, never NaN.
                     raise TrainingError(f"{title}: training diverged at step {done} of {steps} (loss {total:.4g}, "
-                                        f"gradient norm {norm:.4g}); nothing was registered; lower learning_rate "
+                                        f"gradient norm {norm:.4g}); no adapter was registered; lower learning_rate "
                                         f"(now {learning_rate:g})")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
