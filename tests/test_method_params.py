@@ -87,4 +87,4 @@ def test_good_params_are_filled_with_the_models_defaults():
     ties = MERGE_METHODS.get("ties")
     assert method_params("merge method", "ties", ties, {"density": 1}) == {"density": 1.0}
     dare = LORA_METHODS.get("dare")
-    assert method_params("LoRA merge method", "dare", dare, {"seed": 3}) == {"drop_rate": 0.5, "seed": 3}
+    assert method_params("LoRA merge method", "dare", dare, {"seed": 3}) == {"drop_rate": 0.9, "seed": 3}

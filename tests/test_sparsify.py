@@ -197,3 +197,12 @@ def test_checkpoint_dare_does_not_depend_on_the_chunk_size(home, same_deltas, mo
             "--method", "dare", "--param", "drop_rate=0.5", "--param", "seed=1", "--dtype", "fp32", "-o", str(out))
         outputs.append((out / UNET).read_bytes())
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_both_families_share_one_default_for_each_parameter(method):
+    """Without --param, `merge checkpoints` and `merge loras` sparsify the same deltas the same way."""
+    from loraforge.plugins import LORA_METHODS, MERGE_METHODS
+
+    checkpoint, lora = MERGE_METHODS.get(method).params, LORA_METHODS.get(method).params
+    assert {k: lora[k] for k in checkpoint} == checkpoint

@@ -31,13 +31,29 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from pydantic import Field
+
 from loraforge.errors import ConfigError
+from loraforge.ops.method_params import MethodParams
 
 # Rows per DARE block: about this many elements (a whole row when rows are longer; a smaller tensor is one
 # block). A streamed merge whose chunks are whole blocks draws each block once, in one call (the checkpoint
 # DARE asks for such chunks); other chunkings draw the same masks, a little slower. Large blocks keep the
 # per-chunk overhead of a streamed merge small; changing the size changes every mask.
 DARE_BLOCK_ELEMENTS = 8 << 20
+
+
+class TiesParams(MethodParams):
+    """TIES parameters, one default for checkpoint and LoRA merges (the paper's top 20%)."""
+
+    density: float = Field(0.2, ge=0, le=1, description="fraction of each task delta kept, 0 to 1")
+
+
+class DareParams(MethodParams):
+    """DARE parameters, one default for checkpoint and LoRA merges (the paper's p = 0.9)."""
+
+    drop_rate: float = Field(0.9, ge=0, lt=1, description="probability of dropping each entry, in [0, 1)")
+    seed: int = Field(0, description="seed of the drop masks, an integer")
 
 
 def trim_to_density(tau: Tensor, density: float) -> Tensor:

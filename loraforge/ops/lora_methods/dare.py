@@ -8,8 +8,7 @@ from pydantic import Field
 
 from loraforge.ops.lora_methods import LoraMethod
 from loraforge.ops.lowrank import dense_factors
-from loraforge.ops.method_params import MethodParams
-from loraforge.ops.sparsify import dare_keep, dare_merge, lora_key
+from loraforge.ops.sparsify import DareParams, dare_keep, dare_merge, lora_key
 from loraforge.plugins import LORA_METHODS
 
 
@@ -18,8 +17,7 @@ class LoraDare(LoraMethod):
     """The checkpoint DARE, same masks, on each module's dense ΔWᵢ (keep w.p. 1−p, ×1/(1−p)), then SVD to the rank."""
 
 
-    class Params(MethodParams):
-        drop_rate: float = Field(0.5, ge=0, lt=1, description="probability of dropping each entry, in [0, 1)")
+    class Params(DareParams):
         seed: int = Field(0, description="seed of the drop masks and the randomized SVD, an integer")
 
     params = Params().model_dump()

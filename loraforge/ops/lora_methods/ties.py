@@ -7,8 +7,7 @@ from pydantic import Field
 
 from loraforge.ops.lora_methods import LoraMethod
 from loraforge.ops.lowrank import dense_factors
-from loraforge.ops.method_params import MethodParams
-from loraforge.ops.sparsify import ties_merge
+from loraforge.ops.sparsify import TiesParams, ties_merge
 from loraforge.plugins import LORA_METHODS
 
 
@@ -17,8 +16,7 @@ class LoraTies(LoraMethod):
     """The checkpoint TIES on each module's dense ΔWᵢ (mean by count of agreeing wᵢΔWᵢ), then SVD to the rank."""
 
 
-    class Params(MethodParams):
-        density: float = Field(0.5, ge=0, le=1, description="fraction of each module's delta kept, 0 to 1")
+    class Params(TiesParams):
         seed: int = Field(0, description="seed of the randomized SVD, an integer")
 
     params = Params().model_dump()

@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from loraforge.ops.merge_methods import MergeMethod, task_weights
-from loraforge.ops.method_params import MethodParams
-from loraforge.ops.sparsify import DARE_BLOCK_ELEMENTS, dare_keep, dare_merge
+from loraforge.ops.sparsify import DARE_BLOCK_ELEMENTS, DareParams, dare_keep, dare_merge
 from loraforge.plugins import MERGE_METHODS
 
 
@@ -19,10 +16,7 @@ class Dare(MergeMethod):
     max_models = None
     default_alpha = 1.0
 
-    class Params(MethodParams):
-        drop_rate: float = Field(0.9, ge=0, lt=1, description="probability of dropping each entry, in [0, 1)")
-        seed: int = Field(0, description="seed of the drop masks, an integer")
-
+    Params = DareParams
     params = Params().model_dump()
     # chunks of whole mask blocks draw each block once (any chunking gives the same result)
     chunk_elements = DARE_BLOCK_ELEMENTS

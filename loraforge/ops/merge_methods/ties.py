@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from loraforge.ops.merge_methods import MergeMethod, task_weights
-from loraforge.ops.method_params import MethodParams
-from loraforge.ops.sparsify import ties_merge
+from loraforge.ops.sparsify import TiesParams, ties_merge
 from loraforge.plugins import MERGE_METHODS
 
 
@@ -19,9 +16,7 @@ class Ties(MergeMethod):
     default_alpha = 1.0
     elementwise = False  # the top-k threshold is per whole tensor
 
-    class Params(MethodParams):
-        density: float = Field(0.2, ge=0, le=1, description="fraction of each task delta kept, 0 to 1")
-
+    Params = TiesParams
     params = Params().model_dump()
 
     def weights(self, alpha, weights):
