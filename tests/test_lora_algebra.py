@@ -39,7 +39,7 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("method,rank", [("concat", None), ("svd", 13), ("svd", 64)])
+@pytest.mark.parametrize("method,rank", [("concat", None), ("svd", 13), ("svd", 40)])
 def test_exact_weighted_sum(states, method, rank):
     out = combine_states(states, WEIGHTS, method, rank)
     exact = exact_sum(states, WEIGHTS)
@@ -79,7 +79,7 @@ def test_ties_and_dare_match_dense_references(states):
     assert all(torch.equal(first[n].delta(), again[n].delta()) for n in first)
     assert not torch.equal(first["unet.a.to_q"].delta(), other["unet.a.to_q"].delta())
     # with nothing dropped DARE is the exact sum (here re-factored at full rank)
-    full = combine_states(states, WEIGHTS, "dare", 64, {"drop_rate": 0.0})
+    full = combine_states(states, WEIGHTS, "dare", 48, {"drop_rate": 0.0})
     for name, want in exact_sum(states, WEIGHTS).items():
         assert rel(full[name].delta(), want) < 1e-5
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Optional
 
 import torch
@@ -9,10 +11,17 @@ import torch
 from loraforge.errors import ConfigError, MergeError
 from loraforge.formats.lora import LoraModule, LoraState
 from loraforge.ops.checkpoints import Checkpoint, check_compatible
-from loraforge.ops.lowrank import choose_rank, dense_factors
+from loraforge.ops.lowrank import check_rank_bound, choose_rank, dense_factors
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 SKIP_WORDS = ("embedding",)  # token / position embeddings are not linear layers a LoRA adapts
+
+
+def _extractable(ckey: str, shape, conv: bool) -> bool:
+    folder, _, key = ckey.partition("/")
+    if folder not in LORA_COMPONENTS or not key.endswith(".weight") or any(w in key for w in SKIP_WORDS):
+        return False
+    return len(shape) == 2 or (conv and len(shape) == 4)
 
 
 def extract_state(tuned: Checkpoint, base: Checkpoint, rank: int, rule: str = "fixed", value: Optional[float] = None,
@@ -22,14 +31,13 @@ def extract_state(tuned: Checkpoint, base: Checkpoint, rank: int, rule: str = "f
     if tuned.layout != "diffusers" or base.layout != "diffusers":
         raise ConfigError("lora extract needs diffusers folders (module names come from their layout)")
     check_compatible(base, tuned, {"unet", "text_encoder"})
+    candidates = [ckey for ckey in base.index if _extractable(ckey, base.info(ckey).shape, conv)]
+    check_rank_bound(rank, max((min(s[0], math.prod(s[1:])) for s in (base.info(k).shape for k in candidates)),
+                               default=0), "the largest min(out, in) of the layers that can be extracted")
     state = LoraState()
-    for ckey in base.index:
+    for ckey in candidates:
         folder, _, key = ckey.partition("/")
         info = base.info(ckey)
-        if folder not in LORA_COMPONENTS or not key.endswith(".weight") or any(w in key for w in SKIP_WORDS):
-            continue
-        if len(info.shape) != 2 and not (conv and len(info.shape) == 4):
-            continue
         delta = tuned.get(ckey).to(torch.float32) - base.get(ckey).to(torch.float32)
         if float(delta.abs().max()) <= min_diff:
             continue

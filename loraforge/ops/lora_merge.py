@@ -7,9 +7,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from loraforge.errors import IncompatibleBaseError
+from loraforge.errors import ConfigError, IncompatibleBaseError
 from loraforge.formats.lora import LoraModule, LoraState
 from loraforge.ops.lora_methods import ModuleInputs
+from loraforge.ops.lowrank import check_rank_bound
 from loraforge.ops.method_params import method_params
 from loraforge.ops.specs import AdapterInput, LoraMergeSpec
 
@@ -40,6 +41,11 @@ def combine_states(states: list[LoraState], weights: list[float], method: str, r
     full = method_params("LoRA merge method", method, impl, params or {})
     labels = labels or [f"adapter {i + 1}" for i in range(len(states))]
     names = sorted(set().union(*[set(s) for s in states]))
+    if rank is not None and impl.exact:
+        raise ConfigError(f"--rank does not apply to {method}: it keeps the exact sum (rank Σrᵢ); "
+                          f"use --method svd to choose a rank")
+    check_rank_bound(rank, max((s[n].max_rank for s in states for n in s), default=0),
+                     "the largest min(out, in) of the adapters' modules")
     out = LoraState()
     dtype = max((s.dtype for s in states if s.dtype is not None), key=lambda d: torch.finfo(d).bits,
                 default=torch.float32)

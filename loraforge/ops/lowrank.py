@@ -13,6 +13,13 @@ from loraforge.errors import ConfigError
 RANDOMIZED_BELOW = 0.25
 
 
+def check_rank_bound(rank: Optional[int], largest: int, what: str) -> None:
+    """Refuse a rank above `largest`, the highest rank that means anything here (`what` says why), before
+    any factor is allocated: a rank of 100000 on 32-wide modules is a typo, not a request for size."""
+    if rank is not None and rank > largest:
+        raise ConfigError(f"rank {rank} is above {largest}, {what}; use --rank {largest} or less")
+
+
 def stack_factors(pairs: list[tuple[Tensor, Tensor]], weights: list[float]) -> tuple[Tensor, Tensor]:
     """(B_cat, A_cat) with B_cat = [w₁B₁ … w_kB_k] (m×R), A_cat = [A₁; …; A_k] (R×n): B_cat·A_cat = Σ wᵢBᵢAᵢ."""
     b = torch.cat([bi * w for (bi, _), w in zip(pairs, weights)], dim=1)

@@ -7,7 +7,7 @@ from typing import Optional
 
 from loraforge.formats.lora import LoraState
 from loraforge.ops.lora_merge import module_from_factors
-from loraforge.ops.lowrank import choose_rank, refactor
+from loraforge.ops.lowrank import check_rank_bound, choose_rank, refactor
 
 
 def resize_state(state: LoraState, rank: Optional[int] = None, rule: str = "fixed",
@@ -41,6 +41,8 @@ def resize_lora(registry, ref: str, *, name: str, rank: Optional[int] = None, ru
     if rank is not None and rank <= 0:
         raise ConfigError(f"rank {rank} must be a positive integer")
     (state, manifest, parent_ref, digest), = load_inputs(registry, [AdapterInput(ref=ref)])
+    check_rank_bound(rank, max(state[n].rank for n in state),
+                     f"the largest rank of {ref}'s modules (resize only lowers ranks)")
     out = resize_state(state, rank, rule, value)
     kind = manifest.kind if manifest is not None else "lora"
     new = Manifest(
