@@ -190,6 +190,14 @@ def test_8bit_adam_without_cuda_is_refused(home, tmp_path):
     assert "use_8bit_adam needs a CUDA GPU" in line and "drop --use-8bit-adam" in line
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast is honoured where CUDA exists")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_without_cuda_is_refused(home, tmp_path, precision):
+    line = _refused(home, ["train", "lora", "--name", "x", "--mixed-precision", precision,
+                           *_method_args("lora", folders(tmp_path))])
+    assert f"mixed_precision {precision} needs a CUDA GPU" in line and "--mixed-precision auto" in line
+
+
 @pytest.mark.parametrize("shape, targets, limit", [
     ((32, 64), ["to_q"], 32),
     ((128, 16), ["to_q"], 16),

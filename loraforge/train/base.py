@@ -27,7 +27,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(1, ge=1, description="Samples per optimiser step (before accumulation).")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
     resolution: int = Field(512, ge=8, description="Training resolution in pixels (square).")
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="Autocast dtype on CUDA; auto = bf16 on CUDA, fp32 on CPU.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="Autocast dtype on CUDA; auto = bf16 on CUDA, fp32 on CPU (fp16/bf16 are refused without CUDA).")
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
     validation_prompts: list[str] = Field(default_factory=list, description="Prompts rendered into the validation grid (default: from the data).")
     validation_steps: int = Field(8, ge=1, description="Denoising steps of validation images.")

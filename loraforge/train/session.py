@@ -52,6 +52,13 @@ def check_8bit_adam() -> None:
                           "pip install bitsandbytes or drop --use-8bit-adam")
 
 
+def check_mixed_precision(mixed_precision: str) -> None:
+    """fp16/bf16 autocast is a CUDA feature here: refuse it on a machine without one instead of training in fp32."""
+    if mixed_precision in ("fp16", "bf16") and not torch.cuda.is_available():
+        raise ConfigError(f"mixed_precision {mixed_precision} needs a CUDA GPU and this machine has none; "
+                          f"use --mixed-precision auto (fp32 on CPU) or no")
+
+
 class Session:
     """The base model, run folder and run id of one training run of `method` with `config`."""
 
@@ -63,6 +70,7 @@ class Session:
         check_name(output)  # a bad name fails now, not after the training
         if config.use_8bit_adam:
             check_8bit_adam()
+        check_mixed_precision(config.mixed_precision)
         self.method, self.config, self.registry, self.output = method, config, registry, output
         self.recipe, self.input_digest, self.resume, self.progress = recipe, input_digest, resume, progress
         self.key = run_key(method, config.model_dump(mode="json"), output, input_digest)
