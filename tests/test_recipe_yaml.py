@@ -90,3 +90,22 @@ def test_aliases_within_the_budget_load(tmp_path):
     recipe = tmp_path / "ok.yaml"
     recipe.write_text(text)
     assert sum(len(a) for b in load_source(recipe).data["vars"]["c"] for a in b) == 1000
+
+
+@pytest.mark.timeout(60)
+def test_an_alias_bomb_in_a_lock_file_is_refused(home, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  s:\n    synthetic: {kind: lora}\n")
+    (tmp_path / "r.yaml.lock").write_text(BOMB)
+    result = run_cli(home, "recipe", "apply", "--locked", str(recipe), ok=False)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "lock file" in lines[0] and "YAML aliases expand the lock file by more than 10000 nodes" in lines[0]
+
+
+@pytest.mark.timeout(60)
+def test_an_alias_bomb_in_a_model_cards_front_matter_is_not_expanded():
+    from loraforge.hub.card import parse_front_matter
+
+    assert parse_front_matter("---\n" + BOMB + "---\n# card\n") == {}
+    assert parse_front_matter("---\nbase: &b x\nother: *b\n---\n") == {"base": "x", "other": "x"}

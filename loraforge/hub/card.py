@@ -12,6 +12,7 @@ from typing import Any, Optional
 import yaml
 
 from loraforge.registry.manifest import Manifest
+from loraforge.yaml_aliases import AliasExpansionError, safe_load
 
 FAMILY_TAGS = {"sd1": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
 _HUB_REPO = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@[\w./-]+)?$")
@@ -191,7 +192,7 @@ def parse_front_matter(text: str) -> dict[str, Any]:
         return {}
     parts = text.split("\n---", 1)
     try:
-        value = yaml.safe_load(parts[0][3:]) if len(parts) == 2 else None
-    except yaml.YAMLError:
+        value = safe_load(parts[0][3:], "model card") if len(parts) == 2 else None
+    except (yaml.YAMLError, AliasExpansionError):
         return {}
     return value if isinstance(value, dict) else {}

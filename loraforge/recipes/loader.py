@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from loraforge.errors import RecipeError
+from loraforge.yaml_aliases import AliasExpansionError, check_expansion, mark
 
 Path_ = tuple  # a path into the YAML document: ("steps", "mix", "merge", "models", 0, "ref")
 
@@ -46,52 +47,7 @@ def _restore(text: str) -> str:
     return _SAFE_RE.sub(lambda m: "${" + m.group(1) + "}", text)
 
 
-# How many nodes aliases may add to a recipe beyond those written in it. Templates reused a few
-# times add hundreds; a "billion laughs" file of 300 bytes would add 9**9 (and hang every reader).
-MAX_ALIAS_NODES = 10_000
 _MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-def _mark(node: yaml.Node) -> tuple[int, int]:
-    return node.start_mark.line + 1, node.start_mark.column + 1
-
-
-def _check_expansion(root: yaml.Node, source: Path) -> None:
-    """Refuse a document whose aliases expand it by more than MAX_ALIAS_NODES nodes, or loop.
-
-    Sizes are memoised per node, so this costs one pass over the nodes as written, however large
-    their expansion would be.
-    """
-    sizes: dict[int, int] = {}
-    active: set[int] = set()
-    added = 0
-
-    def size(node: yaml.Node) -> int:
-        nonlocal added
-        key = id(node)
-        if key in sizes:  # a second visit: this node is an alias's target, expanded again
-            added += sizes[key]
-            if added > MAX_ALIAS_NODES:
-                line, col = _mark(node)
-                raise RecipeError(f"{source}:{line}:{col}: YAML aliases expand the recipe by more than "
-                                  f"{MAX_ALIAS_NODES} nodes (this anchor alone is {sizes[key]}): write the "
-                                  "repeated parts out, or use fewer nested aliases")
-            return sizes[key]
-        if key in active:
-            line, col = _mark(node)
-            raise RecipeError(f"{source}:{line}:{col}: this anchor refers to itself through an alias; "
-                              "a recipe must be a tree")
-        active.add(key)
-        total = 1
-        if isinstance(node, yaml.MappingNode):
-            total += sum(size(k) + size(v) for k, v in node.value)
-        elif isinstance(node, yaml.SequenceNode):
-            total += sum(size(item) for item in node.value)
-        active.discard(key)
-        sizes[key] = total
-        return total
-
-    size(root)
 
 
 class _Builder:
@@ -107,7 +63,7 @@ class _Builder:
         self._explicit: dict[int, set[int]] = {}
 
     def build(self, node: yaml.Node, path: tuple = ()) -> Any:
-        self.positions.setdefault(path, _mark(node))
+        self.positions.setdefault(path, mark(node))
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path)
         if isinstance(node, yaml.SequenceNode):
@@ -121,7 +77,7 @@ class _Builder:
         out: dict = {}
         explicit_keys: set = set()
         for key_node, value_node in node.value:
-            line, col = _mark(key_node)
+            line, col = mark(key_node)
             if not isinstance(key_node, yaml.ScalarNode):
                 raise RecipeError(f"{self.source}:{line}:{col}: a mapping key must be a plain value, "
                                   f"not a {'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}")
@@ -147,8 +103,10 @@ def parse_yaml(text: str, path: Path) -> RecipeSource:
         data = None
         builder = _Builder(loader, path)
         if node is not None:
-            _check_expansion(node, path)
+            check_expansion(node, "recipe")
             data = builder.build(node)
+    except AliasExpansionError as exc:
+        raise RecipeError(f"{path}:{exc.line}:{exc.column}: {exc}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

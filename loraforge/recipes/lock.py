@@ -15,6 +15,7 @@ import yaml
 
 from loraforge import __version__
 from loraforge.errors import RecipeError
+from loraforge.yaml_aliases import AliasExpansionError, safe_load
 
 LOCK_VERSION = 1
 HEADER = "# Written by `loraforge recipe apply`; `apply --locked` uses exactly these versions and digests.\n"
@@ -30,8 +31,8 @@ def read_lock(recipe_path: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
+        data = safe_load(path.read_text(encoding="utf-8"), "lock file")
+    except (yaml.YAMLError, AliasExpansionError) as exc:
         raise RecipeError(f"lock file {path} is damaged ({exc}); delete it and apply again") from None
     if not isinstance(data, dict):
         raise RecipeError(f"lock file {path} is damaged (not a mapping); delete it and apply again")
