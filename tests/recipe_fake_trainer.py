@@ -48,8 +48,8 @@ class FakeTrainer:
         if sleep:
             original = registry.store_files
 
-            def slow_store(files):
-                entries = original(files)
+            def slow_store(files, *args, **kwargs):
+                entries = original(files, *args, **kwargs)
                 print("FAKE-TRAINER-STORED", flush=True)
                 time.sleep(sleep)
                 return entries

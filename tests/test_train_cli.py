@@ -238,3 +238,26 @@ def test_a_plugin_trainer_that_records_no_metrics_still_reports_its_artifact(hom
     data = pattern_images(tmp_path / "d", "stripes", n=1, caption="x")
     result = run_cli(home, "train", "recipe_fake", "--name", "fake", "--dataset", str(data), "--rank", "2")
     assert result.output.strip().splitlines()[-1] == "registered fake:1 (lora, rank 2)"
+
+
+def test_make_optimizer_never_falls_back_from_8bit_adam_silently():
+    from loraforge.errors import ConfigError
+    from loraforge.train.loop import make_optimizer
+
+    with pytest.raises(ConfigError, match="use_8bit_adam needs"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(2))], 1e-3, use_8bit=True)
+
+
+def test_reward_rank_above_the_targeted_modules_is_refused_before_the_model_loads(home, monkeypatch):
+    import loraforge.train.session as session
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the rank was checked")
+
+    monkeypatch.setattr(session, "load_training_model", no_loading)
+    result = CliRunner().invoke(cli, ["--home", str(home), "train", "reward", "-n", "big", "--reward", "brightness",
+                                      "--prompts", "a cat", "--iterations", "1", "--rank", "100000"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "rank 100000" in lines[0] and "use rank 32 or less" in lines[0]
+    assert Registry(home).list() == []

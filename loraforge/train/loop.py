@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from loraforge.errors import Stopped, TrainingError
+from loraforge.errors import ConfigError, Stopped, TrainingError
 from loraforge.stopping import sigterm_stops, stop_requested
 from loraforge.train.checkpoint import latest_checkpoint, load_checkpoint, restore_checkpoint, save_checkpoint
 
@@ -33,14 +33,16 @@ class LoopResult:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, use_8bit: bool = False) -> torch.optim.Optimizer:
-    """AdamW; bitsandbytes' 8-bit AdamW when asked, installed and on CUDA."""
-    if use_8bit and params and params[0].is_cuda:
+    """AdamW; bitsandbytes' 8-bit AdamW when asked (CUDA and bitsandbytes, else a one-line refusal)."""
+    if use_8bit:
+        if not (params and params[0].is_cuda):
+            raise ConfigError("use_8bit_adam needs the trained weights on a CUDA GPU; drop --use-8bit-adam")
         try:
             import bitsandbytes as bnb  # type: ignore[import-not-found]
-
-            return bnb.optim.AdamW8bit(params, lr=lr)
         except ImportError:
-            log.warning("bitsandbytes is not installed; using torch AdamW")
+            raise ConfigError("use_8bit_adam needs bitsandbytes, which is not installed; "
+                              "pip install bitsandbytes or drop --use-8bit-adam") from None
+        return bnb.optim.AdamW8bit(params, lr=lr)
     return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
 
 

@@ -153,6 +153,7 @@ class RewardTrainer:
 
         session = Session(self.method, config, registry=registry, output=output, recipe=recipe,
                           input_digest=input_digest, resume=resume, progress=progress)
+        session.check_lora_targets({"unet": list(config.target_modules)})
         model = session.load_model()
         params: dict[str, torch.nn.Parameter] = {}
         for i, a in enumerate(adapters):
