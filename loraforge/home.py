@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -50,7 +51,8 @@ def tmp_dir(home: Path) -> Path:
     named after its owner so that `remove_stale_tmp` can tell what a killed process left behind
     from what a live one is still writing.
     """
-    path = home / "tmp" / _owner_tag(os.getpid())
+    pid = os.getpid()
+    path = home / "tmp" / _owner_tag(pid)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -58,7 +60,19 @@ def tmp_dir(home: Path) -> Path:
             raise
         raise StorageError(f"the loraforge home {home} is read-only: cannot write scratch files; set "
                            "LORAFORGE_HOME (or --home) to a writable folder") from None
+    if path not in _removed_at_exit:
+        # A process that exits normally takes its scratch folder with it; only a killed one leaves it for gc.
+        _removed_at_exit.add(path)
+        atexit.register(_remove_own_scratch, path, pid)
     return path
+
+
+_removed_at_exit: set[Path] = set()
+
+
+def _remove_own_scratch(path: Path, pid: int) -> None:
+    if os.getpid() == pid:  # not in a forked child that inherited the handler
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # Entries written straight into tmp/ (before scratch folders carried their owner) are removed once

@@ -132,3 +132,11 @@ def test_the_daemon_removes_stale_temp_files_when_it_starts(home, tmp_path):
         assert any("removed 1 stale temp entry" in e["message"] for e in daemon.events)
     finally:
         daemon.close()
+
+
+def test_a_command_that_exits_normally_leaves_no_scratch_folder(home, adapter_file):
+    result = subprocess.run([sys.executable, "-m", "loraforge", "--home", str(home), "registry", "import",
+                             str(adapter_file), "--name", "style"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert Registry(home).exists("style")
+    assert list((home / "tmp").iterdir()) == [], "only a killed process may leave scratch files for gc"
