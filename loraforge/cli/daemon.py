@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 import click
@@ -33,19 +32,6 @@ def _home(ctx: click.Context):
     return loraforge_home((ctx.find_root().obj or {}).get("home"))
 
 
-def _detect_gpus() -> list[str]:
-    """The GPUs this process may use, as values for CUDA_VISIBLE_DEVICES."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
-    try:
-        import torch
-
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:  # no usable CUDA: the CPU worker
-        return []
-
-
 @click.group(invoke_without_command=True)
 @click.option("--watch", "watch", multiple=True, type=click.Path(file_okay=False),
               help="Folder of recipe files (*.yaml) to watch; repeat for several.")
@@ -74,8 +60,9 @@ def daemon(ctx, watch, gpus, cpu, no_publish, debounce, grace, recipe_cmd):
     import logging
 
     from loraforge.daemon import Daemon
+    from loraforge.daemon.worker import detect_gpus
 
-    devices = [] if cpu else ([g.strip() for g in gpus.split(",") if g.strip()] if gpus else _detect_gpus())
+    devices = [] if cpu else ([g.strip() for g in gpus.split(",") if g.strip()] if gpus else detect_gpus())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import shlex
 

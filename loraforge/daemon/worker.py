@@ -38,6 +38,19 @@ class WorkerSpec:
         return f"{self.name} (GPU {self.gpu})" if self.gpu is not None else f"{self.name} (CPU)"
 
 
+def detect_gpus() -> list[str]:
+    """The GPUs this process may use, as values for CUDA_VISIBLE_DEVICES (one worker each)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no usable CUDA: the CPU worker
+        return []
+
+
 def worker_specs(gpus: Sequence[str] | None) -> list[WorkerSpec]:
     """One worker per listed GPU, or a single CPU worker when `gpus` is empty/None."""
     if not gpus:
