@@ -95,3 +95,26 @@ def test_kill_at_write_point_then_verify_gc_and_rerun(home, tiny_sd_path, refere
         run(home, *args)
     assert versions(home) == [(1, reference_digests[label])]
     assert run(home, "registry", "verify").output.endswith("ok\n")
+
+
+def test_kill_after_a_recipe_import_commits_keeps_its_input_digest_and_the_next_apply_reuses_it(home, tmp_path,
+                                                                                                 tiny_sd_path):
+    """A recipe's facts go in with the version, so a kill right after the commit loses none of them."""
+    from loraforge.formats import write_adapter
+    from loraforge.models.targets import module_shapes
+    from loraforge.synthetic import random_lora
+
+    write_adapter(random_lora(module_shapes(tiny_sd_path), rank=2, seed=1), tmp_path / "x.safetensors", "kohya")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  x:\n    import: {path: ./x.safetensors, kind: lora}\n")
+    env = {**os.environ, "LORAFORGE_HOME": str(home), "LORAFORGE_FAULT": "register-after-transaction"}
+    killed = subprocess.run([sys.executable, "-m", "loraforge", "recipe", "apply", str(recipe)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+
+    registered = Registry(home).resolve("r-x")
+    assert registered.version == 1
+    assert registered.provenance.recipe is not None and registered.provenance.source == "recipe:r#x"
+    applied = json.loads(run(home, "recipe", "apply", str(recipe), "--json").stdout)
+    assert [(s["id"], s["action"]) for s in applied["steps"]] == [("x", "reused")]
+    assert [r["version"] for r in Registry(home).list(name="r-x")] == [1]

@@ -102,8 +102,11 @@ def check_same_family(loaded) -> Optional[Any]:
 
 
 def merge_loras(registry, spec: LoraMergeSpec, *, name: str, recipe=None, input_digest: str | None = None,
-                progress: Callable[..., None] | None = None):
-    """Merge the adapters of `spec` and register the result as LoRA `name` with full provenance."""
+                base: str | None = None, progress: Callable[..., None] | None = None):
+    """Merge the adapters of `spec` and register the result as LoRA `name` with full provenance.
+
+    `base` (a reference) is the base the result sits on when the inputs do not already name it.
+    """
     from loraforge.registry.importer import register_adapter
     from loraforge.registry.manifest import Manifest, Parent, Provenance
     from loraforge.registry.refs import check_name
@@ -112,6 +115,12 @@ def merge_loras(registry, spec: LoraMergeSpec, *, name: str, recipe=None, input_
     get_lora_method(spec.method)  # an unknown method fails before any adapter is read
     loaded = load_inputs(registry, spec.adapters)
     base_info = check_same_family(loaded)
+    if base is not None and (base_info is None or base_info.ref != base):
+        from loraforge.registry.manifest import BaseInfo
+        from loraforge.registry.resolve import resolve_base
+
+        declared = resolve_base(registry, base)
+        base_info = BaseInfo(ref=declared.ref, digest=declared.digest, family=declared.family)
     state = combine_states([s for s, *_ in loaded], [a.weight for a in spec.adapters], spec.method, spec.rank,
                            dict(spec.params), labels=[ref for _, _, ref, _ in loaded], progress=progress)
     parents = [Parent(ref=ref, digest=digest, role="adapter", weight=a.weight)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from loraforge.errors import ConfigError, FormatError
 from loraforge.hashing import iter_folder_files
@@ -71,26 +71,35 @@ def import_artifact(
     base: Optional[str] = None,
     slider: Optional[SliderInfo] = None,
     instance_prompt: Optional[str] = None,
+    input_digest: Optional[str] = None,
+    stamp: Optional[Callable[[Manifest], Manifest]] = None,
 ) -> Manifest:
-    """Import `path` as the next version of `name`. Nothing is registered when a check fails."""
+    """Import `path` as the next version of `name`. Nothing is registered when a check fails.
+
+    `stamp` adds provenance to the manifest before it is registered (a recipe step's facts), and
+    `input_digest` is stored with the version: a version is never patched once committed.
+    """
+    stamp = stamp or (lambda manifest: manifest)
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"{path} does not exist")
     detected = detect_kind(path)
     kind = kind or detected
     if kind in ("lora", "slider"):
-        return _import_adapter(registry, path, name, kind, base, slider)
+        return _import_adapter(registry, path, name, kind, base, slider, input_digest, stamp)
     if kind == "checkpoint":
         if detected != "checkpoint":
             raise FormatError(f"{path} is not a checkpoint (a diffusers folder or single-file .safetensors model)")
-        return _import_checkpoint(registry, path, name)
+        return _import_checkpoint(registry, path, name, input_digest, stamp)
     if kind == "dataset":
-        return import_dataset(registry, path, name, instance_prompt=instance_prompt)
+        return import_dataset(registry, path, name, instance_prompt=instance_prompt, input_digest=input_digest,
+                              stamp=stamp)
     raise ConfigError(f"cannot import {path} as kind {kind!r}")
 
 
 def _import_adapter(registry: Registry, path: Path, name: str, kind: str, base_ref: Optional[str],
-                    slider: Optional[SliderInfo]) -> Manifest:
+                    slider: Optional[SliderInfo], input_digest: Optional[str],
+                    stamp: Callable[[Manifest], Manifest]) -> Manifest:
     from loraforge.formats import read_adapter, write_adapter
     from loraforge.registry.resolve import base_targets, resolve_base
 
@@ -119,7 +128,7 @@ def _import_adapter(registry: Registry, path: Path, name: str, kind: str, base_r
     with tempfile.TemporaryDirectory(dir=tmp_dir(registry.home)) as tmp:
         out = Path(tmp) / "adapter.safetensors"
         write_adapter(state, out, "loraforge")
-        return registry.register(manifest, [(out, "adapter.safetensors")])
+        return registry.register(stamp(manifest), [(out, "adapter.safetensors")], input_digest=input_digest)
 
 
 def register_adapter(registry: Registry, state, manifest: Manifest, input_digest: str | None = None,
@@ -139,7 +148,8 @@ def register_adapter(registry: Registry, state, manifest: Manifest, input_digest
         return registry.register(manifest, files, input_digest=input_digest)
 
 
-def _import_checkpoint(registry: Registry, path: Path, name: str) -> Manifest:
+def _import_checkpoint(registry: Registry, path: Path, name: str, input_digest: Optional[str],
+                       stamp: Callable[[Manifest], Manifest]) -> Manifest:
     from loraforge.formats import read_header
     from loraforge.models.base import base_from_path
 
@@ -156,11 +166,12 @@ def _import_checkpoint(registry: Registry, path: Path, name: str) -> Manifest:
         base=BaseInfo(ref=str(path.resolve()), digest=base.digest, family=base.family),
         provenance=Provenance(source=str(path.resolve()), method="import"),
     )
-    return registry.register(manifest, files)
+    return registry.register(stamp(manifest), files, input_digest=input_digest)
 
 
 def import_dataset(registry: Registry, folder: Path, name: str, instance_prompt: Optional[str] = None,
-                   input_digest: str | None = None) -> Manifest:
+                   input_digest: str | None = None,
+                   stamp: Optional[Callable[[Manifest], Manifest]] = None) -> Manifest:
     images, captions = scan_dataset(folder)
     rel_captions = {p.relative_to(folder).as_posix(): captions.get(p.relative_to(folder).as_posix(), "")
                     for p in images}
@@ -169,6 +180,8 @@ def import_dataset(registry: Registry, folder: Path, name: str, instance_prompt:
         dataset=DatasetInfo(num_images=len(images), captions=rel_captions, instance_prompt=instance_prompt),
         provenance=Provenance(source=str(Path(folder).resolve()), method="snapshot"),
     )
+    if stamp is not None:
+        manifest = stamp(manifest)
     return registry.register(manifest, dataset_files(folder), input_digest=input_digest)
 
 

@@ -166,16 +166,6 @@ class Registry:
         fault_point("register-after-transaction")
         return manifest
 
-    def update_metrics(self, ref: str, metrics: dict) -> Manifest:
-        """Merge `metrics` into an artifact's manifest (digests are unchanged)."""
-        self._check_writable("record metrics")
-        manifest = self.resolve(ref)
-        manifest = manifest.model_copy(update={"metrics": {**manifest.metrics, **metrics}})
-        with immediate(self.db) as conn:
-            conn.execute("UPDATE artifacts SET manifest = ? WHERE name = ? AND version = ?",
-                         [manifest.to_json(), manifest.name, manifest.version])
-        return manifest
-
     def tag(self, ref: str, alias: str) -> Manifest:
         self._check_writable("move an alias")
         check_alias(alias)

@@ -11,16 +11,6 @@ def run(ctx: StepContext):
     from loraforge.registry.importer import import_artifact
 
     spec = ctx.spec
-    manifest = import_artifact(ctx.registry, Path(spec.path), ctx.output, kind=spec.kind, base=spec.base)
-    return _stamp_registered(ctx, manifest)
-
-
-def _stamp_registered(ctx: StepContext, manifest):
-    """Record recipe provenance and the input digest on an artifact registered by a helper without them."""
-    from loraforge.registry.catalog import immediate
-
-    manifest = ctx.stamp(manifest)
-    with immediate(ctx.registry.db) as conn:
-        conn.execute("UPDATE artifacts SET manifest = ?, input_digest = ? WHERE name = ? AND version = ?",
-                     [manifest.to_json(), ctx.input_digest, manifest.name, manifest.version])
-    return manifest
+    # Recipe provenance and the input digest go in with the version: a version is never patched.
+    return import_artifact(ctx.registry, Path(spec.path), ctx.output, kind=spec.kind, base=spec.base,
+                           input_digest=ctx.input_digest, stamp=ctx.stamp)
