@@ -23,15 +23,14 @@ from loraforge.models import (
     default_dtype,
     ensure_builtin,
     generate,
-    image_grid,
     load_pipeline,
     lora_target_names,
     pick_device,
     resolve_base,
     sd15_configs,
 )
-from loraforge.models.pipeline import GRID_GAP
 from loraforge.models.builtin import save_tiny_pipeline, tiny_clip_vocab
+from loraforge.render.grid import GRID_GAP, image_grid
 
 PIPELINES = [
     ("tiny-sd", StableDiffusionPipeline, "sd1"),

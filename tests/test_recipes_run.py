@@ -79,7 +79,7 @@ steps:
 
 @pytest.mark.slow
 def test_render_grid_has_one_cell_per_prompt_seed_and_scale_and_the_sweep_shows(home, tmp_path):
-    from loraforge.models.pipeline import image_grid
+    from loraforge.render.grid import image_grid
 
     recipe = tmp_path / "sweep.yaml"
     recipe.write_text(RENDER)

@@ -11,11 +11,12 @@ from click.testing import CliRunner
 
 from loraforge.cli import cli
 from loraforge.errors import RewardError
+from loraforge.models.pipeline import ddim_scheduler
 from loraforge.plugins import REWARDS, TRAINERS
 from loraforge.registry.registry import Registry
 from loraforge.registry.resolve import load_adapter
 from loraforge.rewards import load_reward
-from loraforge.train.sampling import ddim_scheduler, ddim_step_with_logprob, sample_trajectory
+from loraforge.train.sampling import ddim_step_with_logprob, sample_trajectory
 from loraforge.train.trainers.reward import PromptStats, RewardConfig
 
 

@@ -9,9 +9,9 @@ from loraforge.models.builtin import (
     sd15_configs,
 )
 from loraforge.models.pipeline import (
+    ddim_scheduler,
     default_dtype,
     generate,
-    image_grid,
     load_pipeline,
     lora_target_names,
     pick_device,
@@ -23,10 +23,10 @@ __all__ = [
     "base_from_path",
     "build_tiny_components",
     "build_tiny_pipeline",
+    "ddim_scheduler",
     "default_dtype",
     "ensure_builtin",
     "generate",
-    "image_grid",
     "load_pipeline",
     "lora_target_names",
     "pick_device",

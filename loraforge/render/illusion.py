@@ -117,7 +117,7 @@ def illusion_eps(unet, x: torch.Tensor, t, views: Sequence[View], conds: Sequenc
         e_uncond, e_cond = out[: n * len(views)], out[n * len(views):]
         guided = (e_uncond + guidance * (e_cond - e_uncond)).split(n)
     else:
-        from loraforge.train.peft_lora import activate_adapter
+        from loraforge.models.peft_layers import activate_adapter
 
         guided = []
         for v, cond, name in zip(views, conds, adapters):
@@ -172,7 +172,7 @@ def illusion_sample(pipe, prompts: Sequence[str], views: Sequence[str | View], s
     `return_views` also the list of per-view images (the image as view i sees it: decode(vᵢ(x₀))).
     `output="latent"` returns the final latents instead of images (for tests and further processing).
     """
-    from loraforge.train.sampling import ddim_scheduler
+    from loraforge.models.pipeline import ddim_scheduler
 
     views = get_views(views)
     if len(prompts) != len(views):
@@ -199,7 +199,7 @@ def illusion_sample(pipe, prompts: Sequence[str], views: Sequence[str | View], s
 
 def illusion_grid(images: Sequence, prompts: Sequence[str], views: Sequence[str | View], title: str | None = None):
     """A one-row labelled grid of the per-view images ("vflip: a dog" under each)."""
-    from loraforge.models.pipeline import image_grid
+    from loraforge.render.grid import image_grid
 
     views = get_views(views)
     labels = [f"{v.name}: {p}" for v, p in zip(views, prompts)]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from loraforge.formats import LoraModule, LoraState
+from loraforge.models.peft_layers import lora_layers
 
 DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -80,27 +81,6 @@ def check_rank(rank: int, shapes: dict[str, tuple[int, ...]], target_modules: It
         shape = "×".join(map(str, shapes[name]))
         raise ConfigError(f"rank {rank} is larger than {limits[name]}, the largest rank the targeted {component} "
                           f"modules allow (min(in, out); {name} is {shape}); use rank {limits[name]} or less")
-
-
-def lora_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            yield name, module
-
-
-def set_lora_scale(model: nn.Module, scale: float, adapter_name: str = "default") -> None:
-    """Multiply adapter `adapter_name`'s ΔW by `scale` (0 turns it off, −1 reverses it)."""
-    for _, layer in lora_layers(model):
-        layer.set_scale(adapter_name, scale)
-
-
-def activate_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Make `adapter_name` the only active adapter of every LoRA layer (others keep their weights)."""
-    for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
-            layer._active_adapter = [adapter_name]
 
 
 def lora_parameters(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:

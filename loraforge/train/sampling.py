@@ -13,13 +13,6 @@ import torch
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def ddim_scheduler(scheduler_config) -> "object":
-    """A DDIMScheduler with the training schedule (betas, prediction type) of the pipeline's scheduler."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(scheduler_config)
-
-
 def _alphas(scheduler, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ᾱ_t and ᾱ_{t−1} (the previous inference timestep) for the scheduler's current timestep spacing."""
     step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
@@ -135,7 +128,7 @@ def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncon
 @contextlib.contextmanager
 def lora_disabled(model: torch.nn.Module) -> Iterator[None]:
     """Run `model` as its frozen base: every PEFT LoRA layer bypassed (no change to requires_grad)."""
-    from loraforge.train.peft_lora import lora_layers
+    from loraforge.models.peft_layers import lora_layers
 
     layers = [layer for _, layer in lora_layers(model)]
     before = [layer._disable_adapters for layer in layers]

@@ -7,15 +7,16 @@ from typing import Sequence
 
 import torch
 
-from loraforge.train.peft_lora import set_lora_scale
+from loraforge.models.peft_layers import set_lora_scale
 
 
 @torch.no_grad()
 def validation_grid(pipe, prompts: Sequence[str], scales: Sequence[float], *, adapter_name: str = "default",
                     seed: int = 0, steps: int = 8, resolution: int = 64, title: str | None = None):
     """Images of `prompts` with the adapter at each of `scales` (0 = the base), same noise per row."""
-    from loraforge.models.pipeline import generate, image_grid
-    from loraforge.train.peft_lora import activate_adapter
+    from loraforge.models.peft_layers import activate_adapter
+    from loraforge.models.pipeline import generate
+    from loraforge.render.grid import image_grid
 
     # A text-encoder LoRA belongs to the adapter too: it is switched and scaled with the UNet's.
     parts = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None)) if m is not None]

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from loraforge.models.peft_layers import activate_adapter
 from loraforge.plugins import TRAINERS
 from loraforge.registry.manifest import Manifest, RecipeInfo
 from loraforge.registry.refs import check_name
@@ -16,7 +17,7 @@ from loraforge.train.cache import BatchSource
 from loraforge.train.data import batch_indices, prepare_dataset, step_generator
 from loraforge.train.loop import run_loop
 from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
-from loraforge.train.peft_lora import TEXT_ENCODER_TARGETS, activate_adapter, extract_lora, inject_lora, lora_parameters
+from loraforge.train.peft_lora import TEXT_ENCODER_TARGETS, extract_lora, inject_lora, lora_parameters
 from loraforge.train.session import AdapterOutput, Session
 from loraforge.train.trainers.lora import lora_targets
 

@@ -182,7 +182,7 @@ class _RewardRun:
 
     def __init__(self, config: RewardConfig, session: Session, reward, prompts, views, view_prompts, adapters):
         from loraforge.train.model import encode_prompts
-        from loraforge.train.sampling import ddim_scheduler
+        from loraforge.models.pipeline import ddim_scheduler
 
         self.c, self.session, self.model, self.reward = config, session, session.model, reward
         self.prompts, self.views, self.view_prompts, self.adapters = prompts, views, view_prompts, adapters

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from loraforge.models.peft_layers import set_lora_scale
 from loraforge.plugins import TRAINERS
 from loraforge.registry.manifest import Manifest, RecipeInfo, SliderInfo
 from loraforge.registry.registry import Registry
@@ -16,7 +17,7 @@ from loraforge.train.cache import BatchSource
 from loraforge.train.data import TrainingSet, batch_indices, prepare_dataset, step_generator
 from loraforge.train.loop import run_loop
 from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
-from loraforge.train.peft_lora import LAYER_PRESETS, extract_lora, inject_lora, lora_parameters, set_lora_scale
+from loraforge.train.peft_lora import LAYER_PRESETS, extract_lora, inject_lora, lora_parameters
 from loraforge.train.session import AdapterOutput, Session
 
 
