@@ -7,7 +7,10 @@ PY := $(VENV)/bin/python
 LF := $(VENV)/bin/loraforge
 OUT ?= out
 
-.PHONY: run test test-fast bench install clean
+# `make test-min`: the same tests on the oldest versions pyproject.toml declares (its `>=` floors).
+MIN_VENV ?= .venv-min
+
+.PHONY: run test test-fast test-min bench install clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +29,20 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
+$(MIN_VENV)/.installed: pyproject.toml scripts/min_requirements.py
+	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(MIN_VENV)/bin/python scripts/min_requirements.py > $(MIN_VENV)/requirements-min.txt
+	$(MIN_VENV)/bin/python -m pip install --quiet -r $(MIN_VENV)/requirements-min.txt
+	$(MIN_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+test-min: $(MIN_VENV)/.installed
+	$(MIN_VENV)/bin/python -m pip check
+	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow"
+
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) $(OUT) build *.egg-info
+	rm -rf $(VENV) $(MIN_VENV) $(OUT) build *.egg-info
