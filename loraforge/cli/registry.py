@@ -199,7 +199,7 @@ def verify(ctx, as_json):
     except CatalogError as exc:  # a catalog that does not open is damage to report, not a crash
         report = VerifyReport(problems=[str(exc)])
     else:
-        total = reg.db.execute("SELECT COUNT(DISTINCT sha256) FROM files").fetchone()[0]
+        total = reg.referenced_blob_count()
         with progress("verifying blobs", total) as advance:
             report = reg.verify(progress=advance)
     if as_json:

@@ -301,6 +301,21 @@ class Registry:
         row = self.db.execute(sql + " ORDER BY id DESC LIMIT 1", params).fetchone()
         return self._row_to_manifest(row) if row else None
 
+    def find_by_source(self, source: str, name: str | None = None) -> Optional[Manifest]:
+        """The newest artifact whose provenance source is exactly `source` (and named `name`, when given)."""
+        # The catalog stores manifests as compact JSON: a LIKE prefilter avoids parsing every row.
+        rows = self.db.execute("SELECT manifest FROM artifacts WHERE manifest LIKE ? ORDER BY id DESC",
+                               [f'%"source":{json.dumps(source)}%']).fetchall()
+        for (text,) in rows:
+            manifest = Manifest.from_json(text)
+            if manifest.provenance.source == source and (name is None or manifest.name == name):
+                return manifest
+        return None
+
+    def referenced_blob_count(self) -> int:
+        """How many distinct blobs the catalog's artifacts reference (what `verify` re-hashes)."""
+        return self.db.execute("SELECT COUNT(DISTINCT sha256) FROM files").fetchone()[0]
+
     def iter_manifests(self) -> Iterator[Manifest]:
         for (text,) in self.db.execute("SELECT manifest FROM artifacts ORDER BY id").fetchall():
             yield Manifest.from_json(text)
