@@ -24,9 +24,9 @@ from loraforge.models import (
     ensure_builtin,
     generate,
     load_pipeline,
+    locate_base,
     lora_target_names,
     pick_device,
-    resolve_base,
     sd15_configs,
 )
 from loraforge.models.builtin import save_tiny_pipeline, tiny_clip_vocab
@@ -65,7 +65,7 @@ def test_plain_diffusers_loads_builtin_and_generates_seeded_images(builtin_paths
 
 @pytest.mark.parametrize("name,cls,family", PIPELINES)
 def test_load_pipeline_and_generate_helper(home, name, cls, family):
-    base = resolve_base(f"builtin:{name}", home)
+    base = locate_base(f"builtin:{name}", home)
     pipe = load_pipeline(base, device="cpu")
     assert isinstance(pipe, cls)
     image = generate(pipe, "1girl eating an apple", seed=3, steps=3)
@@ -74,7 +74,7 @@ def test_load_pipeline_and_generate_helper(home, name, cls, family):
 
 
 def test_module_names_follow_sd1_and_sdxl(home):
-    sd = lora_target_names(load_pipeline(resolve_base("builtin:tiny-sd", home), device="cpu"))
+    sd = lora_target_names(load_pipeline(locate_base("builtin:tiny-sd", home), device="cpu"))
     assert set(sd) == {"unet", "text_encoder"}
     for proj in ("to_q", "to_k", "to_v", "to_out.0"):
         assert f"down_blocks.0.attentions.0.transformer_blocks.0.attn1.{proj}" in sd["unet"]
@@ -84,7 +84,7 @@ def test_module_names_follow_sd1_and_sdxl(home):
     # transformers 5 dropped CLIPTextModel's `text_model.` wrapper in memory (it stays in the files).
     assert sd["text_encoder"]["encoder.layers.0.self_attn.q_proj"] == (32, 32)
 
-    xl = lora_target_names(load_pipeline(resolve_base("builtin:tiny-sdxl", home), device="cpu"))
+    xl = lora_target_names(load_pipeline(locate_base("builtin:tiny-sdxl", home), device="cpu"))
     assert set(xl) == {"unet", "text_encoder", "text_encoder_2"}
     assert xl["unet"]["down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"] == (64, 64)
     assert "add_embedding.linear_1" in xl["unet"]
@@ -148,7 +148,7 @@ def test_ensure_builtin_is_idempotent_and_race_safe(tmp_path):
 
 def test_unknown_builtin_names_it_and_the_known_ones(tmp_path):
     with pytest.raises(UnresolvedReference) as err:
-        resolve_base("builtin:tiny-flux", tmp_path)
+        locate_base("builtin:tiny-flux", tmp_path)
     message = str(err.value)
     assert "builtin:tiny-flux" in message and "builtin:tiny-sd" in message and "builtin:tiny-sdxl" in message
     assert "\n" not in message
@@ -156,28 +156,28 @@ def test_unknown_builtin_names_it_and_the_known_ones(tmp_path):
 
 @pytest.mark.parametrize("name,cls,family", PIPELINES)
 def test_resolve_builtin_and_folder(home, builtin_paths, name, cls, family):
-    base = resolve_base(f"builtin:{name}", home)
+    base = locate_base(f"builtin:{name}", home)
     assert (base.ref, base.family, base.layout) == (f"builtin:{name}", family, "diffusers")
     assert base.digest == sha256_folder(builtin_paths[name])
-    by_folder = resolve_base(str(builtin_paths[name]), home)
+    by_folder = locate_base(str(builtin_paths[name]), home)
     assert (by_folder.family, by_folder.layout, by_folder.digest) == (family, "diffusers", base.digest)
 
 
 def test_digest_is_cached_until_the_folder_changes(home, builtin_paths, monkeypatch):
     folder = home / "copy"
     shutil.copytree(builtin_paths["tiny-sd"], folder)
-    digest = resolve_base(str(folder), home).digest
+    digest = locate_base(str(folder), home).digest
 
     def no_hashing(path):
         raise AssertionError("digest recomputed although nothing changed")
 
     monkeypatch.setattr(base_module, "sha256_folder", no_hashing)
-    assert resolve_base(str(folder), home).digest == digest
+    assert locate_base(str(folder), home).digest == digest
     monkeypatch.undo()
 
     scheduler = folder / "scheduler" / "scheduler_config.json"
     scheduler.write_text(scheduler.read_text().replace('"steps_offset": 1', '"steps_offset": 0'))
-    changed = resolve_base(str(folder), home).digest
+    changed = locate_base(str(folder), home).digest
     assert changed != digest and changed == sha256_folder(folder)
 
 
@@ -192,7 +192,7 @@ def _single_file(path: Path, prefix: str, conv_in_channels: int = 320) -> Path:
 @pytest.mark.parametrize("prefix,family", [("cond_stage_model.", "sd1"), ("conditioner.embedders.1.", "sdxl")])
 def test_resolve_single_file_family_from_keys(home, prefix, family):
     path = _single_file(home / "model.safetensors", prefix)
-    base = resolve_base(str(path), home)
+    base = locate_base(str(path), home)
     assert (base.family, base.layout, base.digest) == (family, "single_file", sha256_file(path))
     assert base_from_path(path, "my-merge:2", home=home) == base.__class__(
         ref="my-merge:2", path=path, digest=base.digest, family=family, layout="single_file")
@@ -202,25 +202,25 @@ def test_single_file_without_text_encoder_keys_is_rejected(home):
     path = home / "unet_only.safetensors"
     save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 320, 3, 3)}, path)
     with pytest.raises(FormatError, match="neither cond_stage_model"):
-        resolve_base(str(path), home)
+        locate_base(str(path), home)
 
 
 def test_ckpt_pickles_load_only_when_weights_only(home):
     safe = home / "plain.ckpt"
     torch.save({"state_dict": {"cond_stage_model.transformer.w": torch.ones(2)}}, safe)
-    assert resolve_base(str(safe), home).family == "sd1"
+    assert locate_base(str(safe), home).family == "sd1"
 
     unsafe = home / "unsafe.ckpt"
     torch.save({"state_dict": {"cond_stage_model.transformer.w": torch.ones(2)}, "cfg": ConfigError("x")}, unsafe)
     with pytest.raises(UnsafePickleError, match="unsafe.ckpt"):
-        resolve_base(str(unsafe), home)
+        locate_base(str(unsafe), home)
 
 
 def test_single_file_of_unknown_shapes_needs_configs(home, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    base = resolve_base(str(_single_file(home / "sd15.safetensors", "cond_stage_model.")), home)
+    base = locate_base(str(_single_file(home / "sd15.safetensors", "cond_stage_model.")), home)
     with pytest.raises(UnresolvedReference, match="diffusers folder"):
         load_pipeline(base, device="cpu")
 
@@ -233,19 +233,19 @@ def test_hub_id_offline_is_one_line_unresolved(home, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(UnresolvedReference) as err:
-        resolve_base("runwayml/stable-diffusion-v1-5", home)
+        locate_base("runwayml/stable-diffusion-v1-5", home)
     assert "runwayml/stable-diffusion-v1-5" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_missing_local_path_is_unresolved(home):
     with pytest.raises(UnresolvedReference, match="no-such-folder"):
-        resolve_base("./no-such-folder", home)
+        locate_base("./no-such-folder", home)
 
 
 def test_folder_without_model_index_is_rejected(home):
     (home / "empty").mkdir()
     with pytest.raises(FormatError, match="model_index.json"):
-        resolve_base(str(home / "empty"), home)
+        locate_base(str(home / "empty"), home)
 
 
 def test_device_and_dtype_defaults():

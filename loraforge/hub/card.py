@@ -6,28 +6,29 @@ version produces the same bytes and uploads nothing.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Optional
 
 import yaml
 
+from loraforge.errors import LoraforgeError
+from loraforge.reference import Reference
 from loraforge.registry.manifest import Manifest
 from loraforge.yaml_aliases import AliasExpansionError, safe_load
 
 FAMILY_TAGS = {"sd1": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
-_HUB_REPO = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@[\w./-]+)?$")
 
 
 def hub_base_id(ref: Optional[str]) -> Optional[str]:
     """What `base_model` should say for a base reference: a builtin's name or a Hub repo id."""
     if not ref:
         return None
-    if ref.startswith("builtin:"):
-        return ref[len("builtin:"):]
-    if ref.startswith(("/", ".", "~")):
+    try:
+        parsed = Reference.parse(ref)
+    except LoraforgeError:  # not a reference the Hub could name: the card leaves base_model out
         return None
-    match = _HUB_REPO.match(ref)
-    return match[1] if match else None
+    if parsed.kind == "builtin":
+        return parsed.name
+    return parsed.repo  # hub and hub_model kinds; None for paths and registry references
 
 
 def base_model_relation(manifest: Manifest) -> Optional[str]:

@@ -6,7 +6,6 @@ The token is only ever handed to huggingface_hub; nothing here writes or logs it
 from __future__ import annotations
 
 import os
-import re
 import time
 from typing import Callable, TypeVar
 
@@ -18,24 +17,9 @@ T = TypeVar("T")
 RETRY_ATTEMPTS = int(os.environ.get("LORAFORGE_HUB_RETRIES", "4"))
 RETRY_BASE_WAIT = float(os.environ.get("LORAFORGE_HUB_RETRY_WAIT", "1.0"))
 DEFAULT_ENDPOINT = "https://huggingface.co"
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # Transport libraries huggingface_hub has used across its majors; their errors mean a dropped
 # or refused connection, which is worth retrying like a 5xx.
 _TRANSPORT_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3", "h11")
-
-
-def check_repo_id(repo: str) -> str:
-    """`repo` if it is an ORG/NAME the Hub accepts (huggingface_hub's own rules: length, '--', '..')."""
-    if not REPO_ID.match(repo or ""):
-        raise HubError(f"invalid Hub repo {repo!r}: write ORG/NAME, e.g. me/asuka-style")
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo)
-    except HFValidationError as exc:
-        reason = str(exc).split(":")[0].rstrip(".")
-        raise HubError(f"invalid Hub repo {repo!r}: {reason}; write ORG/NAME, e.g. me/asuka-style") from None
-    return repo
 
 
 def endpoint() -> str:

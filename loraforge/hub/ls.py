@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from loraforge.home import cache_dir
-from loraforge.hub.client import check_repo_id, hub_api, token as find_token, with_retries
+from loraforge.hub.client import hub_api, token as find_token, with_retries
 from loraforge.hub.push import HUB_MANIFEST
+from loraforge.reference import check_hub_repo
 from loraforge.registry.registry import Registry
 
 VERSION_TAG = re.compile(r"^v(\d+)$")
@@ -24,7 +25,7 @@ def hub_versions(registry: Registry, repo: str, token: Optional[str] = None) -> 
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    check_repo_id(repo)
+    check_hub_repo(repo)
     secret = find_token(token)
     api = hub_api(secret)
 

@@ -19,10 +19,13 @@ from loraforge.errors import HubError, IntegrityError
 from loraforge.hashing import sha256_file
 from loraforge.home import cache_dir, tmp_dir
 from loraforge.hub.card import parse_front_matter
-from loraforge.hub.client import check_repo_id, hub_api, token as find_token, with_retries
+from loraforge.hub.client import hub_api, token as find_token, with_retries
 from loraforge.hub.push import CARD, DIFFUSERS_WEIGHTS, HUB_MANIFEST, rebuild_adapter
+from loraforge.reference import Reference, check_hub_repo
 from loraforge.registry.manifest import BaseInfo, Manifest, Provenance
+from loraforge.registry.refs import check_name
 from loraforge.registry.registry import Registry
+from loraforge.registry.resolve import HUB_RESOLVERS
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 WEIGHT_SUFFIXES = (".safetensors",)
@@ -33,12 +36,8 @@ PIPELINE_IGNORE = ("*.fp16.*", "*ema*", "safety_checker/*", "feature_extractor/*
 
 def parse_hub_ref(text: str) -> tuple[str, Optional[str]]:
     """('org/name', revision or None) from `hf://org/name@rev`, `org/name@rev` or `org/name`."""
-    body = text[len("hf://"):] if text.startswith("hf://") else text
-    repo, sep, revision = body.partition("@")
-    check_repo_id(repo)
-    if sep and not revision:
-        raise HubError(f"empty revision in {text!r}: write ORG/NAME@REV (a tag, branch or commit sha)")
-    return repo, revision or None
+    ref = Reference.parse_hub(text)
+    return ref.repo, ref.revision
 
 
 def source_of(repo: str, sha: str) -> str:
@@ -56,13 +55,22 @@ def check_remote_name(name: str, repo: str) -> str:
 
 def find_pulled(registry: Registry, source: str, name: Optional[str] = None) -> Optional[Manifest]:
     """The artifact already pulled from exactly this commit (and under this name, when given)."""
-    return registry.find_by_source(source, name=name)
+    # The catalog stores manifests as compact JSON: a LIKE prefilter avoids parsing every row.
+    rows = registry.db.execute("SELECT manifest FROM artifacts WHERE manifest LIKE ? ORDER BY id",
+                               [f'%"source":{json.dumps(source)}%']).fetchall()
+    found = None
+    for (text,) in rows:
+        manifest = Manifest.from_json(text)
+        if manifest.provenance.source == source and (name is None or manifest.name == name):
+            found = manifest
+    return found
 
 
-def pull_reference(registry: Registry, ref: str) -> Manifest:
+@HUB_RESOLVERS.register("hf")
+def pull_reference(registry: Registry, ref: str | Reference) -> Manifest:
     """Pull `hf://org/name@rev` (what `resolve_artifact` calls for hf:// references everywhere)."""
-    repo, revision = parse_hub_ref(ref)
-    return pull_repo(registry, repo, revision)
+    ref = ref if isinstance(ref, Reference) else Reference.parse_hub(ref)
+    return pull_repo(registry, ref.repo, ref.revision)
 
 
 def pull_repo(registry: Registry, repo: str, revision: Optional[str] = None, name: Optional[str] = None,
@@ -73,10 +81,8 @@ def pull_repo(registry: Registry, repo: str, revision: Optional[str] = None, nam
     """
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    check_repo_id(repo)
+    check_hub_repo(repo)
     if name is not None:
-        from loraforge.registry.refs import check_name
-
         check_name(name)
     secret = find_token(token)
     api = hub_api(secret)

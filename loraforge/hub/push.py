@@ -19,9 +19,11 @@ from loraforge.errors import ConfigError, HubError
 from loraforge.hashing import sha256_file
 from loraforge.home import tmp_dir
 from loraforge.hub.card import render_card
-from loraforge.hub.client import check_repo_id, hub_api, token as find_token, with_retries
+from loraforge.hub.client import hub_api, token as find_token, with_retries
+from loraforge.reference import check_hub_repo
 from loraforge.registry.manifest import Manifest
 from loraforge.registry.registry import Registry
+from loraforge.registry.resolve import resolve_artifact
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 HUB_MANIFEST = "loraforge.json"
@@ -227,9 +229,8 @@ def push_artifact(registry: Registry, ref: str, repo: str, *, private: bool = Fa
     from huggingface_hub.errors import RevisionNotFoundError
 
     from loraforge.home import cache_dir
-    from loraforge.registry.resolve import resolve_artifact
 
-    check_repo_id(repo)
+    check_hub_repo(repo)
     manifest = resolve_artifact(registry, ref)
     if manifest.kind == "dataset":
         raise ConfigError(f"{manifest.ref} is a dataset; push adapters or checkpoints (datasets stay local)")

@@ -1,6 +1,6 @@
 """Base models: the embedded tiny SD1/SDXL pipelines, base-model resolution, and pipeline helpers."""
 
-from loraforge.models.base import BaseModel, base_from_path, resolve_base
+from loraforge.models.base import BaseModel, base_from_path, locate_base
 from loraforge.models.builtin import (
     BUILTIN_NAMES,
     build_tiny_components,
@@ -28,8 +28,8 @@ __all__ = [
     "ensure_builtin",
     "generate",
     "load_pipeline",
+    "locate_base",
     "lora_target_names",
     "pick_device",
-    "resolve_base",
     "sd15_configs",
 ]

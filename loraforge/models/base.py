@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,13 +11,12 @@ from pathlib import Path
 from loraforge.errors import FormatError, UnresolvedReference
 from loraforge.hashing import iter_folder_files, sha256_file, sha256_folder, sha256_json
 from loraforge.home import cache_dir, loraforge_home
-from loraforge.models.builtin import BUILTIN_PREFIX, ensure_builtin
+from loraforge.models.builtin import ensure_builtin
+from loraforge.reference import Reference
 
 FAMILIES = ("sd1", "sdxl")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-# "org/name" or "org/name@revision", the way the Hub spells repository ids.
-HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 # What a diffusers pipeline repository needs; fp16/ema variants and pickles are skipped.
 HUB_ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
 HUB_IGNORE_PATTERNS = ["*.fp16.*", "*ema*", "*.bin", "*.ckpt", "safety_checker/*", "feature_extractor/*"]
@@ -35,21 +33,21 @@ class BaseModel:
     layout: str  # "diffusers" | "single_file"
 
 
-def resolve_base(ref: str, home: Path) -> BaseModel:
-    """Resolve `builtin:NAME`, a local diffusers folder or checkpoint file, or a Hub id `org/name[@rev]`.
+def locate_base(ref: str | Reference, home: Path) -> BaseModel:
+    """The base model on disk for `builtin:NAME`, a local diffusers folder or checkpoint file, or a Hub model
+    id `org/name[@rev]` (downloaded into the model cache).
 
-    Registry references (`name:version`) are resolved by the registry, which then calls `base_from_path`.
+    Registry references and `hf://` repos are the registry's: `registry.resolve.resolve_base` takes every kind.
     """
-    if ref.startswith(BUILTIN_PREFIX):
-        return base_from_path(ensure_builtin(ref, home), ref, home=home)
-    local = Path(ref).expanduser()
-    if local.exists():
-        return base_from_path(local, ref, home=home)
-    match = HUB_ID.match(ref)
-    if match and not ref.startswith((".", "/", "~")):
-        return base_from_path(_download_from_hub(ref, match["repo"], match["revision"]), ref, home=home)
+    ref = ref if isinstance(ref, Reference) else Reference.parse(ref)
+    if ref.kind == "builtin":
+        return base_from_path(ensure_builtin(ref.text, home), ref.text, home=home)
+    if ref.kind == "path":
+        return base_from_path(ref.path, ref.text, home=home)
+    if ref.kind == "hub_model":
+        return base_from_path(_download_from_hub(ref.text, ref.repo, ref.revision), ref.text, home=home)
     raise UnresolvedReference(
-        f"base model {ref!r} is not a builtin, an existing file or folder, or a Hub id (org/name)"
+        f"base model {ref.text!r} is not a builtin, an existing file or folder, or a Hub id (org/name)"
     )
 
 

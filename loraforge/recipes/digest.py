@@ -19,11 +19,12 @@ from loraforge.errors import LoraforgeError, RecipeError
 from loraforge.hashing import sha256_file, sha256_folder, sha256_json
 from loraforge.recipes.loader import step_ref
 from loraforge.recipes.schema import Recipe, Step
+from loraforge.reference import written_as_path
 
 
 def is_local_path(value: str) -> bool:
-    """A reference written as a path: ./x, ../x, /x or ~/x (registry names never start so)."""
-    return isinstance(value, str) and value.startswith(("./", "../", "/", "~"))
+    """A train-config string spelled as a path (./x, ../x, /x or ~/x): digested as a file or folder."""
+    return written_as_path(value)
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,6 @@ class Resolver:
         self.base_dir = recipe.source.path.parent
         self.cache: dict[str, Resolved] = {}
 
-    def local_path(self, value: str) -> Path:
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else (self.base_dir / path).resolve()
-
     def resolve(self, value: str, where: tuple) -> Resolved:
         if value in self.cache:
             return self.cache[value]
@@ -82,26 +79,25 @@ class Resolver:
         return entry
 
     def _resolve(self, value: str) -> Resolved:
-        from loraforge.registry.refs import is_builtin_ref, is_hub_ref
-        from loraforge.registry.resolve import resolve_base
+        from loraforge.reference import Reference
+        from loraforge.registry.resolve import resolve_artifact, resolve_base
 
         locked = self._locked(value)
-        if is_local_path(value):
-            path = self.local_path(value)
+        ref = Reference.parse(value, base_dir=self.base_dir)  # relative paths are the recipe folder's
+        if ref.kind == "path":
+            path = ref.path.resolve()
             if not path.exists():
                 raise RecipeError(f"{value} does not exist (looked for {path})")
             digest = sha256_folder(path) if path.is_dir() else sha256_file(path)
             resolved = Resolved(value, "path", digest, path=str(path))
-        elif is_builtin_ref(value):
-            resolved = Resolved(value, "builtin", resolve_base(self.registry, value).digest)
-        elif is_hub_ref(value) and "@" in value:
+        elif ref.kind == "builtin":
+            resolved = Resolved(value, "builtin", resolve_base(self.registry, ref).digest)
+        elif ref.kind == "hub" and ref.revision is not None:
             resolved = Resolved(value, "hub", sha256_json(value))  # a pinned revision names its content
-        elif "/" in value and not is_hub_ref(value):
+        elif ref.kind == "hub_model":
             resolved = Resolved(value, "external", sha256_json(value))  # a Hub model id, resolved when run
         else:
-            from loraforge.registry.resolve import resolve_artifact
-
-            manifest = resolve_artifact(self.registry, locked["pinned"] if locked and locked.get("pinned") else value)
+            manifest = resolve_artifact(self.registry, locked["pinned"] if locked and locked.get("pinned") else ref)
             resolved = Resolved(value, "artifact", manifest.digest, pinned=manifest.ref, artifact_kind=manifest.kind)
         if locked is not None and locked.get("digest") != resolved.digest:
             noun = "dataset" if resolved.kind == "path" and Path(resolved.path or "").is_dir() else resolved.kind

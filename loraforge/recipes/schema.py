@@ -101,13 +101,13 @@ class PublishSpec(BaseModel):
     def _push_accepts_it(self) -> "PublishSpec":
         # The Hub push's own checks, so `validate` refuses what `apply` would refuse after building.
         try:
-            from loraforge.hub.client import check_repo_id
             from loraforge.hub.push import check_publish_options
+            from loraforge.reference import check_hub_repo
         except ImportError as exc:
             raise ValueError(f"cannot check a publish entry: the Hub code (loraforge.hub) does not import "
                              f"({exc}); reinstall loraforge with its dependencies") from None
         try:
-            check_repo_id(self.repo)
+            check_hub_repo(self.repo)
             check_publish_options(self.model_extra or {})
         except LoraforgeError as exc:
             raise ValueError(str(exc)) from None

@@ -1,10 +1,12 @@
-"""Parsing of references: `name`, `name:3`, `name:prod`, `sha256:ab12…`, `REF=W`, `hf://org/repo@rev`."""
+"""Registry references: `name`, `name:3`, `name:prod`, `sha256:ab12…`, and weighted `REF=W`.
+
+Which kind of reference a text is (registry, path, Hub, builtin) is `loraforge.reference.Reference.parse`'s call.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from loraforge.errors import ConfigError
@@ -79,18 +81,3 @@ def parse_weighted(text: str, default: float = 1.0) -> tuple[str, float]:
     except ValueError:
         raise ConfigError(f"invalid weight in {text!r}: write REF=NUMBER, e.g. asuka:3=0.8") from None
 
-
-def is_hub_ref(ref: str) -> bool:
-    return ref.startswith("hf://")
-
-
-def is_builtin_ref(ref: str) -> bool:
-    return ref.startswith("builtin:")
-
-
-def looks_like_path(ref: str) -> bool:
-    """True for references that name a file or folder rather than a registry artifact."""
-    if ref.startswith(("/", "./", "../", "~")):
-        return True
-    path = Path(ref).expanduser()
-    return ("/" in ref or path.suffix != "") and path.exists()

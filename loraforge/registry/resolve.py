@@ -1,4 +1,9 @@
-"""Turning references into things: base models, adapters and artifacts, wherever they live."""
+"""Turning references into things: base models, adapters and artifacts, wherever they live.
+
+What a reference names is decided by `loraforge.reference.Reference.parse`; this module fetches it.
+`hf://` repos become registry artifacts through a resolver the Hub package registers in `HUB_RESOLVERS`
+(the Hub sits above the registry, so the registry never imports it).
+"""
 
 from __future__ import annotations
 
@@ -6,39 +11,42 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from loraforge.errors import ConfigError, UnresolvedReference
+from loraforge.errors import ConfigError
+from loraforge.plugins import PluginGroup
+from loraforge.reference import Reference
 from loraforge.registry.manifest import Manifest
-from loraforge.registry.refs import is_builtin_ref, is_hub_ref, looks_like_path
 from loraforge.registry.registry import Registry
 
-
-def pull_hub_ref(registry: Registry, ref: str) -> Manifest:
-    """Pull `hf://org/name@rev` into the registry (or find the copy already pulled)."""
-    try:
-        from loraforge.hub.pull import pull_reference
-    except ImportError:  # pragma: no cover - only before the hub part exists
-        raise UnresolvedReference(f"cannot resolve {ref}: Hub support is not installed") from None
-    return pull_reference(registry, ref)
+# name -> callable(registry, Reference) -> Manifest; loraforge.hub registers "hf".
+HUB_RESOLVERS = PluginGroup("resolvers", "loraforge.hub", "Hub reference resolver")
+_NOUNS = {"path": "local path", "builtin": "builtin model", "hub_model": "Hub model id"}
 
 
-def resolve_artifact(registry: Registry, ref: str) -> Manifest:
-    """A registry artifact from a registry reference or an `hf://` reference."""
-    if is_hub_ref(ref):
-        return pull_hub_ref(registry, ref)
-    return registry.resolve(ref)
+def _parsed(ref: str | Reference) -> Reference:
+    return ref if isinstance(ref, Reference) else Reference.parse(ref)
 
 
-def resolve_base(registry: Registry, ref: str):
-    """A `BaseModel` for builtin:NAME, a path, a Hub id, hf://…, or a registry checkpoint."""
-    from loraforge.models.base import base_from_path, resolve_base as resolve_external
+def resolve_artifact(registry: Registry, ref: str | Reference) -> Manifest:
+    """A registry artifact from a registry reference, or from an `hf://` reference (pulled once)."""
+    ref = _parsed(ref)
+    if ref.kind == "hub":
+        return HUB_RESOLVERS.get("hf")(registry, ref)
+    if ref.kind != "registry":
+        raise ConfigError(f"{ref.text} is a {_NOUNS[ref.kind]}, not a registry artifact: give NAME[:VERSION], "
+                          "sha256:DIGEST or hf://ORG/NAME[@REV]")
+    return registry.resolve(ref.text)
 
-    if is_builtin_ref(ref) or looks_like_path(ref):
-        return resolve_external(ref, registry.home)
-    if "/" in ref and not is_hub_ref(ref):
-        return resolve_external(ref, registry.home)
+
+def resolve_base(registry: Registry, ref: str | Reference):
+    """A `BaseModel` for builtin:NAME, a path, a Hub model id, hf://…, or a registry checkpoint."""
+    from loraforge.models.base import base_from_path, locate_base
+
+    ref = _parsed(ref)
+    if ref.kind in ("builtin", "path", "hub_model"):
+        return locate_base(ref, registry.home)
     manifest = resolve_artifact(registry, ref)
     if manifest.kind != "checkpoint":
-        raise ConfigError(f"{ref} is a {manifest.kind}, not a checkpoint: a base must be a model")
+        raise ConfigError(f"{ref.text} is a {manifest.kind}, not a checkpoint: a base must be a model")
     folder = registry.checkout(manifest)
     path = folder if manifest.layout == "diffusers" else registry.primary_file(manifest)
     base = base_from_path(path, manifest.ref)
@@ -54,19 +62,20 @@ def base_targets(base) -> Optional[dict]:
     return module_shapes(Path(base.path))
 
 
-def load_adapter(registry: Registry, ref: str, base=None):
+def load_adapter(registry: Registry, ref: str | Reference, base=None):
     """(LoraState, Manifest or None) for a registry/hf reference or a local adapter file/folder."""
     from loraforge.formats import read_adapter
 
-    if looks_like_path(ref):
+    ref = _parsed(ref)
+    if ref.kind == "path":
         names = None
         if base is not None:
             targets = base_targets(base)
             names = {c: list(s) for c, s in targets.items()} if targets else None
-        state, _fmt, _meta = read_adapter(Path(ref).expanduser(), module_names=names)
+        state, _fmt, _meta = read_adapter(ref.path, module_names=names)
         return state, None
     manifest = resolve_artifact(registry, ref)
     if manifest.kind not in ("lora", "slider"):
-        raise ConfigError(f"{ref} is a {manifest.kind}, not an adapter")
+        raise ConfigError(f"{ref.text} is a {manifest.kind}, not an adapter")
     state, _fmt, _meta = read_adapter(registry.primary_file(manifest))
     return state, manifest

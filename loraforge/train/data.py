@@ -9,11 +9,11 @@ from typing import Optional
 
 import torch
 
-from loraforge.errors import ConfigError, DatasetError
+from loraforge.errors import ArtifactNotFound, ConfigError, DatasetError
 from loraforge.hashing import digest_of_files, sha256_file
+from loraforge.reference import Reference
 from loraforge.registry.dataset import complete_captions, dataset_files, load_image, scan_dataset
 from loraforge.registry.manifest import Manifest
-from loraforge.registry.refs import looks_like_path
 from loraforge.registry.registry import Registry
 
 
@@ -50,8 +50,9 @@ def prepare_dataset(registry: Registry, source: str, *, output: str,
     `source` as a registry dataset reference. Every check runs before anything is registered."""
     from loraforge.registry.importer import import_dataset
 
-    path = Path(source).expanduser()
-    if path.exists() or looks_like_path(source):
+    ref = Reference.parse(source)
+    if ref.kind == "path":
+        path = ref.path
         if not path.is_dir():
             raise DatasetError(f"dataset folder {source} does not exist; give a folder of images or a dataset reference")
         images, captions = scan_dataset(path)
@@ -66,7 +67,12 @@ def prepare_dataset(registry: Registry, source: str, *, output: str,
             manifest = import_dataset(registry, path, _dataset_name(output, source),
                                       instance_prompt=instance_prompt, input_digest=key)
     else:
-        manifest = registry.resolve(source)
+        try:
+            manifest = registry.resolve(source)
+        except ArtifactNotFound as exc:
+            if Path(source).is_dir():  # a bare folder name is a registry name; say how to mean the folder
+                raise DatasetError(f"{exc}; for the folder {source}, write ./{source}") from None
+            raise
         if manifest.kind != "dataset":
             raise ConfigError(f"{source} is a {manifest.kind}, not a dataset")
     folder = registry.checkout(manifest)

@@ -11,6 +11,7 @@ from loraforge.errors import ConfigError
 from loraforge.hashing import sha256_json
 from loraforge.home import cache_dir
 from loraforge.plugins import TRAINERS
+from loraforge.reference import Reference
 from loraforge.registry.registry import Registry
 from loraforge.train.data import TrainingSet, prepare_dataset
 from loraforge.train.session import Session
@@ -61,7 +62,7 @@ class DreamBoothLoraTrainer(LoraTrainer):
         if not config.prior_preservation:
             return None
         folder = Path(config.class_data).expanduser() if config.class_data else class_images_folder(registry, config)
-        if config.class_data and not folder.exists() and not config.class_data.startswith((".", "/", "~")):
+        if config.class_data and Reference.parse(config.class_data).kind != "path":
             self._prior = prepare_dataset(registry, config.class_data, output=f"{output}-class",
                                           instance_prompt=config.class_prompt)
             return self._prior
