@@ -54,17 +54,17 @@ def perturbed_checkpoint(src_folder, dst, seed: int, scale: float = 0.05, compon
     import shutil
     from pathlib import Path
 
-    from safetensors.torch import load_file, save_file
+    from loraforge.formats.safetensors_io import read_safetensors, write_safetensors
 
     src, dst = Path(src_folder), Path(dst)
     shutil.copytree(src, dst)
     gen = torch.Generator().manual_seed(seed)
     for component in components:
         for path in sorted((dst / component).glob("*.safetensors")):
-            state = load_file(path)
+            state, _ = read_safetensors(path)
             for key in sorted(state):
                 t = state[key]
                 if t.is_floating_point():
                     state[key] = (t.float() + scale * torch.randn(t.shape, generator=gen)).to(t.dtype)
-            save_file(state, path, metadata={"format": "pt"})
+            write_safetensors(state, path, {"format": "pt"})
     return dst

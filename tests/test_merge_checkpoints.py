@@ -263,7 +263,7 @@ MEMORY_CHILD = textwrap.dedent("""
 
 def _write_pair(root: Path, blocks: int) -> tuple[Path, Path]:
     """Two fp16 single files of `blocks` 4096x2048 UNet tensors (16 MB each) and a small text-encoder one."""
-    from loraforge.ops.tensors import SafetensorsWriter
+    from loraforge.formats.safetensors_io import SafetensorsWriter
 
     names = [f"model.diffusion_model.blocks.{i}.weight" for i in range(blocks)] + ["cond_stage_model.transformer.w"]
     shapes = [(4096, 2048)] * blocks + [(8, 8)]

@@ -299,7 +299,7 @@ def test_sdxl_adapter_round_trips_and_loads_in_diffusers(home, tmp_path, tiny_sd
 
 
 def test_truncated_single_file_checkpoint_is_refused(home, tmp_path):
-    from loraforge.formats.detect import safetensors_bytes
+    from loraforge.formats.safetensors_io import safetensors_bytes
 
     data = safetensors_bytes({"model.diffusion_model.x.weight": torch.ones(64, 64),
                               "first_stage_model.y.weight": torch.ones(8, 8),

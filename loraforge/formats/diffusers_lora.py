@@ -19,14 +19,17 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from loraforge.errors import FormatError
+from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, read_finite_safetensors, register_format
 from loraforge.formats.kohya import is_kohya_key, kohya_to_lora
 from loraforge.formats.lora import COMPONENTS, LoraModule, LoraState, alpha_value, pair_names, without_text_model
+from loraforge.formats.safetensors_io import write_safetensors
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
@@ -145,8 +148,6 @@ def diffusers_to_lora(sd: Mapping[str, Tensor], metadata: Mapping[str, Any] | No
     return state
 
 
-
-
 def lora_to_diffusers(state: LoraState) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(state dict, safetensors header metadata) that `load_lora_weights` loads as exactly ΔW."""
     sd: dict[str, Tensor] = {}
@@ -170,3 +171,21 @@ def lora_to_diffusers(state: LoraState) -> tuple[dict[str, Tensor], dict[str, st
             f"{component}.target_modules": sorted(ranks),
         })
     return sd, {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter_meta, indent=2, sort_keys=True)}
+
+
+def _detect(probe: FileProbe) -> bool:
+    return probe.container == "safetensors" and bool(probe.keys) and all(is_diffusers_key(k) for k in probe.keys)
+
+
+def _read(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, str]]:
+    sd, meta = read_finite_safetensors(path)
+    return diffusers_to_lora(sd, meta, module_names), meta
+
+
+def _write(state: LoraState, path: Path, metadata: Mapping[str, str]) -> list[Path]:
+    sd, header = lora_to_diffusers(state)
+    return [write_safetensors(sd, path, {**metadata, **header})]
+
+
+register_format(AdapterFormat("diffusers", "diffusers load_lora_weights .safetensors (unet.….lora_A)",
+                              _read, _write, _detect))

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from loraforge.errors import FormatError, IncompatibleBaseError
+from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, read_finite_safetensors, register_format
 from loraforge.formats.lora import LoraModule, LoraState, alpha_value, pair_names
+from loraforge.formats.safetensors_io import write_safetensors
 
 DOWN = ".lora_down.weight"
 UP = ".lora_up.weight"
@@ -183,3 +186,19 @@ def lora_to_kohya(state: LoraState) -> dict[str, Tensor]:
         dtype = getattr(torch, alpha_dtype) if alpha_dtype else m.down.dtype
         sd[base + ALPHA] = torch.tensor(m.alpha, dtype=dtype)
     return sd
+
+
+def _detect(probe: FileProbe) -> bool:
+    return probe.container == "safetensors" and bool(probe.keys) and all(is_kohya_key(k) for k in probe.keys)
+
+
+def _read(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, str]]:
+    sd, meta = read_finite_safetensors(path)
+    return kohya_to_lora(sd, module_names), meta
+
+
+def _write(state: LoraState, path: Path, metadata: Mapping[str, str]) -> list[Path]:
+    return [write_safetensors(lora_to_kohya(state), path, {"format": "pt", **metadata})]
+
+
+register_format(AdapterFormat("kohya", "kohya / A1111 / ComfyUI .safetensors (lora_unet_…)", _read, _write, _detect))

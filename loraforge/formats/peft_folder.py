@@ -27,11 +27,13 @@ from typing import Any
 from torch import Tensor
 
 from loraforge.errors import FormatError
+from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, register_format
 from loraforge.formats.diffusers_lora import peft_alpha
 from loraforge.formats.lora import (
     COMPONENTS, TEXT_MODEL_PREFIX, TEXT_MODEL_ROOTS, LoraModule, LoraState, pair_names, with_text_model,
     without_text_model,
 )
+from loraforge.formats.safetensors_io import read_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -95,8 +97,6 @@ def is_peft_folder(folder: Path) -> bool:
 
 def read_peft_folder(folder: Path) -> tuple[LoraState, dict[str, str]]:
     """(state, header metadata of the first weights file) of a one- or many-component folder."""
-    from loraforge.formats.detect import read_safetensors
-
     folder = Path(folder)
     if (folder / CONFIG_NAME).is_file():
         parts = [(None, folder)]
@@ -154,8 +154,6 @@ def _in_memory_modules(component: str, modules: Mapping[str, LoraModule]) -> dic
 def write_peft_folder(state: LoraState, folder: Path, metadata: Mapping[str, str] | None = None) -> list[Path]:
     from peft import LoraConfig
 
-    from loraforge.formats.detect import write_safetensors
-
     folder = Path(folder)
     components = state.components
     written: list[Path] = []
@@ -167,3 +165,18 @@ def write_peft_folder(state: LoraState, folder: Path, metadata: Mapping[str, str
         header = {**(metadata or {}), "format": "pt", COMPONENT_KEY: component}
         written += [sub / CONFIG_NAME, write_safetensors(sd, sub / WEIGHTS_NAME, header)]
     return written
+
+
+def _detect(probe: FileProbe) -> bool:
+    if probe.container == "folder":
+        return is_peft_folder(probe.path)
+    if probe.container == "safetensors" and probe.keys and all(k.startswith(PREFIX) for k in probe.keys):
+        raise FormatError(f"{probe.path} holds PEFT weights without their adapter_config.json; pass the adapter folder")
+    return False
+
+
+def _read(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, str]]:
+    return read_peft_folder(path)
+
+
+register_format(AdapterFormat("peft", "PEFT adapter folder(s) (adapter_config.json)", _read, write_peft_folder, _detect))

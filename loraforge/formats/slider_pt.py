@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from loraforge.errors import FormatError
+from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, check_finite_tensors, register_format
 from loraforge.formats.kohya import kohya_to_lora, lora_to_kohya
 from loraforge.formats.lora import LoraState
 from loraforge.formats.pickles import load_weights_only
@@ -36,3 +37,21 @@ def write_slider_pt(state: LoraState, path: Path) -> Path:
     path = Path(path)
     torch.save(lora_to_kohya(state), path)
     return path
+
+
+def _detect(probe: FileProbe) -> bool:
+    return probe.container == "pickle"
+
+
+def _read(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, str]]:
+    sd = load_slider_pt(path)
+    check_finite_tensors(sd)
+    return kohya_to_lora(sd, module_names), {}
+
+
+def _write(state: LoraState, path: Path, metadata: Mapping[str, str]) -> list[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return [write_slider_pt(state, path)]
+
+
+register_format(AdapterFormat("slider_pt", "Concept Sliders .pt (kohya keys, tensors-only pickle)", _read, _write, _detect))

@@ -85,13 +85,9 @@ def checkpoint_keys(path: Path) -> list[str]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors import safe_open
+        from loraforge.formats.safetensors_io import read_header
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
-        except Exception as exc:  # safetensors raises its own error types for damaged headers
-            raise FormatError(f"{path} is not a readable safetensors file: {exc}") from None
+        return sorted(read_header(path)[0])
     if suffix in PICKLE_SUFFIXES:
         return list(_load_pickle_state_dict(path))
     raise FormatError(f"{path}: unknown checkpoint type {suffix!r}; expected .safetensors or .ckpt")

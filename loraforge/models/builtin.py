@@ -463,16 +463,16 @@ def _restore_text_model_prefix(folder: Path) -> None:
     model built in code saves bare `encoder.layers...` keys that older transformers and single-file
     converters cannot read. CLIPTextModelWithProjection kept its wrapper and needs no fix.
     """
-    from safetensors.torch import load_file, save_file
+    from loraforge.formats.safetensors_io import read_safetensors, write_safetensors
 
     weights = folder / "text_encoder" / "model.safetensors"
     if not weights.is_file():
         return
-    state = load_file(weights)
+    state, _ = read_safetensors(weights)
     if all(k.startswith("text_model.") for k in state):
         return
     renamed = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
-    save_file({k: renamed[k] for k in sorted(renamed)}, weights, metadata={"format": "pt"})
+    write_safetensors(renamed, weights, {"format": "pt"})
 
 
 def _write_vocab_files(folder: Path) -> None:

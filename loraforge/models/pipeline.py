@@ -119,11 +119,10 @@ def _single_file_matches_folder(single_file: Path, folder: Path) -> bool:
 
 def _tensor_shapes(path: Path, names: list[str]) -> dict[str, tuple[int, ...]]:
     if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
+        from loraforge.formats.safetensors_io import tensor_shapes
 
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            return {n: tuple(f.get_slice(n).get_shape()) for n in names if n in keys}
+        shapes = tensor_shapes(path)
+        return {n: shapes[n] for n in names if n in shapes}
     state = _load_pickle_state_dict(path)
     return {n: tuple(state[n].shape) for n in names if n in state}
 

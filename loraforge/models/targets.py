@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loraforge.formats.detect import read_header
+from loraforge.formats.safetensors_io import read_header
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from loraforge.errors import ConfigError, MergeError
-from loraforge.ops.tensors import TensorFile, TensorInfo
+from loraforge.formats.safetensors_io import TensorFile, TensorInfo
 
 SINGLE_FILE_PREFIXES = {
     "model.diffusion_model.": "unet",

@@ -9,10 +9,10 @@ from typing import Callable
 import torch
 
 from loraforge.errors import ConfigError
+from loraforge.formats.safetensors_io import SafetensorsWriter, dtype_from_name
 from loraforge.ops.checkpoints import Checkpoint
 from loraforge.ops.merge import _artifact_files, _place_output, copy_folder_extras
 from loraforge.ops.specs import FuseSpec
-from loraforge.ops.tensors import SafetensorsWriter, dtype_from_name
 
 
 def fused_deltas(states_weights, name: str) -> torch.Tensor | None:

@@ -13,11 +13,11 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from loraforge.errors import ConfigError
+from loraforge.formats.safetensors_io import SafetensorsWriter, dtype_from_name
 from loraforge.ops.blocks import BASE, block_names, block_of, layers_per_block, resolve_block_weights
 from loraforge.ops.checkpoints import Checkpoint, check_compatible, unet_key
 from loraforge.ops.merge_methods import TensorContext
 from loraforge.ops.specs import CheckpointMergeSpec
-from loraforge.ops.tensors import SafetensorsWriter, dtype_from_name
 
 ALL_COMPONENTS = ("unet", "text_encoder", "vae")
 # Elementwise methods see big tensors in row chunks of about this many elements: small enough that a

@@ -9,8 +9,6 @@ latents but never its caption embeddings.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import weakref
 from pathlib import Path
 
@@ -64,16 +62,12 @@ def text_key(model: TrainingModel, captions: list[str]) -> str:
 
 
 def _load_or_build(path: Path, build) -> torch.Tensor:
-    from safetensors.torch import load_file, save_file
+    from loraforge.formats.safetensors_io import read_safetensors, write_safetensors
 
     if path.is_file():
-        return load_file(path)["data"]
+        return read_safetensors(path)[0]["data"]
     value = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file({"data": value.contiguous()}, tmp)
-    os.replace(tmp, path)  # readers see a whole file or none
+    write_safetensors({"data": value}, path)  # atomic: readers see a whole file or none
     return value
 
 

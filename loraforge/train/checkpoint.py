@@ -42,12 +42,12 @@ class Checkpoint:
 def save_checkpoint(run_dir: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer,
                     state: dict[str, Any]) -> Path:
     """Write `step-NNNNNNNN/` atomically (staged, then renamed) and drop older checkpoints."""
-    from safetensors.torch import save_file
+    from loraforge.formats.safetensors_io import write_safetensors
 
     run_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".staging-"))
     try:
-        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, staging / "lora.safetensors")
+        write_safetensors({n: p.detach() for n, p in params.items()}, staging / "lora.safetensors")
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         rng = {"torch": torch.random.get_rng_state()}
         if torch.cuda.is_available():
@@ -71,11 +71,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    from safetensors.torch import load_file
+    from loraforge.formats.safetensors_io import read_safetensors
 
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        params = load_file(path / "lora.safetensors")
+        params, _ = read_safetensors(path / "lora.safetensors")
         optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -1,0 +1,175 @@
+"""Adapter file formats as plugins: the `AdapterFormat` record, its registry, and the entry points that
+recognise an adapter by its contents and read or write it in any registered format.
+
+Each format registers itself in its own module (`kohya.py`, `diffusers_lora.py`, `peft_folder.py`,
+`canonical.py`, `slider_pt.py`) with `register_format`; a package adds one through the
+`loraforge.formats` entry-point group, naming an `AdapterFormat` object. Detection asks every format
+whether it claims the file; formats are written to claim disjoint files, so two claims are an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from loraforge.errors import FormatError, PluginError
+from loraforge.formats.lora import LoraState
+from loraforge.formats.safetensors_io import read_header, read_safetensors
+from loraforge.plugins import PluginGroup
+
+ModuleNames = Mapping[str, Iterable[str]] | None
+
+
+@dataclass(frozen=True)
+class FileProbe:
+    """What detection knows of a path before any format reads it."""
+
+    path: Path
+    container: str  # "folder", "safetensors" (header checked), "pickle" (torch zip or bare pickle) or "other"
+    keys: tuple[str, ...] = ()  # sorted tensor names of a safetensors file
+    metadata: Mapping[str, str] = field(default_factory=dict)  # its `__metadata__`
+
+
+@dataclass(frozen=True)
+class AdapterFormat:
+    """A named adapter file format with its reader, writer and the test that recognises its files.
+
+    `detect` returns whether the format reads the probed file; it may raise FormatError for a file
+    that is clearly its own but unusable. A format without `detect` is written, never detected.
+    """
+
+    name: str
+    description: str
+    read: Callable[[Path, ModuleNames], tuple[LoraState, dict[str, str]]]
+    write: Callable[[LoraState, Path, Mapping[str, str]], list[Path]]
+    detect: Callable[[FileProbe], bool] | None = None
+
+    def __post_init__(self) -> None:
+        # The plugin group describes a plugin by its docstring and names its source by its module, as
+        # for a class; a format record takes both from what it is: its description and its reader.
+        object.__setattr__(self, "__doc__", self.description)
+        object.__setattr__(self, "__module__", getattr(self.read, "__module__", None) or type(self).__module__)
+
+
+FORMAT_PLUGINS = PluginGroup("formats", "loraforge.formats", "adapter format")
+
+
+def register_format(fmt: AdapterFormat) -> AdapterFormat:
+    """Add `fmt` to the registry; a malformed or taken name is refused."""
+    if not fmt.name.isidentifier() or fmt.name != fmt.name.lower():
+        raise FormatError(f"adapter format name {fmt.name!r} must be a lower-case identifier")
+    try:
+        return FORMAT_PLUGINS.register(fmt.name, description=fmt.description)(fmt)
+    except PluginError as e:  # a taken name: formats speak FormatError, like every other format failure
+        raise FormatError(str(e)) from None
+
+
+class _Formats(Mapping[str, AdapterFormat]):
+    """The registered formats by name; reading it loads the built-ins and entry points first."""
+
+    def _all(self) -> dict[str, AdapterFormat]:
+        formats = {}
+        for info in FORMAT_PLUGINS:
+            fmt = info.obj
+            if not isinstance(fmt, AdapterFormat) or fmt.name != info.name:
+                raise FormatError(f"adapter format plugin {info.name!r} from {info.source} is not an AdapterFormat "
+                                  f"named {info.name!r}; fix that package's loraforge.formats entry point")
+            formats[info.name] = fmt
+        return formats
+
+    def __getitem__(self, name: str) -> AdapterFormat:
+        return self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+FORMATS: Mapping[str, AdapterFormat] = _Formats()
+
+
+def check_finite_tensors(sd: Mapping[str, Tensor]) -> None:
+    """Raise FormatError naming the first key (as spelled in the file) holding NaN or Inf."""
+    for key in sorted(sd):
+        t = sd[key]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FormatError(f"tensor {key} contains NaN or Inf values")
+
+
+def read_finite_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors adapter file, refusing NaN or Inf under the file's own key."""
+    sd, meta = read_safetensors(path)
+    check_finite_tensors(sd)
+    return sd, meta
+
+
+# -- detection and the public entry points ---------------------------------------------------
+
+def probe(path: Path) -> FileProbe:
+    """The container of `path` and, for safetensors, its checked header."""
+    if path.is_dir():
+        return FileProbe(path, "folder")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # Safetensors first: its 8-byte length field can begin with any byte (0x80 for a header of
+    # 0x480 bytes), so only a JSON object after it tells; read_header then checks every offset.
+    if head[8:9] == b"{":
+        header, metadata = read_header(path)
+        return FileProbe(path, "safetensors", tuple(sorted(header)), metadata)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive or a bare pickle
+        if path.suffix.lower() == ".safetensors":
+            raise FormatError(f"{path} is a torch pickle named .safetensors; rename it to "
+                              f"{path.with_suffix('.pt').name} to import it as a .pt file")
+        return FileProbe(path, "pickle")
+    return FileProbe(path, "other")
+
+
+def detect_format(path: Path) -> str:
+    """The name of the one registered format that claims the file or folder, judged by its contents."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path} does not exist")
+    found = probe(path)
+    claims = sorted(name for name, fmt in FORMATS.items() if fmt.detect is not None and fmt.detect(found))
+    if len(claims) > 1:
+        raise FormatError(f"{path} is claimed by several adapter formats ({', '.join(claims)}); "
+                          "uninstall the plugin that should not read it")
+    if claims:
+        return claims[0]
+    if found.container == "folder":
+        raise FormatError(f"{path} is a folder but not a PEFT adapter folder (no adapter_config.json)")
+    if found.container == "safetensors":
+        if not found.keys:
+            raise FormatError(f"{path} holds no tensors: the adapter is empty")
+        raise FormatError(f"{path} is not a LoRA adapter in a known format (first key: {found.keys[0]})")
+    raise FormatError(f"{path} is neither a safetensors file nor a torch .pt file")
+
+
+def read_adapter(path: Path, module_names: ModuleNames = None) -> tuple[LoraState, str, dict[str, str]]:
+    """(state, detected format, safetensors header metadata) of an adapter file or folder."""
+    path = Path(path)
+    fmt = detect_format(path)
+    try:
+        state, metadata = FORMATS[fmt].read(path, module_names)
+        if not state:
+            raise FormatError("the adapter is empty")
+        state.check_finite()
+    except FormatError as e:
+        message = str(e)
+        raise type(e)(message if str(path) in message else f"{path}: {message}") from None
+    return state, fmt, metadata
+
+
+def write_adapter(state: LoraState, path: Path, fmt: str, metadata: Mapping[str, str] | None = None) -> list[Path]:
+    """Write `state` as `fmt`; a single file for file formats, a folder for `peft`."""
+    if fmt not in FORMATS:
+        raise FormatError(f"unknown adapter format {fmt!r}; known: {', '.join(sorted(FORMATS))}")
+    if not state:
+        raise FormatError(f"refusing to write an empty adapter to {path}")
+    return FORMATS[fmt].write(state, Path(path), dict(metadata or {}))

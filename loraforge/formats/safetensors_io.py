@@ -1,0 +1,355 @@
+"""Every safetensors read and write in loraforge: a checked header, a streaming reader, a streaming
+writer with a deterministic layout, and the one table of dtypes.
+
+Every header is checked against the file size before a byte of tensor data is read, so a truncated
+or lying file fails with one line naming it instead of a crash or a huge allocation.
+
+The reader uses plain positioned reads rather than a memory map on purpose: pages touched through a
+map stay in the process's resident set until it is unmapped, so streaming two 2 GB files through
+`safetensors.safe_open` would still show 4 GB of peak RSS. With `pread` only the tensor being merged
+is resident.
+
+The writer sorts metadata (and `write_safetensors` sorts tensors) itself: `safetensors.save_file`
+orders metadata through a hash map, so the same adapter could give different bytes — and different
+content addresses — in different processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from loraforge.errors import FormatError
+
+# safetensors dtype name → (bytes per element, torch dtype name). The sizes check headers of any file;
+# a dtype the installed torch lacks (uint16 and up before torch 2.3) can be checked but not read.
+_DTYPE_TABLE = {
+    "BOOL": (1, "bool"), "U8": (1, "uint8"), "I8": (1, "int8"),
+    "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"),
+    "I16": (2, "int16"), "U16": (2, "uint16"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+    "I32": (4, "int32"), "U32": (4, "uint32"), "F32": (4, "float32"),
+    "I64": (8, "int64"), "U64": (8, "uint64"), "F64": (8, "float64"),
+}
+DTYPE_SIZES: dict[str, int] = {name: size for name, (size, _) in _DTYPE_TABLE.items()}
+ST_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, t) for name, (_, t) in _DTYPE_TABLE.items()
+                                     if isinstance(getattr(torch, t, None), torch.dtype)}
+TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
+# What a streamed reader hands to the merge code: torch has CPU arithmetic for these. float8 and the
+# wide unsigned integers would have to be converted first, which no merge does yet.
+STREAMABLE = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"})
+# The precisions a user names on the command line and in recipes.
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_HEADER = 100 << 20
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """torch dtype of `fp32` / `fp16` / `bf16`; a one-line error naming the choices otherwise."""
+    if name not in PRECISIONS:
+        raise FormatError(f"unknown dtype {name!r}: choose one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[name]
+
+
+def st_dtype(name: str, dtype: torch.dtype) -> str:
+    """The safetensors spelling of `dtype`, or a FormatError naming tensor `name`."""
+    if dtype not in TORCH_TO_ST:
+        raise FormatError(f"tensor {name} has dtype {dtype}, which safetensors cannot store")
+    return TORCH_TO_ST[dtype]
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def _read_checked_header(path: Path) -> tuple[dict, dict[str, str], int]:
+    """(tensor entries, `__metadata__`, first byte of the data section), every offset checked."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FormatError(f"{path} is truncated: {size} bytes is too short for a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > MAX_HEADER:
+            raise FormatError(f"{path} is truncated or not safetensors: its header claims {n} bytes "
+                              f"but the file has {size - 8} after the length field")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path} has a safetensors header that is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path} has a safetensors header that is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{path} has a __metadata__ header entry that is not a map of strings")
+    data_size = size - 8 - n
+    spans = []
+    for key, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            count = math.prod(int(s) for s in shape)
+            ok = dtype in DTYPE_SIZES and all(int(s) >= 0 for s in shape) and 0 <= begin <= end
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path}: header entry for tensor {key} is malformed") from None
+        if not ok:
+            raise FormatError(f"{path}: header entry for tensor {key} has a bad dtype, shape or offsets")
+        if end > data_size:
+            raise FormatError(f"{path} is truncated or its header lies: tensor {key} ends at byte {end} "
+                              f"but the data section has {data_size} bytes")
+        if end - begin != count * DTYPE_SIZES[dtype]:
+            raise FormatError(f"{path}: header says tensor {key} is {dtype}{list(shape)} "
+                              f"({count * DTYPE_SIZES[dtype]} bytes) but gives it {end - begin} bytes")
+        spans.append((begin, end, key))
+    spans.sort()
+    for (_, end_a, key_a), (begin_b, _, key_b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise FormatError(f"{path}: header places tensors {key_a} and {key_b} in overlapping bytes")
+    return header, metadata, 8 + n
+
+
+def read_header(path: Path) -> tuple[dict, dict[str, str]]:
+    """(tensor entries, `__metadata__`) of a safetensors file, after checking every offset fits."""
+    header, metadata, _ = _read_checked_header(path)
+    return header, metadata
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a safetensors file, from its checked header (no weights read)."""
+    return {key: tuple(int(s) for s in entry["shape"]) for key, entry in read_header(path)[0].items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors spelling: F16, F32, BF16 …
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def is_float(self) -> bool:
+        return self.torch_dtype.is_floating_point
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return ST_DTYPES[self.dtype]
+
+
+class TensorFile:
+    """One safetensors file opened for streamed reads: `get(key)` or `get(key, rows=(start, stop))`.
+
+    `dtypes` are the safetensors dtypes the caller can use; a file holding another is refused on open.
+    """
+
+    def __init__(self, path: Path, dtypes: Iterable[str] = STREAMABLE, purpose: str = "merge"):
+        self.path = Path(path)
+        header, self.metadata, self._data_start = _read_checked_header(self.path)
+        allowed = set(dtypes) & set(ST_DTYPES)
+        self.entries: dict[str, TensorInfo] = {}
+        for key, e in header.items():
+            info = TensorInfo(e["dtype"], tuple(int(s) for s in e["shape"]), *map(int, e["data_offsets"]))
+            if info.dtype not in allowed:
+                raise FormatError(f"{self.path}: tensor {key} has dtype {info.dtype}, which loraforge cannot {purpose}")
+            self.entries[key] = info
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def span(self, key: str, rows: Optional[tuple[int, int]] = None) -> tuple[int, int, list[int]]:
+        """(first byte, byte count, shape) of tensor `key`, or of rows start:stop of its first dimension."""
+        info = self.entries[key]
+        shape = list(info.shape)
+        begin, end = info.begin, info.end
+        if rows is not None and shape:
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            start, stop = rows
+            begin, end = info.begin + start * row_bytes, info.begin + stop * row_bytes
+            shape[0] = stop - start
+        return begin, end - begin, shape
+
+    def get(self, key: str, rows: Optional[tuple[int, int]] = None) -> Tensor:
+        """The tensor `key` (or rows start:stop of its first dimension) in its stored dtype, newly allocated."""
+        _, n, shape = self.span(key, rows)
+        out = torch.empty(n, dtype=torch.uint8)
+        return self.read_into(key, out, rows)
+
+    def read_into(self, key: str, buffer: Tensor, rows: Optional[tuple[int, int]] = None) -> Tensor:
+        """Read tensor `key` (or a row range) into the start of the flat contiguous CPU `buffer` (any dtype,
+        large enough) and return a view of it with the stored dtype and shape. Reusing one buffer keeps the
+        allocator from mapping fresh pages for every tensor, which is both slower and what makes RSS creep."""
+        info = self.entries[key]
+        begin, n, shape = self.span(key, rows)
+        raw = buffer.view(torch.uint8) if buffer.dtype != torch.uint8 else buffer
+        if raw.numel() < n:
+            raise ValueError(f"buffer of {raw.numel()} bytes is too small for {n} bytes of {key}")
+        raw = raw[:n]
+        if n:
+            view = memoryview(raw.numpy())
+            got = 0
+            while got < n:
+                chunk = os.preadv(self._fd, [view[got:]], self._data_start + begin + got)
+                if chunk <= 0:
+                    raise FormatError(f"{self.path} is truncated: tensor {key} could not be read")
+                got += chunk
+        return raw.view(info.torch_dtype).view(shape)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors and the `__metadata__` of a safetensors file whose header was checked first."""
+    with TensorFile(path, dtypes=ST_DTYPES, purpose="read with this torch") as f:
+        return {k: f.get(k) for k in f.keys()}, dict(f.metadata)
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def _checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    bad = [k for k, v in (metadata or {}).items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise FormatError(f"safetensors metadata values must be strings; {bad[0]!r} is not")
+    return {k: metadata[k] for k in sorted(metadata or {})}
+
+
+def _header_bytes(header: dict[str, object]) -> bytes:
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _tensor_bytes(tensor: Tensor) -> memoryview | bytes:
+    data = tensor.detach().contiguous().cpu()
+    if not data.numel():
+        return b""
+    return memoryview(data.reshape(-1).view(torch.uint8).numpy()) if data.dtype != torch.bool else data.numpy().tobytes()
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file whose header is fixed up front; tensors then arrive one at a time,
+    in the declared order, and go straight to disk. The file appears atomically on `close()`;
+    `fsync=False` skips forcing it to disk, for files that are copied into the registry afterwards."""
+
+    def __init__(self, path: Path, entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+                 metadata: Mapping[str, str] | None = None, *, fsync: bool = True):
+        self.path = Path(path)
+        self._fsync = fsync
+        self._order: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = _checked_metadata(metadata)
+        offset = 0
+        for name, shape, dtype in entries:
+            if name in header:
+                raise FormatError(f"tensor {name} is declared twice in {self.path.name}")
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": st_dtype(name, dtype), "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            self._order.append((name, tuple(shape), dtype, nbytes))
+            offset += nbytes
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A name of its own, so two processes writing the same file (a shared cache) never interleave.
+        # (mkstemp would also make the file private to its owner.)
+        self._tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+        self._file = open(self._tmp, "xb")
+        self._file.write(_header_bytes(header))
+        self._next = 0
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        if self._next >= len(self._order):
+            raise FormatError(f"tensor {name} was not declared in the header of {self.path.name}")
+        want, shape, dtype, nbytes = self._order[self._next]
+        if name != want:
+            raise FormatError(f"tensor {name} written out of order: {want} comes next in {self.path.name}")
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise FormatError(f"tensor {name} is {tensor.dtype}{list(tensor.shape)}, declared {dtype}{list(shape)}")
+        self._file.write(_tensor_bytes(tensor))
+        self._next += 1
+
+    def write_chunks(self, name: str, chunks: Iterable[Tensor]) -> None:
+        """Write tensor `name` from row chunks (each already in the declared dtype)."""
+        if self._next >= len(self._order) or self._order[self._next][0] != name:
+            raise FormatError(f"tensor {name} written out of order in {self.path.name}")
+        _, _, dtype, nbytes = self._order[self._next]
+        written = 0
+        for chunk in chunks:
+            if chunk.dtype != dtype:
+                raise FormatError(f"tensor {name}: chunk is {chunk.dtype}, declared {dtype}")
+            self._file.write(_tensor_bytes(chunk))
+            written += chunk.numel() * chunk.element_size()
+        if written != nbytes:
+            raise FormatError(f"tensor {name}: wrote {written} bytes, declared {nbytes}")
+        self._next += 1
+
+    def close(self) -> Path:
+        if self._next != len(self._order):
+            missing = self._order[self._next][0]
+            self.abort()
+            raise FormatError(f"{self.path.name} is incomplete: tensor {missing} was never written")
+        self._file.flush()
+        if self._fsync:
+            os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_safetensors(sd: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str] | None = None,
+                      *, fsync: bool = False) -> Path:
+    """Write `sd` with a deterministic layout (tensors and metadata sorted by name), atomically."""
+    keys = sorted(sd)
+    with SafetensorsWriter(path, [(k, tuple(sd[k].shape), sd[k].dtype) for k in keys], metadata, fsync=fsync) as w:
+        for k in keys:
+            w.write(k, sd[k])
+    return Path(path)
+
+
+def safetensors_bytes(sd: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The bytes `write_safetensors` would write for `sd`: tensors and metadata sorted by name."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = _checked_metadata(metadata)
+    chunks, offset = [], 0
+    for name in sorted(sd):
+        data = bytes(_tensor_bytes(sd[name]))
+        header[name] = {"dtype": st_dtype(name, sd[name].dtype), "shape": list(sd[name].shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    return _header_bytes(header) + b"".join(chunks)
