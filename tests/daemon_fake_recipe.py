@@ -1,7 +1,7 @@
 """A stand-in for `loraforge recipe plan|apply` that follows the recipe engine's CLI contract.
 
 Recipe files are YAML: `name` (required), `dataset` (a folder, relative to the recipe), `seconds`
-(simulated training time, checkpointed every 0.05 s), `fail` (apply fails with this message),
+(simulated training time, checkpointed every 0.05 s), `plan_seconds` (simulated planning time), `fail` (apply fails with this message),
 `ignore_sigterm` (apply keeps running after SIGTERM). apply registers one artifact per input digest.
 """
 
@@ -43,6 +43,7 @@ def plan(path: Path) -> int:
     except ValueError as exc:
         print(json.dumps({"valid": False, "error": str(exc)}))
         return 1
+    time.sleep(float(data.get("plan_seconds", 0)))
     done = Registry().find_by_input_digest(input_digest, name=data["name"]) is not None
     step = {"id": "train", "kind": "train", "status": "up-to-date" if done else "stale",
             "reason": "output registered" if done else "inputs changed", "input_digest": input_digest,

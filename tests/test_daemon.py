@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -261,6 +262,29 @@ def test_restart_requeues_a_running_job_and_stops_the_child_left_behind(lf_home,
     assert [(j.id, j.status, j.attempts) for j in queue.list()] == [(job.id, "succeeded", 2),
                                                                   (other.id, "cancelled", 1)]
     assert [r["version"] for r in Registry(lf_home).list()] == [1]
+    daemon.close()
+
+
+def test_a_plan_longer_than_the_staleness_window_leaves_the_daemon_alive(lf_home, recipes):
+    """Planning runs in a polled child, so the heartbeat goes on and `daemon status` sees a live daemon."""
+    recipe = recipes / "deep.yaml"
+    recipe.write_text("name: deep\nplan_seconds: 2.0\n")
+    daemon = make_daemon(lf_home, recipes, poll_interval=0.05)
+    daemon.start(now=0.0)
+    ticking = threading.Thread(target=daemon.tick, kwargs={"now": 0.0})
+    started = time.monotonic()
+    ticking.start()
+    alive, planning = [], set()
+    while ticking.is_alive():
+        state = read_status(lf_home, stale_after=1.0)
+        alive.append(state["running"])
+        planning.add(state["planning"])
+        time.sleep(0.1)
+    ticking.join()
+    assert time.monotonic() - started > 2.0, "the plan must outlast the staleness window"
+    assert len(alive) > 10 and all(alive), alive
+    assert str(recipe) in planning
+    assert [j.step_ids for j in JobQueue(lf_home).list()] == [["train"]]
     daemon.close()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from loraforge.daemon.debounce import Debouncer
-from loraforge.daemon.planner import Plan, plan_recipe
+from loraforge.daemon.planner import Plan, PlanningChild
 from loraforge.daemon.queue import Job, JobQueue
 from loraforge.daemon.status import daemon_dir, write_status
 from loraforge.daemon.watcher import Watcher
@@ -25,6 +25,7 @@ from loraforge.home import loraforge_home, remove_stale_tmp
 log = logging.getLogger("loraforge.daemon")
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
+STATUS_EVERY_S = 0.5  # the heartbeat's period; far below status.STALE_AFTER_S
 
 
 def default_recipe_cmd() -> list[str]:
@@ -81,7 +82,7 @@ class Daemon:
         self._signals = 0
         self._reasons: dict[str, str] = {}
         self._lock_file = None
-        self._planner = None
+        self._planning: Optional[PlanningChild] = None
         self._last_status = float("-inf")
         self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -149,7 +150,7 @@ class Daemon:
             self.debouncer.touch(str(recipe), now - self.debouncer.delay)
         self.event(f"daemon started: pid {os.getpid()}, watching {', '.join(map(str, self.watch_dirs))}, "
                    f"workers {', '.join(w.spec.label for w in self.workers)}")
-        self._write_status(now, force=True)
+        self._write_status(force=True)
 
     def request_stop(self, now: float | None = None, immediate: bool = False) -> None:
         """Stop taking jobs and ask running children to checkpoint and exit; `immediate` kills them."""
@@ -165,8 +166,8 @@ class Daemon:
             self.event("stopping now: killing running jobs")
             for worker in self.workers:
                 worker.kill()
-        if self._planner is not None and self._planner.poll() is None:
-            self._planner.kill()
+        if self._planning is not None:
+            self._planning.kill()
 
     def _on_signal(self, signum, frame) -> None:
         self._signals += 1
@@ -187,7 +188,7 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.stop()
         self.event("daemon stopped")
-        self._write_status(time.monotonic(), force=True, stopped=True)
+        self._write_status(force=True, stopped=True)
         if self._lock_file is not None:
             fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
             self._lock_file.close()
@@ -262,19 +263,33 @@ class Daemon:
             for recipe in self.debouncer.due(now):
                 if self.stopping:
                     break
-                self.handle_change(Path(recipe), self._reasons.pop(recipe, "changed"))
+                self.handle_change(Path(recipe), self._reasons.pop(recipe, "changed"), now)
         self._reap(now)
         if not self.stopping:
             self._dispatch()
-        self._write_status(now)
+        self._write_status()
 
-    def plan(self, recipe: Path) -> Plan:
+    def plan(self, recipe: Path, now: float | None = None) -> Plan:
+        """Plan `recipe` in a child; while it runs, the loop keeps beating, reaping and dispatching.
+
+        A plan can take longer than `daemon status` waits for a heartbeat, so blocking on it would
+        make a live daemon look dead (and leave finished jobs unreaped and free workers idle).
+        """
         env = self.child_env()
         env["CUDA_VISIBLE_DEVICES"] = ""  # planning never needs a GPU
-        return plan_recipe(self.recipe_cmd, recipe, env, self.plan_timeout,
-                           on_start=lambda p: setattr(self, "_planner", p))
+        self._planning = child = PlanningChild(self.recipe_cmd, recipe, env, self.plan_timeout)
+        try:
+            while (plan := child.wait(self.poll_interval)) is None:
+                loop_now = time.monotonic() if now is None else now
+                self._reap(loop_now)
+                if not self.stopping:
+                    self._dispatch()
+                self._write_status()
+        finally:
+            self._planning = None
+        return plan
 
-    def handle_change(self, recipe: Path, reason: str = "changed") -> Optional[Job]:
+    def handle_change(self, recipe: Path, reason: str = "changed", now: float | None = None) -> Optional[Job]:
         """Plan one recipe; queue its stale steps, or record why it is invalid. Returns the job, if any."""
         key = str(recipe)
         if not recipe.exists():
@@ -283,7 +298,7 @@ class Daemon:
                 self._rewatch()
             self.event(f"{recipe.name}: deleted" + (f"; cancelled job(s) {cancelled}" if cancelled else ""))
             return None
-        plan = self.plan(recipe)
+        plan = self.plan(recipe, now)
         if self.stopping:
             return None
         if not plan.valid:
@@ -357,6 +372,8 @@ class Daemon:
             if worker.busy:
                 continue
             busy = {w.job.recipe for w in self.workers if w.job is not None}
+            if self._planning is not None:  # its plan may update the job it would start
+                busy.add(str(self._planning.recipe))
             job = self.queue.claim(worker.name, busy)
             if job is None:
                 return
@@ -385,6 +402,7 @@ class Daemon:
             "publish": self.publish,
             "debounce_s": self.debouncer.delay,
             "pending_changes": len(self.debouncer),
+            "planning": str(self._planning.recipe) if self._planning is not None else None,
             "workers": [
                 {"name": w.name, "gpu": w.spec.gpu, "job": w.job.id if w.job else None,
                  "recipe": w.job.recipe if w.job else None, "pid": w.proc.pid if w.proc else None}
@@ -394,10 +412,12 @@ class Daemon:
             "events": list(self.events),
         }
 
-    def _write_status(self, now: float, force: bool = False, stopped: bool = False) -> None:
-        if not force and now - self._last_status < 0.5:
+    def _write_status(self, force: bool = False, stopped: bool = False) -> None:
+        # The heartbeat is about real time, whatever clock drives the loop (`now`): rate-limit on it.
+        wall = time.monotonic()
+        if not force and wall - self._last_status < STATUS_EVERY_S:
             return
-        self._last_status = now
+        self._last_status = wall
         try:
             write_status(self.home, self.status(stopped=stopped))
         except OSError as exc:  # a full disk must not stop the builds

@@ -1,12 +1,14 @@
-"""Asks the recipe engine for a plan (`recipe plan FILE --json`) in a child process."""
+"""Asks the recipe engine for a plan (`recipe plan FILE --json`) in a child process the daemon polls."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from loraforge.hashing import sha256_file
 
@@ -50,46 +52,90 @@ def file_digest(path: Path) -> Optional[str]:
         return None
 
 
-def plan_recipe(recipe_cmd: Sequence[str], recipe: Path, env: dict[str, str], timeout: float = 300.0,
-                on_start: Optional[Callable[[Optional[subprocess.Popen]], None]] = None) -> Plan:
-    """Run the planner; any failure (bad recipe, crash, hang) becomes an invalid Plan, never an exception.
+class PlanningChild:
+    """One `recipe plan FILE --json` child, polled rather than waited on.
 
-    `on_start` receives the planner process (and None when it is done), so a stopping daemon can kill it.
+    Planning can take minutes (a dataset folder is hashed, a base model resolved); the daemon polls this
+    child so its heartbeat, reaping and dispatch go on meanwhile. Output goes to anonymous temp files,
+    not pipes: a plan larger than a pipe buffer would otherwise stall a child nobody reads from yet.
+    Any failure (bad recipe, crash, hang) becomes an invalid Plan, never an exception.
     """
-    recipe = Path(recipe)
-    cmd = [*recipe_cmd, "recipe", "plan", str(recipe), "--json"]
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                stdin=subprocess.DEVNULL)
-    except OSError as exc:
-        return Plan(str(recipe), False, f"cannot run the recipe planner: {exc}", digest=file_digest(recipe))
-    if on_start:
-        on_start(proc)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        return Plan(str(recipe), False, f"recipe plan did not finish within {timeout:.0f}s",
-                    digest=file_digest(recipe))
-    finally:
-        if on_start:
-            on_start(None)
-    returncode = proc.returncode
-    data = _parse_json_object(stdout)
-    if data is None or returncode not in (0, 1):
-        detail = _last_line(stderr) or _last_line(stdout) or f"exit code {returncode}"
-        if detail.startswith("Error: "):
-            detail = detail[len("Error: "):]
-        return Plan(str(recipe), False, f"recipe plan failed: {detail}", digest=file_digest(recipe))
-    if not data.get("valid", returncode == 0) or returncode != 0:
-        error = data.get("error") or _last_line(stderr) or "invalid recipe"
-        return Plan(str(recipe), False, " ".join(str(error).split()), digest=file_digest(recipe))
-    return Plan(
-        recipe=str(recipe),
-        valid=True,
-        name=data.get("name"),
-        digest=data.get("digest") or file_digest(recipe),
-        steps=list(data.get("steps") or []),
-        watch=[str(p) for p in data.get("watch") or []],
-    )
+
+    def __init__(self, recipe_cmd: Sequence[str], recipe: Path, env: dict[str, str], timeout: float = 300.0):
+        self.recipe = Path(recipe)
+        self.timeout = float(timeout)
+        self.deadline = time.monotonic() + self.timeout  # real time: a test's clock must not stop a hang
+        self.proc: Optional[subprocess.Popen] = None
+        self.result: Optional[Plan] = None
+        self._stdout = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+        self._stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+        cmd = [*recipe_cmd, "recipe", "plan", str(self.recipe), "--json"]
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=self._stdout, stderr=self._stderr, text=True, env=env,
+                                         stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            self._finish(self._invalid(f"cannot run the recipe planner: {exc}"))
+
+    def _invalid(self, error: str) -> Plan:
+        return Plan(str(self.recipe), False, error, digest=file_digest(self.recipe))
+
+    def _finish(self, plan: Plan) -> Plan:
+        self.result = plan
+        self._stdout.close()
+        self._stderr.close()
+        return plan
+
+    def poll(self) -> Optional[Plan]:
+        """The plan once the child is done (killed after `timeout`), else None."""
+        if self.result is not None or self.proc is None:
+            return self.result
+        returncode = self.proc.poll()
+        if returncode is None:
+            if time.monotonic() < self.deadline:
+                return None
+            self.proc.kill()
+            self.proc.wait()
+            return self._finish(self._invalid(f"recipe plan did not finish within {self.timeout:.0f}s"))
+        self._stdout.seek(0)
+        self._stderr.seek(0)
+        return self._finish(self._parse(returncode, self._stdout.read(), self._stderr.read()))
+
+    def wait(self, seconds: float) -> Optional[Plan]:
+        """Poll, sleeping at most `seconds` for the child; returns early when it exits."""
+        if self.result is None and self.proc is not None:
+            try:
+                self.proc.wait(timeout=max(0.0, min(seconds, self.deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                pass
+        return self.poll()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+    def _parse(self, returncode: int, stdout: str, stderr: str) -> Plan:
+        data = _parse_json_object(stdout)
+        if data is None or returncode not in (0, 1):
+            detail = _last_line(stderr) or _last_line(stdout) or f"exit code {returncode}"
+            if detail.startswith("Error: "):
+                detail = detail[len("Error: "):]
+            return self._invalid(f"recipe plan failed: {detail}")
+        if not data.get("valid", returncode == 0) or returncode != 0:
+            error = data.get("error") or _last_line(stderr) or "invalid recipe"
+            return self._invalid(" ".join(str(error).split()))
+        return Plan(
+            recipe=str(self.recipe),
+            valid=True,
+            name=data.get("name"),
+            digest=data.get("digest") or file_digest(self.recipe),
+            steps=list(data.get("steps") or []),
+            watch=[str(p) for p in data.get("watch") or []],
+        )
+
+
+def plan_recipe(recipe_cmd: Sequence[str], recipe: Path, env: dict[str, str], timeout: float = 300.0) -> Plan:
+    """Plan one recipe and wait for it (for callers with nothing else to do meanwhile)."""
+    child = PlanningChild(recipe_cmd, recipe, env, timeout)
+    while (plan := child.wait(1.0)) is None:
+        pass
+    return plan

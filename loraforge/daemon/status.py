@@ -42,8 +42,11 @@ def pid_alive(pid: Optional[int]) -> bool:
     return True
 
 
-def read_status(home: Path) -> Optional[dict[str, Any]]:
-    """The last status written, with `running` telling whether that daemon is still alive."""
+def read_status(home: Path, stale_after: float = STALE_AFTER_S) -> Optional[dict[str, Any]]:
+    """The last status written, with `running` telling whether that daemon is still alive.
+
+    Alive means its pid exists and its heartbeat is younger than `stale_after` seconds.
+    """
     path = status_path(home)
     if not path.is_file():
         return None
@@ -53,5 +56,5 @@ def read_status(home: Path) -> Optional[dict[str, Any]]:
         return None
     age = time.time() - float(status.get("heartbeat_unix", 0))
     status["heartbeat_age_s"] = round(age, 1)
-    status["running"] = bool(pid_alive(status.get("pid")) and age < STALE_AFTER_S and not status.get("stopped"))
+    status["running"] = bool(pid_alive(status.get("pid")) and age < stale_after and not status.get("stopped"))
     return status
