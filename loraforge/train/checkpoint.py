@@ -31,7 +31,10 @@ def runs_dir(home: Path) -> Path:
 
 
 @dataclass
-class Checkpoint:
+class TrainState:
+    """A training run as saved at one step (a `step-NNNNNNNN/` folder); not a model checkpoint, which is
+    `ops.checkpoints.Checkpoint`."""
+
     step: int
     params: dict[str, torch.Tensor]
     optimizer: dict
@@ -70,7 +73,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
+def load_checkpoint(path: Path) -> TrainState:
     from loraforge.formats.safetensors_io import read_safetensors
 
     try:
@@ -80,10 +83,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
         rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
         raise TrainingError(f"checkpoint {path} is unreadable ({exc.__class__.__name__}: {exc}); delete it to restart") from None
-    return Checkpoint(step=int(state.pop("step")), params=params, optimizer=optimizer, rng=rng, state=state)
+    return TrainState(step=int(state.pop("step")), params=params, optimizer=optimizer, rng=rng, state=state)
 
 
-def restore_checkpoint(ckpt: Checkpoint, params: dict[str, torch.nn.Parameter], optimizer) -> None:
+def restore_checkpoint(ckpt: TrainState, params: dict[str, torch.nn.Parameter], optimizer) -> None:
     """Copy weights, optimiser and RNG states back; names must match the run's parameters exactly."""
     if set(ckpt.params) != set(params):
         raise TrainingError("the checkpoint's LoRA layers differ from this run's: the configuration changed; "
