@@ -137,9 +137,118 @@ def test_the_publish_step_fails_when_the_hub_code_cannot_import(monkeypatch):
     from types import SimpleNamespace
 
     from loraforge.errors import HubError
-    from loraforge.recipes.steps import publish
+    from loraforge.recipes.steps.publish import PublishStep
 
     monkeypatch.setitem(sys.modules, "loraforge.hub.push", None)
     ctx = SimpleNamespace(spec=SimpleNamespace(artifact="pub-style:1", repo="me/pub-style"))
     with pytest.raises(HubError, match=r"cannot publish pub-style:1 to me/pub-style: .*does not import"):
-        publish.run(ctx)
+        PublishStep().run(ctx)
+
+
+# A third-party step kind, as a package would ship it: one class, installed through the
+# `loraforge.step_kinds` entry-point group. It draws a solid swatch of `color` (an image artifact).
+from pydantic import Field as _Field  # noqa: E402
+
+from loraforge.plugins import STEP_KINDS  # noqa: E402
+from loraforge.recipes.step_kind import Spec, SpecReference, StepKind, fill_base  # noqa: E402
+
+
+class SwatchSpec(Spec):
+    color: tuple[int, int, int] = _Field(description="RGB of the swatch.")
+    size: int = _Field(4, ge=1)
+    base: str | None = None  # only to show a plugin kind's references are resolved like a built-in's
+
+
+class SwatchStep(StepKind):
+    """A solid colour swatch (a test plugin)."""
+
+    spec_class = SwatchSpec
+
+    def output_kind(self, spec):
+        return "image"
+
+    def references(self, spec):
+        return [SpecReference(("base",), "model", spec.base)]
+
+    def with_defaults(self, spec, defaults):
+        return fill_base(spec, defaults)
+
+    def run(self, ctx):
+        from PIL import Image
+
+        from loraforge.registry.manifest import Manifest, Provenance
+
+        path = ctx.registry.home / "swatch.png"
+        Image.new("RGB", (ctx.spec.size, ctx.spec.size), tuple(ctx.spec.color)).save(path)
+        manifest = ctx.stamp(Manifest(name=ctx.output, kind="image", digest="", files=[],
+                                      provenance=Provenance(method="swatch", params={"color": list(ctx.spec.color)})))
+        return ctx.registry.register(manifest, [(path, "swatch.png")], input_digest=ctx.input_digest)
+
+
+class SwatchStepV2(SwatchStep):
+    """The same plugin after an upgrade that changes its pixels: its version says so."""
+
+    version = 2
+
+
+def _install_swatch(monkeypatch, cls_name: str = "SwatchStep") -> None:
+    _reload(monkeypatch, STEP_KINDS)
+    _fake_entry_points(monkeypatch, "loraforge.step_kinds", [
+        EntryPoint("swatch", f"{__name__}:{cls_name}", "loraforge.step_kinds")])
+
+
+SWATCH = """\
+name: sw
+steps:
+  red:
+    swatch: {color: [255, 0, 0]}
+  style:
+    synthetic: {kind: lora, rank: 2, seed: 1}
+    after: [red]
+"""
+
+
+def test_a_step_kind_from_an_entry_point_is_planned_and_applied_like_a_builtin(home, tmp_path, monkeypatch):
+    import json
+
+    from PIL import Image
+
+    from loraforge.recipes.lock import read_lock
+
+    _install_swatch(monkeypatch)
+    listed = json.loads(run_cli(home, "plugins", "--group", "step_kinds", "--json").output)
+    assert {"name": "swatch", "source": "test_plugins"}.items() <= next(
+        p for p in listed if p["name"] == "swatch").items()
+    recipe = tmp_path / "sw.yaml"
+    recipe.write_text(SWATCH)
+    plan = json.loads(run_cli(home, "recipe", "plan", str(recipe), "--json").output)
+    assert [(s["id"], s["kind"], s["status"], s["output"]) for s in plan["steps"]] == [
+        ("red", "swatch", "stale", "sw-red"), ("style", "synthetic", "stale", "sw-style")]
+
+    result = run_cli(home, "recipe", "apply", str(recipe))
+    assert "red (swatch): built sw-red:1" in result.output
+    manifest = Registry(home).resolve("sw-red:1")
+    assert manifest.kind == "image" and manifest.provenance.recipe.step == "red"
+    # The recipe's base was filled in and resolved like a built-in kind's reference.
+    assert "builtin:tiny-sd" in read_lock(recipe)["steps"]["red"]["inputs"]
+    assert Image.open(Registry(home).primary_file(manifest)).getpixel((0, 0)) == (255, 0, 0)
+
+    plan = json.loads(run_cli(home, "recipe", "plan", str(recipe), "--json").output)
+    assert [s["status"] for s in plan["steps"]] == ["up-to-date", "up-to-date"]
+
+
+def test_a_malformed_step_kind_or_spec_is_refused_at_its_position(home, tmp_path, monkeypatch):
+    _install_swatch(monkeypatch)
+    recipe = tmp_path / "sw.yaml"
+    recipe.write_text("steps:\n  red:\n    swatch: {color: [255, 0], size: 0}\n")
+    result = run_cli(home, "recipe", "validate", str(recipe), ok=False)
+    assert result.exit_code == 1
+    assert "sw.yaml:3:" in result.output and "steps.red.swatch." in result.output
+
+    _reload(monkeypatch, STEP_KINDS)
+    _fake_entry_points(monkeypatch, "loraforge.step_kinds", [
+        EntryPoint("blot", f"{__name__}:fake_merge", "loraforge.step_kinds")])
+    recipe.write_text("steps:\n  red:\n    blot: {color: [255, 0, 0]}\n")
+    result = run_cli(home, "recipe", "validate", str(recipe), ok=False)
+    assert result.output.startswith("Error: step kind 'blot' from test_plugins is not a StepKind")
+    assert len(result.output.strip().splitlines()) == 1

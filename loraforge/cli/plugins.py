@@ -5,11 +5,10 @@ from __future__ import annotations
 import click
 
 from loraforge.cli.output import echo_json, print_table
+from loraforge.plugins import GROUPS
 
 
 def _rows(group_names):
-    from loraforge.plugins import GROUPS
-
     rows = []
     for group in group_names:
         for info in GROUPS[group]:
@@ -27,12 +26,11 @@ def _show(rows, as_json):
 
 
 @click.command()
-@click.option("--group", type=click.Choice(["merge_methods", "lora_methods", "trainers", "rewards", "evaluators"]),
-              help="Only this plugin group.")
+@click.option("--group", type=click.Choice(list(GROUPS)), help="Only this plugin group.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(group, as_json):
-    """List installed plugins (rewards, merge methods, trainers, evaluators)."""
-    groups = [group] if group else ["merge_methods", "lora_methods", "trainers", "rewards", "evaluators"]
+    """List installed plugins (merge methods, trainers, rewards, evaluators, recipe step kinds)."""
+    groups = [group] if group else list(GROUPS)
     _show(_rows(groups), as_json)
 
 

@@ -1,8 +1,10 @@
-"""Plugin groups: merge methods, LoRA algebra methods, trainers, rewards and evaluators.
+"""Plugin groups: merge methods, LoRA algebra methods, trainers, rewards, evaluators and recipe step kinds.
 
 Built-ins register exactly like third-party plugins: with `GROUP.register(name, ...)`. A group
 imports every module of its built-in package, then every entry point of its entry-point group
 (`loraforge.<group>` in a package's metadata), so `pip install loraforge-foo` adds methods.
+
+A plugin's version is the `version=` of `register`, else the object's `version` attribute, else 1.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class PluginGroup:
     def entry_point_group(self) -> str:
         return f"loraforge.{self.name}"
 
-    def register(self, name: str, *, reference_url: str | None = None, version: str = "1",
+    def register(self, name: str, *, reference_url: str | None = None, version: str | int | None = None,
                  description: str | None = None) -> Callable[[Any], Any]:
         if not isinstance(name, str) or not PLUGIN_NAME_RE.match(name):
             raise PluginError(
@@ -61,7 +63,8 @@ class PluginGroup:
             doc = description if description is not None else (obj.__doc__ or "").strip().split("\n")[0]
             module = getattr(obj, "__module__", "") or ""
             source = "builtin" if module.startswith("loraforge.") else module
-            self._plugins[name] = PluginInfo(name, self.name, obj, reference_url, str(version), doc, source)
+            plugin_version = str(version if version is not None else getattr(obj, "version", 1))
+            self._plugins[name] = PluginInfo(name, self.name, obj, reference_url, plugin_version, doc, source)
             return obj
 
         return decorator
@@ -116,8 +119,7 @@ class PluginGroup:
             obj = ep.load()
         except Exception as exc:
             raise PluginError(f"cannot load {self.name} plugin {ep.name!r} from {ep.value}: {exc}") from None
-        self.register(ep.name, reference_url=getattr(obj, "reference_url", None),
-                      version=str(getattr(obj, "version", "1")))(obj)
+        self.register(ep.name, reference_url=getattr(obj, "reference_url", None))(obj)
 
     def get(self, name: str) -> Any:
         return self.info(name).obj
@@ -147,5 +149,7 @@ LORA_METHODS = PluginGroup("lora_methods", "loraforge.ops.lora_methods", "LoRA m
 TRAINERS = PluginGroup("trainers", "loraforge.train.trainers", "trainer")
 REWARDS = PluginGroup("rewards", "loraforge.rewards", "reward")
 EVALUATORS = PluginGroup("evaluators", "loraforge.evaluators", "evaluator")
+STEP_KINDS = PluginGroup("step_kinds", "loraforge.recipes.steps", "recipe step kind")
 
-GROUPS: dict[str, PluginGroup] = {g.name: g for g in (MERGE_METHODS, LORA_METHODS, TRAINERS, REWARDS, EVALUATORS)}
+GROUPS: dict[str, PluginGroup] = {g.name: g for g in (MERGE_METHODS, LORA_METHODS, TRAINERS, REWARDS, EVALUATORS,
+                                                      STEP_KINDS)}

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from loraforge.errors import LoraforgeError, RecipeError, Stopped
+from loraforge.plugins import STEP_KINDS
 from loraforge.recipes.digest import concrete_spec
 from loraforge.recipes.loader import parse_set, step_ref
 from loraforge.recipes.lock import lock_path, write_lock
 from loraforge.recipes.plan import STALE, Plan, PlanStep, make_plan
-from loraforge.recipes.schema import load_recipe
-from loraforge.recipes.steps import StepContext, runner
+from loraforge.recipes.schema import Step, load_recipe
+from loraforge.recipes.step_kind import StepContext
 from loraforge.registry.manifest import Manifest, RecipeInfo
 from loraforge.stopping import sigterm_stops, stop_requested
 
@@ -144,7 +145,7 @@ def apply_plan(plan: Plan, registry, *, dry_run: bool = False, publish: bool = T
             continue
         seconds = time.perf_counter() - started
         entry = _lock_entry(ps, manifest, None)
-        if ps.kind == "publish":
+        if not step.definition.makes_artifact:
             entry["published_digest"] = ps.input_digest
         else:
             result.outputs[ps.id] = manifest
@@ -164,7 +165,7 @@ def _record_failure(result, not_done, ps, started, error, message, label, echo) 
     echo(f"{label}: FAILED: {message}")
 
 
-def _run_step(plan: Plan, ps: PlanStep, step, registry, outputs: dict[str, Manifest], echo) -> Optional[Manifest]:
+def _run_step(plan: Plan, ps: PlanStep, step: Step, registry, outputs: dict[str, Manifest], echo) -> Optional[Manifest]:
     concrete = dict(ps.inputs.concrete)
     for loc, _role, value in step.references():
         target = step_ref(value)
@@ -177,6 +178,11 @@ def _run_step(plan: Plan, ps: PlanStep, step, registry, outputs: dict[str, Manif
     ctx = StepContext(registry=registry, recipe=recipe, step=step, spec=spec, output=ps.output,
                       recipe_info=info, input_digest=ps.input_digest, echo=echo)
     return runner(ps.kind)(ctx)
+
+
+def runner(kind: str) -> Callable[[StepContext], Optional[Manifest]]:
+    """The `run` of the registered step kind `kind`."""
+    return STEP_KINDS.get(kind)().run
 
 
 def _lock_entry(ps: PlanStep, manifest: Optional[Manifest], old: Optional[dict]) -> dict:

@@ -19,12 +19,6 @@ from loraforge.errors import LoraforgeError, RecipeError
 from loraforge.hashing import sha256_file, sha256_folder, sha256_json
 from loraforge.recipes.loader import step_ref
 from loraforge.recipes.schema import Recipe, Step
-from loraforge.reference import written_as_path
-
-
-def is_local_path(value: str) -> bool:
-    """A train-config string spelled as a path (./x, ../x, /x or ~/x): digested as a file or folder."""
-    return written_as_path(value)
 
 
 @dataclass(frozen=True)

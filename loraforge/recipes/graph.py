@@ -6,15 +6,7 @@ from dataclasses import dataclass
 
 from loraforge.recipes.loader import step_ref
 from loraforge.recipes.schema import Recipe, Step
-
-# Which artifact kinds a reference role accepts ("adapter" output of a train step fits both).
-_ACCEPTS = {
-    "model": {"checkpoint"},
-    "adapter": {"lora", "slider", "adapter"},
-    "artifact": {"checkpoint", "lora", "slider", "adapter", "image", "dataset"},
-    "any": {"checkpoint", "lora", "slider", "adapter", "image", "dataset"},
-    "path": set(),
-}
+from loraforge.recipes.step_kind import ROLE_ACCEPTS
 
 
 @dataclass(frozen=True)
@@ -47,10 +39,11 @@ def step_dependencies(recipe: Recipe, step: Step) -> tuple[str, ...]:
             raise source.error(full, f"dangling reference ${{{target}}}: no step named {target!r}")
         if target == step.id:
             raise source.error(full, f"step {step.id!r} refers to itself")
-        produced = recipe.steps[target].output_kind()
-        if recipe.steps[target].kind == "publish":
-            raise source.error(full, f"${{{target}}} is a publish step: it makes no artifact to use")
-        if produced is not None and role in _ACCEPTS and _ACCEPTS[role] and produced not in _ACCEPTS[role]:
+        read = recipe.steps[target]
+        if not read.definition.makes_artifact:
+            raise source.error(full, f"${{{target}}} is a {read.kind} step: it makes no artifact to use")
+        produced = read.output_kind()
+        if produced is not None and ROLE_ACCEPTS.get(role) and produced not in ROLE_ACCEPTS[role]:
             wanted = "a checkpoint" if role == "model" else "an adapter" if role == "adapter" else "an artifact"
             raise source.error(full, f"${{{target}}} makes a {produced}, but {wanted} is needed here")
         if target not in deps:

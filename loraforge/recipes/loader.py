@@ -208,3 +208,10 @@ def step_ref(value: Any) -> str | None:
         if match:
             return match.group(1)
     return None
+
+
+def is_local_path(value: Any) -> bool:
+    """A train-config string spelled as a path (./x, ../x, /x or ~/x): digested as a file or folder."""
+    from loraforge.reference import written_as_path
+
+    return written_as_path(value)

@@ -95,14 +95,15 @@ def make_plan(recipe: Recipe, registry, *, force: Iterable[str] = (), locked: bo
         step = recipe.steps[sid]
         inputs = compute_inputs(step, resolver, digests)
         digests[sid] = inputs.input_digest
-        output = recipe.output_name(step) if step.kind != "publish" else None
+        makes_artifact = step.definition.makes_artifact
+        output = recipe.output_name(step) if makes_artifact else None
         if locked:
             entry = old_steps.get(sid)
             if entry is None or entry.get("input_digest") != inputs.input_digest:
                 raise RecipeError(f"step {sid!r} changed since the lock was written: "
                                   "run apply without --locked to rebuild and update the lock")
         existing = None
-        if step.kind == "publish":
+        if not makes_artifact:  # its lock entry says whether it ran on these inputs
             done = old_steps.get(sid, {}).get("published_digest") == inputs.input_digest
             status, reason = (UP_TO_DATE, "published") if done else (STALE, "not published yet")
         else:

@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, Optional
 
-from loraforge.recipes.steps import StepContext
+from pydantic import Field
+
+from loraforge.plugins import STEP_KINDS
+from loraforge.recipes.step_kind import Spec, SpecReference, StepContext, StepKind
 
 
-def run(ctx: StepContext):
-    from loraforge.registry.importer import import_artifact
+class ImportSpec(Spec):
+    path: str = Field(description="Local file or folder to import (its content digest is tracked).")
+    kind: Optional[Literal["lora", "slider", "checkpoint", "dataset"]] = Field(None, description="Default: detected.")
+    base: Optional[str] = Field(None, description="Base model an adapter is checked against.")
 
-    spec = ctx.spec
-    # Recipe provenance and the input digest go in with the version: a version is never patched.
-    return import_artifact(ctx.registry, Path(spec.path), ctx.output, kind=spec.kind, base=spec.base,
-                           input_digest=ctx.input_digest, stamp=ctx.stamp)
+
+@STEP_KINDS.register("import")
+class ImportStep(StepKind):
+    """Import a local file or folder into the registry."""
+
+    spec_class = ImportSpec
+
+    def output_kind(self, spec: ImportSpec) -> Optional[str]:
+        return spec.kind
+
+    def references(self, spec: ImportSpec) -> list[SpecReference]:
+        refs = [SpecReference(("path",), "path", spec.path)]
+        if spec.base:
+            refs.append(SpecReference(("base",), "model", spec.base))
+        return refs
+
+    def run(self, ctx: StepContext):
+        from loraforge.registry.importer import import_artifact
+
+        spec = ctx.spec
+        # Recipe provenance and the input digest go in with the version: a version is never patched.
+        return import_artifact(ctx.registry, Path(spec.path), ctx.output, kind=spec.kind, base=spec.base,
+                               input_digest=ctx.input_digest, stamp=ctx.stamp)

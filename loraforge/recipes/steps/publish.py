@@ -2,21 +2,59 @@
 
 from __future__ import annotations
 
-from loraforge.errors import HubError
-from loraforge.recipes.steps import StepContext
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from loraforge.errors import HubError, LoraforgeError
+from loraforge.plugins import STEP_KINDS
+from loraforge.recipes.step_kind import SpecReference, StepContext, StepKind
 
 
-def run(ctx: StepContext):
-    try:
-        from loraforge.hub.push import publish
-    except ImportError as exc:
-        # The Hub code ships with loraforge: failing to import it is a broken install, never a reason
-        # to report the recipe as done with nothing pushed.
-        raise HubError(f"cannot publish {ctx.spec.artifact} to {ctx.spec.repo}: the Hub code "
-                       f"(loraforge.hub.push) does not import ({exc}); reinstall loraforge with its "
-                       "dependencies (pip install loraforge)") from None
-    spec = ctx.spec
-    options = {"private": spec.private, **(spec.model_extra or {})}
-    result = publish(ctx.registry, spec.artifact, spec.repo, **options)
-    ctx.echo(f"published {spec.artifact} to {spec.repo}" + (f" ({result})" if result else ""))
-    return None
+class PublishSpec(BaseModel):
+    """Push an artifact to the Hub; extra keys are passed to the Hub client."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    artifact: str = Field(description="Artifact to push: `${step}` or a registry reference.")
+    repo: str = Field(description="Hub repository, org/name.")
+    private: bool = False
+
+    @model_validator(mode="after")
+    def _push_accepts_it(self) -> "PublishSpec":
+        # The Hub push's own checks, so `validate` refuses what `apply` would refuse after building.
+        try:
+            from loraforge.hub.push import check_publish_options
+            from loraforge.reference import check_hub_repo
+        except ImportError as exc:
+            raise ValueError(f"cannot check a publish entry: the Hub code (loraforge.hub) does not import "
+                             f"({exc}); reinstall loraforge with its dependencies") from None
+        try:
+            check_hub_repo(self.repo)
+            check_publish_options(self.model_extra or {})
+        except LoraforgeError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+@STEP_KINDS.register("publish")
+class PublishStep(StepKind):
+    """Push an artifact to the Hugging Face Hub."""
+
+    spec_class = PublishSpec
+    makes_artifact = False
+
+    def references(self, spec: PublishSpec) -> list[SpecReference]:
+        return [SpecReference(("artifact",), "artifact", spec.artifact)]
+
+    def run(self, ctx: StepContext) -> None:
+        try:
+            from loraforge.hub.push import publish
+        except ImportError as exc:
+            # The Hub code ships with loraforge: failing to import it is a broken install, never a reason
+            # to report the recipe as done with nothing pushed.
+            raise HubError(f"cannot publish {ctx.spec.artifact} to {ctx.spec.repo}: the Hub code "
+                           f"(loraforge.hub.push) does not import ({exc}); reinstall loraforge with its "
+                           "dependencies (pip install loraforge)") from None
+        spec = ctx.spec
+        options = {"private": spec.private, **(spec.model_extra or {})}
+        result = publish(ctx.registry, spec.artifact, spec.repo, **options)
+        ctx.echo(f"published {spec.artifact} to {spec.repo}" + (f" ({result})" if result else ""))
+        return None

@@ -8,10 +8,104 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Optional
+
+from pydantic import Field, model_validator
 
 from loraforge.home import tmp_dir
-from loraforge.recipes.steps import StepContext
+from loraforge.ops.specs import AdapterInput
+from loraforge.plugins import STEP_KINDS
+from loraforge.recipes.step_kind import (Spec, SpecReference, StepContext, StepDefaults, StepKind,
+                                         adapter_references, fill_base)
 from loraforge.registry.manifest import BaseInfo, Manifest, Parent, Provenance
+
+
+class SweepSpec(Spec):
+    adapter: str = Field(description="The adapter or slider whose weight varies across the grid's columns.")
+    scales: list[float] = Field(min_length=1, description="Weights (a slider's scales), one column each.")
+    label: Optional[str] = Field(None, description="Column label prefix (default: the adapter's reference).")
+
+
+class RenderSpec(Spec):
+    base: Optional[str] = Field(None, description="Checkpoint to render with (default: the recipe's base).")
+    adapters: list[AdapterInput] = Field(default_factory=list, description="Adapters applied at fixed weights.")
+    prompts: list[str] = Field(min_length=1, description="One grid row per prompt and seed.")
+    seeds: list[int] = Field([0], min_length=1, description="Seeds; the same seed gives the same noise in every column.")
+    sweep: Optional[SweepSpec] = Field(None, description="Vary one adapter's weight across columns.")
+    steps: int = Field(10, ge=1, description="Denoising steps per image.")
+    guidance: float = Field(5.0, description="Classifier-free guidance scale.")
+    size: Optional[int] = Field(None, ge=8, description="Image size in pixels (default: the model's).")
+    negative_prompt: Optional[str] = None
+    title: Optional[str] = Field(None, description="Grid title (default: recipe name and step id).")
+    views: Optional[list[str]] = Field(
+        None, description="Render visual-anagram illusions: one view per '|'-separated part of each prompt "
+                          "(identity, vflip, hflip, rot90, rot180, rot270, negate, jigsaw); the columns show "
+                          "the image as each view sees it.")
+
+    @model_validator(mode="after")
+    def _size_in_latent_blocks(self) -> "RenderSpec":
+        from loraforge.render.generate import size_problem
+
+        problem = size_problem(self.size)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _illusion_prompts(self) -> "RenderSpec":
+        if self.views:
+            from loraforge.render.illusion import get_view
+
+            for view in self.views:
+                get_view(view)
+            if self.sweep is not None:
+                raise ValueError("an illusion render (views) cannot also sweep an adapter; use two render steps")
+            for prompt in self.prompts:
+                parts = [p for p in prompt.split("|") if p.strip()]
+                if len(parts) != len(self.views):
+                    raise ValueError(f"illusion prompt {prompt!r} has {len(parts)} part(s) for {len(self.views)} "
+                                     "views; give one prompt per view separated by '|'")
+        return self
+
+
+@STEP_KINDS.register("render")
+class RenderStep(StepKind):
+    """A labelled image grid: prompts × seeds, optionally sweeping one adapter's weight."""
+
+    spec_class = RenderSpec
+
+    def output_kind(self, spec: RenderSpec) -> str:
+        return "image"
+
+    def references(self, spec: RenderSpec) -> list[SpecReference]:
+        refs = [SpecReference(("base",), "model", spec.base), *adapter_references(spec.adapters)]
+        if spec.sweep is not None:
+            refs.append(SpecReference(("sweep", "adapter"), "adapter", spec.sweep.adapter))
+        return refs
+
+    def with_defaults(self, spec: RenderSpec, defaults: StepDefaults) -> RenderSpec:
+        spec = fill_base(spec, defaults)
+        if spec.title is None:
+            spec = spec.model_copy(update={"title": f"{defaults.recipe_name} / {defaults.step_id}"})
+        return spec
+
+    def run(self, ctx: StepContext) -> Manifest:
+        spec = ctx.spec
+        grid, cells, parents, base = render_grid(ctx.registry, spec)
+        rows, cols, _ = grid_labels(spec)
+        manifest = Manifest(
+            name=ctx.output, kind="image", digest="", files=[],
+            base=BaseInfo(ref=base.ref, digest=base.digest, family=base.family),
+            provenance=Provenance(method="render:illusion" if spec.views else "render:grid",
+                                  params=spec.model_dump(mode="json")),
+            metrics={"rows": len(rows), "columns": len(cols), "cell_size": list(cells[0][0].size),
+                     "grid_size": list(grid.size)},
+        )
+        manifest = ctx.stamp(manifest, parents=parents)
+        with tempfile.TemporaryDirectory(dir=tmp_dir(ctx.registry.home), prefix="render-") as tmp:
+            path = Path(tmp) / "grid.png"
+            grid.save(path, format="PNG")
+            return ctx.registry.register(manifest, [(path, "grid.png")], input_digest=ctx.input_digest)
 
 
 def grid_labels(spec) -> tuple[list[tuple[str, int]], list[str], list[float | None]]:
@@ -99,20 +193,3 @@ def _column(pipe, rows: list[tuple[str, int]], spec) -> list:
                   output_type="pil")
     return list(result.images)
 
-
-def run(ctx: StepContext) -> Manifest:
-    spec = ctx.spec
-    grid, cells, parents, base = render_grid(ctx.registry, spec)
-    rows, cols, _ = grid_labels(spec)
-    manifest = Manifest(
-        name=ctx.output, kind="image", digest="", files=[],
-        base=BaseInfo(ref=base.ref, digest=base.digest, family=base.family),
-        provenance=Provenance(method="render:illusion" if spec.views else "render:grid", params=spec.model_dump(mode="json")),
-        metrics={"rows": len(rows), "columns": len(cols), "cell_size": list(cells[0][0].size),
-                 "grid_size": list(grid.size)},
-    )
-    manifest = ctx.stamp(manifest, parents=parents)
-    with tempfile.TemporaryDirectory(dir=tmp_dir(ctx.registry.home), prefix="render-") as tmp:
-        path = Path(tmp) / "grid.png"
-        grid.save(path, format="PNG")
-        return ctx.registry.register(manifest, [(path, "grid.png")], input_digest=ctx.input_digest)

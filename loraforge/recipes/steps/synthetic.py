@@ -8,21 +8,53 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
 
 from loraforge.home import tmp_dir
-from loraforge.recipes.steps import StepContext
+from loraforge.plugins import STEP_KINDS
+from loraforge.recipes.step_kind import Spec, SpecReference, StepContext, StepDefaults, StepKind, fill_base
 from loraforge.registry.manifest import BaseInfo, Manifest, Parent, Provenance
+from loraforge.synthetic import DEFAULT_TARGETS
 
 
-def run(ctx: StepContext):
-    from loraforge.registry.resolve import resolve_base
+class SyntheticSpec(Spec):
+    """Seeded random demo inputs (clearly not trained): a perturbed checkpoint or a random adapter."""
 
-    spec = ctx.spec
-    base = resolve_base(ctx.registry, spec.base)
-    parent = Parent(ref=base.ref, digest=base.digest, role="base")
-    if spec.kind == "checkpoint":
-        return _checkpoint(ctx, base, parent)
-    return _adapter(ctx, base, parent)
+    kind: Literal["checkpoint", "lora", "slider"] = Field(description="What to make.")
+    base: Optional[str] = Field(None, description="Checkpoint to perturb, or the base the adapter fits (default: recipe base).")
+    seed: int = Field(0, description="Random seed.")
+    scale: float = Field(0.02, ge=0, description="checkpoint: std of the Gaussian noise added to every weight.")
+    rank: int = Field(4, ge=1, description="lora/slider: rank.")
+    std: float = Field(0.1, gt=0, description="lora/slider: std of both random factors.")
+    targets: list[str] = Field(list(DEFAULT_TARGETS), description="lora/slider: UNet modules that get a LoRA.")
+
+
+@STEP_KINDS.register("synthetic")
+class SyntheticStep(StepKind):
+    """Seeded random demo inputs: a perturbed checkpoint or a random LoRA/slider."""
+
+    spec_class = SyntheticSpec
+
+    def output_kind(self, spec: SyntheticSpec) -> str:
+        return spec.kind
+
+    def references(self, spec: SyntheticSpec) -> list[SpecReference]:
+        return [SpecReference(("base",), "model", spec.base)]
+
+    def with_defaults(self, spec: SyntheticSpec, defaults: StepDefaults) -> SyntheticSpec:
+        return fill_base(spec, defaults)
+
+    def run(self, ctx: StepContext) -> Manifest:
+        from loraforge.registry.resolve import resolve_base
+
+        spec = ctx.spec
+        base = resolve_base(ctx.registry, spec.base)
+        parent = Parent(ref=base.ref, digest=base.digest, role="base")
+        if spec.kind == "checkpoint":
+            return _checkpoint(ctx, base, parent)
+        return _adapter(ctx, base, parent)
 
 
 def _checkpoint(ctx: StepContext, base, parent: Parent) -> Manifest:

@@ -2,29 +2,80 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from loraforge.errors import RecipeError
-from loraforge.recipes.steps import StepContext
+from loraforge.plugins import STEP_KINDS, TRAINERS
+from loraforge.recipes.schema import Recipe, Step, raise_validation
+from loraforge.recipes.step_kind import SpecReference, StepContext, StepDefaults, StepKind, nested_references
 
 
-def run(ctx: StepContext):
-    from pydantic import ValidationError
+class TrainSpec(BaseModel):
+    """`method` picks a trainer; every other key is that trainer's config (checked against it)."""
 
-    from loraforge.plugins import TRAINERS
-    from loraforge.recipes.schema import train_fields
+    model_config = ConfigDict(frozen=True, extra="allow")
+    method: str = Field(description="Trainer name (see `loraforge methods`).")
 
-    method = ctx.spec.method
-    if method not in TRAINERS:
-        known = ", ".join(TRAINERS.names()) or "none installed"
-        raise RecipeError(f"trainer {method!r} is not installed (available: {known})")
-    cls = TRAINERS.get(method)
-    try:
-        config = cls.config_class.model_validate(train_fields(ctx.spec))
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        raise RecipeError(f"train.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    manifests = cls().train(config, registry=ctx.registry, output=ctx.output, recipe=ctx.recipe_info,
-                            input_digest=ctx.input_digest, resume=True)
-    if not manifests:
-        raise RecipeError(f"trainer {method!r} registered nothing")
-    # The step's output is the artifact named like the step's output (others are side products).
-    return next((m for m in manifests if m.name == ctx.output), manifests[0])
+
+def train_fields(spec: TrainSpec) -> dict[str, Any]:
+    """The trainer config of a train spec: every key but `method`."""
+    return dict(spec.model_extra or {})
+
+
+@STEP_KINDS.register("train")
+class TrainStep(StepKind):
+    """Train an adapter with a registered trainer."""
+
+    spec_class = TrainSpec
+
+    def output_kind(self, spec: TrainSpec) -> str:
+        return "adapter"
+
+    def references(self, spec: TrainSpec) -> list[SpecReference]:
+        refs: list[SpecReference] = []
+        for key, value in train_fields(spec).items():
+            if key == "base" and isinstance(value, str):
+                refs.append(SpecReference((key,), "model", value))
+            else:
+                refs += nested_references((key,), key, value)
+        return refs
+
+    def with_defaults(self, spec: TrainSpec, defaults: StepDefaults) -> TrainSpec:
+        if "base" in train_fields(spec):
+            return spec
+        return TrainSpec.model_validate({**spec.model_dump(), "base": defaults.base})
+
+    def plugins(self, spec: TrainSpec):
+        return [(TRAINERS, spec.method)]
+
+    def check(self, recipe: Recipe, step: Step) -> None:
+        """The trainer's config accepts the step's keys (step references left as written)."""
+        fields = train_fields(step.spec)
+        fields.setdefault("base", recipe.base)
+        cls = TRAINERS.get(step.spec.method)
+        try:
+            cls.config_class.model_validate(fields)
+        except ValidationError as exc:
+            raise_validation(recipe.source, ("steps", step.id, "train"), exc)
+        except (TypeError, ValueError) as exc:
+            raise recipe.source.error(("steps", step.id, "train"), str(exc)) from None
+
+    def run(self, ctx: StepContext):
+        method = ctx.spec.method
+        if method not in TRAINERS:
+            known = ", ".join(TRAINERS.names()) or "none installed"
+            raise RecipeError(f"trainer {method!r} is not installed (available: {known})")
+        cls = TRAINERS.get(method)
+        try:
+            config = cls.config_class.model_validate(train_fields(ctx.spec))
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            raise RecipeError(f"train.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        manifests = cls().train(config, registry=ctx.registry, output=ctx.output, recipe=ctx.recipe_info,
+                                input_digest=ctx.input_digest, resume=True)
+        if not manifests:
+            raise RecipeError(f"trainer {method!r} registered nothing")
+        # The step's output is the artifact named like the step's output (others are side products).
+        return next((m for m in manifests if m.name == ctx.output), manifests[0])
