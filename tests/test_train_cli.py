@@ -219,14 +219,14 @@ def test_rank_is_checked_on_the_loaded_model_when_headers_cannot_tell(home, tmp_
     """A single-file base has no per-component headers: its loaded modules are checked, before any LoRA
     exists and before the dataset is snapshotted."""
     import loraforge.registry.resolve as resolve
-    import loraforge.train.trainers.lora as lora
+    import loraforge.train.session as session
 
     monkeypatch.setattr(resolve, "base_targets", lambda base: None)
 
     def no_injection(*args, **kwargs):
         raise AssertionError("a LoRA was injected before the rank was checked")
 
-    monkeypatch.setattr(lora, "inject_lora", no_injection)
+    monkeypatch.setattr(session, "inject_lora", no_injection)  # every trainer injects through Session.add_lora
     line = _refused(home, ["train", "lora", "--name", "big", "--rank", "100000",
                            *_method_args("lora", folders(tmp_path))])
     assert "rank 100000" in line and "use rank 32 or less" in line, line

@@ -1,7 +1,6 @@
 """One training run from start to registration: model, run folder, checkpoints, validation, manifests.
 
-Trainers build their objective on top of a `Session`; this module also serves other trainers (reward
-fine-tuning) that need the same plumbing.
+Every built-in trainer (`SessionTrainer` in train/trainer.py) builds its objective on top of a `Session`.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from loraforge.registry.registry import Registry
 from loraforge.train.base import TrainConfig
 from loraforge.train.checkpoint import run_key, runs_dir
 from loraforge.train.model import TrainingModel, load_training_model
-from loraforge.train.peft_lora import check_rank, module_shapes_of
+from loraforge.train.peft_lora import check_rank, inject_lora, lora_parameters, module_shapes_of
 
 
 @dataclass
@@ -97,6 +96,14 @@ class Session:
             shapes = {component: module_shapes_of(getattr(pipe, component)) for component in targets}
         for component, component_targets in targets.items():
             check_rank(self.config.rank, shapes.get(component, {}), component_targets, component)
+
+    def add_lora(self, module: torch.nn.Module, component: str, target_modules: Iterable[str] | str, *,
+                 adapter_name: str = "default", seed: int) -> dict[str, torch.nn.Parameter]:
+        """Inject a LoRA of the configured rank and alpha into `module` (the model's `component`); returns its
+        trainable parameters named `<component>.<parameter>`, the names checkpoints and optimisers use."""
+        inject_lora(module, rank=self.config.rank, alpha=self.config.alpha, target_modules=target_modules,
+                    adapter_name=adapter_name, seed=seed)
+        return {f"{component}.{n}": p for n, p in lora_parameters(module, adapter_name).items()}
 
     def load_model(self) -> TrainingModel:
         """The frozen base, loaded once per session."""

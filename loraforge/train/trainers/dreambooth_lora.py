@@ -56,8 +56,8 @@ class DreamBoothLoraTrainer(LoraTrainer):
             data = TrainingSet(data.manifest, data.folder, data.images, [prompt] * len(data.images))
         return super()._source(session, data)
 
-    def prior_data(self, session: Session, config: DreamBoothLoraConfig, registry: Registry,
-                   output: str) -> TrainingSet | None:
+    def prior_data(self, session: Session) -> TrainingSet | None:
+        config, registry, output = session.config, session.registry, session.output
         self._prior = None
         if not config.prior_preservation:
             return None

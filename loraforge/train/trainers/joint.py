@@ -9,16 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loraforge.models.peft_layers import activate_adapter
 from loraforge.plugins import TRAINERS
-from loraforge.registry.manifest import Manifest, RecipeInfo
+from loraforge.registry.manifest import Manifest
 from loraforge.registry.refs import check_name
-from loraforge.registry.registry import Registry
 from loraforge.train.base import TrainConfig
 from loraforge.train.cache import BatchSource
 from loraforge.train.data import batch_indices, prepare_dataset, step_generator
 from loraforge.train.loop import run_loop
 from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
-from loraforge.train.peft_lora import TEXT_ENCODER_TARGETS, extract_lora, inject_lora, lora_parameters
+from loraforge.train.peft_lora import TEXT_ENCODER_TARGETS, extract_lora
 from loraforge.train.session import AdapterOutput, Session
+from loraforge.train.trainer import SessionTrainer
 from loraforge.train.trainers.lora import lora_targets
 
 
@@ -48,15 +48,14 @@ class JointConfig(TrainConfig):
 
 
 @TRAINERS.register("joint", reference_url="https://huggingface.co/docs/peft/developer_guides/mixed_models", version="1")
-class JointTrainer:
+class JointTrainer(SessionTrainer):
     """Several named LoRA adapters trained jointly on one UNet, each on its own data."""
 
     config_class = JointConfig
+    method = "joint"
 
-    def train(self, config: JointConfig, *, registry: Registry, output: str, recipe: RecipeInfo | None = None,
-              input_digest: str | None = None, resume: bool = False, progress: bool | None = None) -> list[Manifest]:
-        session = Session("joint", config, registry=registry, output=output, recipe=recipe,
-                          input_digest=input_digest, resume=resume, progress=progress)
+    def run(self, session: Session) -> list[Manifest]:
+        config, registry, output = session.config, session.registry, session.output
         keys = sorted(config.adapters)
         names = {k: config.adapters[k].name or f"{output}-{k}" for k in keys}
         for name in names.values():
@@ -71,13 +70,11 @@ class JointTrainer:
                                   encode_text=not config.train_text_encoder) for k in keys}
         params = {}
         for i, k in enumerate(keys):
-            inject_lora(model.unet, rank=config.rank, alpha=config.alpha, target_modules=config.target_modules,
-                        adapter_name=k, seed=config.seed + i)
-            params.update({f"unet.{n}": p for n, p in lora_parameters(model.unet, k).items()})
+            params.update(session.add_lora(model.unet, "unet", config.target_modules, adapter_name=k,
+                                           seed=config.seed + i))
             if config.train_text_encoder:  # each adapter gets its own text-encoder LoRA too
-                inject_lora(text_encoder, rank=config.rank, alpha=config.alpha, target_modules=TEXT_ENCODER_TARGETS,
-                            adapter_name=k, seed=config.seed + len(keys) + i)
-                params.update({f"text_encoder.{n}": p for n, p in lora_parameters(text_encoder, k).items()})
+                params.update(session.add_lora(text_encoder, "text_encoder", TEXT_ENCODER_TARGETS, adapter_name=k,
+                                               seed=config.seed + len(keys) + i))
         unet = session.forward_unet()
         session.periodic = [(k, list(dict.fromkeys(data[k].captions))[:2], (0.0, 1.0)) for k in keys]
         n_timesteps = model.noise_scheduler.config.num_train_timesteps

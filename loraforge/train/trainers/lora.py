@@ -7,15 +7,15 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from loraforge.plugins import TRAINERS
-from loraforge.registry.manifest import Manifest, RecipeInfo
-from loraforge.registry.registry import Registry
+from loraforge.registry.manifest import Manifest
 from loraforge.train.base import TrainConfig
 from loraforge.train.cache import BatchSource
 from loraforge.train.data import TrainingSet, batch_indices, prepare_dataset, step_generator
 from loraforge.train.loop import run_loop
 from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
-from loraforge.train.peft_lora import TEXT_ENCODER_TARGETS, extract_lora, inject_lora, lora_parameters
+from loraforge.train.peft_lora import TEXT_ENCODER_TARGETS, extract_lora
 from loraforge.train.session import AdapterOutput, Session
+from loraforge.train.trainer import SessionTrainer
 
 
 class LoraConfig(TrainConfig):
@@ -25,20 +25,18 @@ class LoraConfig(TrainConfig):
 
 
 @TRAINERS.register("lora", reference_url="https://arxiv.org/abs/2106.09685", version="1")
-class LoraTrainer:
+class LoraTrainer(SessionTrainer):
     """Text-to-image LoRA on an image + caption dataset."""
 
     config_class = LoraConfig
     method = "lora"
 
-    def train(self, config: LoraConfig, *, registry: Registry, output: str, recipe: RecipeInfo | None = None,
-              input_digest: str | None = None, resume: bool = False, progress: bool | None = None) -> list[Manifest]:
-        session = Session(self.method, config, registry=registry, output=output, recipe=recipe,
-                          input_digest=input_digest, resume=resume, progress=progress)
+    def run(self, session: Session) -> list[Manifest]:
+        config, registry, output = session.config, session.registry, session.output
         session.check_lora_targets(lora_targets(config))
         data = prepare_dataset(registry, config.dataset, output=output, instance_prompt=config.instance_prompt)
         datasets = [data.manifest]
-        prior = self.prior_data(session, config, registry, output)  # DreamBooth's class images, if any
+        prior = self.prior_data(session)  # DreamBooth's class images, if any
         if prior is not None:
             datasets.append(prior.manifest)
         model = session.load_model()
@@ -75,7 +73,8 @@ class LoraTrainer:
         return BatchSource(session.model, data, home=session.registry.home, resolution=c.resolution, crop=c.crop,
                            seed=c.seed, cached=c.cache_latents, encode_text=not c.train_text_encoder)
 
-    def prior_data(self, session: Session, config, registry: Registry, output: str) -> TrainingSet | None:
+    def prior_data(self, session: Session) -> TrainingSet | None:
+        """A second dataset trained alongside the first (DreamBooth's prior preservation); none here."""
         return None
 
     def prior_weight(self, config) -> float:
@@ -93,10 +92,7 @@ def lora_targets(config: TrainConfig) -> dict:
 def add_lora(session: Session) -> dict:
     """Inject the configured LoRA into the UNet (and text encoder); trainable parameters by name."""
     c, model = session.config, session.model
-    inject_lora(model.unet, rank=c.rank, alpha=c.alpha, target_modules=c.target_modules, seed=c.seed)
-    params = {f"unet.{n}": p for n, p in lora_parameters(model.unet).items()}
+    params = session.add_lora(model.unet, "unet", c.target_modules, seed=c.seed)
     if c.train_text_encoder:
-        inject_lora(model.pipe.text_encoder, rank=c.rank, alpha=c.alpha, target_modules=TEXT_ENCODER_TARGETS,
-                    seed=c.seed + 1)
-        params.update({f"text_encoder.{n}": p for n, p in lora_parameters(model.pipe.text_encoder).items()})
+        params.update(session.add_lora(model.pipe.text_encoder, "text_encoder", TEXT_ENCODER_TARGETS, seed=c.seed + 1))
     return params

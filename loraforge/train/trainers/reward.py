@@ -19,10 +19,10 @@ from pydantic import Field, model_validator
 from loraforge.errors import ConfigError, TrainingError
 from loraforge.hashing import sha256_json
 from loraforge.plugins import TRAINERS
-from loraforge.registry.manifest import Manifest, RecipeInfo
-from loraforge.registry.registry import Registry
+from loraforge.registry.manifest import Manifest
 from loraforge.train.base import TrainConfig
 from loraforge.train.session import AdapterOutput, Session
+from loraforge.train.trainer import SessionTrainer
 
 log = logging.getLogger("loraforge.train")
 
@@ -127,18 +127,19 @@ def adapter_names_for(views) -> list[str]:
 
 
 @TRAINERS.register("reward", reference_url="https://arxiv.org/abs/2305.16381", version="1")
-class RewardTrainer:
+class RewardTrainer(SessionTrainer):
     """Reward fine-tuning of a LoRA (DDPO/DPOK) with a pluggable reward and an optional illusion sampler."""
 
     config_class = RewardConfig
     method = "reward"
 
-    def train(self, config: RewardConfig, *, registry: Registry, output: str, recipe: RecipeInfo | None = None,
-              input_digest: str | None = None, resume: bool = False, progress: bool | None = None) -> list[Manifest]:
+    def run(self, session: Session) -> list[Manifest]:
+        from loraforge.registry.refs import check_name
         from loraforge.render.illusion import get_views, split_view_prompts
         from loraforge.rewards import load_reward
-        from loraforge.train.peft_lora import extract_lora, inject_lora, lora_parameters
+        from loraforge.train.peft_lora import extract_lora
 
+        config, registry, output = session.config, session.registry, session.output
         # Everything that can fail cheaply fails before the model loads (a missing API key, bad prompts).
         prompts = read_prompts(config)
         views = get_views(config.views) if config.sampler == "illusion" else []
@@ -146,20 +147,14 @@ class RewardTrainer:
         reward = load_reward(config.reward, config.reward_options, registry=registry)
         adapters = adapter_names_for(views) if config.joint_adapters else ["default"]
         names = {a: (f"{output}-{a}" if config.joint_adapters else output) for a in adapters}
-        from loraforge.registry.refs import check_name
-
         for name in names.values():
             check_name(name)
-
-        session = Session(self.method, config, registry=registry, output=output, recipe=recipe,
-                          input_digest=input_digest, resume=resume, progress=progress)
         session.check_lora_targets({"unet": list(config.target_modules)})
         model = session.load_model()
         params: dict[str, torch.nn.Parameter] = {}
         for i, a in enumerate(adapters):
-            inject_lora(model.unet, rank=config.rank, alpha=config.alpha, target_modules=config.target_modules,
-                        adapter_name=a, seed=config.seed + i)
-            params.update({f"unet.{n}": p for n, p in lora_parameters(model.unet, a).items()})
+            params.update(session.add_lora(model.unet, "unet", config.target_modules, adapter_name=a,
+                                           seed=config.seed + i))
         # With joint adapters each view activates its own adapter (illusion_eps); else "default" is the policy.
         run = _RewardRun(config, session, reward, prompts, views, view_prompts, adapters if config.joint_adapters else None)
         metrics = run.train(params)

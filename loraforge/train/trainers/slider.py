@@ -10,15 +10,16 @@ from pydantic import Field, model_validator
 
 from loraforge.models.peft_layers import set_lora_scale
 from loraforge.plugins import TRAINERS
-from loraforge.registry.manifest import Manifest, RecipeInfo, SliderInfo
+from loraforge.registry.manifest import Manifest, SliderInfo
 from loraforge.registry.registry import Registry
 from loraforge.train.base import TrainConfig
 from loraforge.train.cache import BatchSource
 from loraforge.train.data import TrainingSet, batch_indices, prepare_dataset, step_generator
 from loraforge.train.loop import run_loop
 from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
-from loraforge.train.peft_lora import LAYER_PRESETS, extract_lora, inject_lora, lora_parameters
+from loraforge.train.peft_lora import LAYER_PRESETS, extract_lora
 from loraforge.train.session import AdapterOutput, Session
+from loraforge.train.trainer import SessionTrainer
 
 
 class SliderConfig(TrainConfig):
@@ -57,21 +58,19 @@ class SliderConfig(TrainConfig):
 
 
 @TRAINERS.register("slider", reference_url="https://arxiv.org/abs/2311.12092", version="1")
-class SliderTrainer:
+class SliderTrainer(SessionTrainer):
     """Concept Sliders: text sliders and image-pair sliders, trained in both directions."""
 
     config_class = SliderConfig
+    method = "slider"
 
-    def train(self, config: SliderConfig, *, registry: Registry, output: str, recipe: RecipeInfo | None = None,
-              input_digest: str | None = None, resume: bool = False, progress: bool | None = None) -> list[Manifest]:
-        session = Session("slider", config, registry=registry, output=output, recipe=recipe,
-                          input_digest=input_digest, resume=resume, progress=progress)
+    def run(self, session: Session) -> list[Manifest]:
+        config, registry, output = session.config, session.registry, session.output
         targets = config.target_modules if config.layers == "custom" else LAYER_PRESETS[config.layers]
         session.check_lora_targets({"unet": targets})
         pairs = _pair_sets(registry, config, output) if config.mode == "image_pair" else None
         model = session.load_model()
-        inject_lora(model.unet, rank=config.rank, alpha=config.alpha, target_modules=targets, seed=config.seed)
-        params = {f"unet.{n}": p for n, p in lora_parameters(model.unet).items()}
+        params = session.add_lora(model.unet, "unet", targets, seed=config.seed)
         unet = session.forward_unet()
         if pairs is None:
             step_fn = _text_objective(session, unet)
