@@ -55,15 +55,7 @@ def check_remote_name(name: str, repo: str) -> str:
 
 def find_pulled(registry: Registry, source: str, name: Optional[str] = None) -> Optional[Manifest]:
     """The artifact already pulled from exactly this commit (and under this name, when given)."""
-    # The catalog stores manifests as compact JSON: a LIKE prefilter avoids parsing every row.
-    rows = registry.db.execute("SELECT manifest FROM artifacts WHERE manifest LIKE ? ORDER BY id",
-                               [f'%"source":{json.dumps(source)}%']).fetchall()
-    found = None
-    for (text,) in rows:
-        manifest = Manifest.from_json(text)
-        if manifest.provenance.source == source and (name is None or manifest.name == name):
-            found = manifest
-    return found
+    return registry.find_by_source(source, name=name)
 
 
 @HUB_RESOLVERS.register("hf")
