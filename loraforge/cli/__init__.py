@@ -44,18 +44,13 @@ COMMAND_HELP: dict[str, str] = {
 
 
 class LazyGroup(click.Group):
-    """A group whose subcommands are imported on first use; missing modules are skipped."""
+    """A group whose subcommands are imported on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(name for name in COMMANDS if self._spec_exists(name))
-
-    @staticmethod
-    def _spec_exists(name: str) -> bool:
-        module = COMMANDS[name].split(":")[0]
-        return importlib.util.find_spec(module) is not None
+        return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str):
-        if name not in COMMANDS or not self._spec_exists(name):
+        if name not in COMMANDS:
             return None
         module, attr = COMMANDS[name].split(":")
         return getattr(importlib.import_module(module), attr)

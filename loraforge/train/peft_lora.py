@@ -95,9 +95,10 @@ def _canonical_path(component: str, name: str) -> str:
     return f"{component}.{name}"
 
 
-def extract_lora(model: nn.Module, component: str = "unet", adapter_name: str = "default",
-                 state: LoraState | None = None, dtype: torch.dtype = torch.float32) -> LoraState:
-    """The adapter's factors as a canonical LoraState (added to `state` when given)."""
+def lora_state_from_module(model: nn.Module, component: str = "unet", adapter_name: str = "default",
+                           state: LoraState | None = None, dtype: torch.dtype = torch.float32) -> LoraState:
+    """The factors of PEFT adapter `adapter_name` injected into `model`, as a canonical LoraState (added to
+    `state` when given). Not to be confused with ops.extract.extract_lora, which derives a LoRA from weights."""
     state = state if state is not None else LoraState()
     for name, layer in lora_layers(model):
         if adapter_name not in layer.lora_A:

@@ -16,7 +16,7 @@ from loraforge.train.cache import BatchSource
 from loraforge.train.data import batch_indices, prepare_dataset, step_generator
 from loraforge.train.loop import run_loop
 from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
-from loraforge.train.peft_lora import TEXT_ENCODER_TARGETS, extract_lora
+from loraforge.train.peft_lora import TEXT_ENCODER_TARGETS, lora_state_from_module
 from loraforge.train.session import AdapterOutput, Session
 from loraforge.train.trainer import SessionTrainer
 from loraforge.train.trainers.lora import lora_targets
@@ -104,7 +104,7 @@ class JointTrainer(SessionTrainer):
 
 def _adapter_state(model, adapter_name: str, with_text_encoder: bool):
     """Adapter `adapter_name`'s factors: its UNet layers, and its text-encoder layers with the text-encoder prefix."""
-    state = extract_lora(model.unet, "unet", adapter_name=adapter_name)
+    state = lora_state_from_module(model.unet, "unet", adapter_name=adapter_name)
     if with_text_encoder:
-        extract_lora(model.pipe.text_encoder, "text_encoder", adapter_name=adapter_name, state=state)
+        lora_state_from_module(model.pipe.text_encoder, "text_encoder", adapter_name=adapter_name, state=state)
     return state

@@ -13,7 +13,7 @@ from loraforge.train.cache import BatchSource
 from loraforge.train.data import TrainingSet, batch_indices, prepare_dataset, step_generator
 from loraforge.train.loop import run_loop
 from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
-from loraforge.train.peft_lora import TEXT_ENCODER_TARGETS, extract_lora
+from loraforge.train.peft_lora import TEXT_ENCODER_TARGETS, lora_state_from_module
 from loraforge.train.session import AdapterOutput, Session
 from loraforge.train.trainer import SessionTrainer
 
@@ -61,9 +61,9 @@ class LoraTrainer(SessionTrainer):
 
         result = run_loop(title=f"train {self.method} {output}", params=params, step_fn=step_fn,
                           samples_per_step=config.batch_size * len(sources), **session.loop_kwargs())
-        state = extract_lora(model.unet, "unet")
+        state = lora_state_from_module(model.unet, "unet")
         if config.train_text_encoder:
-            extract_lora(model.pipe.text_encoder, "text_encoder", state=state)
+            lora_state_from_module(model.pipe.text_encoder, "text_encoder", state=state)
         prompts = list(dict.fromkeys(data.captions))[:2]
         out = AdapterOutput(name=output, state=state, datasets=datasets, validation_prompts=prompts)
         return session.finish([out], result.metrics)

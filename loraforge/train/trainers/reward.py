@@ -137,7 +137,7 @@ class RewardTrainer(SessionTrainer):
         from loraforge.registry.refs import check_name
         from loraforge.render.illusion import get_views, split_view_prompts
         from loraforge.rewards import load_reward
-        from loraforge.train.peft_lora import extract_lora
+        from loraforge.train.peft_lora import lora_state_from_module
 
         config, registry, output = session.config, session.registry, session.output
         # Everything that can fail cheaply fails before the model loads (a missing API key, bad prompts).
@@ -160,7 +160,7 @@ class RewardTrainer(SessionTrainer):
         metrics = run.train(params)
         outputs = []
         for a in adapters:
-            state = extract_lora(model.unet, "unet", adapter_name=a)
+            state = lora_state_from_module(model.unet, "unet", adapter_name=a)
             view_i = adapters.index(a) if config.joint_adapters else 0
             first = prompts[0]
             val_prompt = view_prompts[first][view_i] if views else first

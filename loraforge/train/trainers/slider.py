@@ -17,7 +17,7 @@ from loraforge.train.cache import BatchSource
 from loraforge.train.data import TrainingSet, batch_indices, prepare_dataset, step_generator
 from loraforge.train.loop import run_loop
 from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
-from loraforge.train.peft_lora import LAYER_PRESETS, extract_lora
+from loraforge.train.peft_lora import LAYER_PRESETS, lora_state_from_module
 from loraforge.train.session import AdapterOutput, Session
 from loraforge.train.trainer import SessionTrainer
 
@@ -86,7 +86,7 @@ class SliderTrainer(SessionTrainer):
         info = SliderInfo(concept=config.concept, method=config.mode, positive=config.positive or config.high_images,
                           negative=config.negative or config.low_images, neutral=config.neutral or config.target,
                           target=config.target, scale_range=config.scale_range)
-        out = AdapterOutput(name=output, state=extract_lora(model.unet, "unet"), kind="slider", slider=info,
+        out = AdapterOutput(name=output, state=lora_state_from_module(model.unet, "unet"), kind="slider", slider=info,
                             datasets=datasets, validation_prompts=prompts, validation_scales=(lo, lo / 2, 0.0, hi / 2, hi))
         return session.finish([out], result.metrics, training={"mode": config.mode, "guidance": config.guidance,
                                                                 "layers": config.layers})
