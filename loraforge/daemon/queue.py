@@ -1,4 +1,7 @@
-"""Daemon jobs stored in the registry's SQLite catalog: queued → running → succeeded/failed/cancelled."""
+"""Daemon jobs stored in the registry's SQLite catalog: queued → running → succeeded/failed/cancelled.
+
+The `jobs` table is the `jobs` migration set's; the queue reaches it only through `CatalogTable`.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,48 @@ from typing import Any, Optional
 
 from loraforge.errors import ConfigError, LoraforgeError
 from loraforge.home import loraforge_home
-from loraforge.registry.catalog import immediate, open_catalog
+from loraforge.registry.catalog import subsystem_migrations
+from loraforge.registry.tables import open_table
 
 JOB_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
+
+SCHEMA = subsystem_migrations("jobs")
+
+
+@SCHEMA()
+def m010_jobs(db) -> None:
+    """One row per queued recipe run."""
+    # Catalogs from before this set existed made the table in the registry's own set: keep it.
+    db["jobs"].create(
+        {
+            "id": int,
+            "recipe": str,
+            "recipe_name": str,
+            "recipe_digest": str,
+            "steps": str,
+            "status": str,
+            "reason": str,
+            "worker": str,
+            "pid": int,
+            "log_path": str,
+            "error": str,
+            "exit_code": int,
+            "attempts": int,
+            "retry_of": int,
+            "cancel_requested": int,
+            "created_at": str,
+            "updated_at": str,
+            "started_at": str,
+            "finished_at": str,
+        },
+        pk="id",
+        not_null={"recipe", "status", "created_at"},
+        defaults={"attempts": 0, "cancel_requested": 0},
+        if_not_exists=True,
+    )
+    db["jobs"].create_index(["status"], if_not_exists=True)
+    db["jobs"].create_index(["recipe", "status"], if_not_exists=True)
 
 
 class JobNotFound(LoraforgeError):
@@ -74,38 +115,28 @@ class JobQueue:
 
     def __init__(self, home: str | os.PathLike | None = None):
         self.home = loraforge_home(home)
-        self.db = open_catalog(self.home)
+        self.jobs = open_table(self.home, "jobs", "jobs")
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _select(self, where: str = "", params: list | None = None, order: str = "id") -> list[Job]:
-        cur = self.db.execute(f"SELECT * FROM jobs {where} ORDER BY {order}", params or [])
-        names = [d[0] for d in cur.description]
-        return [Job.from_row(dict(zip(names, row))) for row in cur.fetchall()]
-
     def get(self, job_id: int) -> Job:
-        rows = self._select("WHERE id = ?", [int(job_id)])
-        if not rows:
+        row = self.jobs.first({"id": int(job_id)})
+        if row is None:
             raise JobNotFound(f"no job with id {job_id} (see `loraforge jobs ls`)")
-        return rows[0]
+        return Job.from_row(row)
 
     def list(self, status: str | None = None, recipe: str | None = None) -> list[Job]:
-        where, params = [], []
+        where: dict[str, str] = {}
         if status is not None:
             if status not in JOB_STATES:
                 raise ConfigError(f"unknown job status {status!r}: choose one of {', '.join(JOB_STATES)}")
-            where.append("status = ?")
-            params.append(status)
+            where["status"] = status
         if recipe is not None:
-            where.append("recipe = ?")
-            params.append(str(recipe))
-        return self._select(("WHERE " + " AND ".join(where)) if where else "", params)
+            where["recipe"] = str(recipe)
+        return [Job.from_row(row) for row in self.jobs.rows(where, order_by="id")]
 
     def counts(self) -> dict[str, int]:
-        counts = {s: 0 for s in JOB_STATES}
-        for status, n in self.db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall():
-            counts[status] = n
-        return counts
+        return {**{s: 0 for s in JOB_STATES}, **self.jobs.count_by("status")}
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -122,85 +153,69 @@ class JobQueue:
         recipe = str(recipe)
         now = utc_now()
         steps_json = json.dumps(steps, sort_keys=True)
-        with immediate(self.db) as conn:
-            hit = conn.execute(
-                "SELECT id FROM jobs WHERE recipe = ? AND status = 'queued' ORDER BY id DESC LIMIT 1", [recipe]
-            ).fetchone()
+        with self.jobs.transaction():
+            hit = self.jobs.first({"recipe": recipe, "status": "queued"}, order_by="id", descending=True)
             if hit is not None:
-                conn.execute(
-                    "UPDATE jobs SET steps = ?, recipe_digest = ?, recipe_name = ?, reason = ?, updated_at = ?"
-                    " WHERE id = ?",
-                    [steps_json, recipe_digest, recipe_name, reason, now, hit[0]],
-                )
-                job_id, created = hit[0], False
+                self.jobs.update({"id": hit["id"]}, {"steps": steps_json, "recipe_digest": recipe_digest,
+                                                     "recipe_name": recipe_name, "reason": reason, "updated_at": now})
+                job_id, created = hit["id"], False
             else:
-                cur = conn.execute(
-                    "INSERT INTO jobs (recipe, recipe_name, recipe_digest, steps, status, reason, attempts,"
-                    " retry_of, cancel_requested, created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, 0, ?, 0, ?, ?)",
-                    [recipe, recipe_name, recipe_digest, steps_json, reason, retry_of, now, now],
-                )
-                job_id, created = cur.lastrowid, True
-                conn.execute("UPDATE jobs SET log_path = ? WHERE id = ?", [self._log_path(job_id), job_id])
+                job_id = self.jobs.insert({
+                    "recipe": recipe, "recipe_name": recipe_name, "recipe_digest": recipe_digest, "steps": steps_json,
+                    "status": "queued", "reason": reason, "attempts": 0, "retry_of": retry_of, "cancel_requested": 0,
+                    "created_at": now, "updated_at": now})
+                created = True
+                self.jobs.update({"id": job_id}, {"log_path": self._log_path(job_id)})
         return self.get(job_id), created
 
     def record_failure(self, recipe: str | os.PathLike, error: str, recipe_digest: str | None = None,
                        reason: str | None = None) -> Job:
         """A job that failed before it could run (an invalid recipe): kept so `jobs ls` shows why."""
         now = utc_now()
-        with immediate(self.db) as conn:
-            cur = conn.execute(
-                "INSERT INTO jobs (recipe, recipe_digest, steps, status, reason, error, attempts, cancel_requested,"
-                " created_at, updated_at, finished_at) VALUES (?, ?, '[]', 'failed', ?, ?, 0, 0, ?, ?, ?)",
-                [str(recipe), recipe_digest, reason, error, now, now, now],
-            )
-            job_id = cur.lastrowid
+        with self.jobs.transaction():
+            job_id = self.jobs.insert({
+                "recipe": str(recipe), "recipe_digest": recipe_digest, "steps": "[]", "status": "failed",
+                "reason": reason, "error": error, "attempts": 0, "cancel_requested": 0,
+                "created_at": now, "updated_at": now, "finished_at": now})
         log = Path(self._log_path(job_id))
         log.write_text(f"Error: {error}\n", encoding="utf-8")
-        with immediate(self.db) as conn:
-            conn.execute("UPDATE jobs SET log_path = ? WHERE id = ?", [str(log), job_id])
+        with self.jobs.transaction():
+            self.jobs.update({"id": job_id}, {"log_path": str(log)})
         return self.get(job_id)
 
     def claim(self, worker: str, busy_recipes: set[str] | None = None) -> Optional[Job]:
         """Take the oldest queued job (skipping recipes already running) and mark it running."""
         busy = set(busy_recipes or ())
-        with immediate(self.db) as conn:
-            running = {r[0] for r in conn.execute("SELECT recipe FROM jobs WHERE status = 'running'").fetchall()}
-            busy |= running
-            rows = conn.execute("SELECT id, recipe FROM jobs WHERE status = 'queued' ORDER BY id").fetchall()
-            chosen = next((job_id for job_id, recipe in rows if recipe not in busy), None)
+        with self.jobs.transaction():  # holds the lock: no other worker claims between read and write
+            busy |= {r["recipe"] for r in self.jobs.rows({"status": "running"}, columns=("recipe",))}
+            queued = self.jobs.rows({"status": "queued"}, columns=("id", "recipe", "attempts"), order_by="id")
+            chosen = next((r for r in queued if r["recipe"] not in busy), None)
             if chosen is None:
                 return None
             now = utc_now()
-            conn.execute(
-                "UPDATE jobs SET status = 'running', worker = ?, started_at = ?, updated_at = ?,"
-                " attempts = attempts + 1, error = NULL, exit_code = NULL, pid = NULL WHERE id = ?",
-                [worker, now, now, chosen],
-            )
-        return self.get(chosen)
+            self.jobs.update({"id": chosen["id"]}, {
+                "status": "running", "worker": worker, "started_at": now, "updated_at": now,
+                "attempts": (chosen["attempts"] or 0) + 1, "error": None, "exit_code": None, "pid": None})
+        return self.get(chosen["id"])
 
     def set_pid(self, job_id: int, pid: int) -> None:
-        with immediate(self.db) as conn:
-            conn.execute("UPDATE jobs SET pid = ?, updated_at = ? WHERE id = ?", [pid, utc_now(), job_id])
+        with self.jobs.transaction():
+            self.jobs.update({"id": job_id}, {"pid": pid, "updated_at": utc_now()})
 
     def finish(self, job_id: int, status: str, exit_code: int | None = None, error: str | None = None) -> Job:
         if status not in FINISHED_STATES:
             raise ValueError(f"{status!r} is not a finished state")
         now = utc_now()
-        with immediate(self.db) as conn:
-            conn.execute(
-                "UPDATE jobs SET status = ?, exit_code = ?, error = ?, finished_at = ?, updated_at = ? WHERE id = ?",
-                [status, exit_code, error, now, now, job_id],
-            )
+        with self.jobs.transaction():
+            self.jobs.update({"id": job_id}, {"status": status, "exit_code": exit_code, "error": error,
+                                              "finished_at": now, "updated_at": now})
         return self.get(job_id)
 
     def requeue(self, job_id: int, note: str) -> Job:
         """Put a running job back in the queue (daemon stopped or died); it resumes from checkpoints."""
-        with immediate(self.db) as conn:
-            conn.execute(
-                "UPDATE jobs SET status = 'queued', pid = NULL, worker = NULL, reason = ?, updated_at = ?"
-                " WHERE id = ?",
-                [note, utc_now(), job_id],
-            )
+        with self.jobs.transaction():
+            self.jobs.update({"id": job_id}, {"status": "queued", "pid": None, "worker": None, "reason": note,
+                                              "updated_at": utc_now()})
         return self.get(job_id)
 
     def cancel(self, job_id: int) -> Job:
@@ -208,22 +223,19 @@ class JobQueue:
         job = self.get(job_id)
         if job.status in FINISHED_STATES:
             raise ConfigError(f"job {job_id} is already {job.status}; nothing to cancel")
-        with immediate(self.db) as conn:
+        with self.jobs.transaction():
             if job.status == "queued":
                 now = utc_now()
-                conn.execute(
-                    "UPDATE jobs SET status = 'cancelled', error = 'cancelled by user', finished_at = ?,"
-                    " updated_at = ? WHERE id = ? AND status = 'queued'",
-                    [now, now, job_id],
-                )
+                # Only while still queued: a worker may have claimed it since `get`.
+                self.jobs.update({"id": job_id, "status": "queued"}, {
+                    "status": "cancelled", "error": "cancelled by user", "finished_at": now, "updated_at": now})
             else:
-                conn.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
-                             [utc_now(), job_id])
+                self.jobs.update({"id": job_id}, {"cancel_requested": 1, "updated_at": utc_now()})
         return self.get(job_id)
 
     def cancel_requested(self, job_id: int) -> bool:
-        row = self.db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", [job_id]).fetchone()
-        return bool(row and row[0])
+        row = self.jobs.first({"id": job_id})
+        return bool(row and row["cancel_requested"])
 
     def retry(self, job_id: int) -> Job:
         """Queue a new job running the same recipe as a finished one."""
@@ -237,12 +249,8 @@ class JobQueue:
     def cancel_queued_for(self, recipe: str, note: str) -> list[int]:
         """Cancel every queued job of a recipe (its file was deleted)."""
         now = utc_now()
-        with immediate(self.db) as conn:
-            ids = [r[0] for r in conn.execute(
-                "SELECT id FROM jobs WHERE recipe = ? AND status = 'queued'", [str(recipe)]).fetchall()]
-            conn.execute(
-                "UPDATE jobs SET status = 'cancelled', error = ?, finished_at = ?, updated_at = ?"
-                " WHERE recipe = ? AND status = 'queued'",
-                [note, now, now, str(recipe)],
-            )
+        queued = {"recipe": str(recipe), "status": "queued"}
+        with self.jobs.transaction():
+            ids = [r["id"] for r in self.jobs.rows(queued, columns=("id",))]
+            self.jobs.update(queued, {"status": "cancelled", "error": note, "finished_at": now, "updated_at": now})
         return ids

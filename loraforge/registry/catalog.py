@@ -1,4 +1,10 @@
-"""The SQLite catalog of the registry (sqlite-utils), its schema as registered migrations."""
+"""The SQLite catalog of the registry (sqlite-utils), its schema as registered migrations.
+
+The registry's own tables are the `loraforge` migration set. A subsystem that keeps tables in the
+catalog (the daemon's jobs, the reward cache) registers its own named set with `subsystem_migrations`
+and opens them with `open_catalog(home, subsystem=...)`; it reads and writes them through
+`loraforge.registry.tables.CatalogTable`, never with SQL of its own.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,22 @@ from loraforge.errors import CatalogError
 from loraforge.home import home_is_writable
 
 migrations = Migrations("loraforge")
+
+# Each subsystem's migration set, by name (the set's name in `_sqlite_migrations`).
+SUBSYSTEM_MIGRATIONS: dict[str, Migrations] = {}
+
+
+def subsystem_migrations(name: str) -> Migrations:
+    """A new migration set for a subsystem's own tables; decorate its ordered steps with it.
+
+    Steps run in the order they are declared, once per catalog, each in its own transaction.
+    """
+    if not name.isidentifier():
+        raise ValueError(f"migration set name {name!r} must be an identifier")
+    if name == migrations.name or name in SUBSYSTEM_MIGRATIONS:
+        raise ValueError(f"migration set {name!r} is already registered")
+    SUBSYSTEM_MIGRATIONS[name] = Migrations(name)
+    return SUBSYSTEM_MIGRATIONS[name]
 
 
 @migrations()
@@ -88,28 +110,40 @@ def connect_read_only(path: Path) -> sqlite_utils.Database:
     return sqlite_utils.Database(conn)
 
 
-def open_catalog(home: Path, read_only: bool | None = None) -> sqlite_utils.Database:
+def open_catalog(home: Path, read_only: bool | None = None, subsystem: str | None = None) -> sqlite_utils.Database:
     """Open `registry.db` under `home`, applying pending migrations under a lock.
 
     `read_only` (by default: when this process cannot write `home`) opens it without writing anything.
+    `subsystem` names a set from `subsystem_migrations` whose tables the caller needs, applied after
+    the registry's own.
     """
+    sets = [migrations]
+    if subsystem is not None:
+        if subsystem not in SUBSYSTEM_MIGRATIONS:
+            raise ValueError(f"no migration set {subsystem!r} is registered")
+        sets.append(SUBSYSTEM_MIGRATIONS[subsystem])
     db_path = home / "registry.db"
     if read_only is None:
         read_only = not home_is_writable(home)
     try:
         db = connect_read_only(db_path) if read_only else connect(db_path)
-        pending = migrations.pending(db)
+        pending = [m for m in sets if m.pending(db)]
     except sqlite3.DatabaseError as exc:
         if "locked" in str(exc):
             raise
         raise CatalogError(f"{db_path} is not a readable registry catalog ({exc}): restore it from a backup, "
                            "or move it aside to start an empty registry") from None
-    if pending:
-        if read_only:
+    if read_only:
+        # A subsystem's set is applied only by the commands that open it, so a read-only home may
+        # never have had it: its tables are read as they are (see CatalogTable), absent ones as empty.
+        if migrations in pending:
             raise CatalogError(f"{db_path} needs upgrading for this loraforge version, which a read-only home "
                                "does not allow: run any command once with write access")
+        return db
+    if pending:
         with file_lock(home / "registry.lock"):
-            migrations.apply(db)
+            for pending_set in pending:
+                pending_set.apply(db)
     return db
 
 
@@ -125,56 +159,3 @@ def immediate(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
         raise
     else:
         conn.execute("COMMIT")
-
-
-@migrations()
-def m010_jobs(db: sqlite_utils.Database) -> None:
-    """Daemon jobs: one row per queued recipe run (see loraforge.daemon.queue)."""
-    db["jobs"].create(
-        {
-            "id": int,
-            "recipe": str,
-            "recipe_name": str,
-            "recipe_digest": str,
-            "steps": str,
-            "status": str,
-            "reason": str,
-            "worker": str,
-            "pid": int,
-            "log_path": str,
-            "error": str,
-            "exit_code": int,
-            "attempts": int,
-            "retry_of": int,
-            "cancel_requested": int,
-            "created_at": str,
-            "updated_at": str,
-            "started_at": str,
-            "finished_at": str,
-        },
-        pk="id",
-        not_null={"recipe", "status", "created_at"},
-        defaults={"attempts": 0, "cancel_requested": 0},
-    )
-    db["jobs"].create_index(["status"])
-    db["jobs"].create_index(["recipe", "status"])
-
-
-@migrations()
-def m020_reward_cache(db: sqlite_utils.Database) -> None:
-    """Cached reward-model answers, keyed by (image digest, prompt, model, reward version) (see loraforge.rewards)."""
-    db["reward_cache"].create(
-        {
-            "key": str,
-            "reward": str,
-            "version": str,
-            "model": str,
-            "image_digest": str,
-            "prompt": str,
-            "value": float,
-            "detail": str,
-            "created_at": str,
-        },
-        pk="key",
-        not_null={"reward", "value"},
-    )

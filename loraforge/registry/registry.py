@@ -320,6 +320,12 @@ class Registry:
         for (text,) in self.db.execute("SELECT manifest FROM artifacts ORDER BY id").fetchall():
             yield Manifest.from_json(text)
 
+    def table(self, subsystem: str, name: str):
+        """A subsystem's own table in this catalog (its migrations applied), on a connection of its own."""
+        from loraforge.registry.tables import open_table
+
+        return open_table(self.home, subsystem, name, read_only=self.read_only)
+
     # -- files -------------------------------------------------------------------------------
 
     def blob_path(self, entry: FileEntry) -> Path:
