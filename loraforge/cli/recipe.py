@@ -61,6 +61,8 @@ def plan(ctx: click.Context, file: str, sets: tuple[str, ...], locked: bool, as_
             for s in result.steps]
     print_table(rows, ["step", "kind", "status", "output", "reuses", "reason"],
                 title=f"{result.recipe.name}: {len(result.stale)} of {len(result.steps)} steps to run")
+    for path, hashed in result.recomputed.items():
+        click.echo(f"digest recomputed: {path} ({hashed} file{'s' if hashed != 1 else ''} hashed)")
 
 
 @recipe.command()

@@ -4,7 +4,10 @@ Built-ins register exactly like third-party plugins: with `GROUP.register(name, 
 imports every module of its built-in package, then every entry point of its entry-point group
 (`loraforge.<group>` in a package's metadata), so `pip install loraforge-foo` adds methods.
 
-A plugin's version is the `version=` of `register`, else the object's `version` attribute, else 1.
+A plugin's version is its object's `version` attribute (a class attribute of a trainer or step kind),
+else the `version=` given to `register`, else 1. It is part of the input digest of every recipe step
+that runs the plugin: bump it when the plugin's numbers change, so exactly the steps built with the
+old code are rebuilt (an upgrade of loraforge itself rebuilds nothing).
 """
 
 from __future__ import annotations
@@ -28,9 +31,14 @@ class PluginInfo:
     group: str
     obj: Any
     reference_url: Optional[str] = None
-    version: str = "1"
+    registered_version: str = "1"
     description: str = ""
     source: str = "builtin"
+
+    @property
+    def version(self) -> str:
+        # Read from the object each time, so the version cannot differ from the code that runs.
+        return str(getattr(self.obj, "version", self.registered_version))
 
 
 @dataclass
@@ -63,8 +71,11 @@ class PluginGroup:
             doc = description if description is not None else (obj.__doc__ or "").strip().split("\n")[0]
             module = getattr(obj, "__module__", "") or ""
             source = "builtin" if module.startswith("loraforge.") else module
-            plugin_version = str(version if version is not None else getattr(obj, "version", 1))
-            self._plugins[name] = PluginInfo(name, self.name, obj, reference_url, plugin_version, doc, source)
+            own = getattr(obj, "version", None)
+            if version is not None and own is not None and str(own) != str(version):
+                raise PluginError(f"{self.name} plugin {name!r} declares version {own} but is registered as "
+                                  f"version {version}: give the version in one place")
+            self._plugins[name] = PluginInfo(name, self.name, obj, reference_url, str(version or 1), doc, source)
             return obj
 
         return decorator

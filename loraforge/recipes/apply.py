@@ -189,7 +189,8 @@ def _lock_entry(ps: PlanStep, manifest: Optional[Manifest], old: Optional[dict])
     from loraforge import __version__
 
     entry = {"kind": ps.kind, "input_digest": ps.input_digest, "config_digest": ps.inputs.config_digest,
-             "inputs": dict(ps.inputs.inputs), "loraforge_version": __version__}
+             "inputs": dict(ps.inputs.inputs), "versions": dict(ps.inputs.versions),
+             "loraforge_version": __version__}
     if manifest is not None:
         entry["output"] = manifest.ref
         entry["output_digest"] = manifest.digest

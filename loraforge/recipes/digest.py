@@ -1,10 +1,13 @@
 """Input digests: what every reference of a step resolves to, and the digest of a step's inputs.
 
 A step's input digest = sha256 of {its kind, its normalised config with every reference replaced
-by the identity of what it points at, the loraforge version}. The identity of `${step}` is that
+by the identity of what it points at, the versions of its step kind and of the plugins it runs}.
+Not loraforge's own version: an upgrade rebuilds only steps whose kind or method declares new
+numbers by bumping its `version`. The identity of `${step}` is that
 step's own input digest (outputs are reused by input digest, so this is known before anything
 runs and a whole plan is computed up front); of a registry artifact its content digest; of a
-local file or folder (a dataset) the digest of its bytes; of `builtin:NAME` the model's digest.
+local file or folder (a dataset) the digest of its bytes (see digest_index: unchanged files are not
+read again); of `builtin:NAME` the model's digest.
 """
 
 from __future__ import annotations
@@ -14,11 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from loraforge import __version__
 from loraforge.errors import LoraforgeError, RecipeError
-from loraforge.hashing import sha256_file, sha256_folder, sha256_json
+from loraforge.hashing import sha256_json
+from loraforge.home import cache_dir, home_is_writable
+from loraforge.plugins import GROUPS, STEP_KINDS
+from loraforge.recipes.digest_index import DigestIndex
 from loraforge.recipes.loader import step_ref
 from loraforge.recipes.schema import Recipe, Step
+
+DIGEST_INDEX = "path-digests.json"  # in the home's cache folder
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class StepInputs:
     config_digest: str
     inputs: dict[str, str]  # reference as written → identity
     concrete: dict[tuple, str] = field(default_factory=dict)  # location → reference the runner uses
+    versions: dict[str, str] = field(default_factory=dict)  # "group/name" → plugin version (see step_versions)
 
 
 class Resolver:
@@ -53,6 +61,8 @@ class Resolver:
         self.lock = lock
         self.base_dir = recipe.source.path.parent
         self.cache: dict[str, Resolved] = {}
+        home = registry.home
+        self.digests = DigestIndex(cache_dir(home) / DIGEST_INDEX if home_is_writable(home) else None)
 
     def resolve(self, value: str, where: tuple) -> Resolved:
         if value in self.cache:
@@ -82,7 +92,7 @@ class Resolver:
             path = ref.path.resolve()
             if not path.exists():
                 raise RecipeError(f"{value} does not exist (looked for {path})")
-            digest = sha256_folder(path) if path.is_dir() else sha256_file(path)
+            digest = self.digests.folder_digest(path) if path.is_dir() else self.digests.file_digest(path)
             resolved = Resolved(value, "path", digest, path=str(path))
         elif ref.kind == "builtin":
             resolved = Resolved(value, "builtin", resolve_base(self.registry, ref).digest)
@@ -138,9 +148,30 @@ def compute_inputs(step: Step, resolver: Resolver, step_digests: dict[str, str],
             concrete[loc] = resolved.pinned or resolved.path or value
         inputs[value] = identity
         _set(normalised, loc[1:], identity)
-    payload = {"kind": step.kind, "config": normalised, "loraforge": __version__}
+    versions = step_versions(step)
+    payload = {"kind": step.kind, "config": normalised, "versions": versions}
     return StepInputs(input_digest=sha256_json(payload), config_digest=sha256_json(as_written),
-                      inputs=inputs, concrete=concrete)
+                      inputs=inputs, concrete=concrete, versions=versions)
+
+
+def step_versions(step: Step) -> dict[str, str]:
+    """The version of the step's kind and of every plugin it runs, as {"group/name": version}."""
+    versions = {f"{STEP_KINDS.name}/{step.kind}": STEP_KINDS.info(step.kind).version}
+    for group, name in step.definition.plugins(step.spec):
+        versions[f"{group.name}/{name}"] = group.info(name).version
+    return versions
+
+
+def version_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """In words, each plugin whose version differs between two step_versions results."""
+    changes = []
+    for key, version in new.items():
+        before = old.get(key)
+        if before is not None and before != version:
+            group, name = key.split("/", 1)
+            noun = GROUPS[group].description if group in GROUPS else group
+            changes.append(f"{noun} {name} version changed ({before} -> {version})")
+    return changes
 
 
 def concrete_spec(step: Step, concrete: dict[tuple, str]):

@@ -6,7 +6,11 @@ one JSON object on stdout and exits 0:
     {"recipe": "<absolute path>", "name": "<recipe name>", "digest": "<recipe digest>", "valid": true,
      "steps": [{"id", "kind", "status": "stale" | "up-to-date", "reason", "input_digest",
                 "output": "<registry name or null>", "depends_on": [step ids]}, ...],
-     "watch": ["<absolute path of every local file or folder the recipe reads>", ...]}
+     "watch": ["<absolute path of every local file or folder the recipe reads>", ...],
+     "recomputed": {"<absolute path of a file or folder whose digest was computed>": <files hashed>}}
+
+Digests of local files are kept by stat in the home's cache (digest_index), so `recomputed` is empty
+when nothing the recipe reads changed since the last plan.
 
 An invalid recipe prints `{"valid": false, "error": "<one line>"}` and exits 1. Steps are listed in
 execution order. `loraforge recipe apply FILE` exits 0 when every step finished (or was up to date)
@@ -19,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from loraforge.hashing import sha256_json
-from loraforge.recipes.digest import Resolver, StepInputs, compute_inputs
+from loraforge.recipes.digest import Resolver, StepInputs, compute_inputs, version_changes
 from loraforge.recipes.graph import Graph, build_graph
 from loraforge.recipes.lock import read_lock, require_lock
 from loraforge.recipes.schema import Recipe
@@ -58,6 +62,7 @@ class Plan:
     resolver: Resolver
     lock: Optional[dict] = None
     watch: list[str] = field(default_factory=list)
+    recomputed: dict[str, int] = field(default_factory=dict)  # path → files hashed for its digest
 
     def step(self, step_id: str) -> PlanStep:
         return next(s for s in self.steps if s.id == step_id)
@@ -68,7 +73,8 @@ class Plan:
 
     def to_json(self) -> dict:
         return {"recipe": str(self.recipe.source.path), "name": self.recipe.name, "digest": self.digest,
-                "valid": True, "steps": [s.to_json() for s in self.steps], "watch": self.watch}
+                "valid": True, "steps": [s.to_json() for s in self.steps], "watch": self.watch,
+                "recomputed": self.recomputed}
 
 
 def recipe_digest(recipe: Recipe) -> str:
@@ -114,7 +120,9 @@ def make_plan(recipe: Recipe, registry, *, force: Iterable[str] = (), locked: bo
             reason = "forced (--force)" if sid in force else "an upstream step is forced"
         steps.append(PlanStep(sid, step.kind, status, reason, inputs, output, graph.deps[sid], existing))
     watch = sorted({r.path for r in resolver.cache.values() if r.path})
-    return Plan(recipe, graph, recipe_digest(recipe), steps, resolver, previous, watch)
+    resolver.digests.save()
+    return Plan(recipe, graph, recipe_digest(recipe), steps, resolver, previous, watch,
+                dict(sorted(resolver.digests.hashed.items())))
 
 
 def _judge(sid, inputs: StepInputs, existing, old: Optional[dict], output, digests, graph) -> tuple[str, str]:
@@ -129,8 +137,6 @@ def _judge(sid, inputs: StepInputs, existing, old: Optional[dict], output, diges
 
 def change_reason(inputs: StepInputs, old: dict) -> str:
     """Which input changed since the lock was written, in words."""
-    from loraforge import __version__
-
     old_inputs = old.get("inputs") or {}
     reasons = []
     for ref, identity in inputs.inputs.items():
@@ -147,6 +153,5 @@ def change_reason(inputs: StepInputs, old: dict) -> str:
             reasons.append(f"{ref} changed")
     if old.get("config_digest") != inputs.config_digest:
         reasons.insert(0, "step config changed")
-    if not reasons and old.get("loraforge_version") not in (None, __version__):
-        reasons.append(f"loraforge version changed ({old.get('loraforge_version')} -> {__version__})")
+    reasons += version_changes(old.get("versions") or {}, inputs.versions)
     return "; ".join(reasons) or "inputs changed"
