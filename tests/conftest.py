@@ -30,6 +30,16 @@ def tiny_sdxl_path(builtin_home) -> Path:
     return ensure_builtin("tiny-sdxl", builtin_home)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests: on a shared 2-core box, two spinning threads per process run
+    many times slower. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch, tiny_sd_path, tiny_sdxl_path) -> Path:
     """An empty loraforge home set as `$LORAFORGE_HOME`, with the session's builtin models linked in.

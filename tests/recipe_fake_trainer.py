@@ -58,7 +58,7 @@ class FakeTrainer:
         return [register_adapter(registry, state, manifest, input_digest=input_digest)]
 
 
-if "recipe_fake" not in TRAINERS._plugins:
+if "recipe_fake" not in TRAINERS:  # imported twice when run as a script (as __main__ and by name)
     TRAINERS.register("recipe_fake")(FakeTrainer)
 
 

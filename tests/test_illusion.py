@@ -13,13 +13,7 @@ from loraforge.render.illusion import get_view, illusion_eps, illusion_grid, ill
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Shared 2-core machines: two intra-op threads under load are many times slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ALL_VIEWS = ["identity", "vflip", "hflip", "rot90", "rot180", "rot270", "negate", "jigsaw", "jigsaw:2:5"]

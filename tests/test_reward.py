@@ -20,13 +20,7 @@ from loraforge.train.sampling import ddim_step_with_logprob, sample_trajectory
 from loraforge.train.trainers.reward import PromptStats, RewardConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Shared 2-core machines: two intra-op threads under load are many times slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _scheduler(steps=5):

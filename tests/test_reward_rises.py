@@ -4,19 +4,12 @@ brightness reward and falls when trained on its inverse (1 - brightness), with t
 from __future__ import annotations
 
 import pytest
-import torch
 
 from loraforge.plugins import TRAINERS
 from loraforge.registry.registry import Registry
 from loraforge.train.trainers.reward import RewardConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train(registry, output, options):

@@ -17,12 +17,7 @@ from loraforge.registry.resolve import load_adapter
 from loraforge.train.trainers.reward import RewardConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

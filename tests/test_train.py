@@ -22,13 +22,7 @@ RES = 32  # pixels; latents are 4×4
 FAST = {"resolution": RES, "rank": 4, "alpha": 8.0, "validation_steps": 2, "learning_rate": 1e-2, "batch_size": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: on a shared 2-core box, two spinning threads per process run many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- fixtures and helpers ---------------------------------------------------------------------

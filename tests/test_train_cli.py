@@ -19,12 +19,7 @@ COMMON = ["--steps", "2", "--resolution", str(RES), "--rank", "4", "--alpha", "8
           "--validation-steps", "2", "--seed", "3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def folders(tmp_path: Path) -> dict[str, str]:

@@ -17,12 +17,7 @@ from loraforge.registry import Registry
 from test_train import RES, adapter_state, pattern_images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- resume after a real kill ------------------------------------------------------------------
