@@ -11,8 +11,6 @@ from PIL import Image
 from loraforge.daemon import Daemon, JobQueue
 from loraforge.registry import Registry
 
-pytest.importorskip("loraforge.recipes.plan", reason="the recipe engine is not installed")
-
 RECIPE = """\
 name: e2e
 base: builtin:tiny-sd

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from loraforge.daemon.debounce import Debouncer
-from loraforge.daemon.planner import Plan, PlanningChild
+from loraforge.daemon.planner import PlanningChild, PlanReport
 from loraforge.daemon.queue import Job, JobQueue
 from loraforge.daemon.status import daemon_dir, write_status
 from loraforge.daemon.watcher import Watcher
@@ -269,7 +269,7 @@ class Daemon:
             self._dispatch()
         self._write_status()
 
-    def plan(self, recipe: Path, now: float | None = None) -> Plan:
+    def plan(self, recipe: Path, now: float | None = None) -> PlanReport:
         """Plan `recipe` in a child; while it runs, the loop keeps beating, reaping and dispatching.
 
         A plan can take longer than `daemon status` waits for a heartbeat, so blocking on it would
@@ -318,7 +318,7 @@ class Daemon:
             self.event(f"job {job.id}: updated by a newer change to {recipe.name} [{steps}] ({reason})")
         return job
 
-    def _record_invalid(self, recipe: Path, plan: Plan, reason: str) -> Optional[Job]:
+    def _record_invalid(self, recipe: Path, plan: PlanReport, reason: str) -> Optional[Job]:
         key = str(recipe)
         previous = self.queue.list(recipe=key)
         last = previous[-1] if previous else None

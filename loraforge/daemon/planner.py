@@ -14,7 +14,9 @@ from loraforge.hashing import sha256_file
 
 
 @dataclass
-class Plan:
+class PlanReport:
+    """A recipe's plan as the daemon reads it from `recipe plan --json` (the engine's is recipes.plan.Plan)."""
+
     recipe: str
     valid: bool
     error: Optional[str] = None
@@ -58,7 +60,7 @@ class PlanningChild:
     Planning can take minutes (a dataset folder is hashed, a base model resolved); the daemon polls this
     child so its heartbeat, reaping and dispatch go on meanwhile. Output goes to anonymous temp files,
     not pipes: a plan larger than a pipe buffer would otherwise stall a child nobody reads from yet.
-    Any failure (bad recipe, crash, hang) becomes an invalid Plan, never an exception.
+    Any failure (bad recipe, crash, hang) becomes an invalid PlanReport, never an exception.
     """
 
     def __init__(self, recipe_cmd: Sequence[str], recipe: Path, env: dict[str, str], timeout: float = 300.0):
@@ -66,7 +68,7 @@ class PlanningChild:
         self.timeout = float(timeout)
         self.deadline = time.monotonic() + self.timeout  # real time: a test's clock must not stop a hang
         self.proc: Optional[subprocess.Popen] = None
-        self.result: Optional[Plan] = None
+        self.result: Optional[PlanReport] = None
         self._stdout = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
         self._stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
         cmd = [*recipe_cmd, "recipe", "plan", str(self.recipe), "--json"]
@@ -76,16 +78,16 @@ class PlanningChild:
         except OSError as exc:
             self._finish(self._invalid(f"cannot run the recipe planner: {exc}"))
 
-    def _invalid(self, error: str) -> Plan:
-        return Plan(str(self.recipe), False, error, digest=file_digest(self.recipe))
+    def _invalid(self, error: str) -> PlanReport:
+        return PlanReport(str(self.recipe), False, error, digest=file_digest(self.recipe))
 
-    def _finish(self, plan: Plan) -> Plan:
+    def _finish(self, plan: PlanReport) -> PlanReport:
         self.result = plan
         self._stdout.close()
         self._stderr.close()
         return plan
 
-    def poll(self) -> Optional[Plan]:
+    def poll(self) -> Optional[PlanReport]:
         """The plan once the child is done (killed after `timeout`), else None."""
         if self.result is not None or self.proc is None:
             return self.result
@@ -100,7 +102,7 @@ class PlanningChild:
         self._stderr.seek(0)
         return self._finish(self._parse(returncode, self._stdout.read(), self._stderr.read()))
 
-    def wait(self, seconds: float) -> Optional[Plan]:
+    def wait(self, seconds: float) -> Optional[PlanReport]:
         """Poll, sleeping at most `seconds` for the child; returns early when it exits."""
         if self.result is None and self.proc is not None:
             try:
@@ -113,7 +115,7 @@ class PlanningChild:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
 
-    def _parse(self, returncode: int, stdout: str, stderr: str) -> Plan:
+    def _parse(self, returncode: int, stdout: str, stderr: str) -> PlanReport:
         data = _parse_json_object(stdout)
         if data is None or returncode not in (0, 1):
             detail = _last_line(stderr) or _last_line(stdout) or f"exit code {returncode}"
@@ -123,7 +125,7 @@ class PlanningChild:
         if not data.get("valid", returncode == 0) or returncode != 0:
             error = data.get("error") or _last_line(stderr) or "invalid recipe"
             return self._invalid(" ".join(str(error).split()))
-        return Plan(
+        return PlanReport(
             recipe=str(self.recipe),
             valid=True,
             name=data.get("name"),
@@ -133,7 +135,8 @@ class PlanningChild:
         )
 
 
-def plan_recipe(recipe_cmd: Sequence[str], recipe: Path, env: dict[str, str], timeout: float = 300.0) -> Plan:
+def plan_recipe(recipe_cmd: Sequence[str], recipe: Path, env: dict[str, str],
+                timeout: float = 300.0) -> PlanReport:
     """Plan one recipe and wait for it (for callers with nothing else to do meanwhile)."""
     child = PlanningChild(recipe_cmd, recipe, env, timeout)
     while (plan := child.wait(1.0)) is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 Component = Literal["unet", "text_encoder", "vae"]
 DType = Literal["fp32", "fp16", "bf16"]
@@ -53,10 +53,6 @@ class FuseSpec(Spec):
     base: str = Field(description="Base checkpoint the adapters are baked into.")
     adapters: list[AdapterInput] = Field(min_length=1, description="Adapters with weights.")
     dtype: DType = Field("fp16", description="Output dtype.")
-
-    @model_validator(mode="after")
-    def _distinct(self) -> "FuseSpec":
-        return self
 
 
 def make_spec(cls: type[Spec], **fields: Any) -> Spec:
