@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+from loraforge.errors import RecipeError
 from loraforge.hashing import sha256_json
 from loraforge.recipes.digest import Resolver, StepInputs, compute_inputs, version_changes
 from loraforge.recipes.graph import Graph, build_graph
@@ -84,8 +85,6 @@ def recipe_digest(recipe: Recipe) -> str:
 
 def make_plan(recipe: Recipe, registry, *, force: Iterable[str] = (), locked: bool = False) -> Plan:
     """Resolve every reference, compute input digests in dependency order and judge each step."""
-    from loraforge.errors import RecipeError
-
     graph = build_graph(recipe)
     force = list(force)
     for sid in force:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, ValidationError, create_model
 
 from loraforge.errors import LoraforgeError, PluginError, RecipeError
 from loraforge.plugins import STEP_KINDS
@@ -76,7 +76,7 @@ class Recipe(BaseModel):
     """A validated recipe: its source, name, default base and steps in file order."""
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
-    source: Any = Field(exclude=True)
+    source: SkipValidation[RecipeSource] = Field(exclude=True)  # the parsed file, kept for error positions
     name: str
     description: Optional[str] = None
     base: str = DEFAULT_BASE
