@@ -130,7 +130,7 @@ def export(ctx, ref, fmt, output):
 @click.argument("alias")
 @click.pass_context
 def tag(ctx, ref, alias):
-    """Point ALIAS (e.g. prod) of REF's name at REF; aliases move."""
+    """Point ALIAS (such as prod) of REF's name at REF; aliases move."""
     manifest = registry_from_ctx(ctx).tag(ref, alias)
     click.echo(f"{manifest.name}:{alias} -> {manifest.ref}")
 
