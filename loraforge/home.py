@@ -44,6 +44,11 @@ def cache_dir(home: Path) -> Path:
     return home / "cache"
 
 
+def digest_index_file(home: Path) -> Path:
+    """Where file digests are kept by stat (hashing.DigestIndex): recipe inputs and local base models."""
+    return cache_dir(home) / "file-digests.json"
+
+
 def tmp_dir(home: Path) -> Path:
     """This process's scratch folder, `tmp/<host>.<pid>.<start time>`, created on first use.
 

@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import loraforge.models.base as base_module
+from loraforge import hashing
 from loraforge.errors import ConfigError, FormatError, UnresolvedReference, UnsafePickleError
 from loraforge.hashing import sha256_file, sha256_folder
 from loraforge.home import tmp_dir
@@ -171,7 +171,7 @@ def test_digest_is_cached_until_the_folder_changes(home, builtin_paths, monkeypa
     def no_hashing(path):
         raise AssertionError("digest recomputed although nothing changed")
 
-    monkeypatch.setattr(base_module, "sha256_folder", no_hashing)
+    monkeypatch.setattr(hashing, "sha256_file", no_hashing)  # what the digest index reads files with
     assert locate_base(str(folder), home).digest == digest
     monkeypatch.undo()
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge.errors import FormatError, UnresolvedReference
-from loraforge.hashing import iter_folder_files, sha256_file, sha256_folder, sha256_json
-from loraforge.home import cache_dir, loraforge_home
+from loraforge.hashing import DigestIndex
+from loraforge.home import digest_index_file, home_is_writable, loraforge_home
 from loraforge.models.builtin import ensure_builtin
 from loraforge.reference import Reference
 
@@ -119,45 +117,11 @@ def family_of_single_file(path: Path) -> str:
     return family_of_keys(checkpoint_keys(path), source=str(path))
 
 
-# ---- digests, cached by (path, size, mtime) ------------------------------------------------
-
-def _digest_cache_file(home: Path) -> Path:
-    return cache_dir(home) / "base_digests.json"
-
-
-def _fingerprint(path: Path) -> str:
-    """Changes whenever a file (or any file of a folder) changes size or modification time."""
-    if path.is_dir():
-        stats = []
-        for p in iter_folder_files(path):
-            st = p.stat()
-            stats.append([p.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns])
-        return sha256_json(stats)
-    st = path.stat()
-    return sha256_json([st.st_size, st.st_mtime_ns])
-
-
 def cached_digest(path: Path, home: Path) -> str:
-    """sha256_folder / sha256_file of `path`, remembered under the home until the files change."""
-    path = Path(path)
-    key = str(path.resolve())
-    fingerprint = _fingerprint(path)
-    cache_file = _digest_cache_file(home)
-    try:
-        cache = json.loads(cache_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cache = {}
-    entry = cache.get(key)
-    if isinstance(entry, dict) and entry.get("fingerprint") == fingerprint:
-        return entry["digest"]
-    digest = sha256_folder(path) if path.is_dir() else sha256_file(path)
-    cache[key] = {"fingerprint": fingerprint, "digest": digest}
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    # Write-then-rename so a concurrent reader never sees half a file; a lost update only costs a rehash.
-    fd, tmp = tempfile.mkstemp(prefix=".base_digests-", dir=cache_file.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(cache, f, indent=1, sort_keys=True)
-    os.replace(tmp, cache_file)
+    """sha256_folder / sha256_file of `path`; only files whose stat changed are read (hashing.DigestIndex)."""
+    index = DigestIndex(digest_index_file(home) if home_is_writable(home) else None)
+    digest = index.digest(Path(path).resolve())
+    index.save()
     return digest
 
 

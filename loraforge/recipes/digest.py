@@ -6,8 +6,8 @@ Not loraforge's own version: an upgrade rebuilds only steps whose kind or method
 numbers by bumping its `version`. The identity of `${step}` is that
 step's own input digest (outputs are reused by input digest, so this is known before anything
 runs and a whole plan is computed up front); of a registry artifact its content digest; of a
-local file or folder (a dataset) the digest of its bytes (see digest_index: unchanged files are not
-read again); of `builtin:NAME` the model's digest.
+local file or folder (a dataset) the digest of its bytes (see hashing.DigestIndex: unchanged files
+are not read again); of `builtin:NAME` the model's digest.
 """
 
 from __future__ import annotations
@@ -18,14 +18,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from loraforge.errors import LoraforgeError, RecipeError
-from loraforge.hashing import sha256_json
-from loraforge.home import cache_dir, home_is_writable
+from loraforge.hashing import DigestIndex, sha256_json
+from loraforge.home import digest_index_file, home_is_writable
 from loraforge.plugins import GROUPS, STEP_KINDS
-from loraforge.recipes.digest_index import DigestIndex
 from loraforge.recipes.loader import step_ref
 from loraforge.recipes.schema import Recipe, Step
-
-DIGEST_INDEX = "path-digests.json"  # in the home's cache folder
 
 
 @dataclass(frozen=True)
@@ -62,7 +59,7 @@ class Resolver:
         self.base_dir = recipe.source.path.parent
         self.cache: dict[str, Resolved] = {}
         home = registry.home
-        self.digests = DigestIndex(cache_dir(home) / DIGEST_INDEX if home_is_writable(home) else None)
+        self.digests = DigestIndex(digest_index_file(home) if home_is_writable(home) else None)
 
     def resolve(self, value: str, where: tuple) -> Resolved:
         if value in self.cache:
@@ -92,7 +89,7 @@ class Resolver:
             path = ref.path.resolve()
             if not path.exists():
                 raise RecipeError(f"{value} does not exist (looked for {path})")
-            digest = self.digests.folder_digest(path) if path.is_dir() else self.digests.file_digest(path)
+            digest = self.digests.digest(path)
             resolved = Resolved(value, "path", digest, path=str(path))
         elif ref.kind == "builtin":
             resolved = Resolved(value, "builtin", resolve_base(self.registry, ref).digest)

@@ -9,7 +9,7 @@ one JSON object on stdout and exits 0:
      "watch": ["<absolute path of every local file or folder the recipe reads>", ...],
      "recomputed": {"<absolute path of a file or folder whose digest was computed>": <files hashed>}}
 
-Digests of local files are kept by stat in the home's cache (digest_index), so `recomputed` is empty
+Digests of local files are kept by stat in the home's cache (hashing.DigestIndex), so `recomputed` is empty
 when nothing the recipe reads changed since the last plan.
 
 An invalid recipe prints `{"valid": false, "error": "<one line>"}` and exits 1. Steps are listed in
