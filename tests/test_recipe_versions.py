@@ -99,3 +99,17 @@ def test_an_unchanged_dataset_is_not_read_again_and_an_edit_is_noticed(home, tmp
     text = run_cli(home, "recipe", "plan", str(recipe)).output
     assert f"digest recomputed: {data} (1 file hashed)" in text and hashed[3:] == ["0.txt"]
     assert _status(_plan(home, recipe))["style"] == ("stale", "dataset ./data changed")
+
+
+def test_a_reward_train_steps_digest_holds_its_rewards_version(home, tmp_path, monkeypatch):
+    from loraforge.plugins import REWARDS
+
+    recipe = tmp_path / "rw.yaml"
+    recipe.write_text("name: rw\nsteps:\n  bright:\n    train: {method: reward, reward: brightness, prompts: [a cat],"
+                      " iterations: 1, rank: 2}\n")
+    before = _plan(home, recipe)["steps"][0]["input_digest"]
+    monkeypatch.setattr(REWARDS.get("brightness"), "version", "2", raising=False)
+    assert _plan(home, recipe)["steps"][0]["input_digest"] != before
+    recipe.write_text(recipe.read_text().replace("reward: brightness", "reward: no_such_reward"))
+    result = run_cli(home, "recipe", "validate", str(recipe), ok=False)
+    assert result.exit_code == 1 and "no_such_reward" in result.output

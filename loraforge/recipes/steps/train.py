@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loraforge.errors import RecipeError
-from loraforge.plugins import STEP_KINDS, TRAINERS
+from loraforge.plugins import REWARDS, STEP_KINDS, TRAINERS
 from loraforge.recipes.schema import Recipe, Step, raise_validation
 from loraforge.recipes.step_kind import SpecReference, StepContext, StepDefaults, StepKind, nested_references
 
@@ -48,7 +48,12 @@ class TrainStep(StepKind):
         return TrainSpec.model_validate({**spec.model_dump(), "base": defaults.base})
 
     def plugins(self, spec: TrainSpec):
-        return [(TRAINERS, spec.method)]
+        found = [(TRAINERS, spec.method)]
+        reward = train_fields(spec).get("reward")
+        if isinstance(reward, str):  # a reward trainer's numbers also depend on its reward's version
+            name = reward.strip()
+            found.append((REWARDS, "python" if name.startswith("python:") else name))
+        return found
 
     def check(self, recipe: Recipe, step: Step) -> None:
         """The trainer's config accepts the step's keys (step references left as written)."""
