@@ -131,3 +131,13 @@ def test_only_the_io_module_touches_the_safetensors_package():
                 offenders.append(f"{rel}:{node.lineno}")
     assert offenders == [], f"import safetensors through {IO_MODULE}: {offenders}"
     assert not (root / "ops" / "tensors.py").exists() and not (root / "formats" / "detect.py").exists()
+
+
+def test_loraforge_plugins_lists_the_adapter_formats():
+    from click.testing import CliRunner
+
+    from loraforge.cli import cli
+
+    result = CliRunner().invoke(cli, ["plugins", "--group", "formats", "--json"])
+    assert result.exit_code == 0, result.output
+    assert {"diffusers", "kohya", "loraforge", "peft", "slider_pt"} <= {p["name"] for p in json.loads(result.output)}

@@ -29,7 +29,7 @@ def _show(rows, as_json):
 @click.option("--group", type=click.Choice(list(GROUPS)), help="Only this plugin group.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(group, as_json):
-    """List installed plugins (merge methods, trainers, rewards, evaluators, recipe step kinds)."""
+    """List installed plugins (merge methods, trainers, rewards, evaluators, recipe step kinds, adapter formats)."""
     groups = [group] if group else list(GROUPS)
     _show(_rows(groups), as_json)
 

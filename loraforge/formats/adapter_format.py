@@ -19,7 +19,7 @@ from torch import Tensor
 from loraforge.errors import FormatError, PluginError
 from loraforge.formats.lora import LoraState
 from loraforge.formats.safetensors_io import read_header, read_safetensors
-from loraforge.plugins import PluginGroup
+from loraforge.plugins import FORMATS as FORMAT_GROUP
 
 ModuleNames = Mapping[str, Iterable[str]] | None
 
@@ -55,7 +55,7 @@ class AdapterFormat:
         object.__setattr__(self, "__module__", getattr(self.read, "__module__", None) or type(self).__module__)
 
 
-FORMAT_PLUGINS = PluginGroup("formats", "loraforge.formats", "adapter format")
+FORMAT_PLUGINS = FORMAT_GROUP  # the plugin group; FORMATS below is the read-only name -> format view
 
 
 def register_format(fmt: AdapterFormat) -> AdapterFormat:

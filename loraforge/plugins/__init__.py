@@ -161,6 +161,7 @@ TRAINERS = PluginGroup("trainers", "loraforge.train.trainers", "trainer")
 REWARDS = PluginGroup("rewards", "loraforge.rewards", "reward")
 EVALUATORS = PluginGroup("evaluators", "loraforge.evaluators", "evaluator")
 STEP_KINDS = PluginGroup("step_kinds", "loraforge.recipes.steps", "recipe step kind")
+FORMATS = PluginGroup("formats", "loraforge.formats", "adapter format")
 
 GROUPS: dict[str, PluginGroup] = {g.name: g for g in (MERGE_METHODS, LORA_METHODS, TRAINERS, REWARDS, EVALUATORS,
-                                                      STEP_KINDS)}
+                                                      STEP_KINDS, FORMATS)}

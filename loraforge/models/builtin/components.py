@@ -9,12 +9,12 @@ from typing import Any
 import torch
 
 from loraforge.errors import UnresolvedReference
+from loraforge.reference import BUILTIN_PREFIX
 from loraforge.models.builtin.seed import seeded
 from loraforge.models.builtin.tokenizer import tiny_clip_tokenizer
 from loraforge.models.builtin.vae import tiny_vae
 
 BUILTIN_NAMES = ("tiny-sd", "tiny-sdxl")
-BUILTIN_PREFIX = "builtin:"
 
 
 def _text_config(vocab_size: int, eos_id: int, bos_id: int, *, projection: bool):
