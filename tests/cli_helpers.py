@@ -15,3 +15,16 @@ def run_cli(home: Path, *args: str, ok: bool = True) -> Result:
     if ok:
         assert result.exit_code == 0, result.output
     return result
+
+
+def error_line(output: str) -> str:
+    """The one line of a refusal: `Error: …` and nothing else (no traceback, no second line)."""
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), output
+    return lines[0]
+
+
+def refused(result: Result, exit_code: int = 1) -> str:
+    """The `Error: …` line of a CLI run that must fail with `exit_code`."""
+    assert result.exit_code == exit_code, result.output
+    return error_line(result.output)

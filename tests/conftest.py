@@ -53,3 +53,15 @@ def home(tmp_path, monkeypatch, tiny_sd_path, tiny_sdxl_path) -> Path:
         (builtin / name).symlink_to(built, target_is_directory=True)
     monkeypatch.setenv("LORAFORGE_HOME", str(path))
     return path
+
+
+@pytest.fixture()
+def adapter_file(tmp_path, tiny_sd_path) -> Path:
+    """A small random kohya LoRA for tiny-sd (rank 2, seed 3) in the test's folder."""
+    from loraforge.formats import write_adapter
+    from loraforge.models.targets import module_shapes
+    from loraforge.synthetic import random_lora
+
+    path = tmp_path / "style.safetensors"
+    write_adapter(random_lora(module_shapes(tiny_sd_path), rank=2, seed=3), path, "kohya")
+    return path

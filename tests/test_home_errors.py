@@ -12,18 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.formats import write_adapter
-from loraforge.models.targets import module_shapes
-from loraforge.synthetic import random_lora
 
 from cli_helpers import run_cli as run
+from cli_helpers import error_line as one_error_line
 
-
-@pytest.fixture()
-def adapter_file(tmp_path, tiny_sd_path) -> Path:
-    path = tmp_path / "style.safetensors"
-    write_adapter(random_lora(module_shapes(tiny_sd_path), rank=2, seed=3), path, "kohya")
-    return path
 
 
 @pytest.fixture()
@@ -38,11 +30,6 @@ def state(home: Path) -> dict:
     return {str(p.relative_to(home)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in home.rglob("*") if p.is_file() and "tmp" not in p.relative_to(home).parts}
 
-
-def one_error_line(output: str) -> str:
-    lines = output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), output
-    return lines[0]
 
 
 WRITES = [

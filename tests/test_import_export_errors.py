@@ -20,13 +20,8 @@ from loraforge.registry import Registry
 from loraforge.synthetic import random_lora
 
 from cli_helpers import run_cli as run
+from cli_helpers import refused as one_error_line
 
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
 
 
 @pytest.fixture()

@@ -11,6 +11,7 @@ from loraforge.registry import Registry
 from loraforge.synthetic import random_lora
 
 from cli_helpers import run_cli
+from cli_helpers import refused as _one_error_line
 
 BAD_CHECKPOINT_PARAMS = [
     ("ties", "density=abc", "density='abc'"),
@@ -22,12 +23,6 @@ BAD_CHECKPOINT_PARAMS = [
     ("slerp", "epsilon=-1", "epsilon=-1"),
 ]
 
-
-def _one_error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
 
 
 @pytest.mark.parametrize("method, param, shown", BAD_CHECKPOINT_PARAMS)

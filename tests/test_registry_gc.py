@@ -13,20 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.formats import write_adapter
 from loraforge.home import tmp_dir
-from loraforge.models.targets import module_shapes
 from loraforge.registry import Registry, registry as registry_module
-from loraforge.synthetic import random_lora
 
 from cli_helpers import run_cli as run
 
-
-@pytest.fixture()
-def adapter_file(tmp_path, tiny_sd_path) -> Path:
-    path = tmp_path / "style.safetensors"
-    write_adapter(random_lora(module_shapes(tiny_sd_path), rank=2, seed=3), path, "kohya")
-    return path
 
 
 def test_gc_during_a_registration_waits_and_keeps_its_blob(home, adapter_file, tmp_path, monkeypatch):

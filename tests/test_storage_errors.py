@@ -18,6 +18,7 @@ import pytest
 from loraforge.home import tmp_dir
 
 from cli_helpers import run_cli as run
+from cli_helpers import error_line as one_error_line
 
 
 def commands(tiny_sd_path: Path) -> dict[str, tuple[str, ...]]:
@@ -34,11 +35,6 @@ def snapshot(home: Path) -> dict:
     scratch = sorted(str(p) for p in (home / "tmp").rglob("*") if p.is_file())
     return {"versions": [(r["name"], r["version"], r["digest"]) for r in rows], "blobs": blobs, "scratch": scratch}
 
-
-def one_error_line(output: str) -> str:
-    lines = output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), output
-    return lines[0]
 
 
 class FullDisk:
