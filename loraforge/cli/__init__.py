@@ -34,7 +34,7 @@ COMMAND_HELP: dict[str, str] = {
     "merge": "Merge checkpoints or LoRA adapters.",
     "lora": "Fuse, extract and resize LoRA adapters.",
     "methods": "List merge methods, LoRA algebra methods and trainers.",
-    "plugins": "List installed plugins (rewards, merge methods, trainers, evaluators).",
+    "plugins": "List installed plugins (merge methods, trainers, rewards, evaluators, step kinds, formats).",
     "recipe": "Validate, plan and apply recipe files.",
     "train": "Train adapters (LoRA, DreamBooth-LoRA, sliders, joint, reward).",
     "hub": "Push artifacts to and pull them from the Hugging Face Hub.",
