@@ -288,6 +288,17 @@ def test_a_plan_longer_than_the_staleness_window_leaves_the_daemon_alive(lf_home
     daemon.close()
 
 
+def test_status_shows_a_job_change_at_once_despite_the_heartbeat_rate_limit(lf_home, recipes):
+    """The heartbeat is rate-limited, but a job that starts or finishes is in status.json right away."""
+    daemon = make_daemon(lf_home, recipes)
+    daemon.start(now=0.0)
+    daemon.tick(now=0.0)  # a status write: the rate limit now holds back the next ones
+    daemon.event("job 7: succeeded (x.yaml)")
+    daemon.tick(now=0.0)
+    assert "job 7: succeeded (x.yaml)" in [e["message"] for e in read_status(lf_home)["events"]]
+    daemon.close()
+
+
 def test_a_second_daemon_on_the_same_home_is_refused(lf_home, recipes):
     first = make_daemon(lf_home, recipes)
     first.start(now=0.0)

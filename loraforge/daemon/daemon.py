@@ -84,6 +84,7 @@ class Daemon:
         self._lock_file = None
         self._planning: Optional[PlanningChild] = None
         self._last_status = float("-inf")
+        self._status_changed = False
         self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     # -- environment -------------------------------------------------------------------------
@@ -95,6 +96,7 @@ class Daemon:
 
     def event(self, message: str) -> None:
         self.events.append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "message": message})
+        self._status_changed = True  # the next status write is not rate-limited: `daemon status` sees it at once
         log.info(message)
 
     # -- start and stop ----------------------------------------------------------------------
@@ -413,11 +415,12 @@ class Daemon:
         }
 
     def _write_status(self, force: bool = False, stopped: bool = False) -> None:
-        # The heartbeat is about real time, whatever clock drives the loop (`now`): rate-limit on it.
+        # The heartbeat is about real time, whatever clock drives the loop (`now`): rate-limit on it. A job
+        # that started or finished is written at once, so status never lags the queue it reports on.
         wall = time.monotonic()
-        if not force and wall - self._last_status < STATUS_EVERY_S:
+        if not force and not self._status_changed and wall - self._last_status < STATUS_EVERY_S:
             return
-        self._last_status = wall
+        self._last_status, self._status_changed = wall, False
         try:
             write_status(self.home, self.status(stopped=stopped))
         except OSError as exc:  # a full disk must not stop the builds
