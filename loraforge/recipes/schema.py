@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path  # noqa: F401  (pydantic < 2.6 resolves the annotations of RecipeSource here)
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation, ValidationError, create_model
