@@ -72,6 +72,7 @@ class DigestIndex:
         self.entries: dict[str, list] = self._read() if path is not None else {}
         self.changed = False
         self.hashed: dict[str, int] = {}  # file or folder asked for → how many of its files were read
+        self._dropped: set[str] = set()
 
     def _read(self) -> dict[str, list]:
         try:
@@ -83,7 +84,10 @@ class DigestIndex:
             return {}
         if not isinstance(data, dict) or data.get("version") != DIGEST_INDEX_VERSION:
             return {}
-        return data.get("files") or {}
+        files = data.get("files")
+        if not isinstance(files, dict):
+            return {}
+        return {k: v for k, v in files.items() if isinstance(v, list) and len(v) == 4 and isinstance(v[3], str)}
 
     def _file(self, path: Path, owner: str) -> str:
         st = path.stat()
@@ -100,6 +104,7 @@ class DigestIndex:
             self.changed = True
         elif key in self.entries:
             del self.entries[key]
+            self._dropped.add(key)
             self.changed = True
         return digest
 
@@ -118,10 +123,13 @@ class DigestIndex:
                                for p in iter_folder_files(folder))
 
     def save(self) -> None:
-        """Write the index atomically (entries of files that are gone are dropped)."""
+        """Write the index atomically, merged with what other indexes saved since this one was read
+        (entries of files that are gone are dropped)."""
         if self.path is None or not self.changed:
             return
-        files = {k: v for k, v in self.entries.items() if os.path.exists(k)}
+        merged = {k: v for k, v in self._read().items() if k not in self._dropped}
+        merged.update(self.entries)
+        files = {k: v for k, v in merged.items() if os.path.exists(k)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
         try:

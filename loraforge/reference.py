@@ -103,7 +103,11 @@ class Reference:
 
 
 def _anchored(text: str, base_dir: Optional[Path]) -> Path:
-    path = Path(text).expanduser()
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # `~user/…` for a user that does not exist
+        raise ConfigError(f"{text!r}: no user {text[1:].split('/')[0]!r} to expand '~' for; "
+                          "write the path out in full") from None
     return path if base_dir is None or path.is_absolute() else Path(base_dir) / path
 
 

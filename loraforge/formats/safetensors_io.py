@@ -308,11 +308,15 @@ class SafetensorsWriter:
             missing = self._order[self._next][0]
             self.abort()
             raise FormatError(f"{self.path.name} is incomplete: tensor {missing} was never written")
-        self._file.flush()
-        if self._fsync:
-            os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.path)
+        try:
+            self._file.flush()
+            if self._fsync:
+                os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:  # a full disk at the last flush must not leave the partial file behind
+            self.abort()
+            raise
         return self.path
 
     def abort(self) -> None:

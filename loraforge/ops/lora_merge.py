@@ -105,7 +105,8 @@ def merge_loras(registry, spec: LoraMergeSpec, *, name: str, recipe=None, input_
                 base: str | None = None, progress: Callable[..., None] | None = None):
     """Merge the adapters of `spec` and register the result as LoRA `name` with full provenance.
 
-    `base` (a reference) is the base the result sits on when the inputs do not already name it.
+    `base` (a reference) is the base the result sits on (a stack's declared base); it must be of the
+    family the inputs were made for.
     """
     from loraforge.registry.importer import register_adapter
     from loraforge.registry.manifest import Manifest, Parent, Provenance
@@ -120,6 +121,9 @@ def merge_loras(registry, spec: LoraMergeSpec, *, name: str, recipe=None, input_
         from loraforge.registry.resolve import resolve_base
 
         declared = resolve_base(registry, base)
+        if base_info is not None and base_info.family and declared.family and base_info.family != declared.family:
+            raise IncompatibleBaseError(f"the adapters are for an {base_info.family} base but {base} is "
+                                        f"{declared.family}: stack them on an {base_info.family} base")
         base_info = BaseInfo(ref=declared.ref, digest=declared.digest, family=declared.family)
     state = combine_states([s for s, *_ in loaded], [a.weight for a in spec.adapters], spec.method, spec.rank,
                            dict(spec.params), labels=[ref for _, _, ref, _ in loaded], progress=progress)

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import sqlite_utils
 
+from loraforge.errors import StorageError
 from loraforge.home import home_is_writable
 from loraforge.registry.catalog import immediate, open_catalog
 
@@ -28,14 +29,22 @@ class CatalogTable:
     def __init__(self, db: sqlite_utils.Database, name: str, read_only: bool = False):
         self.db = db
         self.name = name
+        self.read_only = read_only
         # A read-only catalog may predate the subsystem's migrations: a table it lacks reads as empty.
         self.absent = not db[name].exists()
         if self.absent and not read_only:
             raise ValueError(f"the catalog has no table {name!r}: open it with its subsystem's migrations")
         self.columns = frozenset(db[name].columns_dict)
 
+    def _check_writable(self) -> None:
+        if self.read_only:
+            home = Path(self.db.conn.execute("PRAGMA database_list").fetchone()[2]).parent
+            raise StorageError(f"the loraforge home {home} is read-only: cannot write the {self.name} table; "
+                               "set LORAFORGE_HOME (or --home) to a writable folder")
+
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """A write transaction holding the database lock from its start (read-modify-write is safe)."""
+        self._check_writable()
         return immediate(self.db)
 
     def rows(self, where: Where | None = None, *, columns: Iterable[str] | None = None, order_by: str = "rowid",
@@ -67,6 +76,7 @@ class CatalogTable:
 
     def insert(self, row: Mapping[str, Any]) -> int:
         """Add one row; returns its rowid."""
+        self._check_writable()
         cols = [self._column(c) for c in row]
         cur = self.db.execute(f"INSERT INTO [{self.name}] ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                               list(row.values()))
@@ -74,6 +84,7 @@ class CatalogTable:
 
     def replace_all(self, rows: list[Mapping[str, Any]]) -> None:
         """Insert rows, each replacing any row with the same primary key (rows share one set of columns)."""
+        self._check_writable()
         if not rows:
             return
         cols = [self._column(c) for c in rows[0]]
@@ -83,6 +94,7 @@ class CatalogTable:
 
     def update(self, where: Where, values: Mapping[str, Any]) -> int:
         """Set `values` on the matching rows; returns how many matched. An empty `where` is refused."""
+        self._check_writable()
         if not where:
             raise ValueError(f"refusing to update every row of {self.name}: give a where")
         sets = ", ".join(f"{self._column(c)} = ?" for c in values)
