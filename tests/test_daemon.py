@@ -288,6 +288,18 @@ def test_a_plan_longer_than_the_staleness_window_leaves_the_daemon_alive(lf_home
     daemon.close()
 
 
+def test_the_loops_clock_moves_on_while_a_plan_runs(lf_home, recipes, monkeypatch):
+    """A cancelled job's grace period counts real seconds during a long plan, not the tick's start time."""
+    (recipes / "deep.yaml").write_text("name: deep\nplan_seconds: 1.0\n")
+    daemon = make_daemon(lf_home, recipes, poll_interval=0.05)
+    daemon.start(now=100.0)
+    seen = []
+    monkeypatch.setattr(daemon, "_reap", lambda now: seen.append(now))
+    daemon.tick(now=100.0)
+    assert len(seen) > 3 and max(seen) - seen[0] > 0.5 and min(seen) >= 100.0, seen
+    daemon.close()
+
+
 def test_status_shows_a_job_change_at_once_despite_the_heartbeat_rate_limit(lf_home, recipes):
     """The heartbeat is rate-limited, but a job that starts or finishes is in status.json right away."""
     daemon = make_daemon(lf_home, recipes)

@@ -92,7 +92,7 @@ def apply(ctx: click.Context, file: str, force: tuple[str, ...], dry_run: bool, 
         print_table(rows, ["step", "action", "output", "reason"], title="dry run: nothing was changed")
     else:
         built = sum(r.action == "built" for r in result.results)
-        lock = result.lock or "not written (a step failed)"
+        lock = result.lock or ("not written (stopped by SIGTERM)" if result.stopped else "not written (a step failed)")
         click.echo(f"{built} step(s) run, {sum(r.action == 'reused' for r in result.results)} up to date; "
                    f"lock: {lock}")
     if (ctx.obj or {}).get("debug") and result.failed and result.failed[0].error is not None:

@@ -280,9 +280,14 @@ class Daemon:
         env = self.child_env()
         env["CUDA_VISIBLE_DEVICES"] = ""  # planning never needs a GPU
         self._planning = child = PlanningChild(self.recipe_cmd, recipe, env, self.plan_timeout)
+        if self.stopping:  # a SIGTERM while the child was starting found no planner to stop
+            child.kill()
+        started = time.monotonic()
         try:
             while (plan := child.wait(self.poll_interval)) is None:
-                loop_now = time.monotonic() if now is None else now
+                # The loop's clock moves on while the plan runs (a test's injected clock as well), so a
+                # cancelled job's grace period is measured in real seconds, not frozen at the tick's start.
+                loop_now = (started if now is None else now) + (time.monotonic() - started)
                 self._reap(loop_now)
                 if not self.stopping:
                     self._dispatch()

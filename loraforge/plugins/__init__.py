@@ -1,4 +1,4 @@
-"""Plugin groups: merge methods, LoRA algebra methods, trainers, rewards, evaluators and recipe step kinds.
+"""Plugin groups: merge methods, LoRA algebra methods, trainers, rewards, evaluators, recipe step kinds, formats.
 
 Built-ins register exactly like third-party plugins: with `GROUP.register(name, ...)`. A group
 imports every module of its built-in package, then every entry point of its entry-point group
