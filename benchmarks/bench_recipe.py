@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import best_of
+
 N_ADAPTERS = 10  # independent synthetic adapters, then one concat merge of all of them and a stack
 
 
@@ -37,14 +39,6 @@ def _apply(registry, path: Path) -> tuple[float, dict]:
     return seconds, actions
 
 
-def _best(fn, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
 
 def main() -> None:
     from loraforge.registry import Registry
@@ -58,11 +52,11 @@ def main() -> None:
         assert second == {"reused": N_ADAPTERS + 2}, second  # a benchmark of a rebuild would mislead
         env = {**os.environ, "LORAFORGE_HOME": str(home)}
         cli = [sys.executable, "-m", "loraforge", "recipe"]
-        cli_apply_s = _best(lambda: subprocess.run(cli + ["apply", str(path)], env=env, check=True,
+        cli_apply_s = best_of(lambda: subprocess.run(cli + ["apply", str(path)], env=env, check=True,
                                                    capture_output=True), 2)
-        cli_plan_s = _best(lambda: subprocess.run(cli + ["plan", str(path), "--json"], env=env, check=True,
+        cli_plan_s = best_of(lambda: subprocess.run(cli + ["plan", str(path), "--json"], env=env, check=True,
                                                   capture_output=True), 2)
-        start_s = _best(lambda: subprocess.run([sys.executable, "-m", "loraforge", "--help"], env=env,
+        start_s = best_of(lambda: subprocess.run([sys.executable, "-m", "loraforge", "--help"], env=env,
                                                check=True, capture_output=True), 2)
     steps = N_ADAPTERS + 2
     print(f"\nrecipe of {steps} steps ({N_ADAPTERS} synthetic adapters, a concat merge, a stack)")

@@ -9,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import best_of
+
 N_VERSIONS = 10_000
 
 
@@ -27,14 +29,6 @@ def _populate(home: Path, n: int) -> None:
         reg.register(template.model_copy(update={"name": f"adapter-{i % 500:03d}"}))
 
 
-def _time(fn, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
 
 def main() -> None:
     from loraforge.registry import Registry
@@ -45,13 +39,13 @@ def main() -> None:
         _populate(home, N_VERSIONS)
         populate_s = time.perf_counter() - t0
         reg = Registry(home)
-        list_s = _time(lambda: reg.list())
-        parse_s = _time(lambda: list(reg.iter_manifests()))
+        list_s = best_of(lambda: reg.list())
+        parse_s = best_of(lambda: list(reg.iter_manifests()))
         env = {**os.environ, "LORAFORGE_HOME": str(home)}
         cli = [sys.executable, "-m", "loraforge", "registry", "ls"]
-        cli_json_s = _time(lambda: subprocess.run(cli + ["--json"], env=env, check=True, capture_output=True), 2)
-        cli_table_s = _time(lambda: subprocess.run(cli, env=env, check=True, capture_output=True), 2)
-        start_s = _time(lambda: subprocess.run([sys.executable, "-m", "loraforge", "--help"], env=env,
+        cli_json_s = best_of(lambda: subprocess.run(cli + ["--json"], env=env, check=True, capture_output=True), 2)
+        cli_table_s = best_of(lambda: subprocess.run(cli, env=env, check=True, capture_output=True), 2)
+        start_s = best_of(lambda: subprocess.run([sys.executable, "-m", "loraforge", "--help"], env=env,
                                                check=True, capture_output=True), 2)
     print(f"\nregistry with {N_VERSIONS:,} versions (500 names); registering them took {populate_s:.1f}s")
     print(f"{'operation':<44}{'seconds':>10}{'ratio':>10}")
