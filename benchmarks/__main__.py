@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import Figure, summary
+
 
 def discover(patterns: list[str]) -> list[str]:
     here = Path(__file__).parent
@@ -21,14 +23,18 @@ def main(argv: list[str]) -> int:
     if not names:
         print(f"no benchmark matches {' '.join(argv)}", file=sys.stderr)
         return 1
+    figures: list[Figure] = []
     for name in names:
         module = importlib.import_module(f"benchmarks.{name}")
         if not hasattr(module, "main"):
             continue
         print(f"== {name} ==", flush=True)
         start = time.perf_counter()
-        module.main()
+        figures += module.main() or []
         print(f"== {name} done in {time.perf_counter() - start:.1f} s ==\n", flush=True)
+    if figures:
+        print("== summary: each figure against its baseline, measured side by side in this run ==")
+        print(summary(figures))
     return 0
 
 
