@@ -1,10 +1,15 @@
-"""Random adapters for demos, tests and benchmarks: right shapes for a base, seeded values."""
+"""Random adapters for demos, tests and benchmarks: right shapes for a base, seeded values.
+
+torch is imported by the functions that make tensors, so the target lists (a recipe spec's defaults)
+import without it.
+"""
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -18,15 +23,19 @@ def random_lora(
     components: Iterable[str] = ("unet",),
     seed: int = 0,
     std: float = 0.1,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ):
     """A LoraState on every module of `shapes` whose path ends with one of `targets`.
 
     `shapes` is {component: {module path: weight shape}} (see `loraforge.models.targets`). Both
     factors are random (unlike a freshly initialised LoRA, whose up factor is zero), so the adapter
-    visibly changes the model.
+    visibly changes the model. `dtype` defaults to float32.
     """
+    import torch
+
     from loraforge.formats.lora import LoraModule, LoraState
+
+    dtype = torch.float32 if dtype is None else dtype
 
     gen = torch.Generator().manual_seed(seed)
     targets = tuple(targets)
@@ -53,6 +62,8 @@ def perturbed_checkpoint(src_folder, dst, seed: int, scale: float = 0.05, compon
     a "fine-tuned" variant of the same architecture, for merge and extract tests."""
     import shutil
     from pathlib import Path
+
+    import torch
 
     from loraforge.formats.safetensors_io import read_safetensors, write_safetensors
 

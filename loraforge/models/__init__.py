@@ -1,35 +1,37 @@
-"""Base models: the embedded tiny SD1/SDXL pipelines, base-model resolution, and pipeline helpers."""
+"""Base models: the embedded tiny SD1/SDXL pipelines, base-model resolution, and pipeline helpers.
 
-from loraforge.models.base import BaseModel, base_from_path, locate_base
-from loraforge.models.builtin import (
-    BUILTIN_NAMES,
-    build_tiny_components,
-    build_tiny_pipeline,
-    ensure_builtin,
-    sd15_configs,
-)
-from loraforge.models.pipeline import (
-    ddim_scheduler,
-    default_dtype,
-    generate,
-    load_pipeline,
-    lora_target_names,
-    pick_device,
-)
+The names below are imported from their modules on first use, so resolving a base (`locate_base`)
+imports neither torch nor diffusers; loading a pipeline does.
+"""
 
-__all__ = [
-    "BUILTIN_NAMES",
-    "BaseModel",
-    "base_from_path",
-    "build_tiny_components",
-    "build_tiny_pipeline",
-    "ddim_scheduler",
-    "default_dtype",
-    "ensure_builtin",
-    "generate",
-    "load_pipeline",
-    "locate_base",
-    "lora_target_names",
-    "pick_device",
-    "sd15_configs",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULE_OF = {
+    "BaseModel": "base",
+    "base_from_path": "base",
+    "locate_base": "base",
+    "BUILTIN_NAMES": "builtin",
+    "build_tiny_components": "builtin",
+    "build_tiny_pipeline": "builtin",
+    "ensure_builtin": "builtin",
+    "sd15_configs": "builtin",
+    "ddim_scheduler": "pipeline",
+    "default_dtype": "pipeline",
+    "generate": "pipeline",
+    "load_pipeline": "pipeline",
+    "lora_target_names": "pipeline",
+    "pick_device": "pipeline",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value

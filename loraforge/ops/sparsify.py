@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported by the functions: the Params models import without it
+    import torch
+    from torch import Tensor
 
 from pydantic import Field
 
@@ -58,6 +59,8 @@ class DareParams(MethodParams):
 
 def trim_to_density(tau: Tensor, density: float) -> Tensor:
     """τ with all but its k = ⌊density·n⌋ largest-magnitude entries zeroed (ties with the k-th all kept)."""
+    import torch
+
     n = tau.numel()
     k = int(density * n)
     if k >= n:
@@ -71,6 +74,8 @@ def trim_to_density(tau: Tensor, density: float) -> Tensor:
 
 def ties_merge(taus: list[Tensor], weights: list[float], density: float) -> Tensor:
     """TIES of the deltas `taus` with `weights`: trim, weight, elect the sign, mean of the agreeing entries."""
+    import torch
+
     kept = torch.stack([trim_to_density(t, density) * float(w) for t, w in zip(taus, weights)])
     elected = torch.where(kept.sum(0) >= 0, 1.0, -1.0).to(kept.dtype)
     agree = (kept * elected) > 0  # non-zero and of the elected sign
@@ -85,6 +90,8 @@ def check_drop_rate(drop_rate: float) -> float:
 
 
 def _block_generator(seed: int, key: str, index: int, block: int) -> torch.Generator:
+    import torch
+
     digest = hashlib.blake2b(f"{seed}:{key}:{index}:{block}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
@@ -93,6 +100,8 @@ def dare_keep(seed: int, key: str, index: int, drop_rate: float, shape: tuple[in
               rows: Optional[tuple[int, int]] = None) -> Tensor:
     """The DARE keep mask (True = kept) of task `index` on tensor `key` of full `shape`, or of its row
     range `rows` = (start, stop); the same entries whatever ranges it is asked for in."""
+    import torch
+
     p = check_drop_rate(drop_rate)
     shape = tuple(shape)
     n_rows = shape[0] if shape else 1
@@ -114,6 +123,8 @@ def dare_keep(seed: int, key: str, index: int, drop_rate: float, shape: tuple[in
 
 def dare_merge(taus: list[Tensor], weights: list[float], drop_rate: float, keeps: list[Tensor]) -> Tensor:
     """Σᵢ wᵢ·τᵢ·keepᵢ / (1 − p)."""
+    import torch
+
     p = check_drop_rate(drop_rate)
     out = torch.zeros_like(taus[0])
     for tau, w, keep in zip(taus, weights, keeps):

@@ -4,36 +4,40 @@
 `lora_unet_...` / `lora_te_...` keys map onto them) but are a few hundred thousand parameters, so
 tests and CPU-only machines can generate, train and merge without downloading weights.
 Attention `proj_in`/`proj_out` are Linear layers (`use_linear_projection=True`, as in SD2/SDXL).
+
+The names below are imported from their modules on first use: finding a builtin that is already on
+disk (`ensure_builtin`, `check_builtin_name`) imports neither torch nor diffusers.
 """
 
-from loraforge.models.builtin.components import (
-    BUILTIN_NAMES,
-    BUILTIN_PREFIX,
-    build_tiny_components,
-    build_tiny_pipeline,
-    builtin_family,
-    check_builtin_name,
-)
-from loraforge.models.builtin.sd15 import sd15_configs
-from loraforge.models.builtin.seed import BUILTIN_SEED
-from loraforge.models.builtin.store import builtin_path, ensure_builtin, quiet_progress_bars, save_tiny_pipeline
-from loraforge.models.builtin.tokenizer import tiny_clip_tokenizer, tiny_clip_vocab
-from loraforge.models.builtin.vae import calibration_images
+from __future__ import annotations
 
-__all__ = [
-    "BUILTIN_NAMES",
-    "BUILTIN_PREFIX",
-    "BUILTIN_SEED",
-    "build_tiny_components",
-    "build_tiny_pipeline",
-    "builtin_family",
-    "builtin_path",
-    "calibration_images",
-    "check_builtin_name",
-    "ensure_builtin",
-    "quiet_progress_bars",
-    "save_tiny_pipeline",
-    "sd15_configs",
-    "tiny_clip_tokenizer",
-    "tiny_clip_vocab",
-]
+import importlib
+from typing import Any
+
+_MODULE_OF = {
+    "BUILTIN_NAMES": "names",
+    "BUILTIN_PREFIX": "names",
+    "builtin_family": "names",
+    "check_builtin_name": "names",
+    "build_tiny_components": "components",
+    "build_tiny_pipeline": "components",
+    "sd15_configs": "sd15",
+    "BUILTIN_SEED": "seed",
+    "builtin_path": "store",
+    "ensure_builtin": "store",
+    "quiet_progress_bars": "store",
+    "save_tiny_pipeline": "store",
+    "tiny_clip_tokenizer": "tokenizer",
+    "tiny_clip_vocab": "tokenizer",
+    "calibration_images": "vae",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value

@@ -1,5 +1,5 @@
 """The builtin pipelines' components (UNet, VAE, text encoders, tokenizers, scheduler), built in code
-from fixed seeds, and the names and families of the builtin models."""
+from fixed seeds (their names and families are `loraforge.models.builtin.names`)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,10 @@ from typing import Any
 
 import torch
 
-from loraforge.errors import UnresolvedReference
-from loraforge.reference import BUILTIN_PREFIX
+from loraforge.models.builtin.names import BUILTIN_FAMILIES, check_builtin_name
 from loraforge.models.builtin.seed import seeded
 from loraforge.models.builtin.tokenizer import tiny_clip_tokenizer
 from loraforge.models.builtin.vae import tiny_vae
-
-BUILTIN_NAMES = ("tiny-sd", "tiny-sdxl")
 
 
 def _text_config(vocab_size: int, eos_id: int, bos_id: int, *, projection: bool):
@@ -169,22 +166,7 @@ def _tiny_sdxl_components() -> dict[str, Any]:
 
 
 _BUILDERS = {"tiny-sd": _tiny_sd_components, "tiny-sdxl": _tiny_sdxl_components}
-_FAMILIES = {"tiny-sd": "sd1", "tiny-sdxl": "sdxl"}
 _BUILD_LOCK = threading.Lock()
-
-
-def check_builtin_name(name: str) -> str:
-    if name.startswith(BUILTIN_PREFIX):
-        name = name[len(BUILTIN_PREFIX):]
-    if name not in _BUILDERS:
-        known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)
-        raise UnresolvedReference(f"unknown builtin model {BUILTIN_PREFIX}{name!s}; known: {known}")
-    return name
-
-
-def builtin_family(name: str) -> str:
-    """"sd1" or "sdxl" for a builtin name (with or without the `builtin:` prefix)."""
-    return _FAMILIES[check_builtin_name(name)]
 
 
 def build_tiny_components(name: str) -> dict[str, Any]:
@@ -205,7 +187,7 @@ def build_tiny_pipeline(name: str):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     name = check_builtin_name(name)
-    cls = StableDiffusionXLPipeline if _FAMILIES[name] == "sdxl" else StableDiffusionPipeline
+    cls = StableDiffusionXLPipeline if BUILTIN_FAMILIES[name] == "sdxl" else StableDiffusionPipeline
     pipe = cls(**build_tiny_components(name))
     pipe.set_progress_bar_config(disable=True)
     return pipe

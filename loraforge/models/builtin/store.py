@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from loraforge.home import models_dir, tmp_dir
-from loraforge.models.builtin.components import build_tiny_pipeline, check_builtin_name
+from loraforge.models.builtin.names import check_builtin_name
 from loraforge.models.builtin.tokenizer import write_vocab_files
 
 # A finished build is marked by this file, written last; a folder without it is not trusted.
@@ -18,6 +18,8 @@ _COMPLETE_MARKER = "model_index.json"
 
 def save_tiny_pipeline(name: str, folder: Path) -> Path:
     """Write a builtin pipeline in diffusers format (safetensors) into `folder`."""
+    from loraforge.models.builtin.components import build_tiny_pipeline  # torch, diffusers: only to build
+
     folder = Path(folder)
     pipe = build_tiny_pipeline(name)
     with quiet_progress_bars():

@@ -7,9 +7,10 @@ have it with their weights, and returns new (B, A) factors as 2-D float32 matric
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where tensors are computed: listing methods needs no torch
+    from torch import Tensor
 
 from loraforge.ops.method_params import MethodParams
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from loraforge.ops.lora_methods import LoraMethod
-from loraforge.ops.lowrank import stack_factors
 from loraforge.plugins import LORA_METHODS
 
 
@@ -14,4 +13,6 @@ class Concat(LoraMethod):
     exact = True
 
     def combine(self, inputs):
+        from loraforge.ops.lowrank import stack_factors  # torch: only when combining
+
         return stack_factors(inputs.pairs, inputs.weights)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pydantic import Field
 
 from loraforge.ops.lora_methods import LoraMethod
-from loraforge.ops.lowrank import dense_factors
 from loraforge.ops.sparsify import DareParams, dare_keep, dare_merge, lora_key
 from loraforge.plugins import LORA_METHODS
 
@@ -23,6 +22,8 @@ class LoraDare(LoraMethod):
     params = Params().model_dump()
 
     def combine(self, inputs):
+        from loraforge.ops.lowrank import dense_factors  # torch: only when combining
+
         p, seed = float(inputs.params["drop_rate"]), int(inputs.params["seed"])
         deltas = [b @ a for b, a in inputs.pairs]
         key = lora_key(inputs.name)

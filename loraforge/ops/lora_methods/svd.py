@@ -4,7 +4,6 @@ of the small R×R core — the Eckart–Young optimum, without ever forming the 
 from __future__ import annotations
 
 from loraforge.ops.lora_methods import LoraMethod
-from loraforge.ops.lowrank import refactor, stack_factors
 from loraforge.plugins import LORA_METHODS
 
 
@@ -13,6 +12,8 @@ class Svd(LoraMethod):
     """Best rank-r approximation of the exact weighted sum (exact when r ≥ Σrᵢ)."""
 
     def combine(self, inputs):
+        from loraforge.ops.lowrank import refactor, stack_factors  # torch: only when combining
+
         b, a = stack_factors(inputs.pairs, inputs.weights)
         rank = inputs.rank or max(p[1].shape[0] for p in inputs.pairs)
         new_b, new_a, _ = refactor(b, a, rank)

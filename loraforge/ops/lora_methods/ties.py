@@ -6,7 +6,6 @@ from __future__ import annotations
 from pydantic import Field
 
 from loraforge.ops.lora_methods import LoraMethod
-from loraforge.ops.lowrank import dense_factors
 from loraforge.ops.sparsify import TiesParams, ties_merge
 from loraforge.plugins import LORA_METHODS
 
@@ -22,6 +21,8 @@ class LoraTies(LoraMethod):
     params = Params().model_dump()
 
     def combine(self, inputs):
+        from loraforge.ops.lowrank import dense_factors  # torch: only when combining
+
         deltas = [b @ a for b, a in inputs.pairs]
         merged = ties_merge(deltas, inputs.weights, float(inputs.params["density"]))
         rank = inputs.rank or max(p[1].shape[0] for p in inputs.pairs)

@@ -7,9 +7,10 @@ merged tensor. `elementwise` methods may also be given row chunks of large tenso
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where tensors are computed: listing methods needs no torch
+    from torch import Tensor
 
 from loraforge.errors import ConfigError
 from loraforge.ops.method_params import MethodParams, method_params

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from pydantic import Field
 
 from loraforge.ops.merge_methods import MergeMethod
@@ -30,6 +28,8 @@ class Slerp(MergeMethod):
         return [1.0 - alpha, alpha]
 
     def merge(self, tensors, alpha, weights, params, ctx):
+        import torch
+
         a, b = tensors
         t = float(alpha)
         na, nb = a.norm(), b.norm()

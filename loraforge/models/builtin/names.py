@@ -1,0 +1,23 @@
+"""The names and families of the builtin models: what references and bases check without building one."""
+
+from __future__ import annotations
+
+from loraforge.errors import UnresolvedReference
+from loraforge.reference import BUILTIN_PREFIX
+
+BUILTIN_NAMES = ("tiny-sd", "tiny-sdxl")
+BUILTIN_FAMILIES = {"tiny-sd": "sd1", "tiny-sdxl": "sdxl"}
+
+
+def check_builtin_name(name: str) -> str:
+    if name.startswith(BUILTIN_PREFIX):
+        name = name[len(BUILTIN_PREFIX):]
+    if name not in BUILTIN_FAMILIES:
+        known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)
+        raise UnresolvedReference(f"unknown builtin model {BUILTIN_PREFIX}{name!s}; known: {known}")
+    return name
+
+
+def builtin_family(name: str) -> str:
+    """"sd1" or "sdxl" for a builtin name (with or without the `builtin:` prefix)."""
+    return BUILTIN_FAMILIES[check_builtin_name(name)]
