@@ -118,3 +118,22 @@ def test_kill_after_a_recipe_import_commits_keeps_its_input_digest_and_the_next_
     applied = json.loads(run(home, "recipe", "apply", str(recipe), "--json").stdout)
     assert [(s["id"], s["action"]) for s in applied["steps"]] == [("x", "reused")]
     assert [r["version"] for r in Registry(home).list(name="r-x")] == [1]
+
+
+@pytest.mark.parametrize("extra", [(), ("--name", "art")], ids=["output", "output-and-name"])
+def test_kill_while_a_merge_writes_its_output_leaves_no_output_only_a_partial_beside_it(home, tmp_path, extra):
+    """`-o OUT` is staged beside OUT and renamed on when complete: a kill mid-write leaves OUT absent (never
+    half a checkpoint) and one `.partial` entry that names OUT, registers nothing, and a rerun writes OUT."""
+    out = tmp_path / "out" / "merged"
+    args = ("merge", "checkpoints", "builtin:tiny-sd", "builtin:tiny-sd", "--alpha", "0.3", "-o", str(out), *extra)
+    env = {**os.environ, "LORAFORGE_HOME": str(home), "LORAFORGE_FAULT": "merge-output-partial"}
+    killed = subprocess.run([sys.executable, "-m", "loraforge", *args], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    left = sorted(p.name for p in out.parent.iterdir())
+    assert len(left) == 1 and left[0].startswith("merged.") and left[0].endswith(".partial"), left
+    assert versions(home) == []
+
+    run(home, *args)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged", left[0]]

@@ -304,3 +304,90 @@ def test_streamed_merge_peak_memory_stays_small(tmp_path):
     assert set(out) == set(a)
     for key in ("model.diffusion_model.blocks.3.weight", "model.diffusion_model.blocks.19.weight"):
         torch.testing.assert_close(out[key], ((a[key].float() + b[key].float()) / 2).half())
+
+
+def _count_hashed_files(monkeypatch) -> list[Path]:
+    """Every file loraforge.hashing reads for a digest, from now on."""
+    import loraforge.hashing
+
+    hashed: list[Path] = []
+    real = loraforge.hashing.sha256_file
+
+    def counting(path):
+        hashed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(loraforge.hashing, "sha256_file", counting)
+    return hashed
+
+
+def test_output_only_merge_reads_no_input_for_a_digest_and_leaves_nothing_in_the_home(home, variants, tmp_path,
+                                                                                      monkeypatch):
+    hashed = _count_hashed_files(monkeypatch)
+    out = tmp_path / "merged"
+    run(home, "merge", "checkpoints", str(variants["a"]), str(variants["b"]), "--alpha", "0.3", "-o", str(out))
+    assert hashed == [], "nothing records the inputs' digests, so they are not hashed"
+    assert not (home / "cache" / "file-digests.json").exists()
+    assert [p for p in (home / "tmp").rglob("*") if p.is_file()] == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("merged")) == ["merged"]
+    a, b = weights(variants["a"], UNET), weights(variants["b"], UNET)
+    torch.testing.assert_close(weights(out, UNET)["conv_in.weight"],
+                               (0.7 * a["conv_in.weight"] + 0.3 * b["conv_in.weight"]).half().float())
+
+
+def test_registry_inputs_keep_their_digests_and_local_ones_are_hashed_once_when_registering(home, variants,
+                                                                                           monkeypatch):
+    from loraforge.hashing import sha256_folder
+
+    run(home, "registry", "import", str(variants["b"]), "--name", "bmodel", "--kind", "checkpoint")
+    hashed = _count_hashed_files(monkeypatch)
+    run(home, "merge", "checkpoints", str(variants["c"]), "bmodel:1", "--alpha", "0.3", "--name", "blend")
+    local = Path(variants["c"]).resolve()
+    assert hashed and all(local in p.parents for p in hashed), "only the local input is read"
+    hashed.clear()
+    parents = Registry(home).resolve("blend").provenance.parents
+    assert parents[0].digest == sha256_folder(variants["c"]) and parents[1].digest == Registry(home).resolve("bmodel").digest
+    hashed.clear()
+    run(home, "merge", "checkpoints", str(variants["c"]), "bmodel:1", "--alpha", "0.4", "--name", "blend")
+    assert hashed == [], "the digest index keeps the local input's digest"
+
+
+def test_output_is_replaced_whole_and_refused_when_it_cannot_be(home, variants, tmp_path):
+    sa, sb = single_file(variants["a"], tmp_path / "a.safetensors"), single_file(variants["b"], tmp_path / "b.safetensors")
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"an older file")
+    run(home, "merge", "checkpoints", str(sa), str(sb), "--alpha", "0.25", "-o", str(out))
+    assert len(load_file(out)) == len(load_file(sa))
+    (tmp_path / "folder").mkdir()
+    assert "is a folder" in _error(home, "merge", "checkpoints", str(sa), str(sb), "-o", str(tmp_path / "folder"))
+    assert "is a file" in _error(home, "merge", "checkpoints", str(variants["a"]), str(variants["b"]), "-o", str(out))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run(home, "merge", "checkpoints", str(variants["a"]), str(variants["b"]), "-o", str(empty))
+    assert (empty / UNET).is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "single_file"])
+def test_a_merge_that_fails_midway_leaves_no_output_and_no_partial_file(home, variants, tmp_path, monkeypatch,
+                                                                        layout):
+    import loraforge.ops.merge
+    from loraforge.errors import MergeError
+
+    real, calls = loraforge.ops.merge._merge_tensor, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MergeError("the disk went away")
+        return real(*args)
+
+    monkeypatch.setattr(loraforge.ops.merge, "_merge_tensor", failing)
+    if layout == "diffusers":
+        a, b, out = str(variants["a"]), str(variants["b"]), tmp_path / "out" / "merged"
+    else:
+        a = str(single_file(variants["a"], tmp_path / "a.safetensors"))
+        b, out = str(single_file(variants["b"], tmp_path / "b.safetensors")), tmp_path / "out" / "m.safetensors"
+    out.parent.mkdir()
+    assert "the disk went away" in _error(home, "merge", "checkpoints", a, b, "-o", str(out))
+    assert list(out.parent.iterdir()) == []

@@ -26,40 +26,43 @@ class BaseModel:
 
     ref: str
     path: Path
-    digest: str
+    digest: str | None  # None: not computed (asked for with digest=False)
     family: str  # "sd1" | "sdxl"
     layout: str  # "diffusers" | "single_file"
 
 
-def locate_base(ref: str | Reference, home: Path) -> BaseModel:
+def locate_base(ref: str | Reference, home: Path, *, digest: bool = True) -> BaseModel:
     """The base model on disk for `builtin:NAME`, a local diffusers folder or checkpoint file, or a Hub model
-    id `org/name[@rev]` (downloaded into the model cache).
+    id `org/name[@rev]` (downloaded into the model cache). `digest=False` leaves its digest None: reading
+    every byte of a large model is only worth it when something records the digest.
 
     Registry references and `hf://` repos are the registry's: `registry.resolve.resolve_base` takes every kind.
     """
     ref = ref if isinstance(ref, Reference) else Reference.parse(ref)
     if ref.kind == "builtin":
-        return base_from_path(ensure_builtin(ref.text, home), ref.text, home=home)
+        return base_from_path(ensure_builtin(ref.text, home), ref.text, home=home, digest=digest)
     if ref.kind == "path":
-        return base_from_path(ref.path, ref.text, home=home)
+        return base_from_path(ref.path, ref.text, home=home, digest=digest)
     if ref.kind == "hub_model":
-        return base_from_path(_download_from_hub(ref.text, ref.repo, ref.revision), ref.text, home=home)
+        return base_from_path(_download_from_hub(ref.text, ref.repo, ref.revision), ref.text, home=home,
+                              digest=digest)
     raise UnresolvedReference(
         f"base model {ref.text!r} is not a builtin, an existing file or folder, or a Hub id (org/name)"
     )
 
 
-def base_from_path(path: Path, ref: str, home: Path | None = None) -> BaseModel:
-    """A BaseModel for a diffusers folder or single-file checkpoint at `path`, known to the user as `ref`."""
+def base_from_path(path: Path, ref: str, home: Path | None = None, *, digest: bool = True) -> BaseModel:
+    """A BaseModel for a diffusers folder or single-file checkpoint at `path`, known to the user as `ref`
+    (its digest None with `digest=False`)."""
     path = Path(path)
     home = loraforge_home(home)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FormatError(f"{path} is a folder without model_index.json; a diffusers pipeline folder is needed")
-        return BaseModel(ref=ref, path=path, digest=cached_digest(path, home),
+        return BaseModel(ref=ref, path=path, digest=cached_digest(path, home) if digest else None,
                          family=family_of_folder(path), layout="diffusers")
     if path.is_file():
-        return BaseModel(ref=ref, path=path, digest=cached_digest(path, home),
+        return BaseModel(ref=ref, path=path, digest=cached_digest(path, home) if digest else None,
                          family=family_of_single_file(path), layout="single_file")
     raise UnresolvedReference(f"base model {ref!r}: {path} does not exist")
 

@@ -51,7 +51,7 @@ class Checkpoint:
     path: Path
     layout: str  # "diffusers" | "single_file"
     family: str
-    digest: str
+    digest: Optional[str]  # None until asked for: see ops.merge.digest_of_input
     files: dict[str, TensorFile] = field(default_factory=dict)  # relative path → reader
     index: dict[str, tuple[str, str]] = field(default_factory=dict)  # ckey → (relative path, key in file)
 

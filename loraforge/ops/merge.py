@@ -4,8 +4,10 @@ execute tensor by tensor into an output that mirrors the first model's files."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -13,11 +15,13 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from loraforge.errors import ConfigError
+from loraforge.faults import fault_point
 from loraforge.formats.safetensors_io import SafetensorsWriter, dtype_from_name
 from loraforge.ops.blocks import BASE, block_names, block_of, layers_per_block, resolve_block_weights
 from loraforge.ops.checkpoints import Checkpoint, check_compatible, unet_key
 from loraforge.ops.merge_methods import TensorContext
 from loraforge.ops.specs import CheckpointMergeSpec
+from loraforge.registry.blobs import fsync_dir
 
 ALL_COMPONENTS = ("unet", "text_encoder", "vae")
 # Elementwise methods see big tensors in row chunks of about this many elements: small enough that a
@@ -169,52 +173,114 @@ def _copy_tensor(ckpt: Checkpoint, ckey: str, scratch: ScratchBuffers) -> torch.
     return ckpt.read_into(ckey, scratch.get("raw", 0, nbytes, torch.uint8))
 
 
-def execute_merge(plan: MergePlan, out_path: Path, progress: Callable[..., None] | None = None) -> Path:
-    """Write the merged checkpoint to `out_path` (a file for single files, a folder for diffusers)."""
+def execute_merge(plan: MergePlan, out_path: Path, progress: Callable[..., None] | None = None, *,
+                  fsync: bool = True) -> Path:
+    """Write the merged checkpoint to `out_path` (a file for single files, a folder for diffusers).
+
+    Every file is written beside its name and renamed onto it when complete; with `fsync` each is forced to
+    disk first, and so are the folders made (`fsync=False` for a result the blob store copies and syncs)."""
     first = plan.inputs[0]
     out_path = Path(out_path)
     scratch = ScratchBuffers()
     if first.layout == "diffusers":
-        copy_folder_extras(first.path, out_path, {f.rel for f in plan.files})
+        copy_folder_extras(first.path, out_path, {f.rel for f in plan.files}, fsync=fsync)
     metadata = {"format": "pt", "loraforge.method": plan.method_name}
     for ftask in plan.files:
         target = out_path / ftask.rel if first.layout == "diffusers" else out_path
         if not any(t.merge for t in ftask.tensors):
             # an excluded component's file (e.g. the VAE) is copied as is, byte for byte
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(first.files[ftask.rel].path, target)
+            copy_file(first.files[ftask.rel].path, target, fsync=fsync)
             if progress:
                 progress(len(ftask.tensors))
             continue
         entries = [(t.key, t.shape, t.dtype) for t in ftask.tensors]
-        with SafetensorsWriter(target, entries, metadata) as writer:
+        with SafetensorsWriter(target, entries, metadata, fsync=fsync) as writer:
             for t in ftask.tensors:
                 if t.merge:
                     writer.write_chunks(t.key, _merge_tensor(plan, t, scratch))
                 else:
                     writer.write(t.key, _copy_tensor(first, t.ckey, scratch))
+                fault_point("merge-output-partial")
                 if progress:
                     progress()
+    if fsync and first.layout == "diffusers":
+        for folder in sorted({p for p in out_path.rglob("*") if p.is_dir()} | {out_path}, reverse=True):
+            fsync_dir(folder)
     return out_path
 
 
-def copy_folder_extras(src: Path, dst: Path, skip: set[str]) -> None:
+def partial_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed onto its name: beside it (the same file system, so the
+    rename is atomic), unique to this writer, and ending in `.partial` like the safetensors writer's own
+    partial files, so that one a killed process left is recognisable."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+
+
+def copy_file(src: Path, dst: Path, *, fsync: bool = True) -> None:
+    """Copy `src` to `dst` through a partial file beside it, forced to disk first with `fsync`."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_folder_extras(src: Path, dst: Path, skip: set[str], *, fsync: bool = True) -> None:
     """Copy a diffusers folder's configs, tokenizers and schedulers (everything but the weights we write)."""
     for path in sorted(Path(src).rglob("*")):
         rel = path.relative_to(src).as_posix()
         if path.is_dir() or rel in skip or path.suffix in (".safetensors", ".bin", ".ckpt", ".pt"):
             continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dst / rel)
+        copy_file(path, dst / rel, fsync=fsync)
+
+
+def write_output(plan: MergePlan, output: Path, progress: Callable[..., None] | None = None) -> Path:
+    """Write the merge to `output` once: staged beside it under a `.partial` name (the same file system),
+    forced to disk, renamed onto it, and the rename itself synced. A failed merge leaves no `output` and
+    removes its partial file; one killed leaves only the `.partial` name."""
+    output = Path(output)
+    check_output(output, plan.inputs[0].layout)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if plan.inputs[0].layout != "diffusers":
+        execute_merge(plan, output, progress)  # the safetensors writer stages beside `output` itself
+    else:
+        staging = partial_path(output)
+        try:
+            execute_merge(plan, staging, progress)
+            os.replace(staging, output)  # onto a missing name or an empty folder
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    fsync_dir(output.parent)
+    return output
+
+
+def check_output(output: Path, layout: str) -> None:
+    """Refuse an output path the merge cannot replace (before any work is done)."""
+    if output.is_dir():
+        if layout != "diffusers":
+            raise ConfigError(f"output {output} is a folder; give a file name for a single-file checkpoint, "
+                              "e.g. merged.safetensors")
+        if any(output.iterdir()):
+            raise ConfigError(f"output {output} is a folder that is not empty; choose a new path")
+    elif output.exists() and layout == "diffusers":
+        raise ConfigError(f"output {output} is a file but the merge is a diffusers folder; choose a new path")
 
 
 def open_inputs(registry, refs: list[str]) -> list[Checkpoint]:
+    """The checkpoints opened for reading; a digest is known only for registry artifacts (see `digest_of_input`)."""
     from loraforge.registry.resolve import resolve_base
 
     opened = []
     try:
         for ref in refs:
-            opened.append(Checkpoint.open(resolve_base(registry, ref)))
+            opened.append(Checkpoint.open(resolve_base(registry, ref, digest=False)))
     except Exception:
         for c in opened:
             c.close()
@@ -222,65 +288,72 @@ def open_inputs(registry, refs: list[str]) -> list[Checkpoint]:
     return opened
 
 
+def digest_of_input(registry, ckpt: Checkpoint) -> str:
+    """The content digest of an input: a registry artifact's own, else its files' (through the digest index,
+    which reads only files changed since they were last hashed). Only a registered result needs it."""
+    from loraforge.models.base import cached_digest
+
+    if ckpt.digest is None:
+        ckpt.digest = cached_digest(ckpt.path, registry.home)
+    return ckpt.digest
+
+
 def merge_checkpoints(registry, spec: CheckpointMergeSpec, *, name: str | None = None, output: str | Path | None = None,
                       recipe=None, input_digest: str | None = None, progress: Callable[..., None] | None = None):
     """Merge `spec.models`; register the result as checkpoint `name` and/or write it to `output`.
 
-    Returns the Manifest when registered, else the output path. Nothing is registered on failure.
+    The result is written once: to `output` (see `write_output`), or, when only registered, to the home's
+    scratch folder, from which the blob store takes it. With both, `output` is written and the blob store
+    copies it. Returns the Manifest when registered, else the output path. Nothing is registered on failure.
     """
     from loraforge.home import tmp_dir
-    from loraforge.registry.manifest import Manifest, Parent, Provenance
     from loraforge.registry.refs import check_name
 
     if name is None and output is None:
         raise ConfigError("give a name to register the merge, or an output path")
     if name is not None:
         check_name(name)
+    output = Path(output).expanduser() if output is not None else None
     inputs = open_inputs(registry, [m.ref for m in spec.models])
     try:
         plan = plan_merge(spec, inputs)
-        first = inputs[0]
-        suffix = "" if first.layout == "diffusers" else ".safetensors"
+        if output is not None:
+            check_output(output, inputs[0].layout)
+            if name is None:
+                return write_output(plan, output, progress)
+        if output is not None:
+            write_output(plan, output, progress)
+            return _register(registry, plan, spec, name, output, recipe, input_digest)
+        suffix = "" if inputs[0].layout == "diffusers" else ".safetensors"
         with tempfile.TemporaryDirectory(dir=tmp_dir(registry.home), prefix="merge-") as tmp:
-            staged = execute_merge(plan, Path(tmp) / f"merged{suffix}", progress)
-            result: Any = None
-            if output is not None:
-                result = _place_output(staged, Path(output).expanduser())
-            if name is not None:
-                weights = plan.method.weights(plan.alpha, plan.weights)
-                # Methods over task vectors (any number of models) treat the first model as the base.
-                roles = ["base" if i == 0 and plan.method.max_models is None else "model" for i in range(len(inputs))]
-                parents = [Parent(ref=c.ref, digest=c.digest, role=role, weight=w)
-                           for c, w, role in zip(inputs, weights, roles)]
-                params = {"alpha": plan.alpha, "weights": plan.weights, "dtype": spec.dtype,
-                          "components": list(plan.components), "block_weights": plan.block_alphas, **plan.params}
-                manifest = Manifest(
-                    name=name, kind="checkpoint", digest="", files=[], layout=first.layout,
-                    provenance=Provenance(method=f"merge:{spec.method}", params=params, parents=parents,
-                                          recipe=recipe, source=f"merge:{spec.method}"),
-                )
-                result = registry.register(manifest, _artifact_files(staged, first.layout), input_digest=input_digest)
-            return result
+            staged = execute_merge(plan, Path(tmp) / f"merged{suffix}", progress, fsync=False)
+            return _register(registry, plan, spec, name, staged, recipe, input_digest)
     finally:
         for c in inputs:
             c.close()
 
 
-def _artifact_files(staged: Path, layout: str) -> list[tuple[Path, str]]:
+def _register(registry, plan: MergePlan, spec: CheckpointMergeSpec, name: str, written: Path, recipe,
+              input_digest: str | None):
+    from loraforge.registry.manifest import Manifest, Parent, Provenance
+
+    inputs = plan.inputs
+    weights = plan.method.weights(plan.alpha, plan.weights)
+    # Methods over task vectors (any number of models) treat the first model as the base.
+    roles = ["base" if i == 0 and plan.method.max_models is None else "model" for i in range(len(inputs))]
+    parents = [Parent(ref=c.ref, digest=digest_of_input(registry, c), role=role, weight=w)
+               for c, w, role in zip(inputs, weights, roles)]
+    params = {"alpha": plan.alpha, "weights": plan.weights, "dtype": spec.dtype,
+              "components": list(plan.components), "block_weights": plan.block_alphas, **plan.params}
+    manifest = Manifest(
+        name=name, kind="checkpoint", digest="", files=[], layout=inputs[0].layout,
+        provenance=Provenance(method=f"merge:{spec.method}", params=params, parents=parents,
+                              recipe=recipe, source=f"merge:{spec.method}"),
+    )
+    return registry.register(manifest, _artifact_files(written, inputs[0].layout), input_digest=input_digest)
+
+
+def _artifact_files(written: Path, layout: str) -> list[tuple[Path, str]]:
     if layout == "diffusers":
-        return [(p, p.relative_to(staged).as_posix()) for p in sorted(staged.rglob("*")) if p.is_file()]
-    return [(staged, "model.safetensors")]
-
-
-def _place_output(staged: Path, output: Path) -> Path:
-    if output.exists():
-        if output.is_dir() and any(output.iterdir()):
-            raise ConfigError(f"output {output} is a folder that is not empty; choose a new path")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if staged.is_dir():
-        if output.exists():
-            output.rmdir()
-        shutil.copytree(staged, output)
-    else:
-        shutil.copyfile(staged, output)
-    return output
+        return [(p, p.relative_to(written).as_posix()) for p in sorted(written.rglob("*")) if p.is_file()]
+    return [(written, "model.safetensors")]

@@ -37,19 +37,23 @@ def resolve_artifact(registry: Registry, ref: str | Reference) -> Manifest:
     return registry.resolve(ref.text)
 
 
-def resolve_base(registry: Registry, ref: str | Reference):
-    """A `BaseModel` for builtin:NAME, a path, a Hub model id, hf://…, or a registry checkpoint."""
+def resolve_base(registry: Registry, ref: str | Reference, *, digest: bool = True):
+    """A `BaseModel` for builtin:NAME, a path, a Hub model id, hf://…, or a registry checkpoint.
+
+    A registry checkpoint carries its manifest's digest (its files are never read for it); a model outside
+    the registry is hashed (through the digest index) unless `digest=False`, which leaves its digest None.
+    """
     from loraforge.models.base import base_from_path, locate_base
 
     ref = _parsed(ref)
     if ref.kind in ("builtin", "path", "hub_model"):
-        return locate_base(ref, registry.home)
+        return locate_base(ref, registry.home, digest=digest)
     manifest = resolve_artifact(registry, ref)
     if manifest.kind != "checkpoint":
         raise ConfigError(f"{ref.text} is a {manifest.kind}, not a checkpoint: a base must be a model")
     folder = registry.checkout(manifest)
     path = folder if manifest.layout == "diffusers" else registry.primary_file(manifest)
-    base = base_from_path(path, manifest.ref)
+    base = base_from_path(path, manifest.ref, home=registry.home, digest=False)
     return dataclasses.replace(base, digest=manifest.digest)
 
 
