@@ -5,6 +5,9 @@ Each format registers itself in its own module (`kohya.py`, `diffusers_lora.py`,
 `canonical.py`, `slider_pt.py`) with `register_format`; a package adds one through the
 `loraforge.formats` entry-point group, naming an `AdapterFormat` object. Detection asks every format
 whether it claims the file; formats are written to claim disjoint files, so two claims are an error.
+
+`read_adapter` gives torch tensors; `scan_adapter` gives the same state over the file's bytes
+(`RawTensor`s, no torch) with the same checks, for commands that only check and store an adapter.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from loraforge.errors import FormatError, PluginError
 from loraforge.formats.lora import LoraState
-from loraforge.formats.safetensors_io import read_header, read_safetensors
+from loraforge.formats.safetensors_io import RawTensor, all_finite, read_header, read_raw_safetensors, read_safetensors
 from loraforge.plugins import FORMATS as FORMAT_GROUP
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 ModuleNames = Mapping[str, Iterable[str]] | None
 
@@ -40,6 +44,8 @@ class AdapterFormat:
 
     `detect` returns whether the format reads the probed file; it may raise FormatError for a file
     that is clearly its own but unusable. A format without `detect` is written, never detected.
+    `scan` reads like `read` but gives `RawTensor` factors (the file's bytes, no torch); a format
+    without it (a torch pickle) is scanned by reading it with torch.
     """
 
     name: str
@@ -47,6 +53,7 @@ class AdapterFormat:
     read: Callable[[Path, ModuleNames], tuple[LoraState, dict[str, str]]]
     write: Callable[[LoraState, Path, Mapping[str, str]], list[Path]]
     detect: Callable[[FileProbe], bool] | None = None
+    scan: Callable[[Path, ModuleNames], tuple[LoraState, dict[str, str]]] | None = None
 
     def __post_init__(self) -> None:
         # The plugin group describes a plugin by its docstring and names its source by its module, as
@@ -94,17 +101,23 @@ class _Formats(Mapping[str, AdapterFormat]):
 FORMATS: Mapping[str, AdapterFormat] = _Formats()
 
 
-def check_finite_tensors(sd: Mapping[str, Tensor]) -> None:
+def check_finite_tensors(sd: Mapping[str, Tensor | RawTensor]) -> None:
     """Raise FormatError naming the first key (as spelled in the file) holding NaN or Inf."""
     for key in sorted(sd):
-        t = sd[key]
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(sd[key]):
             raise FormatError(f"tensor {key} contains NaN or Inf values")
 
 
 def read_finite_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors adapter file, refusing NaN or Inf under the file's own key."""
     sd, meta = read_safetensors(path)
+    check_finite_tensors(sd)
+    return sd, meta
+
+
+def scan_finite_safetensors(path: Path) -> tuple[dict[str, RawTensor], dict[str, str]]:
+    """`read_finite_safetensors` as RawTensors: one read of the file, no torch."""
+    sd, meta = read_raw_safetensors(path)
     check_finite_tensors(sd)
     return sd, meta
 
@@ -153,10 +166,22 @@ def detect_format(path: Path) -> str:
 
 def read_adapter(path: Path, module_names: ModuleNames = None) -> tuple[LoraState, str, dict[str, str]]:
     """(state, detected format, safetensors header metadata) of an adapter file or folder."""
+    return _read_adapter(path, module_names, scan=False)
+
+
+def scan_adapter(path: Path, module_names: ModuleNames = None) -> tuple[LoraState, str, dict[str, str]]:
+    """`read_adapter` with the factors as `RawTensor`s where the format can scan (no torch), after the
+    same checks; what it gives can be summarised, checked and written as safetensors, not computed with."""
+    return _read_adapter(path, module_names, scan=True)
+
+
+def _read_adapter(path: Path, module_names: ModuleNames, scan: bool) -> tuple[LoraState, str, dict[str, str]]:
     path = Path(path)
     fmt = detect_format(path)
+    adapter_format = FORMATS[fmt]
+    reader = adapter_format.scan if scan and adapter_format.scan is not None else adapter_format.read
     try:
-        state, metadata = FORMATS[fmt].read(path, module_names)
+        state, metadata = reader(path, module_names)
         if not state:
             raise FormatError("the adapter is empty")
         state.check_finite()

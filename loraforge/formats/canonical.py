@@ -9,7 +9,9 @@ from pathlib import Path
 
 from loraforge.errors import FormatError
 from loraforge.formats import kohya
-from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, read_finite_safetensors, register_format
+from loraforge.formats.adapter_format import (
+    AdapterFormat, FileProbe, ModuleNames, read_finite_safetensors, register_format, scan_finite_safetensors,
+)
 from loraforge.formats.lora import ALPHA_SUFFIX, COMPONENTS, DOWN_SUFFIX, UP_SUFFIX, LoraState
 from loraforge.formats.safetensors_io import write_safetensors
 
@@ -26,6 +28,11 @@ def _detect(probe: FileProbe) -> bool:
 
 def _read(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, str]]:
     sd, meta = read_finite_safetensors(path)
+    return LoraState.from_state_dict(sd, hints=_parse_hints(meta)), meta
+
+
+def _scan(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, str]]:
+    sd, meta = scan_finite_safetensors(path)
     return LoraState.from_state_dict(sd, hints=_parse_hints(meta)), meta
 
 
@@ -55,4 +62,5 @@ def _write(state: LoraState, path: Path, metadata: Mapping[str, str]) -> list[Pa
     return [write_safetensors(state.to_state_dict(), path, header)]
 
 
-register_format(AdapterFormat("loraforge", "loraforge canonical .safetensors (unet.….lora_down)", _read, _write, _detect))
+register_format(AdapterFormat("loraforge", "loraforge canonical .safetensors (unet.….lora_down)", _read, _write, _detect,
+                              scan=_scan))

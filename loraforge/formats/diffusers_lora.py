@@ -20,16 +20,18 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import FormatError
-from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, read_finite_safetensors, register_format
+from loraforge.formats.adapter_format import (
+    AdapterFormat, FileProbe, ModuleNames, read_finite_safetensors, register_format, scan_finite_safetensors,
+)
 from loraforge.formats.kohya import is_kohya_key, kohya_to_lora
 from loraforge.formats.lora import COMPONENTS, LoraModule, LoraState, alpha_value, pair_names, without_text_model
 from loraforge.formats.safetensors_io import write_safetensors
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
@@ -150,6 +152,8 @@ def diffusers_to_lora(sd: Mapping[str, Tensor], metadata: Mapping[str, Any] | No
 
 def lora_to_diffusers(state: LoraState) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(state dict, safetensors header metadata) that `load_lora_weights` loads as exactly ΔW."""
+    import torch
+
     sd: dict[str, Tensor] = {}
     for name in sorted(state):
         m = state[name]
@@ -182,10 +186,15 @@ def _read(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, s
     return diffusers_to_lora(sd, meta, module_names), meta
 
 
+def _scan(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, str]]:
+    sd, meta = scan_finite_safetensors(path)
+    return diffusers_to_lora(sd, meta, module_names), meta
+
+
 def _write(state: LoraState, path: Path, metadata: Mapping[str, str]) -> list[Path]:
     sd, header = lora_to_diffusers(state)
     return [write_safetensors(sd, path, {**metadata, **header})]
 
 
 register_format(AdapterFormat("diffusers", "diffusers load_lora_weights .safetensors (unet.….lora_A)",
-                              _read, _write, _detect))
+                              _read, _write, _detect, scan=_scan))

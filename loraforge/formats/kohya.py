@@ -14,14 +14,17 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from loraforge.errors import FormatError, IncompatibleBaseError
-from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, read_finite_safetensors, register_format
+from loraforge.formats.adapter_format import (
+    AdapterFormat, FileProbe, ModuleNames, read_finite_safetensors, register_format, scan_finite_safetensors,
+)
 from loraforge.formats.lora import LoraModule, LoraState, alpha_value, pair_names
-from loraforge.formats.safetensors_io import write_safetensors
+from loraforge.formats.safetensors_io import TORCH_NAMES, write_safetensors
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 DOWN = ".lora_down.weight"
 UP = ".lora_up.weight"
@@ -71,8 +74,14 @@ def check_hints(hints: Mapping[str, str]) -> None:
         if key in hints and hints[key] not in allowed:
             raise FormatError(f"hint {key} is {hints[key]!r}; expected one of {', '.join(allowed)}")
     dtype = hints.get(HINT_ALPHA_DTYPE)
-    if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
+    if dtype is not None and dtype not in TORCH_NAMES.values() and not _is_torch_dtype_name(dtype):
         raise FormatError(f"hint {HINT_ALPHA_DTYPE} is {dtype!r}, which is not a torch dtype name")
+
+
+def _is_torch_dtype_name(name: str) -> bool:
+    import torch
+
+    return isinstance(getattr(torch, name, None), torch.dtype)
 
 
 def is_kohya_key(key: str) -> bool:
@@ -118,6 +127,7 @@ def kohya_to_lora(sd: Mapping[str, Tensor], module_names: Mapping[str, Iterable[
     exact = {c: {p.replace(".", "_"): p for p in paths} for c, paths in (module_names or {}).items()}
     downs, ups, alphas = {}, {}, {}
     te_prefixes = set()
+    guessed: dict[tuple[str, str], str] = {}  # (component, flat path) → module path, shared by down/up/alpha
     for key, value in sd.items():
         component, flat, suffix = _split_key(key)
         if component != "unet":
@@ -126,6 +136,8 @@ def kohya_to_lora(sd: Mapping[str, Tensor], module_names: Mapping[str, Iterable[
             path = exact[component].get(flat)
             if path is None:
                 raise IncompatibleBaseError(f"kohya key {key} matches no module of the base's {component}")
+        elif (component, flat) in guessed:
+            path = guessed[component, flat]
         else:
             if component == "unet" and flat.startswith(SGM_BLOCKS):
                 raise FormatError(
@@ -138,7 +150,7 @@ def kohya_to_lora(sd: Mapping[str, Tensor], module_names: Mapping[str, Iterable[
                     f"cannot turn kohya key {key} into a module path: it has a name outside the diffusers/CLIP "
                     "vocabulary; pass the base model so its module names can be matched"
                 )
-            path = ".".join(words)
+            path = guessed[component, flat] = ".".join(words)
         name = f"{component}.{path}"
         {DOWN: downs, UP: ups, ALPHA: alphas}[suffix][name] = value
     if not downs and not ups:
@@ -171,6 +183,8 @@ def lora_to_kohya(state: LoraState) -> dict[str, Tensor]:
     if "text_encoder_2" in state.components or te_prefix is None:
         te_prefix = "lora_te1_" if "text_encoder_2" in state.components else "lora_te_"
     prefixes = {"unet": "lora_unet_", "text_encoder": te_prefix, "text_encoder_2": "lora_te2_"}
+    import torch
+
     alpha_dtype = state.hints.get(HINT_ALPHA_DTYPE)
     omit_default_alpha = HINT_NO_ALPHA in state.hints
 
@@ -197,8 +211,14 @@ def _read(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, s
     return kohya_to_lora(sd, module_names), meta
 
 
+def _scan(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, str]]:
+    sd, meta = scan_finite_safetensors(path)
+    return kohya_to_lora(sd, module_names), meta
+
+
 def _write(state: LoraState, path: Path, metadata: Mapping[str, str]) -> list[Path]:
     return [write_safetensors(lora_to_kohya(state), path, {"format": "pt", **metadata})]
 
 
-register_format(AdapterFormat("kohya", "kohya / A1111 / ComfyUI .safetensors (lora_unet_…)", _read, _write, _detect))
+register_format(AdapterFormat("kohya", "kohya / A1111 / ComfyUI .safetensors (lora_unet_…)", _read, _write, _detect,
+                              scan=_scan))

@@ -3,6 +3,9 @@
 A `LoraState` maps canonical module names (`unet.<diffusers path>`, `text_encoder.<transformers
 path>`, `text_encoder_2.<...>`) to `LoraModule`s holding the two factors and alpha exactly as read
 (no dtype change), so converting between formats never rounds a weight it does not have to.
+
+The factors are torch tensors, or `RawTensor`s (a file's bytes, read without torch) when an adapter is
+only checked and stored: the summaries, checks and the canonical state dict work on both.
 """
 
 from __future__ import annotations
@@ -10,11 +13,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from loraforge.errors import FormatError, IncompatibleBaseError
+from loraforge.formats.safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TORCH_NAMES, RawTensor, all_finite
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+# Bits of each float dtype by torch's name (float16 → 16), for the widest-dtype summary.
+_FLOAT_BITS = {TORCH_NAMES[d]: 8 * DTYPE_SIZES[d] for d in FLOAT_DTYPES}
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 DOWN_SUFFIX = ".lora_down.weight"
@@ -73,14 +82,18 @@ class LoraModule:
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """(scale·B, A) as 2-D float32 matrices, so ΔW.flatten(1) = B @ A."""
+        import torch
+
         b = self.up.reshape(self.up.shape[0], -1).to(torch.float32) * self.scale
         a = self.down.reshape(self.rank, -1).to(torch.float32)
         return b, a
 
-    def delta(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Dense ΔW shaped like the base weight (computed in float32)."""
+    def delta(self, dtype: torch.dtype | None = None) -> Tensor:
+        """Dense ΔW shaped like the base weight (computed in float32, returned in `dtype`, float32 by default)."""
+        import torch
+
         b, a = self.factors()
-        return (b @ a).reshape(self.weight_shape).to(dtype)
+        return (b @ a).reshape(self.weight_shape).to(torch.float32 if dtype is None else dtype)
 
     def check_shapes(self, name: str) -> None:
         if self.down.dim() not in (2, 4) or self.up.dim() != self.down.dim():
@@ -163,12 +176,13 @@ class LoraState(MutableMapping[str, LoraModule]):
         return sorted(out)
 
     @property
-    def dtype(self) -> torch.dtype | None:
-        """The dtype of the factors; the widest one when they are mixed, None when empty."""
+    def dtype(self) -> torch.dtype | str | None:
+        """The dtype of the factors; the widest one when they are mixed, None when empty (torch's name
+        of it, `float16`, for RawTensor factors)."""
         dtypes = {t.dtype for m in self._modules.values() for t in (m.down, m.up)}
         if not dtypes:
             return None
-        return max(dtypes, key=lambda d: (torch.finfo(d).bits if d.is_floating_point else 0, str(d)))
+        return max(dtypes, key=lambda d: (_FLOAT_BITS.get(str(d).removeprefix("torch."), 0), str(d)))
 
     @property
     def num_parameters(self) -> int:
@@ -186,7 +200,7 @@ class LoraState(MutableMapping[str, LoraModule]):
             m = self._modules[name]
             sd[name + DOWN_SUFFIX] = m.down.contiguous()
             sd[name + UP_SUFFIX] = m.up.contiguous()
-            sd[name + ALPHA_SUFFIX] = torch.tensor(m.alpha, dtype=torch.float32)
+            sd[name + ALPHA_SUFFIX] = _float32_scalar(m.alpha, like=m.down)
         return sd
 
     @classmethod
@@ -219,7 +233,7 @@ class LoraState(MutableMapping[str, LoraModule]):
     def check_finite(self) -> None:
         for name, m in self._modules.items():
             for key, t in ((name + DOWN_SUFFIX, m.down), (name + UP_SUFFIX, m.up)):
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if not all_finite(t):
                     raise FormatError(f"tensor {key} contains NaN or Inf values")
             if not math.isfinite(m.alpha):
                 raise FormatError(f"tensor {name}{ALPHA_SUFFIX} is not finite ({m.alpha})")
@@ -262,7 +276,16 @@ def pair_names(downs: Mapping[str, Tensor], ups: Mapping[str, Tensor], alphas: M
         raise FormatError(f"{name}{ALPHA_SUFFIX} has no LoRA weights")
 
 
-def alpha_value(t: Tensor, name: str) -> float:
+def alpha_value(t: Tensor | RawTensor, name: str) -> float:
     if t.numel() != 1:
         raise FormatError(f"{name}{ALPHA_SUFFIX} must hold one number, got shape {tuple(t.shape)}")
-    return float(t.reshape(()).item())
+    return float(t.item())
+
+
+def _float32_scalar(value: float, like: Tensor | RawTensor) -> Tensor | RawTensor:
+    """A 0-d float32 tensor of `value`, of the same kind (torch or raw) as `like`."""
+    if isinstance(like, RawTensor):
+        return RawTensor.float32_scalar(value)
+    import torch
+
+    return torch.tensor(value, dtype=torch.float32)

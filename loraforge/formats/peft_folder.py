@@ -22,9 +22,7 @@ import json
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Callable
 
 from loraforge.errors import FormatError
 from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, register_format
@@ -33,7 +31,10 @@ from loraforge.formats.lora import (
     COMPONENTS, TEXT_MODEL_PREFIX, TEXT_MODEL_ROOTS, LoraModule, LoraState, pair_names, with_text_model,
     without_text_model,
 )
-from loraforge.formats.safetensors_io import read_safetensors, write_safetensors
+from loraforge.formats.safetensors_io import RawTensor, read_raw_safetensors, read_safetensors, write_safetensors
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -95,8 +96,10 @@ def is_peft_folder(folder: Path) -> bool:
     return (folder / CONFIG_NAME).is_file() or any((folder / c / CONFIG_NAME).is_file() for c in COMPONENTS)
 
 
-def read_peft_folder(folder: Path) -> tuple[LoraState, dict[str, str]]:
-    """(state, header metadata of the first weights file) of a one- or many-component folder."""
+def read_peft_folder(folder: Path, load: Callable[[Path], tuple[Mapping[str, Tensor | RawTensor], dict[str, str]]]
+                     = read_safetensors) -> tuple[LoraState, dict[str, str]]:
+    """(state, header metadata of the first weights file) of a one- or many-component folder;
+    `load` reads a weights file (`read_raw_safetensors` gives RawTensors, without torch)."""
     folder = Path(folder)
     if (folder / CONFIG_NAME).is_file():
         parts = [(None, folder)]
@@ -113,7 +116,7 @@ def read_peft_folder(folder: Path) -> tuple[LoraState, dict[str, str]]:
             config = json.loads((sub / CONFIG_NAME).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FormatError(f"{sub / CONFIG_NAME} is not valid JSON: {e}") from e
-        sd, meta = read_safetensors(weights)
+        sd, meta = load(weights)
         component = component or meta.get(COMPONENT_KEY) or _guess_component(sd)
         if component not in COMPONENTS:
             raise FormatError(f"{weights}: unknown component {component!r} in the {COMPONENT_KEY} header entry")
@@ -127,7 +130,7 @@ def read_peft_folder(folder: Path) -> tuple[LoraState, dict[str, str]]:
     return state, dict(first_meta or {})
 
 
-def _guess_component(sd: Mapping[str, Tensor]) -> str:
+def _guess_component(sd: Mapping[str, Tensor | RawTensor]) -> str:
     text_roots = (TEXT_MODEL_PREFIX, *TEXT_MODEL_ROOTS)
     return "text_encoder" if all(k.removeprefix(PREFIX).startswith(text_roots) for k in sd) else "unet"
 
@@ -179,4 +182,9 @@ def _read(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, s
     return read_peft_folder(path)
 
 
-register_format(AdapterFormat("peft", "PEFT adapter folder(s) (adapter_config.json)", _read, write_peft_folder, _detect))
+def _scan(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, str]]:
+    return read_peft_folder(path, load=read_raw_safetensors)
+
+
+register_format(AdapterFormat("peft", "PEFT adapter folder(s) (adapter_config.json)", _read, write_peft_folder, _detect,
+                              scan=_scan))

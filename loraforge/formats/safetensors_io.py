@@ -1,6 +1,10 @@
 """Every safetensors read and write in loraforge: a checked header, a streaming reader, a streaming
 writer with a deterministic layout, and the one table of dtypes.
 
+torch is imported by the functions that make torch tensors, not by this module: checking a header and
+reading a file as `RawTensor`s (its bytes, shapes and dtypes) needs only the standard library, so a
+command that checks and stores an adapter starts without torch.
+
 Every header is checked against the file size before a byte of tensor data is read, so a truncated
 or lying file fails with one line naming it instead of a crash or a huge allocation.
 
@@ -16,6 +20,7 @@ content addresses — in different processes.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -24,12 +29,13 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from loraforge.errors import FormatError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 # safetensors dtype name → (bytes per element, torch dtype name). The sizes check headers of any file;
 # a dtype the installed torch lacks (uint16 and up before torch 2.3) can be checked but not read.
@@ -41,29 +47,59 @@ _DTYPE_TABLE = {
     "I64": (8, "int64"), "U64": (8, "uint64"), "F64": (8, "float64"),
 }
 DTYPE_SIZES: dict[str, int] = {name: size for name, (size, _) in _DTYPE_TABLE.items()}
-ST_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, t) for name, (_, t) in _DTYPE_TABLE.items()
-                                     if isinstance(getattr(torch, t, None), torch.dtype)}
-TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
+TORCH_NAMES: dict[str, str] = {name: t for name, (_, t) in _DTYPE_TABLE.items()}  # F16 → float16
+_ST_OF_TORCH_NAME = {t: name for name, t in TORCH_NAMES.items()}
+FLOAT_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
 # What a streamed reader hands to the merge code: torch has CPU arithmetic for these. float8 and the
 # wide unsigned integers would have to be converted first, which no merge does yet.
 STREAMABLE = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"})
-# The precisions a user names on the command line and in recipes.
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The precisions a user names on the command line and in recipes (torch dtypes: see PRECISIONS).
+PRECISION_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 MAX_HEADER = 100 << 20
 
 
-def dtype_from_name(name: str) -> torch.dtype:
+@dataclass(frozen=True)
+class _TorchTables:
+    st_dtypes: dict[str, "torch.dtype"]  # safetensors name → torch dtype, for the dtypes this torch has
+    torch_to_st: dict["torch.dtype", str]
+    precisions: dict[str, "torch.dtype"]
+
+
+@functools.cache
+def _torch_tables() -> _TorchTables:
+    import torch
+
+    st = {name: getattr(torch, t) for name, t in TORCH_NAMES.items() if isinstance(getattr(torch, t, None), torch.dtype)}
+    return _TorchTables(st, {v: k for k, v in st.items()},
+                        {p: getattr(torch, t) for p, t in PRECISION_NAMES.items()})
+
+
+def __getattr__(name: str) -> Any:
+    # ST_DTYPES, TORCH_TO_ST and PRECISIONS hold torch dtypes: made (and torch imported) on first use.
+    tables = {"ST_DTYPES": "st_dtypes", "TORCH_TO_ST": "torch_to_st", "PRECISIONS": "precisions"}
+    if name in tables:
+        return getattr(_torch_tables(), tables[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def dtype_from_name(name: str) -> "torch.dtype":
     """torch dtype of `fp32` / `fp16` / `bf16`; a one-line error naming the choices otherwise."""
-    if name not in PRECISIONS:
-        raise FormatError(f"unknown dtype {name!r}: choose one of {', '.join(PRECISIONS)}")
-    return PRECISIONS[name]
+    if name not in PRECISION_NAMES:
+        raise FormatError(f"unknown dtype {name!r}: choose one of {', '.join(PRECISION_NAMES)}")
+    return _torch_tables().precisions[name]
 
 
-def st_dtype(name: str, dtype: torch.dtype) -> str:
-    """The safetensors spelling of `dtype`, or a FormatError naming tensor `name`."""
-    if dtype not in TORCH_TO_ST:
+def st_dtype(name: str, dtype: Union["torch.dtype", str]) -> str:
+    """The safetensors spelling of `dtype` (a torch dtype, or the torch name of a RawTensor's dtype),
+    or a FormatError naming tensor `name`."""
+    if isinstance(dtype, str):
+        if dtype not in _ST_OF_TORCH_NAME:
+            raise FormatError(f"tensor {name} has dtype {dtype}, which safetensors cannot store")
+        return _ST_OF_TORCH_NAME[dtype]
+    torch_to_st = _torch_tables().torch_to_st
+    if dtype not in torch_to_st:
         raise FormatError(f"tensor {name} has dtype {dtype}, which safetensors cannot store")
-    return TORCH_TO_ST[dtype]
+    return torch_to_st[dtype]
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -135,11 +171,11 @@ class TensorInfo:
 
     @property
     def is_float(self) -> bool:
-        return self.torch_dtype.is_floating_point
+        return self.dtype in FLOAT_DTYPES
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return ST_DTYPES[self.dtype]
+    def torch_dtype(self) -> "torch.dtype":
+        return _torch_tables().st_dtypes[self.dtype]
 
 
 class TensorFile:
@@ -151,7 +187,7 @@ class TensorFile:
     def __init__(self, path: Path, dtypes: Iterable[str] = STREAMABLE, purpose: str = "merge"):
         self.path = Path(path)
         header, self.metadata, self._data_start = _read_checked_header(self.path)
-        allowed = set(dtypes) & set(ST_DTYPES)
+        allowed = set(dtypes) & set(_torch_tables().st_dtypes)
         self.entries: dict[str, TensorInfo] = {}
         for key, e in header.items():
             info = TensorInfo(e["dtype"], tuple(int(s) for s in e["shape"]), *map(int, e["data_offsets"]))
@@ -194,6 +230,8 @@ class TensorFile:
 
     def get(self, key: str, rows: Optional[tuple[int, int]] = None) -> Tensor:
         """The tensor `key` (or rows start:stop of its first dimension) in its stored dtype, newly allocated."""
+        import torch
+
         _, n, shape = self.span(key, rows)
         out = torch.empty(n, dtype=torch.uint8)
         return self.read_into(key, out, rows)
@@ -202,6 +240,8 @@ class TensorFile:
         """Read tensor `key` (or a row range) into the start of the flat contiguous CPU `buffer` (any dtype,
         large enough) and return a view of it with the stored dtype and shape. Reusing one buffer keeps the
         allocator from mapping fresh pages for every tensor, which is both slower and what makes RSS creep."""
+        import torch
+
         info = self.entries[key]
         begin, n, shape = self.span(key, rows)
         raw = buffer.view(torch.uint8) if buffer.dtype != torch.uint8 else buffer
@@ -221,8 +261,158 @@ class TensorFile:
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """All tensors and the `__metadata__` of a safetensors file whose header was checked first."""
-    with TensorFile(path, dtypes=ST_DTYPES, purpose="read with this torch") as f:
+    with TensorFile(path, dtypes=_torch_tables().st_dtypes, purpose="read with this torch") as f:
         return {k: f.get(k) for k in f.keys()}, dict(f.metadata)
+
+
+# -- reading without torch -------------------------------------------------------------------
+
+# Where a float's exponent lies: its bits within the top 16 bits of an element (in the one byte of a
+# float8). An element is NaN or Inf exactly when all of them are set (float8 e4m3fn has NaN only).
+_EXPONENT_TOP16 = {"F16": 0x7C00, "BF16": 0x7F80, "F32": 0x7F80, "F64": 0x7FF0}
+_EXPONENT_BYTE = {"F8_E5M2": 0x7C, "F8_E4M3": 0x7F}
+_SCALAR_FORMATS = {"BOOL": "?", "U8": "B", "I8": "b", "I16": "h", "U16": "H", "F16": "e", "I32": "i", "U32": "I",
+                   "F32": "f", "I64": "q", "U64": "Q", "F64": "d"}
+
+
+@functools.cache
+def _bytes_with_bits(mask: int) -> tuple[bytes, bytes]:
+    """(the byte values with every bit of `mask` set, a bytes.translate table flagging them with 1)."""
+    table = bytes(int(b & mask == mask) for b in range(256))
+    return bytes(b for b in range(256) if table[b]), table
+
+
+def _bytes_all_finite(dtype: str, buffer: bytes | bytearray, begin: int, end: int) -> bool:
+    """Whether no element of the little-endian float data buffer[begin:end] of safetensors `dtype` is
+    NaN or Inf. Slicing bytes by a step and searching them run in C, about a byte per nanosecond: the
+    byte holding an element's top exponent bits is searched first, the next one only when that hits."""
+    size = DTYPE_SIZES[dtype]
+    if dtype in _EXPONENT_BYTE:
+        high, high_mask, low_mask = buffer[begin:end], _EXPONENT_BYTE[dtype], 0
+    else:
+        high = buffer[begin + size - 1:end:size]
+        high_mask, low_mask = _EXPONENT_TOP16[dtype] >> 8, _EXPONENT_TOP16[dtype] & 0xFF
+    bad_high, high_table = _bytes_with_bits(high_mask)
+    if not any(b in high for b in bad_high):
+        return True
+    if not low_mask:
+        return False
+    low = buffer[begin + size - 2:end:size]
+    flags = int.from_bytes(high.translate(high_table), "little")
+    return not flags & int.from_bytes(low.translate(_bytes_with_bits(low_mask)[1]), "little")
+
+
+def _float8_value(dtype: str, byte: int) -> float:
+    if dtype == "F8_E5M2":  # the top byte of a float16
+        return struct.unpack("<e", bytes((0, byte)))[0]
+    sign = -1.0 if byte & 0x80 else 1.0
+    exponent, mantissa = (byte >> 3) & 0xF, byte & 7
+    if exponent == 0xF and mantissa == 7:
+        return math.nan
+    if exponent == 0:
+        return sign * mantissa / 8 * 2.0 ** -6
+    return sign * (1 + mantissa / 8) * 2.0 ** (exponent - 7)
+
+
+class RawTensor:
+    """A tensor as a safetensors file stores it: its bytes, shape and dtype, read without torch.
+
+    It answers what checks and converters ask of a tensor (`shape`, `dim()`, `numel()`, `dtype` as
+    torch's name, `is_floating_point()`, `item()` of a scalar, whether it is finite) and is written
+    back byte for byte, so an adapter can be checked and stored in another layout without torch.
+    """
+
+    __slots__ = ("st_dtype", "shape", "_buffer", "_begin", "_end", "_finite")
+
+    def __init__(self, st_dtype: str, shape: Iterable[int], buffer: bytes | bytearray, begin: int = 0,
+                 end: Optional[int] = None):
+        """The tensor held in buffer[begin:end] (all of `buffer` by default)."""
+        self.st_dtype = st_dtype
+        self.shape = tuple(int(s) for s in shape)
+        self._buffer, self._begin, self._end = buffer, begin, len(buffer) if end is None else end
+        self._finite: Optional[bool] = None
+
+    @property
+    def data(self) -> memoryview:
+        return memoryview(self._buffer)[self._begin:self._end]
+
+    @property
+    def dtype(self) -> str:
+        return TORCH_NAMES[self.st_dtype]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return DTYPE_SIZES[self.st_dtype]
+
+    def is_floating_point(self) -> bool:
+        return self.st_dtype in FLOAT_DTYPES
+
+    def contiguous(self) -> "RawTensor":
+        return self
+
+    def all_finite(self) -> bool:
+        """Whether no value is NaN or Inf (always, for integer dtypes)."""
+        if self._finite is None:
+            self._finite = not self.is_floating_point() or _bytes_all_finite(self.st_dtype, self._buffer,
+                                                                             self._begin, self._end)
+        return self._finite
+
+    def item(self) -> float | int | bool:
+        """The value of a one-element tensor, as torch's `Tensor.item()` gives it."""
+        if self.numel() != 1:
+            raise ValueError(f"a tensor of shape {self.shape} has {self.numel()} values, not one")
+        raw = self.data.tobytes()
+        if self.st_dtype == "BF16":  # the top half of a float32
+            return struct.unpack("<f", b"\0\0" + raw)[0]
+        if self.st_dtype in _EXPONENT_BYTE:
+            return _float8_value(self.st_dtype, raw[0])
+        return struct.unpack("<" + _SCALAR_FORMATS[self.st_dtype], raw)[0]
+
+    @classmethod
+    def float32_scalar(cls, value: float) -> "RawTensor":
+        """A 0-d float32 tensor of `value`, rounded as torch rounds a Python float (to nearest)."""
+        try:
+            data = struct.pack("<f", value)
+        except OverflowError:  # finite in float64 but beyond float32: torch stores infinity
+            data = struct.pack("<f", math.copysign(math.inf, value))
+        return cls("F32", (), data)
+
+    def __repr__(self) -> str:
+        return f"RawTensor({self.st_dtype}{list(self.shape)})"
+
+
+def all_finite(tensor: Union["Tensor", RawTensor]) -> bool:
+    """Whether no value of a torch or raw tensor is NaN or Inf (always, for integer dtypes)."""
+    if isinstance(tensor, RawTensor):
+        return tensor.all_finite()
+    import torch
+
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+
+
+def read_raw_safetensors(path: Path) -> tuple[dict[str, RawTensor], dict[str, str]]:
+    """All tensors of a safetensors file as RawTensors over one read of its data section, and its
+    `__metadata__`; the header is checked first. No torch."""
+    path = Path(path)
+    header, metadata, start = _read_checked_header(path)
+    spans = {key: (int(e["data_offsets"][0]), int(e["data_offsets"][1])) for key, e in header.items()}
+    length = max((end for _, end in spans.values()), default=0)
+    data = bytearray(length)
+    with open(path, "rb") as f, memoryview(data) as view:
+        f.seek(start)
+        got = 0
+        while got < length:
+            n = f.readinto(view[got:])
+            if not n:
+                raise FormatError(f"{path} is truncated: it ended {length - got} bytes before its last tensor")
+            got += n
+    return {key: RawTensor(header[key]["dtype"], header[key]["shape"], data, begin, end)
+            for key, (begin, end) in spans.items()}, dict(metadata)
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -240,7 +430,11 @@ def _header_bytes(header: dict[str, object]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _tensor_bytes(tensor: Tensor) -> memoryview | bytes:
+def _tensor_bytes(tensor: Union["Tensor", RawTensor]) -> memoryview | bytes:
+    if isinstance(tensor, RawTensor):
+        return tensor.data
+    import torch
+
     data = tensor.detach().contiguous().cpu()
     if not data.numel():
         return b""
@@ -250,13 +444,14 @@ def _tensor_bytes(tensor: Tensor) -> memoryview | bytes:
 class SafetensorsWriter:
     """Writes a safetensors file whose header is fixed up front; tensors then arrive one at a time,
     in the declared order, and go straight to disk. The file appears atomically on `close()`;
-    `fsync=False` skips forcing it to disk, for files that are copied into the registry afterwards."""
+    `fsync=False` skips forcing it to disk, for files that are copied into the registry afterwards.
+    A dtype is a torch dtype, or the torch name of a RawTensor's dtype for tensors written as RawTensors."""
 
-    def __init__(self, path: Path, entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+    def __init__(self, path: Path, entries: Iterable[tuple[str, tuple[int, ...], Union["torch.dtype", str]]],
                  metadata: Mapping[str, str] | None = None, *, fsync: bool = True):
         self.path = Path(path)
         self._fsync = fsync
-        self._order: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []
+        self._order: list[tuple[str, tuple[int, ...], Union["torch.dtype", str], int]] = []
         header: dict[str, object] = {}
         if metadata:
             header["__metadata__"] = _checked_metadata(metadata)
@@ -264,8 +459,9 @@ class SafetensorsWriter:
         for name, shape, dtype in entries:
             if name in header:
                 raise FormatError(f"tensor {name} is declared twice in {self.path.name}")
-            nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": st_dtype(name, dtype), "shape": list(shape),
+            st = st_dtype(name, dtype)
+            nbytes = math.prod(shape) * DTYPE_SIZES[st]
+            header[name] = {"dtype": st, "shape": list(shape),
                             "data_offsets": [offset, offset + nbytes]}
             self._order.append((name, tuple(shape), dtype, nbytes))
             offset += nbytes
@@ -334,7 +530,7 @@ class SafetensorsWriter:
             self.abort()
 
 
-def write_safetensors(sd: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str] | None = None,
+def write_safetensors(sd: Mapping[str, Union["Tensor", RawTensor]], path: Path, metadata: Mapping[str, str] | None = None,
                       *, fsync: bool = False) -> Path:
     """Write `sd` with a deterministic layout (tensors and metadata sorted by name), atomically."""
     keys = sorted(sd)
@@ -344,7 +540,7 @@ def write_safetensors(sd: Mapping[str, Tensor], path: Path, metadata: Mapping[st
     return Path(path)
 
 
-def safetensors_bytes(sd: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+def safetensors_bytes(sd: Mapping[str, Union["Tensor", RawTensor]], metadata: Mapping[str, str] | None = None) -> bytes:
     """The bytes `write_safetensors` would write for `sd`: tensors and metadata sorted by name."""
     header: dict[str, object] = {}
     if metadata:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from loraforge.errors import FormatError
 from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, check_finite_tensors, register_format
@@ -18,9 +16,14 @@ from loraforge.formats.kohya import kohya_to_lora, lora_to_kohya
 from loraforge.formats.lora import LoraState
 from loraforge.formats.pickles import load_weights_only
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 
 def load_slider_pt(path: Path) -> dict[str, Tensor]:
     """The flat {key: tensor} dict of a slider `.pt` file, loaded without running any pickled code."""
+    from torch import Tensor
+
     obj = load_weights_only(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
@@ -34,6 +37,8 @@ def read_slider_pt(path: Path, module_names: Mapping[str, Iterable[str]] | None 
 
 
 def write_slider_pt(state: LoraState, path: Path) -> Path:
+    import torch
+
     path = Path(path)
     torch.save(lora_to_kohya(state), path)
     return path

@@ -100,13 +100,15 @@ def import_artifact(
 def _import_adapter(registry: Registry, path: Path, name: str, kind: str, base_ref: Optional[str],
                     slider: Optional[SliderInfo], input_digest: Optional[str],
                     stamp: Callable[[Manifest], Manifest]) -> Manifest:
-    from loraforge.formats import read_adapter, write_adapter
+    from loraforge.formats import scan_adapter, write_adapter
     from loraforge.registry.resolve import base_targets, resolve_base
 
     base = resolve_base(registry, base_ref) if base_ref else None
     targets = base_targets(base) if base is not None else None
     names = {c: list(s) for c, s in targets.items()} if targets else None
-    state, fmt, _meta = read_adapter(path, module_names=names)
+    # Checking and storing need the file's bytes, not torch: the factors stay RawTensors and the
+    # canonical file is their bytes under canonical names (the same bytes a torch round trip writes).
+    state, fmt, _meta = scan_adapter(path, module_names=names)
     state.check_finite()
     try:
         state.check_ranks()
