@@ -19,7 +19,7 @@ from loraforge.home import models_dir
 
 FORBIDDEN = ("torch", "diffusers", "transformers")
 # Reported for the failure message: a module of these names imported is a sign of what pulled torch in.
-WATCHED = FORBIDDEN + ("peft", "safetensors", "PIL", "loraforge.models.pipeline", "loraforge.ops.lowrank")
+WATCHED = FORBIDDEN + ("peft", "safetensors", "PIL", "watchdog", "loraforge.models.pipeline", "loraforge.ops.lowrank")
 REPORT = "IMPORTED-MODULES:"
 RUN_CLI = f"""
 import json, sys
@@ -55,11 +55,11 @@ def run(home: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[str]]
     return proc, json.loads(lines[-1][len(REPORT):])
 
 
-def run_light(home: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run a command that must succeed without importing any of FORBIDDEN."""
+def run_light(home: Path, *args: str, forbidden: tuple[str, ...] = FORBIDDEN) -> subprocess.CompletedProcess:
+    """Run a command that must succeed without importing any of `forbidden`."""
     proc, imported = run(home, *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    heavy = [m for m in imported if m in FORBIDDEN]
+    heavy = [m for m in imported if m in forbidden]
     assert not heavy, f"`loraforge {' '.join(args)}` imported {heavy} (watched modules imported: {imported})"
     return proc
 
@@ -121,9 +121,14 @@ def test_quickstart_validates_and_plans_without_torch(built):
 
 
 def test_jobs_and_daemon_status(built):
+    # They read the queue and the status file: the file watcher (watchdog) is the running daemon's.
     home, _ = built
-    assert "status" in run_light(home, "jobs", "ls").stdout
-    assert "never started" in run_light(home, "daemon", "status").stdout
+    light = FORBIDDEN + ("watchdog",)
+    assert "status" in run_light(home, "jobs", "ls", forbidden=light).stdout
+    assert "queue: 0 queued" in run_light(home, "daemon", "status", forbidden=light).stdout
+    proc, imported = run(home, "jobs", "show", "7")
+    assert proc.returncode == 1 and "no job with id 7" in proc.stderr
+    assert not [m for m in imported if m in light], imported
 
 
 def test_an_invalid_recipe_is_refused_without_torch(built):

@@ -59,7 +59,7 @@ def daemon(ctx, watch, gpus, cpu, no_publish, debounce, grace, recipe_cmd):
         raise click.UsageError("--cpu and --gpus exclude each other")
     import logging
 
-    from loraforge.daemon import Daemon
+    from loraforge.daemon.daemon import Daemon
     from loraforge.daemon.worker import detect_gpus
 
     devices = [] if cpu else ([g.strip() for g in gpus.split(",") if g.strip()] if gpus else detect_gpus())
@@ -77,7 +77,8 @@ def daemon(ctx, watch, gpus, cpu, no_publish, debounce, grace, recipe_cmd):
 @click.pass_context
 def status(ctx, as_json, events):
     """Show whether the daemon runs, its workers, the job queue and its last events."""
-    from loraforge.daemon import JobQueue, read_status
+    from loraforge.daemon.queue import JobQueue
+    from loraforge.daemon.status import read_status
 
     home = _home(ctx)
     state = read_status(home)

@@ -11,7 +11,7 @@ from loraforge.cli.output import echo_json, print_table
 
 
 def _queue(ctx: click.Context):
-    from loraforge.daemon import JobQueue
+    from loraforge.daemon.queue import JobQueue
 
     return JobQueue((ctx.find_root().obj or {}).get("home"))
 
@@ -62,7 +62,7 @@ def show(ctx, job_id, as_json):
 @click.pass_context
 def logs(ctx, job_id, follow):
     """Print a job's log (the output of its `recipe apply`)."""
-    from loraforge.daemon import FINISHED_STATES
+    from loraforge.daemon.queue import FINISHED_STATES
 
     queue = _queue(ctx)
     job = queue.get(job_id)

@@ -1,8 +1,31 @@
-"""The build daemon: watch recipes and data, queue jobs in SQLite, run them one per GPU, survive restarts."""
+"""The build daemon: watch recipes and data, queue jobs in SQLite, run them one per GPU, survive restarts.
 
-from loraforge.daemon.daemon import Daemon, default_recipe_cmd
-from loraforge.daemon.queue import FINISHED_STATES, JOB_STATES, Job, JobNotFound, JobQueue
-from loraforge.daemon.status import read_status
+The names below are imported from their modules on first use: `jobs` and `daemon status` read the
+queue and the status file without importing the watcher (watchdog) or the worker.
+"""
 
-__all__ = ["Daemon", "FINISHED_STATES", "JOB_STATES", "Job", "JobNotFound", "JobQueue", "default_recipe_cmd",
-           "read_status"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULE_OF = {
+    "Daemon": "daemon",
+    "default_recipe_cmd": "daemon",
+    "FINISHED_STATES": "queue",
+    "JOB_STATES": "queue",
+    "Job": "queue",
+    "JobNotFound": "queue",
+    "JobQueue": "queue",
+    "read_status": "status",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value
