@@ -28,6 +28,7 @@ from loraforge.formats import (
     lora_to_kohya,
     read_adapter,
     register_format,
+    scan_adapter,
     write_adapter,
 )
 from loraforge.formats.lora import with_text_model, without_text_model
@@ -504,6 +505,9 @@ def test_damaged_files_fail_with_one_line_naming_the_file(tmp_path, damage, mess
     assert message in text and str(path) in text and "\n" not in text, text
     if damage == "nan":
         assert up in text
+    with pytest.raises(FormatError) as scanned:  # reading the file's bytes without torch refuses it the same way
+        scan_adapter(path)
+    assert str(scanned.value) == text
 
 
 def test_written_files_carry_metadata_and_canonical_files_are_exact(bases, tmp_path):
