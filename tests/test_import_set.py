@@ -102,10 +102,12 @@ def test_recipe_validate_plan_and_noop_apply(built):
     assert [s["status"] for s in plan["steps"]] == ["up-to-date", "up-to-date"]
     assert "0 of 2 steps to run" in run_light(home, "recipe", "plan", str(recipe)).stdout
     lock = recipe.with_name(recipe.name + ".lock")
-    before = lock.read_text(encoding="utf-8")
+    before, written = lock.read_text(encoding="utf-8"), lock.stat()
     out = run_light(home, "recipe", "apply", str(recipe)).stdout
     assert "0 step(s) run, 2 up to date" in out
-    assert lock.read_text(encoding="utf-8") == before  # the same digests and versions were recorded
+    # The lock already says what this apply would write: it is left as it was, not rewritten (and fsynced).
+    assert lock.read_text(encoding="utf-8") == before
+    assert (lock.stat().st_ino, lock.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     result = json.loads(run_light(home, "recipe", "apply", str(recipe), "--json").stdout)
     assert result["ok"] and [s["action"] for s in result["steps"]] == ["reused", "reused"]
 

@@ -203,7 +203,7 @@ def _write(plan: Plan, lock_steps: dict) -> Path:
     references = {ref: r.to_lock() for ref, r in sorted(plan.resolver.cache.items())}
     ordered = {sid: lock_steps[sid] for sid in plan.graph.order if sid in lock_steps}
     return write_lock(plan.recipe.source.path, {"recipe": plan.recipe.name, "recipe_digest": plan.digest,
-                                                "references": references, "steps": ordered})
+                                                "references": references, "steps": ordered}, previous=plan.lock)
 
 
 def apply_recipe(path, registry, *, overrides: dict | None = None, force: Iterable[str] = (),

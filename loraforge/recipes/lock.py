@@ -46,10 +46,16 @@ def require_lock(recipe_path: Path) -> dict:
     return lock
 
 
-def write_lock(recipe_path: Path, data: dict) -> Path:
-    """Write the lock atomically (a crash leaves the old lock or the new one, never half of one)."""
+def write_lock(recipe_path: Path, data: dict, previous: Optional[dict] = None) -> Path:
+    """Write the lock atomically (a crash leaves the old lock or the new one, never half of one).
+
+    `previous` is the lock as read before the apply: when it already says exactly this, the file is
+    left as it is (a no-op apply writes nothing, so it also works where the recipe's folder is read-only).
+    """
     path = lock_path(recipe_path)
     body = {"lock_version": LOCK_VERSION, "loraforge_version": __version__, **data}
+    if previous is not None and previous == body and path.is_file():
+        return path
     text = HEADER + yaml.safe_dump(body, sort_keys=False, default_flow_style=False, allow_unicode=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
