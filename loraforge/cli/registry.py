@@ -6,9 +6,14 @@ from pathlib import Path
 
 import click
 
-from loraforge.cli.output import echo_json, human_size, print_table, progress, registry_from_ctx
+from loraforge.cli.output import (
+    catalog_from_ctx, echo_json, echo_json_array, human_size, print_table, progress, registry_from_ctx,
+)
 
 KINDS = ["lora", "slider", "checkpoint", "dataset", "image"]
+
+# `ls`, `show`, `lineage` and `tag` read the catalog through loraforge.registry.rows (plain sqlite3 and
+# the stored manifest JSON): they start without pydantic or sqlite-utils.
 
 
 @click.group()
@@ -45,18 +50,26 @@ def import_(ctx, path, name, kind, base, concept, scale_range, instance_prompt, 
 
 @registry.command("ls")
 @click.option("--kind", type=click.Choice(KINDS), help="Only artifacts of this kind.")
-@click.option("--name", help="Only versions of this name.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--name", help="Only versions of this name; a glob such as 'style-*' matches several names.")
+@click.option("--limit", type=click.IntRange(min=0), metavar="N", help="List at most N versions.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, metavar="N", help="Skip the first N versions.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a JSON array).")
 @click.pass_context
-def ls(ctx, kind, name, as_json):
-    """List artifact versions."""
-    rows = registry_from_ctx(ctx).list(kind=kind, name=name)
+def ls(ctx, kind, name, limit, offset, as_json):
+    """List artifact versions, ordered by name and version.
+
+    Output streams, so a registry of any size lists in constant memory. Page with --limit and
+    --offset: --limit 50 --offset 100 is the third page of 50.
+    """
+    from loraforge.registry.rows import list_rows
+
+    rows = list_rows(catalog_from_ctx(ctx), kind=kind, name=name, limit=limit, offset=offset)
     if as_json:
-        echo_json(rows)
+        echo_json_array(rows)
         return
     print_table(
-        [(r["name"], r["version"], r["kind"], ",".join(r["aliases"]), r["digest"][:12], human_size(r["size"]),
-          r["created_at"]) for r in rows],
+        ((r["name"], r["version"], r["kind"], ",".join(r["aliases"]), r["digest"][:12], human_size(r["size"]),
+          r["created_at"]) for r in rows),
         ["name", "version", "kind", "aliases", "digest", "size", "created"],
     )
 
@@ -67,44 +80,55 @@ def ls(ctx, kind, name, as_json):
 @click.pass_context
 def show(ctx, ref, as_json):
     """Show the manifest of REF (name, name:3, name:alias, sha256:prefix)."""
-    reg = registry_from_ctx(ctx)
-    manifest = reg.resolve(ref)
+    from loraforge.registry.rows import aliases, resolve
+
+    catalog = catalog_from_ctx(ctx)
+    row = resolve(catalog, ref)
+    manifest = row.manifest()
     if as_json:
-        echo_json(manifest.model_dump())
+        echo_json(manifest)
         return
-    aliases = [a for a, v in reg.aliases(manifest.name).items() if v == manifest.version]
+    click.echo("\n".join(_manifest_lines(manifest, [a for a, v in aliases(catalog, row.name).items()
+                                                     if v == row.version])))
+
+
+def _manifest_lines(m: dict, aliases: list[str]) -> list[str]:
+    """`registry show`'s text for a stored manifest dict."""
+    p = m["provenance"]
     lines = [
-        f"{manifest.ref}  ({manifest.kind})" + (f"  aliases: {', '.join(aliases)}" if aliases else ""),
-        f"digest:   sha256:{manifest.digest}",
-        f"created:  {manifest.provenance.created_at} on {manifest.provenance.host}",
+        f"{m['name']}:{m['version']}  ({m['kind']})" + (f"  aliases: {', '.join(aliases)}" if aliases else ""),
+        f"digest:   sha256:{m['digest']}",
+        f"created:  {p['created_at']} on {p['host']}",
     ]
-    if manifest.base:
-        lines.append(f"base:     {manifest.base.ref} ({manifest.base.family or '?'}, "
-                     f"{(manifest.base.digest or '?')[:12]})")
-    if manifest.adapter:
-        a = manifest.adapter
-        lines.append(f"adapter:  rank {a.rank}, alpha {a.alpha if a.alpha is not None else 'per-module'}, "
-                     f"{a.num_modules} modules on {', '.join(a.components)}; targets {', '.join(a.target_modules)}")
-    if manifest.slider:
-        s = manifest.slider
-        lines.append(f"slider:   concept {s.concept!r}, scales {s.scale_range[0]} … {s.scale_range[1]}, "
-                     f"+ {s.positive!r} / − {s.negative!r}")
-    if manifest.dataset:
-        lines.append(f"dataset:  {manifest.dataset.num_images} images")
-    p = manifest.provenance
-    lines.append(f"made by:  {p.method or '?'}" + (f" from {p.source}" if p.source and p.source != p.method else ""))
-    for parent in p.parents:
-        weight = f" weight {parent.weight}" if parent.weight is not None else ""
-        lines.append(f"  {parent.role}: {parent.ref}{weight}")
-    if p.recipe:
-        lines.append(f"recipe:   {p.recipe.name or p.recipe.path} step {p.recipe.step} "
-                     f"(input {p.recipe.input_digest[:12]})")
-    if manifest.metrics:
-        lines.append("metrics:  " + ", ".join(f"{k}={v}" for k, v in sorted(manifest.metrics.items())
+    if m.get("base"):
+        b = m["base"]
+        lines.append(f"base:     {b['ref']} ({b.get('family') or '?'}, {(b.get('digest') or '?')[:12]})")
+    if m.get("adapter"):
+        a = m["adapter"]
+        lines.append(f"adapter:  rank {a.get('rank')}, alpha {a['alpha'] if a.get('alpha') is not None else 'per-module'}, "
+                     f"{a.get('num_modules', 0)} modules on {', '.join(a.get('components', []))}; "
+                     f"targets {', '.join(a.get('target_modules', []))}")
+    if m.get("slider"):
+        s = m["slider"]
+        low, high = s.get("scale_range", (-3.0, 3.0))
+        lines.append(f"slider:   concept {s.get('concept')!r}, scales {low} … {high}, "
+                     f"+ {s.get('positive')!r} / − {s.get('negative')!r}")
+    if m.get("dataset"):
+        lines.append(f"dataset:  {m['dataset'].get('num_images', 0)} images")
+    method, source = p.get("method"), p.get("source")
+    lines.append(f"made by:  {method or '?'}" + (f" from {source}" if source and source != method else ""))
+    for parent in p.get("parents", []):
+        weight = f" weight {parent['weight']}" if parent.get("weight") is not None else ""
+        lines.append(f"  {parent.get('role', 'input')}: {parent['ref']}{weight}")
+    if p.get("recipe"):
+        r = p["recipe"]
+        lines.append(f"recipe:   {r.get('name') or r.get('path')} step {r['step']} (input {r['input_digest'][:12]})")
+    if m.get("metrics"):
+        lines.append("metrics:  " + ", ".join(f"{k}={v}" for k, v in sorted(m["metrics"].items())
                                               if not isinstance(v, (list, dict))))
     lines.append("files:")
-    lines += [f"  {f.path}  {human_size(f.size)}  {f.sha256[:12]}" for f in manifest.files]
-    click.echo("\n".join(lines))
+    lines += [f"  {f['path']}  {human_size(f['size'])}  {f['sha256'][:12]}" for f in m["files"]]
+    return lines
 
 
 @registry.command()
@@ -131,8 +155,10 @@ def export(ctx, ref, fmt, output):
 @click.pass_context
 def tag(ctx, ref, alias):
     """Point ALIAS (such as prod) of REF's name at REF; aliases move."""
-    manifest = registry_from_ctx(ctx).tag(ref, alias)
-    click.echo(f"{manifest.name}:{alias} -> {manifest.ref}")
+    from loraforge.registry.rows import tag as set_alias
+
+    row = set_alias(catalog_from_ctx(ctx), ref, alias)
+    click.echo(f"{row.name}:{alias} -> {row.ref}")
 
 
 def _print_tree(node, prefix: str = "", last: bool = True, root: bool = True, shown: set | None = None) -> None:
@@ -157,7 +183,9 @@ def _print_tree(node, prefix: str = "", last: bool = True, root: bool = True, sh
 @click.pass_context
 def lineage(ctx, ref, as_json):
     """Show the tree of parents of REF down to bases and datasets."""
-    tree = registry_from_ctx(ctx).lineage(ref)
+    from loraforge.registry.lineage import lineage as lineage_of
+
+    tree = lineage_of(catalog_from_ctx(ctx), ref)
     if as_json:
         echo_json(tree.to_dict())
     else:

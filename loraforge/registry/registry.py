@@ -8,42 +8,23 @@ import shutil
 import sqlite3
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from loraforge.errors import ArtifactNotFound, ConfigError, IntegrityError, StorageError
+from loraforge.errors import ArtifactNotFound, ConfigError, IntegrityError
 from loraforge.faults import fault_point
 from loraforge.hashing import digest_of_files
 from loraforge.home import checkouts_dir, home_is_writable, loraforge_home, remove_stale_tmp, tmp_dir
+from loraforge.registry import rows
 from loraforge.registry.blobs import BlobStore, fsync_dir
 from loraforge.registry.catalog import file_lock, immediate, open_catalog
+from loraforge.registry.lineage import LineageNode, lineage
 from loraforge.registry.manifest import ARTIFACT_KINDS, FileEntry, Manifest
-from loraforge.registry.refs import check_alias, check_name, parse_registry_ref
+from loraforge.registry.refs import check_name
 
 
 # Refs this process has committed, oldest first: an interrupted command says which of them stay.
 registered_in_this_process: list[str] = []
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-@dataclass
-class LineageNode:
-    ref: str
-    kind: str
-    role: str = "self"
-    weight: Optional[float] = None
-    digest: Optional[str] = None
-    children: list["LineageNode"] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {
-            "ref": self.ref, "kind": self.kind, "role": self.role, "weight": self.weight,
-            "digest": self.digest, "parents": [c.to_dict() for c in self.children],
-        }
 
 
 @dataclass
@@ -77,9 +58,7 @@ class Registry:
     # -- writing -----------------------------------------------------------------------------
 
     def _check_writable(self, action: str) -> None:
-        if self.read_only:
-            raise StorageError(f"the loraforge home {self.home} is read-only: cannot {action}; set "
-                               "LORAFORGE_HOME (or --home) to a writable folder")
+        self.db.check_writable(action)
 
     def store_files(self, files: Iterable[tuple[Path, str]], created: set[str] | None = None) -> list[FileEntry]:
         """Put (source path, artifact-relative path) pairs into the blob store; new digests go to `created`."""
@@ -167,16 +146,8 @@ class Registry:
         return manifest
 
     def tag(self, ref: str, alias: str) -> Manifest:
-        self._check_writable("move an alias")
-        check_alias(alias)
-        manifest = self.resolve(ref)
-        with immediate(self.db) as conn:
-            conn.execute(
-                "INSERT INTO aliases (name, alias, version, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(name, alias) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
-                [manifest.name, alias, manifest.version, _now()],
-            )
-        return manifest
+        """Point `alias` of REF's name at REF (aliases move)."""
+        return Manifest.from_json(rows.tag(self.db, ref, alias).manifest_json)
 
     def remove(self, ref: str) -> Manifest:
         """Remove one version (its blobs stay until `gc`). Aliases pointing at it are dropped."""
@@ -216,46 +187,9 @@ class Registry:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _row_to_manifest(self, row) -> Manifest:
-        return Manifest.from_json(row[0])
-
     def resolve(self, ref: str) -> Manifest:
         """The manifest a registry reference points at, or ArtifactNotFound."""
-        parsed = parse_registry_ref(ref)
-        db = self.db
-        if parsed.digest_prefix:
-            rows = db.execute(
-                "SELECT manifest, name, version FROM artifacts WHERE digest LIKE ? ORDER BY id DESC",
-                [parsed.digest_prefix + "%"],
-            ).fetchall()
-            if not rows:
-                raise ArtifactNotFound(f"no artifact has a digest starting with {parsed.digest_prefix!r}")
-            if len({r[0] and json.loads(r[0])["digest"] for r in rows}) > 1:
-                raise ConfigError(f"digest prefix {parsed.digest_prefix!r} is ambiguous: give more digits")
-            return self._row_to_manifest(rows[0])
-        if parsed.alias:
-            hit = db.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?",
-                             [parsed.name, parsed.alias]).fetchone()
-            if hit is None:
-                raise ArtifactNotFound(
-                    f"{parsed.name} has no alias {parsed.alias!r}; see `loraforge registry show {parsed.name}`"
-                )
-            version = hit[0]
-        else:
-            version = parsed.version
-        if version is None:
-            row = db.execute(
-                "SELECT manifest FROM artifacts WHERE name = ? ORDER BY version DESC LIMIT 1", [parsed.name]
-            ).fetchone()
-        else:
-            row = db.execute("SELECT manifest FROM artifacts WHERE name = ? AND version = ?",
-                             [parsed.name, version]).fetchone()
-        if row is None:
-            known = db.execute("SELECT MAX(version) FROM artifacts WHERE name = ?", [parsed.name]).fetchone()[0]
-            if known is None:
-                raise ArtifactNotFound(f"no artifact named {parsed.name!r} in the registry (see `loraforge registry ls`)")
-            raise ArtifactNotFound(f"{parsed.name} has no version {version} (latest is {known})")
-        return self._row_to_manifest(row)
+        return Manifest.from_json(rows.resolve(self.db, ref).manifest_json)
 
     def exists(self, ref: str) -> bool:
         try:
@@ -268,29 +202,10 @@ class Registry:
         """Rows (name, version, kind, digest, size, created_at, aliases) without parsing manifests."""
         if kind is not None and kind not in ARTIFACT_KINDS:
             raise ConfigError(f"unknown kind {kind!r}: choose one of {', '.join(ARTIFACT_KINDS)}")
-        where, params = [], []
-        if kind:
-            where.append("kind = ?")
-            params.append(kind)
-        if name:
-            where.append("name = ?")
-            params.append(name)
-        sql = "SELECT name, version, kind, digest, size, created_at FROM artifacts"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY name, version"
-        aliases: dict[tuple[str, int], list[str]] = {}
-        for n, a, v in self.db.execute("SELECT name, alias, version FROM aliases ORDER BY alias").fetchall():
-            aliases.setdefault((n, v), []).append(a)
-        out = []
-        for n, v, k, d, s, c in self.db.execute(sql, params).fetchall():
-            out.append({"name": n, "version": v, "kind": k, "digest": d, "size": s, "created_at": c,
-                        "aliases": aliases.get((n, v), [])})
-        return out
+        return list(rows.list_rows(self.db, kind=kind, name=name))
 
     def aliases(self, name: str) -> dict[str, int]:
-        return {a: v for a, v in self.db.execute(
-            "SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias", [name]).fetchall()}
+        return rows.aliases(self.db, name)
 
     def find_by_input_digest(self, input_digest: str, name: str | None = None) -> Optional[Manifest]:
         sql = "SELECT manifest FROM artifacts WHERE input_digest = ?"
@@ -299,7 +214,7 @@ class Registry:
             sql += " AND name = ?"
             params.append(name)
         row = self.db.execute(sql + " ORDER BY id DESC LIMIT 1", params).fetchone()
-        return self._row_to_manifest(row) if row else None
+        return Manifest.from_json(row[0]) if row else None
 
     def find_by_source(self, source: str, name: str | None = None) -> Optional[Manifest]:
         """The newest artifact whose provenance source is exactly `source` (and named `name`, when given)."""
@@ -365,32 +280,8 @@ class Registry:
     # -- lineage and integrity ----------------------------------------------------------------
 
     def lineage(self, ref: str, max_depth: int = 32) -> LineageNode:
-        manifest = self.resolve(ref)
-        return self._lineage(manifest, "self", None, max_depth, set())
-
-    def _lineage(self, manifest: Manifest, role: str, weight, depth: int, seen: set) -> LineageNode:
-        node = LineageNode(ref=manifest.ref, kind=manifest.kind, role=role, weight=weight, digest=manifest.digest)
-        seen = seen | {manifest.ref}
-        parents = list(manifest.provenance.parents)
-        if manifest.base and not any(p.role == "base" for p in parents):
-            from loraforge.registry.manifest import Parent
-
-            parents.append(Parent(ref=manifest.base.ref, digest=manifest.base.digest, role="base"))
-        for parent in parents:
-            child = None
-            if depth > 0 and parent.ref not in seen:
-                try:
-                    pm = self.resolve(parent.ref)
-                    if parent.digest is None or pm.digest == parent.digest:
-                        child = self._lineage(pm, parent.role, parent.weight, depth - 1, seen)
-                except Exception:
-                    child = None
-            if child is None:
-                kind = "dataset" if parent.role == "dataset" else "external"
-                child = LineageNode(ref=parent.ref, kind=kind, role=parent.role, weight=parent.weight,
-                                    digest=parent.digest)
-            node.children.append(child)
-        return node
+        """The tree of REF's parents (see `loraforge.registry.lineage`)."""
+        return lineage(self.db, ref, max_depth)
 
     def verify(self, progress=None) -> VerifyReport:
         """Re-hash every referenced blob and check every catalog row against its manifest."""

@@ -13,11 +13,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-import sqlite_utils
-
-from loraforge.errors import StorageError
 from loraforge.home import home_is_writable
-from loraforge.registry.catalog import immediate, open_catalog
+from loraforge.registry.catalog import Catalog, immediate, open_catalog, read_only_home
 
 # A `where` maps column names to a value (column = value) or a list/tuple/set of them (column IN …).
 Where = Mapping[str, Any]
@@ -26,21 +23,19 @@ Where = Mapping[str, Any]
 class CatalogTable:
     """One table; a call inside `with table.transaction():` joins that transaction."""
 
-    def __init__(self, db: sqlite_utils.Database, name: str, read_only: bool = False):
+    def __init__(self, db: Catalog, name: str, read_only: bool = False):
         self.db = db
         self.name = name
         self.read_only = read_only
         # A read-only catalog may predate the subsystem's migrations: a table it lacks reads as empty.
-        self.absent = not db[name].exists()
+        self.absent = not db.table_exists(name)
         if self.absent and not read_only:
             raise ValueError(f"the catalog has no table {name!r}: open it with its subsystem's migrations")
-        self.columns = frozenset(db[name].columns_dict)
+        self.columns = frozenset(db.columns(name))
 
     def _check_writable(self) -> None:
         if self.read_only:
-            home = Path(self.db.conn.execute("PRAGMA database_list").fetchone()[2]).parent
-            raise StorageError(f"the loraforge home {home} is read-only: cannot write the {self.name} table; "
-                               "set LORAFORGE_HOME (or --home) to a writable folder")
+            raise read_only_home(self.db.home, f"write the {self.name} table")
 
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """A write transaction holding the database lock from its start (read-modify-write is safe)."""
