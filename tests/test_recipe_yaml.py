@@ -109,3 +109,23 @@ def test_an_alias_bomb_in_a_model_cards_front_matter_is_not_expanded():
 
     assert parse_front_matter("---\n" + BOMB + "---\n# card\n") == {}
     assert parse_front_matter("---\nbase: &b x\nother: *b\n---\n") == {"base": "x", "other": "x"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("steps:\n  s:\n    synthetic: *nope\n", r"r\.yaml:3:16: not valid YAML: found undefined alias 'nope'$"),
+    ("steps:\n  s:\n    synthetic: {kind: lora\n", r"r\.yaml:4:1: not valid YAML: expected ',' or '}', but got"),
+])
+def test_invalid_yaml_is_reported_at_its_position_with_what_was_found(home, tmp_path, text, message):
+    # Documents are read with libyaml when PyYAML has it; what it refuses is read again for PyYAML's words.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    lines = run_cli(home, "recipe", "validate", str(recipe), ok=False).output.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), lines
+
+
+def test_a_damaged_lock_file_names_what_is_wrong(home, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  s:\n    synthetic: {kind: lora}\n")
+    (tmp_path / "r.yaml.lock").write_text("steps: *gone\n")
+    lines = run_cli(home, "recipe", "plan", str(recipe), ok=False).output.strip().splitlines()
+    assert len(lines) == 1 and "r.yaml.lock is damaged" in lines[0] and "found undefined alias 'gone'" in lines[0]

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from loraforge.errors import RecipeError
-from loraforge.yaml_aliases import AliasExpansionError, check_expansion, mark
+from loraforge.yaml_aliases import YAML_LOADERS, AliasExpansionError, check_expansion, mark
 
 Path_ = tuple  # a path into the YAML document: ("steps", "mix", "merge", "models", 0, "ref")
 
@@ -97,7 +97,16 @@ class _Builder:
 def parse_yaml(text: str, path: Path) -> RecipeSource:
     """Parse one YAML document into data and a map of positions (1-based line and column)."""
     safe = REF_RE.sub(lambda m: "$(" + m.group(1) + ")", text)
-    loader = yaml.SafeLoader(safe)
+    for fast in YAML_LOADERS[:-1]:
+        try:
+            return _parse_yaml(fast, safe, path)
+        except RecipeError:
+            pass  # read again below: PyYAML's own loader says what is wrong more clearly
+    return _parse_yaml(YAML_LOADERS[-1], safe, path)
+
+
+def _parse_yaml(loader_class: type, safe: str, path: Path) -> RecipeSource:
+    loader = loader_class(safe)
     try:
         node = loader.get_single_node()
         data = None
