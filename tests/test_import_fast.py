@@ -227,3 +227,37 @@ def test_scanning_gives_the_summary_reading_gives(tmp_path):
     assert adapter_info(scanned, fmt) == adapter_info(read, fmt)
     assert scanned.alphas == read.alphas and scanned.ranks == read.ranks
     assert all(isinstance(m.down, RawTensor) for m in scanned.values())
+
+
+
+def _blobs(home: Path) -> set[str]:
+    return {p.name for p in (home / "blobs").rglob("*") if p.is_file()}
+
+
+def test_the_canonical_file_is_moved_into_the_store_and_a_refused_import_leaves_nothing(tmp_path):
+    from loraforge.home import tmp_dir
+
+    src = _write_kohya(tmp_path / "a.safetensors")
+    home = tmp_path / "home"
+    scratch = tmp_dir(home)  # run_cli runs in this process: its scratch folder is this one
+    run_cli(home, "registry", "import", str(src), "--name", "a")
+    stored = _blobs(home)
+    assert src.exists() and len(stored) == 1 and list(scratch.iterdir()) == []
+
+    other = _write_kohya(tmp_path / "b.safetensors", dtype=torch.float32)
+    refused = run_cli(home, "registry", "import", str(other), "--name", "a", "--kind", "slider", ok=False)
+    assert refused.exit_code == 1 and "already holds lora artifacts" in refused.output
+    assert _blobs(home) == stored and list(scratch.iterdir()) == []
+    run_cli(home, "registry", "verify")
+
+
+def test_a_file_outside_the_staging_area_is_copied_not_moved(tmp_path):
+    reg = Registry(tmp_path / "home")
+    src = reg.blobs.scratch() / "adapter.safetensors"  # in scratch, but not at a staging path
+    src.write_bytes(b"payload")
+    digest, size = reg.blobs.put_file(src)
+    assert src.read_bytes() == b"payload" and reg.blobs.path(digest).read_bytes() == b"payload" and size == 7
+    staged = reg.blobs.staging_path("x")
+    staged.write_bytes(b"other payload")
+    digest, _ = reg.blobs.put_file(staged)
+    assert not staged.exists() and reg.blobs.verify(digest)

@@ -1,4 +1,8 @@
-"""Content-addressed blob store: `blobs/sha256/ab/<digest>`, written atomically, stored once."""
+"""Content-addressed blob store: `blobs/sha256/ab/<digest>`, written atomically, stored once.
+
+A file written only to be stored (a converted adapter) is written at a `staging_path` in the store's
+scratch folder; `put_file` then moves it into place after hashing it instead of copying it.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,15 @@ import hashlib
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from loraforge.errors import IntegrityError
 from loraforge.faults import fault_point
 from loraforge.hashing import CHUNK, sha256_file
+
+STAGED_SUFFIX = ".staged"
 
 
 def fsync_dir(path: Path) -> None:
@@ -77,13 +84,38 @@ class BlobStore:
             tmp_path.unlink(missing_ok=True)
             raise
 
+    def staging_path(self, name: str) -> Path:
+        """A new path in the scratch folder for a file written only to be stored: `put_file` moves the
+        file found there into the store instead of copying it. The caller removes it if it never gets there."""
+        return self.scratch() / f"blob-{uuid.uuid4().hex[:12]}-{name}{STAGED_SUFFIX}"
+
+    def _is_staged(self, src: Path) -> bool:
+        return src.name.startswith("blob-") and src.name.endswith(STAGED_SUFFIX) and src.parent == self.scratch()
+
+    def _adopt(self, src: Path, created: set[str] | None) -> tuple[str, int]:
+        """Hash a staged file, force it to disk and rename it into place: one read, no copy."""
+        h = hashlib.sha256()
+        size = 0
+        with open(src, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+            os.fsync(f.fileno())
+        digest = h.hexdigest()
+        self._commit(src, digest, created)
+        return digest, size
+
     def put_file(self, src: Path, expected_sha256: str | None = None,
                  created: set[str] | None = None) -> tuple[str, int]:
-        """Store a file. When its digest is known and already stored, nothing is copied."""
+        """Store a file. When its digest is known and already stored, nothing is copied; a file at a
+        `staging_path` is moved into the store, not copied."""
         if expected_sha256 and self.exists(expected_sha256):
             return expected_sha256, self.path(expected_sha256).stat().st_size
-        with open(src, "rb") as f:
-            digest, size = self.put_stream(f, created)
+        if self._is_staged(Path(src)):
+            digest, size = self._adopt(Path(src), created)
+        else:
+            with open(src, "rb") as f:
+                digest, size = self.put_stream(f, created)
         if expected_sha256 and digest != expected_sha256:
             raise IntegrityError(f"{src} changed while it was being stored (sha256 {digest}, expected {expected_sha256})")
         return digest, size

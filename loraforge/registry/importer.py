@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 from loraforge.errors import ConfigError, FormatError
 from loraforge.hashing import iter_folder_files
-from loraforge.home import tmp_dir
 from loraforge.registry.dataset import IMAGE_SUFFIXES, dataset_files, scan_dataset
 from loraforge.registry.manifest import (
     AdapterInfo, BaseInfo, DatasetInfo, Manifest, Parent, Provenance, SliderInfo,
@@ -127,10 +125,7 @@ def _import_adapter(registry: Registry, path: Path, name: str, kind: str, base_r
         base=BaseInfo(ref=base.ref, digest=base.digest, family=base.family) if base else None,
         provenance=Provenance(source=str(path.resolve()), method="import", params={"format": fmt}),
     )
-    with tempfile.TemporaryDirectory(dir=tmp_dir(registry.home)) as tmp:
-        out = Path(tmp) / "adapter.safetensors"
-        write_adapter(state, out, "loraforge")
-        return registry.register(stamp(manifest), [(out, "adapter.safetensors")], input_digest=input_digest)
+    return _register_canonical(registry, state, stamp(manifest), input_digest)
 
 
 def register_adapter(registry: Registry, state, manifest: Manifest, input_digest: str | None = None,
@@ -139,15 +134,24 @@ def register_adapter(registry: Registry, state, manifest: Manifest, input_digest
 
     `extra_files` are (source, path inside the artifact) pairs stored alongside, e.g. a validation grid.
     """
-    from loraforge.formats import write_adapter
-
     state.check_finite()
     manifest = manifest.model_copy(update={"adapter": manifest.adapter or adapter_info(state, "loraforge")})
-    with tempfile.TemporaryDirectory(dir=tmp_dir(registry.home)) as tmp:
-        out = Path(tmp) / "adapter.safetensors"
+    return _register_canonical(registry, state, manifest, input_digest, extra_files)
+
+
+def _register_canonical(registry: Registry, state, manifest: Manifest, input_digest: str | None,
+                        extra_files: list[tuple[Path, str]] | None = None) -> Manifest:
+    """Register `manifest` with `state` as its canonical adapter.safetensors, written once: straight
+    into the blob store's staging area, from where it is moved into the store, not copied."""
+    from loraforge.formats import write_adapter
+
+    out = registry.blobs.staging_path("adapter.safetensors")
+    try:
         write_adapter(state, out, "loraforge")
         files = [(out, "adapter.safetensors"), *(extra_files or [])]
         return registry.register(manifest, files, input_digest=input_digest)
+    finally:
+        out.unlink(missing_ok=True)  # a refused registration leaves no staged file behind
 
 
 def _import_checkpoint(registry: Registry, path: Path, name: str, input_digest: Optional[str],
