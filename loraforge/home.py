@@ -5,8 +5,6 @@ from __future__ import annotations
 import atexit
 import os
 import re
-import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -77,6 +75,8 @@ _removed_at_exit: set[Path] = set()
 
 def _remove_own_scratch(path: Path, pid: int) -> None:
     if os.getpid() == pid:  # not in a forked child that inherited the handler
+        import shutil
+
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -93,6 +93,8 @@ def remove_stale_tmp(home: Path, now: float | None = None) -> tuple[int, int]:
     root = home / "tmp"
     if not root.is_dir():
         return 0, 0
+    import shutil
+
     now = time.time() if now is None else now
     count = freed = 0
     for entry in sorted(root.iterdir()):
@@ -113,7 +115,9 @@ def remove_stale_tmp(home: Path, now: float | None = None) -> tuple[int, int]:
 
 
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+    # os.uname's nodename is what socket.gethostname returns on POSIX, without importing socket
+    # (every command imports this module; only scratch-folder owners need the name).
+    return re.sub(r"[^A-Za-z0-9-]", "-", os.uname().nodename) or "host"
 
 
 def _start_time(pid: int) -> str:

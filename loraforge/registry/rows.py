@@ -109,7 +109,7 @@ def list_rows(catalog: Catalog, kind: Optional[str] = None, name: Optional[str] 
         params += [-1 if limit is None else limit, offset]
     for n, v, k, d, size, created in catalog.execute(sql, params):
         yield {"name": n, "version": v, "kind": k, "digest": d, "size": size, "created_at": created,
-               "aliases": by_version.get((n, v), [])}
+               "aliases": by_version.get((n, v), []) if by_version else []}
 
 
 def tag(catalog: Catalog, ref: str, alias: str) -> ArtifactRow:
