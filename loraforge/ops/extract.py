@@ -11,7 +11,8 @@ import torch
 from loraforge.errors import ConfigError, MergeError
 from loraforge.formats.lora import LoraModule, LoraState
 from loraforge.ops.checkpoints import Checkpoint, check_compatible
-from loraforge.ops.lowrank import check_rank_bound, choose_rank, dense_factors
+from loraforge.ops.lowrank import check_rank_bound, choose_rank, dense_factors, dense_factors_flops
+from loraforge.ops.threads import threads_for
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 SKIP_WORDS = ("embedding",)  # token / position embeddings are not linear layers a LoRA adapts
@@ -38,14 +39,16 @@ def extract_state(tuned: Checkpoint, base: Checkpoint, rank: int, rule: str = "f
     for ckey in candidates:
         folder, _, key = ckey.partition("/")
         info = base.info(ckey)
-        delta = tuned.get(ckey).to(torch.float32) - base.get(ckey).to(torch.float32)
-        if float(delta.abs().max()) <= min_diff:
-            continue
-        flat = delta.flatten(1)
-        b, a, s = dense_factors(flat, rank, randomized=randomized)
-        if rule != "fixed":
-            r = choose_rank(s, rule, value, rank, total_energy=float((flat.double() ** 2).sum()))
-            b, a = b[:, :r], a[:r]
+        m, n = info.shape[0], math.prod(info.shape[1:])
+        with threads_for(dense_factors_flops(m, n, rank, randomized)):
+            delta = tuned.get(ckey).to(torch.float32) - base.get(ckey).to(torch.float32)
+            if float(delta.abs().max()) <= min_diff:
+                continue
+            flat = delta.flatten(1)
+            b, a, s = dense_factors(flat, rank, randomized=randomized)
+            if rule != "fixed":
+                r = choose_rank(s, rule, value, rank, total_energy=float((flat.double() ** 2).sum()))
+                b, a = b[:, :r], a[:r]
         r = a.shape[0]
         down = a.reshape(r, *info.shape[1:]) if len(info.shape) == 4 else a
         up = b.reshape(b.shape[0], r, 1, 1) if len(info.shape) == 4 else b

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -12,6 +13,7 @@ from loraforge.formats.lora import LoraModule, LoraState
 from loraforge.ops.lora_methods import ModuleInputs
 from loraforge.ops.lowrank import check_rank_bound
 from loraforge.ops.method_params import method_params
+from loraforge.ops.threads import threads_for
 from loraforge.ops.specs import AdapterInput, LoraMergeSpec
 
 
@@ -57,10 +59,12 @@ def combine_states(states: list[LoraState], weights: list[float], method: str, r
             if m.weight_shape != shape:
                 raise IncompatibleBaseError(f"module {name} has shape {m.weight_shape} in {label} but {shape} in "
                                             f"{present[0][2]}: the adapters are for different base models")
-        inputs = ModuleInputs(name, [m.factors() for m, _, _ in present], [w for _, w, _ in present], rank, full,
-                              indices)
-        b, a = impl.combine(inputs)
-        out[name] = module_from_factors(b, a, present[0][0], dtype)
+        m, n = shape[0], math.prod(shape[1:])
+        with threads_for(impl.flops(m, n, [mod.rank for mod, _, _ in present], rank)):
+            inputs = ModuleInputs(name, [mod.factors() for mod, _, _ in present], [w for _, w, _ in present], rank,
+                                  full, indices)
+            b, a = impl.combine(inputs)
+            out[name] = module_from_factors(b, a, present[0][0], dtype)
         if progress:
             progress()
     return out

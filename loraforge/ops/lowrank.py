@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from loraforge.errors import ConfigError
+from loraforge.ops.threads import threads_for
 
 # A dense matrix gets a randomized SVD when the rank asked for is below this fraction of min(m, n).
 RANDOMIZED_BELOW = 0.25
@@ -37,14 +38,20 @@ def core_svd(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tens
     return qb, qa, u, s, vh
 
 
+def refactor_flops(m: int, n: int, r: int) -> float:
+    """About how many operations `refactor` of an m×r and an r×n factor takes: two thin QRs, an r×r SVD."""
+    return 2.0 * (m + n) * r * r + 10.0 * r ** 3
+
+
 def refactor(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """The best rank-`rank` approximation (Eckart–Young) of B·A as factors (B', A'), plus all singular values."""
-    qb, qa, u, s, vh = core_svd(b, a)
-    r = min(rank, s.numel())
-    root = s[:r].sqrt()
-    new_b = (qb @ u[:, :r]) * root
-    new_a = root[:, None] * (vh[:r] @ qa.T)
-    return new_b.to(torch.float32), new_a.to(torch.float32), s.to(torch.float32)
+    with threads_for(refactor_flops(b.shape[0], a.shape[1], a.shape[0])):
+        qb, qa, u, s, vh = core_svd(b, a)
+        r = min(rank, s.numel())
+        root = s[:r].sqrt()
+        new_b = (qb @ u[:, :r]) * root
+        new_a = root[:, None] * (vh[:r] @ qa.T)
+        return new_b.to(torch.float32), new_a.to(torch.float32), s.to(torch.float32)
 
 
 def randomized_svd(x: Tensor, k: int, oversample: int = 10, niter: int = 2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -61,20 +68,32 @@ def randomized_svd(x: Tensor, k: int, oversample: int = 10, niter: int = 2, seed
     return basis @ ub, s, vh
 
 
+def dense_factors_flops(m: int, n: int, rank: int, randomized: Optional[bool] = None, niter: int = 2) -> float:
+    """About how many operations `dense_factors` of an m×n matrix takes: 2 + 2·niter passes over it for the
+    randomized range finder, ~10·m·n·min(m, n) for a full SVD."""
+    k = min(rank, m, n)
+    if _randomized(m, n, k, randomized):
+        return (2 + 2 * niter) * 2.0 * m * n * min(k + 10, m, n)
+    return 10.0 * m * n * min(m, n)
+
+
+def _randomized(m: int, n: int, k: int, randomized: Optional[bool]) -> bool:
+    return k < RANDOMIZED_BELOW * min(m, n) if randomized is None else randomized
+
+
 def dense_factors(delta: Tensor, rank: int, randomized: Optional[bool] = None, niter: int = 2,
                   seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(B, A, S) with B·A the rank-`rank` truncated SVD of a dense 2-D matrix; randomized when `rank` is
     small next to min(m, n) (S then holds only the leading singular values)."""
     m, n = delta.shape
     k = min(rank, m, n)
-    if randomized is None:
-        randomized = k < RANDOMIZED_BELOW * min(m, n)
-    if randomized:
-        u, s, vh = randomized_svd(delta, k, niter=niter, seed=seed)
-    else:
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    root = s[:k].sqrt()
-    return u[:, :k] * root, root[:, None] * vh[:k], s
+    with threads_for(dense_factors_flops(m, n, rank, randomized, niter)):
+        if _randomized(m, n, k, randomized):
+            u, s, vh = randomized_svd(delta, k, niter=niter, seed=seed)
+        else:
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        root = s[:k].sqrt()
+        return u[:, :k] * root, root[:, None] * vh[:k], s
 
 
 def choose_rank(s: Tensor, rule: str, value: float, max_rank: int, total_energy: Optional[float] = None) -> int:

@@ -7,7 +7,8 @@ from typing import Optional
 
 from loraforge.formats.lora import LoraState
 from loraforge.ops.lora_merge import module_from_factors
-from loraforge.ops.lowrank import check_rank_bound, choose_rank, refactor
+from loraforge.ops.lowrank import check_rank_bound, choose_rank, refactor, refactor_flops
+from loraforge.ops.threads import threads_for
 
 
 def resize_state(state: LoraState, rank: Optional[int] = None, rule: str = "fixed",
@@ -16,12 +17,13 @@ def resize_state(state: LoraState, rank: Optional[int] = None, rule: str = "fixe
     out = LoraState(hints=state.hints)
     for name in state:
         module = state[name]
-        b, a = module.factors()
-        new_b, new_a, s = refactor(b, a, module.rank)
-        cap = rank or module.rank
-        r = cap if rule == "fixed" else choose_rank(s, rule, value, cap)
-        r = min(r, s.numel())
-        out[name] = module_from_factors(new_b[:, :r], new_a[:r], module, module.down.dtype)
+        with threads_for(refactor_flops(module.up.shape[0], module.down[0].numel(), module.rank)):
+            b, a = module.factors()
+            new_b, new_a, s = refactor(b, a, module.rank)
+            cap = rank or module.rank
+            r = cap if rule == "fixed" else choose_rank(s, rule, value, cap)
+            r = min(r, s.numel())
+            out[name] = module_from_factors(new_b[:, :r], new_a[:r], module, module.down.dtype)
     return out
 
 

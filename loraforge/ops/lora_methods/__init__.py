@@ -39,3 +39,11 @@ class LoraMethod:
 
     def combine(self, inputs: ModuleInputs) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def flops(self, m: int, n: int, ranks: list[int], rank: Optional[int]) -> float:
+        """About how many operations `combine` takes on an m×n module with inputs of `ranks`, to a target
+        `rank` (None: the largest input rank); it sets the thread count (`loraforge.ops.threads`). This
+        default is the dense path: each ΔWᵢ = BᵢAᵢ formed, then a truncated SVD of their combination."""
+        from loraforge.ops.lowrank import dense_factors_flops
+
+        return sum(2.0 * m * n * r for r in ranks) + dense_factors_flops(m, n, rank or max(ranks))

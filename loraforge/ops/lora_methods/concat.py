@@ -16,3 +16,6 @@ class Concat(LoraMethod):
         from loraforge.ops.lowrank import stack_factors  # torch: only when combining
 
         return stack_factors(inputs.pairs, inputs.weights)
+
+    def flops(self, m, n, ranks, rank):
+        return float((m + n) * sum(ranks))  # a copy of the factors

@@ -18,3 +18,8 @@ class Svd(LoraMethod):
         rank = inputs.rank or max(p[1].shape[0] for p in inputs.pairs)
         new_b, new_a, _ = refactor(b, a, rank)
         return new_b, new_a
+
+    def flops(self, m, n, ranks, rank):
+        from loraforge.ops.lowrank import refactor_flops
+
+        return refactor_flops(m, n, sum(ranks))
