@@ -112,6 +112,13 @@ def test_recipe_validate_plan_and_noop_apply(built):
     assert result["ok"] and [s["action"] for s in result["steps"]] == ["reused", "reused"]
 
 
+def test_an_illusion_recipe_validates_without_torch(built):
+    # Its views are checked by name; the views themselves (tensor transforms) are built when it renders.
+    home, _ = built
+    recipe = ROOT / "recipes" / "illusion.yaml"
+    assert "valid recipe 'illusion'" in run_light(home, "recipe", "validate", str(recipe)).stdout
+
+
 def test_quickstart_validates_and_plans_without_torch(built):
     # Merges, stacks and renders validate their methods, params and sizes; nothing is built here.
     home, _ = built

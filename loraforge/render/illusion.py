@@ -16,8 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from loraforge.errors import ConfigError
-
-VIEW_NAMES = ("identity", "vflip", "hflip", "rot90", "rot180", "rot270", "negate", "jigsaw")
+from loraforge.render.views import parse_view
 
 
 @dataclass(frozen=True)
@@ -63,20 +62,8 @@ def get_view(spec: str | View) -> View:
     """A view by name: identity, vflip, hflip, rot90, rot180, rot270, negate, or jigsaw[:GRID[:SEED]] (4×4, seed 0)."""
     if isinstance(spec, View):
         return spec
-    name = str(spec).strip().lower()
-    if name in _SIMPLE:
-        return _SIMPLE[name]
-    if name == "jigsaw" or name.startswith("jigsaw:"):
-        parts = name.split(":")[1:]
-        try:
-            grid = int(parts[0]) if parts else 4
-            seed = int(parts[1]) if len(parts) > 1 else 0
-        except ValueError:
-            grid = 0
-        if grid < 2 or len(parts) > 2:
-            raise ConfigError(f"bad jigsaw view {spec!r}: use jigsaw, jigsaw:GRID or jigsaw:GRID:SEED with GRID >= 2")
-        return _jigsaw(grid, seed)
-    raise ConfigError(f"unknown illusion view {spec!r}: choose one of {', '.join(VIEW_NAMES)}")
+    name, grid, seed = parse_view(spec)
+    return _jigsaw(grid, seed) if name == "jigsaw" else _SIMPLE[name]
 
 
 def get_views(specs: Sequence[str | View]) -> list[View]:

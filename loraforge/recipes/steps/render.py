@@ -54,10 +54,10 @@ class RenderSpec(Spec):
     @model_validator(mode="after")
     def _illusion_prompts(self) -> "RenderSpec":
         if self.views:
-            from loraforge.render.illusion import get_view
+            from loraforge.render.views import parse_view
 
             for view in self.views:
-                get_view(view)
+                parse_view(view)
             if self.sweep is not None:
                 raise ValueError("an illusion render (views) cannot also sweep an adapter; use two render steps")
             for prompt in self.prompts:
