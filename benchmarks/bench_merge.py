@@ -1,10 +1,12 @@
-"""Merge-engine benchmarks on real SD1.5 shapes (random weights): streamed vs naive checkpoint merge,
-QR+core-SVD LoRA merge vs dense SVD, randomized vs full SVD extraction. Prints side-by-side ratios.
+"""Merge-engine benchmarks on real SD1.5 shapes (random weights): the checkpoint-merge CLI vs its engine, the
+I/O limit and a naive merge; QR+core-SVD LoRA merge vs dense SVD; randomized vs full SVD extraction. Prints
+side-by-side ratios.
 
 Environment: BENCH_DIR (scratch folder, default a temp dir; the two 2 GB inputs are kept there and
 reused by later runs), BENCH_MERGE_ONLY (which benchmarks to run, e.g. "1" or "2,3"; default all),
-BENCH_REPEAT (runs of each side of benchmark 1, interleaved naive/streamed/streamed/naive…; the
-best of each is reported, default 2), BENCH_EXTRACT_MODULES (modules timed for extraction, default 24).
+BENCH_REPEAT (runs of each side of benchmark 1 — naive, engine, CLI, I/O limit — interleaved in
+alternating order; the best of each is reported, default 2), BENCH_EXTRACT_MODULES (modules timed for
+extraction, default 24).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def sd15_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
 
 def write_random_checkpoint(path: Path, shapes, seed: int) -> int:
     """A single-file fp16 checkpoint with A1111 prefixes, written tensor by tensor; returns #params."""
-    from loraforge.ops.tensors import SafetensorsWriter
+    from loraforge.formats.safetensors_io import SafetensorsWriter
 
     entries = [(PREFIX[c] + k, s, torch.float16) for c in shapes for k, s in shapes[c].items()]
     gen = torch.Generator().manual_seed(seed)
@@ -82,22 +84,63 @@ save_file(merged, out)
 print(json.dumps({"seconds": time.perf_counter() - t, "peak": peak_rss()}))
 """.replace("{PEAK}", PEAK)
 
-STREAMED = """
+ENGINE = """
 import json, resource, sys, time
 {PEAK}from pathlib import Path
 import torch
 torch.set_num_threads(2)
-from loraforge.models.base import BaseModel
-from loraforge.ops.checkpoints import Checkpoint
-from loraforge.ops.merge import execute_merge, plan_merge
+from loraforge.ops.merge import merge_checkpoints
 from loraforge.ops.specs import CheckpointMergeSpec, ModelInput
-a_path, b_path, out = sys.argv[1:4]
-t = time.perf_counter()
-inputs = [Checkpoint.open(BaseModel(ref=p, path=Path(p), digest="", family="sd1", layout="single_file")) for p in (a_path, b_path)]
+from loraforge.registry import Registry
+a_path, b_path, out, home = sys.argv[1:5]
+registry = Registry(home)
 spec = CheckpointMergeSpec(models=[ModelInput(ref=a_path), ModelInput(ref=b_path)], alpha=0.3, dtype="fp16")
-execute_merge(plan_merge(spec, inputs), Path(out))
+t = time.perf_counter()
+merge_checkpoints(registry, spec, output=out)
 print(json.dumps({"seconds": time.perf_counter() - t, "peak": peak_rss()}))
 """.replace("{PEAK}", PEAK)
+
+# What any merge of these files must do at least: read both inputs and write (and sync) one output of the
+# result's size, in 16 MB blocks, with no arithmetic.
+IO_LIMIT = """
+import json, os, sys, time
+a_path, b_path, out, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+block = 16 << 20
+t = time.perf_counter()
+buf_a, buf_b = bytearray(block), bytearray(block)
+with open(a_path, "rb", buffering=0) as fa, open(b_path, "rb", buffering=0) as fb, open(out, "wb") as fo:
+    written = 0
+    while True:
+        n = fa.readinto(buf_a)
+        fb.readinto(buf_b)
+        if not n:
+            break
+        m = min(n, size - written)
+        if m > 0:
+            fo.write(memoryview(buf_a)[:m])
+            written += m
+    if written < size:
+        fo.write(bytes(size - written))
+    fo.flush()
+    os.fsync(fo.fileno())
+fd = os.open(os.path.dirname(os.path.abspath(out)), os.O_RDONLY)
+os.fsync(fd)
+os.close(fd)
+print(json.dumps({"seconds": time.perf_counter() - t, "peak": 0}))
+"""
+
+
+def cli_run(a: Path, b: Path, out: Path, home: Path) -> dict:
+    """`loraforge merge checkpoints A B --method weighted_sum --alpha 0.3 -o OUT`, timed as a whole process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "LORAFORGE_HOME": str(home)}
+    t = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "loraforge", "merge", "checkpoints", str(a), str(b),
+                             "--method", "weighted_sum", "--alpha", "0.3", "-o", str(out)],
+                            capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-3000:])
+    return {"seconds": seconds, "peak": 0}
 
 
 def child(code: str, *args: str) -> dict:
@@ -118,7 +161,7 @@ def table(title: str, headers: list[str], rows: list[list[str]]) -> None:
 
 def _has_checkpoint(path: Path, shapes) -> bool:
     """Whether `path` already holds the random checkpoint of these shapes (to reuse a BENCH_DIR)."""
-    from loraforge.ops.tensors import TensorFile
+    from loraforge.formats.safetensors_io import TensorFile
 
     if not path.exists():
         return False
@@ -130,46 +173,76 @@ def _has_checkpoint(path: Path, shapes) -> bool:
         return False
 
 
-def bench_checkpoint_merge(scratch: Path, shapes, repeat: int) -> None:
+def bench_checkpoint_merge(scratch: Path, shapes, repeat: int) -> list:
+    from benchmarks import Figure
+
     a, b = scratch / "a.safetensors", scratch / "b.safetensors"
     params = sum(torch.Size(s).numel() for c in shapes.values() for s in c.values())
     for path, seed in ((a, 1), (b, 2)):
         if not _has_checkpoint(path, shapes):
             write_random_checkpoint(path, shapes, seed)
     size = a.stat().st_size
-    # warm the page cache the same way for both runs
+    # warm the page cache the same way for every run
     for p in (a, b):
         with open(p, "rb") as f:
             while f.read(64 << 20):
                 pass
-    runs: dict[str, list[dict]] = {"naive": [], "streamed": []}
-    # ABBA…: the machine is shared, so interleave the two sides and keep the best of each
-    order = [("naive", "streamed") if i % 2 == 0 else ("streamed", "naive") for i in range(repeat)]
-    for pair in order:
-        for side in pair:
-            code = NAIVE if side == "naive" else STREAMED
-            runs[side].append(child(code, str(a), str(b), str(scratch / f"{side}.safetensors")))
-    naive = min(runs["naive"], key=lambda r: r["seconds"])
-    streamed = min(runs["streamed"], key=lambda r: r["seconds"])
-    naive_peak = max(r["peak"] for r in runs["naive"])
-    streamed_peak = max(r["peak"] for r in runs["streamed"])
+    home = scratch / "home"
+    out = {side: scratch / f"{side}.safetensors" for side in ("naive", "engine", "cli", "io")}
+    # the I/O limit writes as many bytes as input a: the result is as big but for its few bytes of metadata
+    # (fp16 in, fp16 out, the VAE copied)
+    sides = {
+        "naive": lambda: child(NAIVE, str(a), str(b), str(out["naive"])),
+        "engine": lambda: child(ENGINE, str(a), str(b), str(out["engine"]), str(home)),
+        "cli": lambda: cli_run(a, b, out["cli"], home),
+        "io": lambda: child(IO_LIMIT, str(a), str(b), str(out["io"]), str(size)),
+    }
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    # the machine is shared, so interleave the sides (rotating the order) and keep the best of each
+    names = list(sides)
+    for i in range(repeat):
+        for side in (names if i % 2 == 0 else names[::-1]):
+            os.sync()  # what an earlier side left unsynced (the naive one syncs nothing) is not timed here
+            runs[side].append(sides[side]())
+    best = {side: min(runs[side], key=lambda r: r["seconds"]) for side in sides}
+    peak = {side: max(r["peak"] for r in runs[side]) for side in sides}
     from safetensors import safe_open
 
-    with safe_open(str(scratch / "naive.safetensors"), "pt") as f1, safe_open(str(scratch / "streamed.safetensors"), "pt") as f2:
-        same = set(f1.keys()) == set(f2.keys()) and all(torch.equal(f1.get_tensor(k), f2.get_tensor(k)) for k in f1.keys())
+    with safe_open(str(out["naive"]), "pt") as f1, safe_open(str(out["engine"]), "pt") as f2, \
+            safe_open(str(out["cli"]), "pt") as f3:
+        same = set(f1.keys()) == set(f2.keys()) == set(f3.keys()) and all(
+            torch.equal(f1.get_tensor(k), f2.get_tensor(k)) and torch.equal(f2.get_tensor(k), f3.get_tensor(k))
+            for k in f1.keys())
+    result_size = out["engine"].stat().st_size
     mb = 1 << 20
     times = lambda side: " / ".join(f"{r['seconds']:.1f}" for r in runs[side])  # noqa: E731
+    secs = {side: best[side]["seconds"] for side in sides}
     table(f"1. weighted sum of two SD1.5-shaped fp16 single files ({params / 1e9:.3f} B params, "
-          f"{size / mb:.0f} MB each; outputs identical tensor for tensor: {same}); best of {repeat} "
-          "interleaved runs each (all runs in brackets); both sides timed from opening the inputs to the "
-          "written output, imports excluded; the streamed side also fsyncs its output, the naive one does not",
+          f"{size / mb:.0f} MB each, result {result_size / mb:.0f} MB; naive, engine and CLI outputs identical "
+          f"tensor for tensor: {same}); best of {repeat} interleaved runs each (all runs in brackets). naive and "
+          "engine are timed in their process from opening the inputs to the written output, imports excluded; "
+          "the CLI as a whole process (start-up, imports, resolving the inputs); the I/O limit reads both "
+          "inputs and writes and fsyncs one file of the result's size. All but naive fsync their output",
           ["approach", "wall s", "peak RSS MB"],
-          [["naive (load both, add, save)", f"{naive['seconds']:.1f} ({times('naive')})", f"{naive_peak / mb:.0f}"],
-           ["streamed (loraforge)", f"{streamed['seconds']:.1f} ({times('streamed')})", f"{streamed_peak / mb:.0f}"],
-           ["ratio naive / streamed", f"{naive['seconds'] / streamed['seconds']:.2f}x",
-            f"{naive_peak / streamed_peak:.1f}x"]])
-    for name in ("naive", "streamed"):
-        (scratch / f"{name}.safetensors").unlink(missing_ok=True)
+          [["naive (load both, add, save)", f"{secs['naive']:.1f} ({times('naive')})", f"{peak['naive'] / mb:.0f}"],
+           ["engine (merge_checkpoints in process)", f"{secs['engine']:.1f} ({times('engine')})",
+            f"{peak['engine'] / mb:.0f}"],
+           ["CLI (loraforge merge checkpoints -o)", f"{secs['cli']:.1f} ({times('cli')})", ""],
+           ["I/O limit (read both, write + fsync)", f"{secs['io']:.1f} ({times('io')})", ""],
+           ["ratio naive / engine", f"{secs['naive'] / secs['engine']:.2f}x", f"{peak['naive'] / peak['engine']:.1f}x"],
+           ["ratio CLI / engine", f"{secs['cli'] / secs['engine']:.2f}x", ""],
+           ["ratio CLI / I/O limit", f"{secs['cli'] / secs['io']:.2f}x", ""]])
+    for path in out.values():
+        path.unlink(missing_ok=True)
+    shutil.rmtree(home, ignore_errors=True)
+    return [
+        Figure("merge checkpoints A B -o OUT (CLI process)", secs["cli"], "engine alone (in process)",
+               secs["engine"], goal="CLI <= 1.3x engine", met=secs["cli"] <= 1.3 * secs["engine"]),
+        Figure("merge checkpoints A B -o OUT (CLI process)", secs["cli"], "I/O limit (read both, write + fsync)",
+               secs["io"], goal="CLI <= 1.5x I/O limit", met=secs["cli"] <= 1.5 * secs["io"]),
+        Figure("streamed merge engine (in process)", secs["engine"], "naive load/add/save (in process)",
+               secs["naive"], note=f"peak RSS {peak['engine'] / mb:.0f} MB vs {peak['naive'] / mb:.0f} MB"),
+    ]
 
 
 def lora_shapes(shapes) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -269,16 +342,17 @@ def bench_extract(shapes, modules: int) -> None:
            ["ratio full / randomized", f"{t_full / t_rand:.1f}x", "", f"error ratio {(err_rand / err_full) ** 0.5:.4f}"]])
 
 
-def main() -> None:
+def main() -> list:
     torch.set_num_threads(2)
     only = {x.strip() for x in os.environ.get("BENCH_MERGE_ONLY", "1,2,3").split(",") if x.strip()}
     shapes = sd15_shapes()
+    figures = []
     if "1" in only:
         root = os.environ.get("BENCH_DIR")
         scratch = Path(root) if root else Path(tempfile.mkdtemp(prefix="bench-merge-"))
         scratch.mkdir(parents=True, exist_ok=True)
         try:
-            bench_checkpoint_merge(scratch, shapes, max(1, int(os.environ.get("BENCH_REPEAT", "2"))))
+            figures += bench_checkpoint_merge(scratch, shapes, max(1, int(os.environ.get("BENCH_REPEAT", "2"))))
         finally:
             if not root:
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -286,6 +360,7 @@ def main() -> None:
         bench_lora_svd(shapes)
     if "3" in only:
         bench_extract(shapes, int(os.environ.get("BENCH_EXTRACT_MODULES", "24")))
+    return figures
 
 
 if __name__ == "__main__":
