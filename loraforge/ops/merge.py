@@ -357,3 +357,18 @@ def _artifact_files(written: Path, layout: str) -> list[tuple[Path, str]]:
     if layout == "diffusers":
         return [(p, p.relative_to(written).as_posix()) for p in sorted(written.rglob("*")) if p.is_file()]
     return [(written, "model.safetensors")]
+
+
+def _place_output(staged: Path, output: Path) -> Path:
+    """Copy a result staged elsewhere to `output` (what `fuse` does; a merge writes its output in place)."""
+    if output.exists():
+        if output.is_dir() and any(output.iterdir()):
+            raise ConfigError(f"output {output} is a folder that is not empty; choose a new path")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if staged.is_dir():
+        if output.exists():
+            output.rmdir()
+        shutil.copytree(staged, output)
+    else:
+        shutil.copyfile(staged, output)
+    return output
