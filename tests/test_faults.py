@@ -66,8 +66,12 @@ def scratch_left(home: Path) -> list[Path]:
     return [p for p in (home / "tmp").rglob("*") if p != ours and ours not in p.parents]
 
 
-@pytest.mark.parametrize("point", POINTS)
-@pytest.mark.parametrize("label", ["import", "merge"])
+# A merge's files are written in the scratch folder and moved into the store whole: no blob is half copied.
+NOT_PASSED = {("merge", "blob-partial")}
+CASES = [(label, point) for label in ("import", "merge") for point in POINTS if (label, point) not in NOT_PASSED]
+
+
+@pytest.mark.parametrize("label,point", CASES)
 def test_kill_at_write_point_then_verify_gc_and_rerun(home, tiny_sd_path, reference_digests, label, point):
     args = commands(tiny_sd_path)[label]
     env = {**os.environ, "LORAFORGE_HOME": str(home), "LORAFORGE_FAULT": point}

@@ -391,3 +391,19 @@ def test_a_merge_that_fails_midway_leaves_no_output_and_no_partial_file(home, va
     out.parent.mkdir()
     assert "the disk went away" in _error(home, "merge", "checkpoints", a, b, "-o", str(out))
     assert list(out.parent.iterdir()) == []
+
+
+def test_a_registered_merge_is_moved_into_the_blob_store_not_copied(home, variants, monkeypatch):
+    from loraforge.registry.blobs import BlobStore
+
+    def copying(*args, **kwargs):
+        raise AssertionError("the merged files were copied into the store")
+
+    monkeypatch.setattr(BlobStore, "put_stream", copying)
+    run(home, "merge", "checkpoints", str(variants["a"]), str(variants["b"]), "--alpha", "0.3", "--name", "blend")
+    folder = Registry(home).checkout(Registry(home).resolve("blend"))
+    a, b = weights(variants["a"], UNET), weights(variants["b"], UNET)
+    torch.testing.assert_close(weights(folder, UNET)["conv_in.weight"],
+                               (0.7 * a["conv_in.weight"] + 0.3 * b["conv_in.weight"]).half().float())
+    assert run(home, "registry", "verify").output.endswith("ok\n")
+    assert [p for p in (home / "tmp").rglob("*") if p.is_file()] == []

@@ -303,8 +303,9 @@ def merge_checkpoints(registry, spec: CheckpointMergeSpec, *, name: str | None =
     """Merge `spec.models`; register the result as checkpoint `name` and/or write it to `output`.
 
     The result is written once: to `output` (see `write_output`), or, when only registered, to the home's
-    scratch folder, from which the blob store takes it. With both, `output` is written and the blob store
-    copies it. Returns the Manifest when registered, else the output path. Nothing is registered on failure.
+    scratch folder, from which the blob store moves it into place (`BlobStore.staging_path`). With both,
+    `output` is written and the blob store copies it (a copy, not a hard link: editing OUT in place must
+    not change a stored blob). Returns the Manifest when registered, else the output path. Nothing is registered on failure.
     """
     from loraforge.home import tmp_dir
     from loraforge.registry.refs import check_name
@@ -321,20 +322,30 @@ def merge_checkpoints(registry, spec: CheckpointMergeSpec, *, name: str | None =
             check_output(output, inputs[0].layout)
             if name is None:
                 return write_output(plan, output, progress)
+        layout = inputs[0].layout
         if output is not None:
             write_output(plan, output, progress)
-            return _register(registry, plan, spec, name, output, recipe, input_digest)
-        suffix = "" if inputs[0].layout == "diffusers" else ".safetensors"
+            return _register(registry, plan, spec, name, _artifact_files(output, layout), recipe, input_digest)
+        suffix = "" if layout == "diffusers" else ".safetensors"
         with tempfile.TemporaryDirectory(dir=tmp_dir(registry.home), prefix="merge-") as tmp:
+            # unsynced: the blob store hashes each file, forces it to disk and renames it into place
             staged = execute_merge(plan, Path(tmp) / f"merged{suffix}", progress, fsync=False)
-            return _register(registry, plan, spec, name, staged, recipe, input_digest)
+            files = []
+            try:
+                for path, rel in _artifact_files(staged, layout):
+                    files.append((registry.blobs.staging_path(path.name), rel))
+                    os.replace(path, files[-1][0])  # the same folder's file system: a rename, not a copy
+                return _register(registry, plan, spec, name, files, recipe, input_digest)
+            finally:
+                for path, _ in files:
+                    path.unlink(missing_ok=True)  # what the store did not take
     finally:
         for c in inputs:
             c.close()
 
 
-def _register(registry, plan: MergePlan, spec: CheckpointMergeSpec, name: str, written: Path, recipe,
-              input_digest: str | None):
+def _register(registry, plan: MergePlan, spec: CheckpointMergeSpec, name: str, files: list[tuple[Path, str]],
+              recipe, input_digest: str | None):
     from loraforge.registry.manifest import Manifest, Parent, Provenance
 
     inputs = plan.inputs
@@ -350,7 +361,7 @@ def _register(registry, plan: MergePlan, spec: CheckpointMergeSpec, name: str, w
         provenance=Provenance(method=f"merge:{spec.method}", params=params, parents=parents,
                               recipe=recipe, source=f"merge:{spec.method}"),
     )
-    return registry.register(manifest, _artifact_files(written, inputs[0].layout), input_digest=input_digest)
+    return registry.register(manifest, files, input_digest=input_digest)
 
 
 def _artifact_files(written: Path, layout: str) -> list[tuple[Path, str]]:
