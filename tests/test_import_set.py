@@ -149,3 +149,13 @@ def test_an_invalid_recipe_is_refused_without_torch(built):
     assert proc.returncode == 1
     assert "unknown checkpoint merge method 'nope'" in proc.stderr
     assert not [m for m in imported if m in FORBIDDEN], imported
+
+
+@pytest.mark.parametrize("name", ["merge-then-lora", "slider-sweep"])
+def test_recipes_with_train_steps_validate_and_plan_without_torch(built, name):
+    # The trainer plugins load for their config classes only; what trains (sessions, data, loops) loads when a step runs.
+    home, _ = built
+    recipe = ROOT / "recipes" / f"{name}.yaml"
+    assert f"valid recipe '{name}'" in run_light(home, "recipe", "validate", str(recipe)).stdout
+    plan = json.loads(run_light(home, "recipe", "plan", str(recipe), "--json").stdout)
+    assert plan["steps"]

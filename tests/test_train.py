@@ -261,14 +261,14 @@ class Killed(Exception):
 
 
 def test_resume_after_kill_gives_identical_weights(home, tmp_path, monkeypatch):
-    import loraforge.train.trainers.lora as lora_module
+    import loraforge.train.loop as loop_module  # the trainers import run_loop from it when they run
 
     data = pattern_images(tmp_path / "d", "stripes", caption="red stripes")
     values = dict(dataset=str(data), steps=10, checkpoint_every=3, validation_prompts=["red stripes"])
     [whole] = train(home, "lora", "whole", **values)
     assert not any((home / "runs").glob("*/step-*")), "a finished run leaves no checkpoints behind"
 
-    real_loop = lora_module.run_loop
+    real_loop = loop_module.run_loop
 
     def dying_loop(**kwargs):
         def on_step(step):
@@ -276,10 +276,10 @@ def test_resume_after_kill_gives_identical_weights(home, tmp_path, monkeypatch):
                 raise Killed()
         return real_loop(**{**kwargs, "on_step": on_step})
 
-    monkeypatch.setattr(lora_module, "run_loop", dying_loop)
+    monkeypatch.setattr(loop_module, "run_loop", dying_loop)
     with pytest.raises(Killed):
         train(home, "lora", "resumed", **values)
-    monkeypatch.setattr(lora_module, "run_loop", real_loop)
+    monkeypatch.setattr(loop_module, "run_loop", real_loop)
     assert sorted(p.name for p in (home / "runs").glob("*/step-*")) == ["step-00000003", "step-00000006"]
     trainer = TRAINERS.get("lora")
     config = trainer.config_class.model_validate({**FAST, **values})

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from loraforge.registry.manifest import Manifest, RecipeInfo
-from loraforge.registry.registry import Registry
 from loraforge.train.base import TrainConfig
-from loraforge.train.session import Session
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loraforge.registry.registry import Registry
+    from loraforge.train.session import Session
 
 
 class SessionTrainer:
@@ -23,6 +25,8 @@ class SessionTrainer:
 
     def train(self, config: TrainConfig, *, registry: Registry, output: str, recipe: RecipeInfo | None = None,
               input_digest: str | None = None, resume: bool = False, progress: bool | None = None) -> list[Manifest]:
+        from loraforge.train.session import Session
+
         session = Session(self.method, config, registry=registry, output=output, recipe=recipe,
                           input_digest=input_digest, resume=resume, progress=progress)
         return self.run(session)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from pydantic import Field, model_validator
 
@@ -12,10 +12,12 @@ from loraforge.hashing import sha256_json
 from loraforge.home import cache_dir
 from loraforge.plugins import TRAINERS
 from loraforge.reference import Reference
-from loraforge.registry.registry import Registry
-from loraforge.train.data import TrainingSet, prepare_dataset
-from loraforge.train.session import Session
 from loraforge.train.trainers.lora import LoraConfig, LoraTrainer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loraforge.registry.registry import Registry
+    from loraforge.train.data import TrainingSet
+    from loraforge.train.session import Session
 
 
 class DreamBoothLoraConfig(LoraConfig):
@@ -50,6 +52,8 @@ class DreamBoothLoraTrainer(LoraTrainer):
         return super().train(config, **kwargs)
 
     def _source(self, session, data):
+        from loraforge.train.data import TrainingSet
+
         c = session.config
         if not c.use_captions:
             prompt = c.class_prompt if data is getattr(self, "_prior", None) else c.instance_prompt
@@ -57,6 +61,8 @@ class DreamBoothLoraTrainer(LoraTrainer):
         return super()._source(session, data)
 
     def prior_data(self, session: Session) -> TrainingSet | None:
+        from loraforge.train.data import prepare_dataset
+
         config, registry, output = session.config, session.registry, session.output
         self._prior = None
         if not config.prior_preservation:

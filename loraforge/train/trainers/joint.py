@@ -3,23 +3,20 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from loraforge.models.peft_layers import activate_adapter
 from loraforge.plugins import TRAINERS
 from loraforge.registry.manifest import Manifest
 from loraforge.registry.refs import check_name
 from loraforge.train.base import TrainConfig
-from loraforge.train.cache import BatchSource
-from loraforge.train.data import batch_indices, prepare_dataset, step_generator
-from loraforge.train.loop import run_loop
-from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
-from loraforge.train.peft_lora import TEXT_ENCODER_TARGETS, lora_state_from_module
-from loraforge.train.session import AdapterOutput, Session
+from loraforge.train.lora_targets import TEXT_ENCODER_TARGETS
 from loraforge.train.trainer import SessionTrainer
 from loraforge.train.trainers.lora import lora_targets
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loraforge.train.session import Session
 
 
 class JointAdapter(BaseModel):
@@ -55,6 +52,13 @@ class JointTrainer(SessionTrainer):
     method = "joint"
 
     def run(self, session: Session) -> list[Manifest]:
+        from loraforge.models.peft_layers import activate_adapter
+        from loraforge.train.cache import BatchSource
+        from loraforge.train.data import batch_indices, prepare_dataset, step_generator
+        from loraforge.train.loop import run_loop
+        from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
+        from loraforge.train.session import AdapterOutput
+
         config, registry, output = session.config, session.registry, session.output
         keys = sorted(config.adapters)
         names = {k: config.adapters[k].name or f"{output}-{k}" for k in keys}
@@ -104,6 +108,8 @@ class JointTrainer(SessionTrainer):
 
 def _adapter_state(model, adapter_name: str, with_text_encoder: bool):
     """Adapter `adapter_name`'s factors: its UNet layers, and its text-encoder layers with the text-encoder prefix."""
+    from loraforge.train.peft_lora import lora_state_from_module
+
     state = lora_state_from_module(model.unet, "unet", adapter_name=adapter_name)
     if with_text_encoder:
         lora_state_from_module(model.pipe.text_encoder, "text_encoder", adapter_name=adapter_name, state=state)

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 from pydantic import Field
 
 from loraforge.plugins import TRAINERS
 from loraforge.registry.manifest import Manifest
 from loraforge.train.base import TrainConfig
-from loraforge.train.cache import BatchSource
-from loraforge.train.data import TrainingSet, batch_indices, prepare_dataset, step_generator
-from loraforge.train.loop import run_loop
-from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
-from loraforge.train.peft_lora import TEXT_ENCODER_TARGETS, lora_state_from_module
-from loraforge.train.session import AdapterOutput, Session
+from loraforge.train.lora_targets import TEXT_ENCODER_TARGETS
 from loraforge.train.trainer import SessionTrainer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loraforge.train.cache import BatchSource
+    from loraforge.train.data import TrainingSet
+    from loraforge.train.session import Session
 
 
 class LoraConfig(TrainConfig):
@@ -32,6 +32,12 @@ class LoraTrainer(SessionTrainer):
     method = "lora"
 
     def run(self, session: Session) -> list[Manifest]:
+        from loraforge.train.data import batch_indices, prepare_dataset, step_generator
+        from loraforge.train.loop import run_loop
+        from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
+        from loraforge.train.peft_lora import lora_state_from_module
+        from loraforge.train.session import AdapterOutput
+
         config, registry, output = session.config, session.registry, session.output
         session.check_lora_targets(lora_targets(config))
         data = prepare_dataset(registry, config.dataset, output=output, instance_prompt=config.instance_prompt)
@@ -69,6 +75,8 @@ class LoraTrainer(SessionTrainer):
         return session.finish([out], result.metrics)
 
     def _source(self, session: Session, data: TrainingSet) -> BatchSource:
+        from loraforge.train.cache import BatchSource
+
         c = session.config
         return BatchSource(session.model, data, home=session.registry.home, resolution=c.resolution, crop=c.crop,
                            seed=c.seed, cached=c.cache_latents, encode_text=not c.train_text_encoder)

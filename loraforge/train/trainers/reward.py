@@ -11,9 +11,8 @@ import logging
 import math
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
-import torch
 from pydantic import Field, model_validator
 
 from loraforge.errors import ConfigError, TrainingError
@@ -21,8 +20,12 @@ from loraforge.hashing import sha256_json
 from loraforge.plugins import TRAINERS
 from loraforge.registry.manifest import Manifest
 from loraforge.train.base import TrainConfig
-from loraforge.train.session import AdapterOutput, Session
 from loraforge.train.trainer import SessionTrainer
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from loraforge.train.session import Session
 
 log = logging.getLogger("loraforge.train")
 
@@ -78,6 +81,8 @@ class PromptStats:
         self.buffers: dict[str, deque] = defaultdict(lambda: deque(maxlen=size))
 
     def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        import torch
+
         batch_mean, batch_std = rewards.mean(), rewards.std(unbiased=False)
         out = torch.empty_like(rewards)
         for prompt in dict.fromkeys(prompts):
@@ -138,6 +143,7 @@ class RewardTrainer(SessionTrainer):
         from loraforge.render.illusion import get_views, split_view_prompts
         from loraforge.rewards import load_reward
         from loraforge.train.peft_lora import lora_state_from_module
+        from loraforge.train.session import AdapterOutput
 
         config, registry, output = session.config, session.registry, session.output
         # Everything that can fail cheaply fails before the model loads (a missing API key, bad prompts).
@@ -197,6 +203,8 @@ class _RewardRun:
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, batch_prompts: list[str]) -> torch.Tensor:
         """The policy's guided noise estimate for latents `x` of `batch_prompts` (illusion: averaged over views)."""
+        import torch
+
         from loraforge.render.illusion import illusion_eps
         from loraforge.train.sampling import guided_eps
 
@@ -211,6 +219,8 @@ class _RewardRun:
             return guided_eps(self.unet, x.to(dtype), t, cond, self.uncond.to(dtype), self.c.guidance).float()
 
     def sample(self, iteration: int):
+        import torch
+
         from loraforge.render.illusion import decode_latents
         from loraforge.train.sampling import sample_trajectory
 
@@ -236,6 +246,8 @@ class _RewardRun:
     def train(self, params: dict[str, torch.nn.Parameter]) -> dict:
         """Run the iterations in the shared loop: each is one sampled, scored batch and then `steps`
         optimiser steps on it, so checkpoints (and SIGTERM stops) fall between iterations."""
+        import torch
+
         from loraforge.rewards.base import check_scores, reward_metrics
         from loraforge.train.loop import run_loop
 
@@ -288,6 +300,8 @@ class _RewardRun:
 
     def update(self, traj, batch_prompts: list[str], adv: torch.Tensor, kl_weight: float, gen: torch.Generator):
         """Accumulate the gradient of one pass over the sampled batch; returns (loss, mean KL term, clip fraction)."""
+        import torch
+
         from loraforge.train.sampling import ddim_step_with_logprob, lora_disabled
 
         c = self.c
@@ -328,17 +342,19 @@ class _RewardRun:
                 total_clip += float(((ratio - 1).abs() > c.clip_range).float().mean())
         return total_loss / n_terms, total_kl / n_terms, total_clip / n_terms
 
-    @torch.no_grad()
     def drift(self) -> float:
         """Prediction drift ‖ε_θ − ε_ref‖² (mean per element) of the final policy on fixed noisy latents."""
+        import torch
+
         from loraforge.train.sampling import lora_disabled
 
-        gen = torch.Generator("cpu").manual_seed(self.c.seed + 7)
-        n = min(4, len(self.prompts))
-        x = torch.randn((n, *self.latent_shape), generator=gen).to(self.model.device)
-        t = self.scheduler.timesteps[torch.randint(len(self.scheduler.timesteps), (n,), generator=gen)].to(x.device)
-        prompts = self.prompts[:n]
-        eps = self.eps(x, t, prompts)
-        with lora_disabled(self.model.unet):
-            ref = self.eps(x, t, prompts)
-        return float(((eps - ref) ** 2).mean())
+        with torch.no_grad():
+            gen = torch.Generator("cpu").manual_seed(self.c.seed + 7)
+            n = min(4, len(self.prompts))
+            x = torch.randn((n, *self.latent_shape), generator=gen).to(self.model.device)
+            t = self.scheduler.timesteps[torch.randint(len(self.scheduler.timesteps), (n,), generator=gen)].to(x.device)
+            prompts = self.prompts[:n]
+            eps = self.eps(x, t, prompts)
+            with lora_disabled(self.model.unet):
+                ref = self.eps(x, t, prompts)
+            return float(((eps - ref) ** 2).mean())

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from loraforge.models.peft_layers import set_lora_scale
 from loraforge.plugins import TRAINERS
 from loraforge.registry.manifest import Manifest, SliderInfo
-from loraforge.registry.registry import Registry
 from loraforge.train.base import TrainConfig
-from loraforge.train.cache import BatchSource
-from loraforge.train.data import TrainingSet, batch_indices, prepare_dataset, step_generator
-from loraforge.train.loop import run_loop
-from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
-from loraforge.train.peft_lora import LAYER_PRESETS, lora_state_from_module
-from loraforge.train.session import AdapterOutput, Session
+from loraforge.train.lora_targets import LAYER_PRESETS
 from loraforge.train.trainer import SessionTrainer
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from loraforge.registry.registry import Registry
+    from loraforge.train.data import TrainingSet
+    from loraforge.train.session import Session
 
 
 class SliderConfig(TrainConfig):
@@ -65,6 +63,11 @@ class SliderTrainer(SessionTrainer):
     method = "slider"
 
     def run(self, session: Session) -> list[Manifest]:
+        from loraforge.models.peft_layers import set_lora_scale
+        from loraforge.train.loop import run_loop
+        from loraforge.train.peft_lora import lora_state_from_module
+        from loraforge.train.session import AdapterOutput
+
         config, registry, output = session.config, session.registry, session.output
         targets = config.target_modules if config.layers == "custom" else LAYER_PRESETS[config.layers]
         session.check_lora_targets({"unet": targets})
@@ -94,6 +97,13 @@ class SliderTrainer(SessionTrainer):
 
 def _text_objective(session: Session, unet):
     """loss = ½ Σ_{s=±1} ‖ε_{θ,s}(x_t, c_t) − (ε(x_t, c_n) + s·η·(ε(x_t, c₊) − ε(x_t, c₋)))‖²."""
+    import torch
+    import torch.nn.functional as F
+
+    from loraforge.models.peft_layers import set_lora_scale
+    from loraforge.train.data import step_generator
+    from loraforge.train.model import encode_prompts
+
     c, model = session.config, session.model
     words = [""] + list(c.preservation)
     embeddings: dict[str, torch.Tensor] = {}
@@ -142,6 +152,7 @@ def _text_objective(session: Session, unet):
 def _pair_sets(registry: Registry, config: SliderConfig, output: str) -> tuple[TrainingSet, TrainingSet]:
     """Low and high datasets whose images pair up by file name."""
     from loraforge.errors import DatasetError
+    from loraforge.train.data import prepare_dataset
 
     prompt = config.target or config.neutral or "a photo"
     low = prepare_dataset(registry, config.low_images, output=f"{output}-low", instance_prompt=prompt)
@@ -154,6 +165,11 @@ def _pair_sets(registry: Registry, config: SliderConfig, output: str) -> tuple[T
 
 def _pair_objective(session: Session, unet, pairs: tuple[TrainingSet, TrainingSet]):
     """Shared noise and timestep per pair: at scale +1 denoise the high image, at −1 the low one."""
+    from loraforge.models.peft_layers import set_lora_scale
+    from loraforge.train.cache import BatchSource
+    from loraforge.train.data import batch_indices, step_generator
+    from loraforge.train.model import denoising_loss, sample_noise
+
     c, model = session.config, session.model
     low, high = (BatchSource(model, d, home=session.registry.home, resolution=c.resolution, seed=c.seed,
                              cached=c.cache_latents) for d in pairs)
