@@ -25,7 +25,7 @@ def _interrupt_when(proc: subprocess.Popen, marker: str, timeout: float = 120) -
             proc.kill()
             raise AssertionError(f"{marker!r} never appeared; output so far:\n{seen}{proc.stderr.read()}")
         seen += line
-    time.sleep(0.5)  # well inside the step
+    time.sleep(3)  # well inside the step: past the imports it starts with (torch loads lazily, ~2 s on a busy box)
     proc.send_signal(signal.SIGINT)
     return seen
 
