@@ -27,7 +27,7 @@ LAYERS: dict[str, int] = {
     # Leaf utilities, imported from anywhere, importing only each other.
     "": 0,  # loraforge/__init__.py: the version
     "errors": 0, "hashing": 0, "home": 0, "plugins": 0, "quiet": 0, "stopping": 0, "faults": 0,
-    "yaml_aliases": 0, "reference": 0,
+    "yaml_aliases": 0, "reference": 0, "lazy": 0,
 }
 
 # Module cycles tolerated for now (none: formats.detect <-> peft_folder and recipes.digest <-> schema are

@@ -6,8 +6,7 @@ queue and the status file without importing the watcher (watchdog) or the worker
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from loraforge.lazy import lazy_exports
 
 _MODULE_OF = {
     "Daemon": "daemon",
@@ -22,10 +21,4 @@ _MODULE_OF = {
 
 __all__ = sorted(_MODULE_OF)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _MODULE_OF)

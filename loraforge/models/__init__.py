@@ -6,8 +6,7 @@ imports neither torch nor diffusers; loading a pipeline does.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from loraforge.lazy import lazy_exports
 
 _MODULE_OF = {
     "BaseModel": "base",
@@ -28,10 +27,4 @@ _MODULE_OF = {
 
 __all__ = sorted(_MODULE_OF)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _MODULE_OF)

@@ -6,8 +6,9 @@ ls/show/lineage/tag`) does not pay for pydantic.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from loraforge.lazy import lazy_exports
 
 _EXPORTS = {
     "AdapterInfo": "manifest", "BaseInfo": "manifest", "DatasetInfo": "manifest", "FileEntry": "manifest",
@@ -24,8 +25,4 @@ if TYPE_CHECKING:
     )
     from loraforge.registry.registry import Registry, VerifyReport
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -11,8 +11,7 @@ disk (`ensure_builtin`, `check_builtin_name`) imports neither torch nor diffuser
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from loraforge.lazy import lazy_exports
 
 _MODULE_OF = {
     "BUILTIN_NAMES": "names",
@@ -34,10 +33,4 @@ _MODULE_OF = {
 
 __all__ = sorted(_MODULE_OF)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _MODULE_OF)
