@@ -441,6 +441,13 @@ def _tensor_bytes(tensor: Union["Tensor", RawTensor]) -> memoryview | bytes:
     return memoryview(data.reshape(-1).view(torch.uint8).numpy()) if data.dtype != torch.bool else data.numpy().tobytes()
 
 
+def partial_path(path: Path) -> Path:
+    """Where a file is staged before it is renamed onto `path`: beside it (the same file system, so the
+    rename is atomic), unique to this writer, and ending in `.partial`, so one a killed process left is
+    recognisable."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+
+
 class SafetensorsWriter:
     """Writes a safetensors file whose header is fixed up front; tensors then arrive one at a time,
     in the declared order, and go straight to disk. The file appears atomically on `close()`;
@@ -468,7 +475,7 @@ class SafetensorsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A name of its own, so two processes writing the same file (a shared cache) never interleave.
         # (mkstemp would also make the file private to its owner.)
-        self._tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+        self._tmp = partial_path(self.path)
         self._file = open(self._tmp, "xb")
         self._file.write(_header_bytes(header))
         self._next = 0

@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -16,7 +15,7 @@ import torch
 
 from loraforge.errors import ConfigError
 from loraforge.faults import fault_point
-from loraforge.formats.safetensors_io import SafetensorsWriter, dtype_from_name
+from loraforge.formats.safetensors_io import SafetensorsWriter, dtype_from_name, partial_path
 from loraforge.ops.blocks import BASE, block_names, block_of, layers_per_block, resolve_block_weights
 from loraforge.ops.checkpoints import Checkpoint, check_compatible, unet_key
 from loraforge.ops.merge_methods import TensorContext
@@ -207,13 +206,6 @@ def execute_merge(plan: MergePlan, out_path: Path, progress: Callable[..., None]
         for folder in sorted({p for p in out_path.rglob("*") if p.is_dir()} | {out_path}, reverse=True):
             fsync_dir(folder)
     return out_path
-
-
-def partial_path(path: Path) -> Path:
-    """Where `path` is written before it is renamed onto its name: beside it (the same file system, so the
-    rename is atomic), unique to this writer, and ending in `.partial` like the safetensors writer's own
-    partial files, so that one a killed process left is recognisable."""
-    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
 
 
 def copy_file(src: Path, dst: Path, *, fsync: bool = True) -> None:
