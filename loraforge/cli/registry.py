@@ -9,6 +9,7 @@ import click
 from loraforge.cli.output import (
     catalog_from_ctx, echo_json, echo_json_array, human_size, print_table, progress, registry_from_ctx,
 )
+from loraforge.registry.consumers import CONSUMERS, consumers_help
 
 KINDS = ["lora", "slider", "checkpoint", "dataset", "image"]
 
@@ -133,18 +134,24 @@ def _manifest_lines(m: dict, aliases: list[str]) -> list[str]:
 
 @registry.command()
 @click.argument("ref")
+@click.option("--for", "consumer", type=click.Choice(list(CONSUMERS)), help=consumers_help())
 @click.option("--format", "fmt", type=click.Choice(["diffusers", "peft", "kohya", "loraforge", "native"]),
-              default="diffusers", show_default=True, help="Adapter format (checkpoints/datasets: native).")
+              help="File format, when not picked by --for; adapters default to diffusers (checkpoints and "
+                   "datasets: native, as stored).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="New file or folder to write (never overwritten). diffusers: a path without .safetensors "
                    "becomes a folder with pytorch_lora_weights.safetensors; kohya/loraforge: .safetensors is "
                    "added when missing; peft: a folder.")
 @click.pass_context
-def export(ctx, ref, fmt, output):
-    """Export REF to a new file or folder in the chosen format; prints the files written."""
+def export(ctx, ref, consumer, fmt, output):
+    """Export REF to a new file or folder for the program that will load it; prints the files written.
+
+    ComfyUI and A1111 read kohya names (a diffusers file loads there only in part), diffusers reads
+    its own keys, PEFT reads one adapter folder per model: `--for comfyui` picks the format for you.
+    """
     from loraforge.registry.exporter import export_artifact
 
-    written = export_artifact(registry_from_ctx(ctx), ref, fmt, output)
+    written = export_artifact(registry_from_ctx(ctx), ref, fmt, output, consumer=consumer)
     for path in written:
         click.echo(str(path))
 

@@ -22,22 +22,33 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SUFFIX = ".safetensors"
 
 
-def export_artifact(registry: Registry, ref: str, fmt: str, out: Path) -> list[Path]:
+def export_artifact(registry: Registry, ref: str, fmt: str | None, out: Path,
+                    consumer: str | None = None) -> list[Path]:
     """Write an artifact to `out` and return the files written.
 
+    `consumer` names the program that will load the file (`consumers.CONSUMERS`) and picks `fmt`
+    when it is None; the two must agree. Adapters default to diffusers.
     diffusers: `out` ending in .safetensors is the file, anything else a folder holding
     pytorch_lora_weights.safetensors; kohya / loraforge: .safetensors is added when missing;
     peft: a folder. Checkpoints and datasets are copied as stored.
     """
+    from loraforge.registry.consumers import export_format
     from loraforge.registry.resolve import resolve_artifact
 
     manifest = resolve_artifact(registry, ref)
+    fmt = export_format(manifest.kind, fmt, consumer)
     out = Path(out).expanduser()
     _check_blobs(registry, manifest)
     if manifest.kind in ("lora", "slider"):
         return _export_adapter(registry, manifest, fmt, out)
+    fmt = "native" if fmt is None else fmt.replace("-", "_")
     if fmt not in ("native", "diffusers", "single_file"):
         raise ConfigError(f"a {manifest.kind} exports as-is: use --format native (got {fmt!r})")
+    if manifest.kind == "checkpoint" and fmt != "native" and fmt != manifest.layout:
+        stored = (manifest.layout or "unrecorded").replace("_", "-")
+        raise ConfigError(f"{manifest.ref} is stored as a {stored} checkpoint and "
+                          f"loraforge cannot convert it to {fmt.replace('_', '-')} yet; export it as stored "
+                          "with --format native")
     folder = registry.checkout(manifest)
     if len(manifest.files) == 1 and manifest.kind == "checkpoint" and manifest.layout == "single_file":
         source = folder / manifest.files[0].path
