@@ -7,9 +7,10 @@ keys (delegated to `kohya.py`). Alpha comes from `.alpha` keys, else from the
 `lora_adapter_metadata` JSON diffusers keeps in the safetensors header (`<component>.lora_alpha`,
 `.alpha_pattern`, `.rank_pattern`, `.use_rslora`), else alpha = rank as diffusers assumes.
 
-Writing bakes scale = alpha/rank into lora_B, so every reader that assumes alpha = rank — plain
-`load_lora_weights`, ComfyUI, older diffusers — applies exactly the adapter's ΔW; the header's
-`lora_adapter_metadata` says the same (lora_alpha = r).
+Writing bakes scale = alpha/rank into lora_B, so a diffusers reader that assumes alpha = rank (plain
+`load_lora_weights`, older diffusers) applies exactly the adapter's ΔW; the header's
+`lora_adapter_metadata` says the same (lora_alpha = r). These files are for diffusers: ComfyUI leaves
+their UNet attention keys unapplied, so ComfyUI and A1111 get kohya files (`export --for comfyui`).
 """
 
 from __future__ import annotations
