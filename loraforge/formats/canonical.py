@@ -12,7 +12,7 @@ from loraforge.formats import kohya
 from loraforge.formats.adapter_format import (
     AdapterFormat, FileProbe, ModuleNames, read_finite_safetensors, register_format, scan_finite_safetensors,
 )
-from loraforge.formats.lora import ALPHA_SUFFIX, COMPONENTS, DOWN_SUFFIX, UP_SUFFIX, LoraState
+from loraforge.formats.lora import COMPONENTS, LoraState, split_module_key
 from loraforge.formats.safetensors_io import write_safetensors
 
 HINTS_KEY = "loraforge.hints"
@@ -20,10 +20,10 @@ HINTS_KEY = "loraforge.hints"
 
 def _detect(probe: FileProbe) -> bool:
     keys = probe.keys
-    canonical = (DOWN_SUFFIX, UP_SUFFIX, ALPHA_SUFFIX)
+    splits = [split_module_key(k) for k in keys]
     return (probe.container == "safetensors" and bool(keys)
-            and all(k.split(".", 1)[0] in COMPONENTS and k.endswith(canonical) for k in keys)
-            and any(k.endswith(DOWN_SUFFIX) for k in keys))
+            and all(k.split(".", 1)[0] in COMPONENTS and split is not None for k, split in zip(keys, splits))
+            and any(split[1] != "alpha" for split in splits))
 
 
 def _read(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, str]]:

@@ -6,6 +6,10 @@ path>`, `text_encoder_2.<...>`) to `LoraModule`s holding the two factors and alp
 
 The factors are torch tensors, or `RawTensor`s (a file's bytes, read without torch) when an adapter is
 only checked and stored: the summaries, checks and the canonical state dict work on both.
+
+A module is a `LoraModule` (a LoRA pair, also LyCORIS' plain LoCon) or one of the typed variants of
+`loraforge.formats.variants` (LoHa, LoKr, Tucker LoCon, DoRA, full and norm differences), each keeping its
+tensors under the suffixes the file used; `module_from_tensors` picks the one a set of suffixes names.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from loraforge.errors import FormatError, IncompatibleBaseError
 from loraforge.formats.safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TORCH_NAMES, RawTensor, all_finite
+from loraforge.formats.variants import MAGNITUDE_SUFFIXES, SUFFIXES as VARIANT_SUFFIXES, VARIANTS, Dora, VariantModule
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +34,9 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 DOWN_SUFFIX = ".lora_down.weight"
 UP_SUFFIX = ".lora_up.weight"
 ALPHA_SUFFIX = ".alpha"
+PAIR_SUFFIXES = frozenset({DOWN_SUFFIX[1:], UP_SUFFIX[1:]})
+# Every per-module suffix a canonical file may hold (without the leading dot), longest first for matching.
+MODULE_SUFFIXES = tuple(sorted(PAIR_SUFFIXES | VARIANT_SUFFIXES | {ALPHA_SUFFIX[1:]}, key=lambda x: (-len(x), x)))
 # Canonical text-encoder paths, like every SD file, keep CLIP's `text_model.` wrapper, which
 # transformers 5 dropped from CLIPTextModel (CLIPTextModelWithProjection kept it).
 TEXT_MODEL_PREFIX = "text_model."
@@ -53,8 +61,30 @@ class LoraModule:
     up: Tensor  # B: m×r, or m×r×1×1 for a conv layer
     alpha: float
 
+    variant = "lora"
+    needs_base = False
+    adapts = "weight"
+
     def __post_init__(self) -> None:
         self.alpha = float(self.alpha)
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        """The factors under their kohya/LyCORIS suffixes."""
+        return {DOWN_SUFFIX[1:]: self.down, UP_SUFFIX[1:]: self.up}
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        return self.tensors
+
+    @property
+    def rank_bound(self) -> int:
+        return min(self.rank, self.max_rank)
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        return tuple(self.weight_shape) == tuple(int(s) for s in shape)
+
+    def cast(self, dtype: torch.dtype) -> LoraModule:
+        return LoraModule(self.down.to(dtype), self.up.to(dtype), self.alpha)
 
     @property
     def rank(self) -> int:
@@ -88,8 +118,9 @@ class LoraModule:
         a = self.down.reshape(self.rank, -1).to(torch.float32)
         return b, a
 
-    def delta(self, dtype: torch.dtype | None = None) -> Tensor:
-        """Dense ΔW shaped like the base weight (computed in float32, returned in `dtype`, float32 by default)."""
+    def delta(self, dtype: torch.dtype | None = None, base_weight: Tensor | None = None) -> Tensor:
+        """Dense ΔW shaped like the base weight (computed in float32, returned in `dtype`, float32 by default);
+        `base_weight` is accepted for the variants' sake and not needed."""
         import torch
 
         b, a = self.factors()
@@ -107,6 +138,44 @@ class LoraModule:
             )
         if self.up.dim() == 4 and tuple(self.up.shape[2:]) != (1, 1):
             raise FormatError(f"LoRA module {name}: conv up weight must be 1×1, got {tuple(self.up.shape)}")
+
+
+AdapterModule = "LoraModule | VariantModule"
+
+
+def module_from_tensors(tensors: Mapping[str, Tensor | RawTensor], alpha: float | None, name: str):
+    """The module a file's tensors for one layer make (suffix → tensor, `alpha` from its `.alpha` or None):
+    a LoraModule for lora_down/lora_up, else the one registered variant whose suffixes they are."""
+    suffixes = frozenset(tensors)
+    magnitude = suffixes & set(MAGNITUDE_SUFFIXES)
+    if magnitude:
+        if len(magnitude) > 1:
+            raise FormatError(f"module {name} has both {' and '.join(sorted(magnitude))}")
+        rest = {k: v for k, v in tensors.items() if k not in magnitude}
+        inner = module_from_tensors(rest, alpha, name)
+        if inner.variant not in ("lora", "loha", "lokr", "locon_tucker"):
+            raise FormatError(f"module {name}: a DoRA magnitude ({min(magnitude)}) on a {inner.variant} module")
+        return Dora({k: tensors[k] for k in magnitude}, inner.alpha, inner)
+    if suffixes == PAIR_SUFFIXES:
+        return LoraModule(down=tensors[DOWN_SUFFIX[1:]], up=tensors[UP_SUFFIX[1:]],
+                          alpha=float(tensors[DOWN_SUFFIX[1:]].shape[0]) if alpha is None else alpha)
+    claims = [cls for cls in VARIANTS.values() if cls.claims(suffixes)]
+    if len(claims) != 1:
+        known = ", ".join(["lora_down.weight+lora_up.weight", *(f"{v}" for v in sorted(VARIANTS))])
+        raise FormatError(f"module {name} holds {', '.join(sorted(suffixes))}, which is no adapter variant "
+                          f"loraforge knows ({known})")
+    cls = claims[0]
+    if not cls.uses_alpha and alpha is not None:
+        raise FormatError(f"module {name} is a {cls.variant} module, which has no alpha, but the file gives one")
+    return cls(tensors, alpha)
+
+
+def split_module_key(key: str) -> tuple[str, str] | None:
+    """(module name, suffix) of a key ending in a known module suffix, else None."""
+    for suffix in MODULE_SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    return None
 
 
 class LoraState(MutableMapping[str, LoraModule]):
@@ -164,7 +233,27 @@ class LoraState(MutableMapping[str, LoraModule]):
 
     @property
     def alphas(self) -> dict[str, float]:
-        return {name: m.alpha for name, m in self._modules.items()}
+        return {name: m.alpha for name, m in self._modules.items() if m.alpha is not None}
+
+    @property
+    def variants(self) -> dict[str, int]:
+        """How many modules of each variant (`lora`, `loha`, `dora`, ...) the adapter holds."""
+        counts: dict[str, int] = {}
+        for m in self._modules.values():
+            counts[m.variant] = counts.get(m.variant, 0) + 1
+        return dict(sorted(counts.items()))
+
+    @property
+    def is_plain_lora(self) -> bool:
+        return all(m.variant == "lora" for m in self._modules.values())
+
+    def require_lora_pairs(self, what: str) -> None:
+        """Raise FormatError naming the first module that is not a LoRA pair, for code that needs B·A factors."""
+        for name in sorted(self._modules):
+            m = self._modules[name]
+            if m.variant != "lora":
+                raise FormatError(f"module {name} is a {m.variant} module, not a LoRA pair, and {what} needs LoRA "
+                                  "factors; convert the adapter first with `loraforge lora resize --rank R`")
 
     @property
     def target_modules(self) -> list[str]:
@@ -179,14 +268,14 @@ class LoraState(MutableMapping[str, LoraModule]):
     def dtype(self) -> torch.dtype | str | None:
         """The dtype of the factors; the widest one when they are mixed, None when empty (torch's name
         of it, `float16`, for RawTensor factors)."""
-        dtypes = {t.dtype for m in self._modules.values() for t in (m.down, m.up)}
+        dtypes = {t.dtype for m in self._modules.values() for t in m.file_tensors().values()}
         if not dtypes:
             return None
         return max(dtypes, key=lambda d: (_FLOAT_BITS.get(str(d).removeprefix("torch."), 0), str(d)))
 
     @property
     def num_parameters(self) -> int:
-        return sum(m.down.numel() + m.up.numel() for m in self._modules.values())
+        return sum(t.numel() for m in self._modules.values() for t in m.file_tensors().values())
 
     def component(self, name: str) -> dict[str, LoraModule]:
         """Modules of one component, keyed by their path inside it."""
@@ -198,51 +287,58 @@ class LoraState(MutableMapping[str, LoraModule]):
         sd: dict[str, Tensor] = {}
         for name in sorted(self._modules):
             m = self._modules[name]
-            sd[name + DOWN_SUFFIX] = m.down.contiguous()
-            sd[name + UP_SUFFIX] = m.up.contiguous()
-            sd[name + ALPHA_SUFFIX] = _float32_scalar(m.alpha, like=m.down)
+            tensors = m.file_tensors()
+            for suffix, t in tensors.items():
+                sd[f"{name}.{suffix}"] = t.contiguous()
+            if m.alpha is not None:
+                sd[name + ALPHA_SUFFIX] = _float32_scalar(m.alpha, like=next(iter(tensors.values())))
         return sd
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, Tensor], hints: Mapping[str, str] | None = None) -> LoraState:
-        downs, ups, alphas = {}, {}, {}
+        grouped: dict[str, dict[str, Tensor]] = {}
         for key, value in sd.items():
-            if key.endswith(DOWN_SUFFIX):
-                downs[key[: -len(DOWN_SUFFIX)]] = value
-            elif key.endswith(UP_SUFFIX):
-                ups[key[: -len(UP_SUFFIX)]] = value
-            elif key.endswith(ALPHA_SUFFIX):
-                alphas[key[: -len(ALPHA_SUFFIX)]] = value
-            else:
+            split = split_module_key(key)
+            if split is None:
                 raise FormatError(f"unexpected key {key!r} in a loraforge adapter")
-        pair_names(downs, ups, alphas, DOWN_SUFFIX, UP_SUFFIX)
+            grouped.setdefault(split[0], {})[split[1]] = value
+        return cls.from_module_tensors(grouped, hints=hints)
+
+    @classmethod
+    def from_module_tensors(cls, grouped: Mapping[str, Mapping[str, Tensor]],
+                            hints: Mapping[str, str] | None = None) -> LoraState:
+        """A state from {module name: {suffix: tensor}} (suffixes without the leading dot, `alpha` among them)."""
         state = cls(hints=hints)
-        for name in sorted(downs):
-            down = downs[name]
-            alpha = alpha_value(alphas[name], name) if name in alphas else float(down.shape[0])
-            state[name] = LoraModule(down=down, up=ups[name], alpha=alpha)
+        for name in sorted(grouped):
+            tensors = dict(grouped[name])
+            alpha_t = tensors.pop(ALPHA_SUFFIX[1:], None)
+            if not tensors:
+                raise FormatError(f"{name}{ALPHA_SUFFIX} has no LoRA weights")
+            if set(tensors) & PAIR_SUFFIXES and not PAIR_SUFFIXES <= set(tensors):
+                have = min(set(tensors) & PAIR_SUFFIXES)
+                missing = min(PAIR_SUFFIXES - {have})
+                raise FormatError(f"{name}.{have} has no matching {name}.{missing}")
+            alpha = alpha_value(alpha_t, name) if alpha_t is not None else None
+            state[name] = module_from_tensors(tensors, alpha, name)
         return state
 
     # -- checks and transforms --------------------------------------------------------------
     def cast(self, dtype: torch.dtype) -> LoraState:
-        return LoraState(
-            {n: LoraModule(m.down.to(dtype), m.up.to(dtype), m.alpha) for n, m in self._modules.items()},
-            hints=self.hints,
-        )
+        return LoraState({n: m.cast(dtype) for n, m in self._modules.items()}, hints=self.hints)
 
     def check_finite(self) -> None:
         for name, m in self._modules.items():
-            for key, t in ((name + DOWN_SUFFIX, m.down), (name + UP_SUFFIX, m.up)):
+            for suffix, t in m.file_tensors().items():
                 if not all_finite(t):
-                    raise FormatError(f"tensor {key} contains NaN or Inf values")
-            if not math.isfinite(m.alpha):
+                    raise FormatError(f"tensor {name}.{suffix} contains NaN or Inf values")
+            if m.alpha is not None and not math.isfinite(m.alpha):
                 raise FormatError(f"tensor {name}{ALPHA_SUFFIX} is not finite ({m.alpha})")
 
     def check_ranks(self) -> None:
         """Raise FormatError naming the first module whose rank exceeds min(out, in) of its weight."""
         for name in sorted(self._modules):
             m = self._modules[name]
-            if m.rank > m.max_rank:
+            if m.variant == "lora" and m.rank > m.max_rank:
                 raise FormatError(
                     f"LoRA module {name} has rank {m.rank}, above min(out, in) = {m.max_rank} of its "
                     f"{'×'.join(map(str, m.weight_shape))} weight; save the adapter at rank {m.max_rank} or less"
@@ -258,11 +354,14 @@ class LoraState(MutableMapping[str, LoraModule]):
                     f"adapter has modules for {component} but the base model has no {component}"
                 )
             shapes = targets[component]
+            module = self._modules[name]
             if path not in shapes:
+                if module.adapts == "norm":
+                    continue  # norm layers have 1-D weights, which base targets do not list; fusing checks them
                 raise IncompatibleBaseError(f"adapter module {name} does not exist in the base model")
             want = tuple(int(s) for s in shapes[path])
-            have = self._modules[name].weight_shape
-            if want != have:
+            have = module.weight_shape
+            if not module.fits(want):
                 raise IncompatibleBaseError(f"adapter module {name} has shape {have} but the base has {want}")
 
 
