@@ -15,14 +15,38 @@ from loraforge.ops.merge import _artifact_files, _place_output, copy_folder_extr
 from loraforge.ops.specs import FuseSpec
 
 
-def fused_deltas(states_weights, name: str) -> torch.Tensor | None:
-    """Σ wᵢ·ΔWᵢ for one module (float32), or None when no adapter touches it."""
+def fused_deltas(states_weights, name: str, base_weight: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Σ wᵢ·ΔWᵢ for one module (float32), or None when no adapter touches it. Each module gives its exact ΔW
+    (LoHa, LoKr, full differences ...); a DoRA module needs `base_weight`, the weight before any adapter."""
     total = None
     for state, weight in states_weights:
         if name in state:
-            d = state[name].delta() * weight
-            total = d if total is None else total.add_(d)
+            d = state[name].delta(base_weight=base_weight) * weight
+            total = d if total is None else total.add_(d.reshape(total.shape))
     return total
+
+
+def fused_bias_deltas(states_weights, name: str) -> torch.Tensor | None:
+    """Σ wᵢ·Δbᵢ for one module's bias (LyCORIS full `diff_b`, norm `b_norm`), or None when none changes it."""
+    total = None
+    for state, weight in states_weights:
+        module = state.get(name)
+        bias = module.bias_delta() if module is not None and hasattr(module, "bias_delta") else None
+        if bias is not None:
+            total = bias * weight if total is None else total.add_(bias * weight)
+    return total
+
+
+def fuse_tensor(states_weights, component: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Base tensor `key` of `component` with the adapters' weighted changes added (float32 when changed):
+    `.weight` keys get ΔW, `.bias` keys the bias differences; anything else is returned as it is."""
+    for suffix, deltas in ((".weight", fused_deltas), (".bias", fused_bias_deltas)):
+        if key.endswith(suffix):
+            name = f"{component}.{key[: -len(suffix)]}"
+            delta = deltas(states_weights, name, tensor) if suffix == ".weight" else deltas(states_weights, name)
+            if delta is not None:
+                return tensor.to(torch.float32).add_(delta.reshape(tensor.shape))
+    return tensor
 
 
 def write_fused(base: Checkpoint, states_weights, out: Path, dtype: torch.dtype,
@@ -38,11 +62,7 @@ def write_fused(base: Checkpoint, states_weights, out: Path, dtype: torch.dtype,
             entries.append((key, info.shape, dtype if info.is_float and component != "vae" else info.torch_dtype))
         with SafetensorsWriter(out / rel, entries, {"format": "pt"}) as writer:
             for (ckey, key), (_, _, want) in zip(keys, entries):
-                tensor = base.get(ckey)
-                if key.endswith(".weight"):
-                    delta = fused_deltas(states_weights, f"{component}.{key[: -len('.weight')]}")
-                    if delta is not None:
-                        tensor = tensor.to(torch.float32).add_(delta.reshape(tensor.shape))
+                tensor = fuse_tensor(states_weights, component, key, base.get(ckey))
                 writer.write(key, tensor.to(want))
                 if progress:
                     progress()
