@@ -359,3 +359,32 @@ def test_help_says_which_program_needs_which_format(home):
     text = run_cli(home, "registry", "export", "--help").output
     for consumer, fmt in (("comfyui", "kohya"), ("a1111", "kohya"), ("diffusers", "diffusers"), ("peft", "peft")):
         assert f"{consumer}: {fmt}" in text
+
+
+def test_for_comfyui_exports_a_single_file_checkpoint_byte_for_byte(home, tmp_path):
+    from loraforge.formats.safetensors_io import safetensors_bytes
+
+    source = tmp_path / "model.safetensors"
+    source.write_bytes(safetensors_bytes({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3),
+                                          "first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3),
+                                          "cond_stage_model.transformer.text_model.final_layer_norm.weight":
+                                              torch.randn(8)}))
+    run_cli(home, "registry", "import", str(source), "--name", "sf", "--kind", "checkpoint")
+    for consumer in ("comfyui", "a1111"):
+        out = tmp_path / f"{consumer}.safetensors"
+        run_cli(home, "registry", "export", "sf", "--for", consumer, "-o", str(out))
+        assert out.read_bytes() == source.read_bytes()
+
+
+def test_for_on_a_dataset_is_refused(home, tmp_path):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 8), (10, 0, 0)).save(photos / "a.png")
+    run_cli(home, "registry", "import", str(photos), "--name", "photos", "--kind", "dataset")
+    line = refused(run_cli(home, "registry", "export", "photos", "--for", "diffusers", "-o", str(tmp_path / "o"),
+                           ok=False))
+    assert "dataset is exported as stored" in line and "drop --for diffusers" in line
+    run_cli(home, "registry", "export", "photos", "-o", str(tmp_path / "as-stored"))
+    assert (tmp_path / "as-stored" / "a.png").read_bytes() == (photos / "a.png").read_bytes()
