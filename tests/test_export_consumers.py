@@ -220,13 +220,23 @@ SDXL_NEEDS_SGM_NAMES = pytest.mark.xfail(strict=True, reason="SDXL kohya export 
 KOHYA_FAMILIES = ["sd1", pytest.param("sdxl", marks=SDXL_NEEDS_SGM_NAMES)]
 
 
-@pytest.mark.parametrize("family", KOHYA_FAMILIES)
+# diffusers' kohya loader names the alpha of an attention key after the whole weight key
+# (`…attn1.processor.to_q_lora.down.weight`), which matches no module: per-module alphas there are
+# dropped for the most common one. Strict: this starts failing once diffusers honours them.
+PER_MODULE_ALPHAS_DROPPED = pytest.mark.xfail(strict=True, reason="diffusers' kohya loader ignores per-module "
+                                              "alphas on attention keys")
+
+
+@pytest.mark.parametrize("family, kohya_style", [
+    ("sd1", True),
+    pytest.param("sd1", False, marks=PER_MODULE_ALPHAS_DROPPED),
+    pytest.param("sdxl", True, marks=SDXL_NEEDS_SGM_NAMES),
+])
 def test_for_comfyui_writes_kohya_keys_that_diffusers_kohya_loader_applies_fully(home, tmp_path, pipelines,
-                                                                                  family):
+                                                                                  family, kohya_style):
     """diffusers' kohya loader is a second consumer of the kohya export. It honours one alpha for linear
-    layers and one for convolutions (what sd-scripts writes) but not per-module alphas on attention
-    keys (its alpha_pattern names for them match no module), so the adapter is drawn kohya-style."""
-    state, deltas = draw_adapter(pipelines[family], seed=1, kohya_style=True)
+    layers and one for convolutions (what sd-scripts writes) but not per-module alphas on attention keys."""
+    state, deltas = draw_adapter(pipelines[family], seed=1, kohya_style=kohya_style)
     written = import_and_export(home, tmp_path, family, state, "--for", "comfyui")
     assert written.suffix == ".safetensors"
     pipe, bases = fresh_pipe(pipelines, family)
