@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from loraforge.errors import ConfigError, IncompatibleBaseError
+from loraforge.errors import ConfigError, FormatError, IncompatibleBaseError
 from loraforge.formats.lora import LoraModule, LoraState
 from loraforge.ops.lora_methods import ModuleInputs
 from loraforge.ops.lowrank import check_rank_bound
@@ -37,8 +37,26 @@ def module_from_factors(b: torch.Tensor, a: torch.Tensor, like: LoraModule, dtyp
 
 def combine_states(states: list[LoraState], weights: list[float], method: str, rank: Optional[int] = None,
                    params: dict[str, Any] | None = None, labels: list[str] | None = None,
-                   progress: Callable[..., None] | None = None) -> LoraState:
-    """The merged LoraState. Adapters may have different ranks and module sets; weights may be negative."""
+                   progress: Callable[..., None] | None = None, errors: dict[str, float] | None = None) -> LoraState:
+    """The merged LoraState. Adapters may have different ranks and module sets; weights may be negative.
+
+    Variant modules (LoHa, LoKr, Tucker LoCon, full differences) enter as LoRA pairs at their exact rank
+    bound; the relative error of each conversion (float32 rounding only) goes into `errors`."""
+    from loraforge.ops.variant_lowrank import lowrank_state
+
+    converted = []
+    for state, label in zip(states, labels or [f"adapter {i + 1}" for i in range(len(states))]):
+        if state.is_plain_lora:
+            converted.append(state)
+            continue
+        try:
+            pairs, errs = lowrank_state(state)
+        except FormatError as e:
+            raise FormatError(f"{label}: {e}") from None
+        converted.append(pairs)
+        if errors is not None:
+            errors.update({f"{label}:{k}": v for k, v in errs.items()})
+    states = converted
     impl = get_lora_method(method)
     full = method_params("LoRA merge method", method, impl, params or {})
     labels = labels or [f"adapter {i + 1}" for i in range(len(states))]
@@ -129,15 +147,17 @@ def merge_loras(registry, spec: LoraMergeSpec, *, name: str, recipe=None, input_
             raise IncompatibleBaseError(f"the adapters are for an {base_info.family} base but {base} is "
                                         f"{declared.family}: stack them on an {base_info.family} base")
         base_info = BaseInfo(ref=declared.ref, digest=declared.digest, family=declared.family)
+    errors: dict[str, float] = {}
     state = combine_states([s for s, *_ in loaded], [a.weight for a in spec.adapters], spec.method, spec.rank,
-                           dict(spec.params), labels=[ref for _, _, ref, _ in loaded], progress=progress)
+                           dict(spec.params), labels=[ref for _, _, ref, _ in loaded], progress=progress,
+                           errors=errors)
     parents = [Parent(ref=ref, digest=digest, role="adapter", weight=a.weight)
                for (_, _, ref, digest), a in zip(loaded, spec.adapters)]
     params = {"rank": spec.rank, **{**get_lora_method(spec.method).params, **spec.params}}
     from loraforge.registry.importer import adapter_info
 
     manifest = Manifest(name=name, kind="lora", digest="", files=[], base=base_info,
-                        adapter=adapter_info(state, "loraforge"),
+                        adapter=adapter_info(state, "loraforge", lowrank_error=max(errors.values()) if errors else None),
                         provenance=Provenance(method=f"lora_merge:{spec.method}", params=params, parents=parents,
                                               recipe=recipe, source=f"lora_merge:{spec.method}"))
     return register_adapter(registry, state, manifest, input_digest=input_digest)

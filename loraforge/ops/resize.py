@@ -5,18 +5,34 @@ from __future__ import annotations
 
 from typing import Optional
 
+from loraforge.errors import FormatError
 from loraforge.formats.lora import LoraState
 from loraforge.ops.lora_merge import module_from_factors
+from loraforge.ops.variant_lowrank import dtype_of, delta_svd, pair_from_svd, truncation_error
 from loraforge.ops.lowrank import check_rank_bound, choose_rank, refactor, refactor_flops
 from loraforge.ops.threads import threads_for
 
 
 def resize_state(state: LoraState, rank: Optional[int] = None, rule: str = "fixed",
-                 value: Optional[float] = None) -> LoraState:
-    """Each module truncated to `rank` (rule fixed) or to the rank a rule picks (capped by `rank`)."""
+                 value: Optional[float] = None, errors: dict[str, float] | None = None) -> LoraState:
+    """Each module truncated to `rank` (rule fixed) or to the rank a rule picks (capped by `rank`).
+
+    A variant module (LoHa, LoKr, Tucker LoCon, full difference) becomes a LoRA pair through an SVD of its
+    exact ΔW, capped by its rank bound (exact there); its relative error goes into `errors` by name."""
     out = LoraState(hints=state.hints)
     for name in state:
         module = state[name]
+        if module.variant != "lora":
+            if module.needs_base:
+                raise FormatError(f"module {name} is a DoRA module, whose ΔW depends on the base weight; "
+                                  "resize cannot turn it into a LoRA pair without the base (fuse it instead)")
+            u, s, vh, shape = delta_svd(module, name=name)
+            cap = min(rank or module.rank_bound, s.numel())
+            r = cap if rule == "fixed" else choose_rank(s, rule, value, cap)
+            out[name] = pair_from_svd(u, s, vh, max(1, min(r, s.numel())), shape, dtype_of(module))
+            if errors is not None:
+                errors[name] = truncation_error(s, r)
+            continue
         with threads_for(refactor_flops(module.up.shape[0], module.down[0].numel(), module.rank)):
             b, a = module.factors()
             new_b, new_a, s = refactor(b, a, module.rank)
@@ -43,12 +59,15 @@ def resize_lora(registry, ref: str, *, name: str, rank: Optional[int] = None, ru
     if rank is not None and rank <= 0:
         raise ConfigError(f"rank {rank} must be a positive integer")
     (state, manifest, parent_ref, digest), = load_inputs(registry, [AdapterInput(ref=ref)])
-    check_rank_bound(rank, max(state[n].rank for n in state),
-                     f"the largest rank of {ref}'s modules (resize only lowers ranks)")
-    out = resize_state(state, rank, rule, value)
+    check_rank_bound(rank, max(state[n].rank if state[n].variant == "lora" else state[n].rank_bound for n in state),
+                     f"the largest rank of {ref}'s modules (resize only lowers ranks; a variant's rank is the "
+                     "rank of its ΔW)")
+    errors: dict[str, float] = {}
+    out = resize_state(state, rank, rule, value, errors)
+    worst = max(errors.values()) if errors else None
     kind = manifest.kind if manifest is not None else "lora"
     new = Manifest(
-        name=name, kind=kind, digest="", files=[], adapter=adapter_info(out, "loraforge"),
+        name=name, kind=kind, digest="", files=[], adapter=adapter_info(out, "loraforge", lowrank_error=worst),
         base=manifest.base if manifest is not None else None,
         slider=manifest.slider if manifest is not None else None,
         provenance=Provenance(method="resize", params={"rank": rank, "rule": rule, "value": value},

@@ -16,43 +16,56 @@ from loraforge.formats.lora import LoraModule, LoraState
 from loraforge.ops.threads import threads_for
 
 
-def to_lora_module(module, rank: Optional[int] = None, base_weight: torch.Tensor | None = None,
-                   shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None,
-                   name: str = "") -> tuple[LoraModule, float]:
-    """(LoRA pair, relative Frobenius error) for `module` at `rank` (its rank bound when None), shaped for a
-    base weight of `shape` (a conv kernel a LoHa stores flattened needs it). A LoraModule at or under `rank`
-    comes back unchanged."""
-    if module.variant == "lora" and (rank is None or rank >= module.rank):
-        return module, 0.0
+def delta_svd(module, base_weight: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
+              name: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """(U, S, Vh, weight shape) of the module's exact ΔW flattened to out × rest; `shape` is the base weight's
+    shape (a conv kernel a LoHa stores flattened needs it)."""
     if module.adapts != "weight":
         raise FormatError(f"module {name} is a {module.variant} module (a norm layer's weight and bias), "
                           "which has no LoRA form; fuse the adapter into a checkpoint instead")
     if base_weight is not None:
         shape = tuple(base_weight.shape)
     shape = tuple(int(s) for s in (shape or module.weight_shape))
-    if len(shape) == 2 and len(module.weight_shape) == 2 and len(shape) != len(module.weight_shape):
-        shape = tuple(module.weight_shape)
     delta = module.delta(base_weight=base_weight).reshape(shape[0], -1)
     m, n = delta.shape
-    r = min(rank if rank is not None else module.rank_bound, m, n)
-    if r <= 0:
-        raise ConfigError(f"rank {rank} must be a positive integer")
     with threads_for(10.0 * m * n * min(m, n)):
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    total = float(s.square().sum())
-    error = math.sqrt(float(s[r:].square().sum()) / total) if total > 0 else 0.0
+    return u, s, vh, shape
+
+
+def truncation_error(s: torch.Tensor, r: int) -> float:
+    """‖ΔW − ΔW_r‖_F / ‖ΔW‖_F of the best rank-r approximation, from the singular values."""
+    total = float(s.double().square().sum())
+    return math.sqrt(float(s[r:].double().square().sum()) / total) if total > 0 else 0.0
+
+
+def pair_from_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int, shape: tuple[int, ...],
+                  dtype: torch.dtype) -> LoraModule:
+    """The rank-r LoRA pair (alpha = r, so scale 1) of U·diag(S)·Vh, linear or conv as `shape` says."""
     root = s[:r].sqrt()
-    b = u[:, :r] * root
-    a = root[:, None] * vh[:r]
-    out_dtype = dtype or _dtype_of(module)
+    b, a = u[:, :r] * root, root[:, None] * vh[:r]
     if len(shape) == 4:
-        down, up = a.reshape(r, *shape[1:]), b.reshape(m, r, 1, 1)
+        down, up = a.reshape(r, *shape[1:]), b.reshape(b.shape[0], r, 1, 1)
     else:
         down, up = a, b
-    return LoraModule(down=down.contiguous().to(out_dtype), up=up.contiguous().to(out_dtype), alpha=float(r)), error
+    return LoraModule(down=down.contiguous().to(dtype), up=up.contiguous().to(dtype), alpha=float(r))
 
 
-def _dtype_of(module) -> torch.dtype:
+def to_lora_module(module, rank: Optional[int] = None, base_weight: torch.Tensor | None = None,
+                   shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None,
+                   name: str = "") -> tuple[LoraModule, float]:
+    """(LoRA pair, relative Frobenius error) for `module` at `rank` (its rank bound when None), shaped for a
+    base weight of `shape`. A LoraModule at or under `rank` comes back unchanged."""
+    if module.variant == "lora" and (rank is None or rank >= module.rank):
+        return module, 0.0
+    if rank is not None and rank <= 0:
+        raise ConfigError(f"rank {rank} must be a positive integer")
+    u, s, vh, shape = delta_svd(module, base_weight, shape, name)
+    r = max(1, min(rank if rank is not None else module.rank_bound, s.numel()))
+    return pair_from_svd(u, s, vh, r, shape, dtype or dtype_of(module)), truncation_error(s, r)
+
+
+def dtype_of(module) -> torch.dtype:
     dtypes = [t.dtype for t in module.file_tensors().values() if t.is_floating_point()]
     return max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32
 
@@ -75,9 +88,9 @@ def lowrank_state(state: LoraState, rank: Optional[int] = None,
     return out, errors
 
 
-def worst_error(errors: Mapping[str, float]) -> dict[str, float | str] | None:
-    """What a manifest records of a conversion: the largest relative error and where it is."""
+def worst_error(errors: Mapping[str, float]) -> tuple[str, float] | None:
+    """(module, relative error) of the worst converted module, None when nothing was converted."""
     if not errors:
         return None
     name = max(errors, key=lambda k: errors[k])
-    return {"max_relative_error": errors[name], "module": name, "modules_converted": len(errors)}
+    return name, errors[name]

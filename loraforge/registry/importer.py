@@ -46,7 +46,7 @@ def detect_kind(path: Path) -> str:
     return "lora"
 
 
-def adapter_info(state, fmt: str) -> AdapterInfo:
+def adapter_info(state, fmt: str, lowrank_error: Optional[float] = None) -> AdapterInfo:
     alphas = set(state.alphas.values())
     ranks = state.ranks.values()
     return AdapterInfo(
@@ -58,6 +58,8 @@ def adapter_info(state, fmt: str) -> AdapterInfo:
         num_modules=len(state.ranks),
         num_parameters=state.num_parameters,
         dtype=str(state.dtype).replace("torch.", ""),
+        variants=state.variants,
+        lowrank_error=lowrank_error,
     )
 
 

@@ -62,6 +62,12 @@ class AdapterInfo(Schema):
     num_modules: int = 0
     num_parameters: int = 0
     dtype: Optional[str] = None
+    variants: dict[str, int] = Field(default_factory=dict, description=(
+        "Modules of each kind: lora, locon_tucker, loha, lokr, dora, full, norm (LyCORIS variants keep their own "
+        "tensors; empty for adapters written before variants were recorded)."))
+    lowrank_error: Optional[float] = Field(None, description=(
+        "Largest relative error ‖ΔW − B·A‖/‖ΔW‖ of turning variant modules (LoHa, LoKr, ...) into LoRA pairs "
+        "for this adapter; 0 when exact, None when no module was converted."))
 
 
 class SliderInfo(Schema):

@@ -1,4 +1,10 @@
-"""Loading a base pipeline and attaching weighted adapters through diffusers' LoRA loader."""
+"""Loading a base pipeline and attaching weighted adapters through diffusers' LoRA loader.
+
+LyCORIS variants load exactly: a LoHa, LoKr, Tucker LoCon, full difference or DoRA module enters diffusers'
+loader as the LoRA pair of its exact ΔW (an SVD at the variant's rank bound; DoRA's ΔW from the pipeline's own
+base weight), so per-adapter weights work as for any LoRA; bias and norm-layer differences, which diffusers'
+loader has no place for, are added to the pipeline's weights once, scaled by the adapter's weight.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,9 @@ def apply_adapters(pipe, adapters: Sequence[tuple[object, float]], prefix: str =
     names, weights = [], []
     for i, (state, weight) in enumerate(adapters):
         name = f"{prefix}{i}"
+        state = loadable_state(pipe, state, float(weight))
+        if not state:
+            continue
         state_dict, _meta = lora_to_diffusers(state)
         with warnings.catch_warnings():
             # PEFT warns each time a second adapter joins a model; several adapters are the point here.
@@ -25,6 +34,47 @@ def apply_adapters(pipe, adapters: Sequence[tuple[object, float]], prefix: str =
     if names:
         pipe.set_adapters(names, adapter_weights=weights)
     return names
+
+
+def _layer(pipe, name: str):
+    from loraforge.formats.lora import without_text_model
+
+    component, path = name.split(".", 1)
+    model = getattr(pipe, component)
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return model.get_submodule(without_text_model(path))
+
+
+def loadable_state(pipe, state, weight: float):
+    """`state` with its variant modules as exact LoRA pairs for diffusers' loader; bias and norm differences
+    are added to `pipe`'s parameters here, times `weight`. A plain LoRA adapter is returned as it is."""
+    if state.is_plain_lora:
+        return state
+    import torch
+
+    from loraforge.formats.lora import LoraState
+    from loraforge.ops.variant_lowrank import to_lora_module
+
+    out = LoraState(hints=state.hints)
+    for name in state:
+        module = state[name]
+        layer = _layer(pipe, name)
+        bias = module.bias_delta() if hasattr(module, "bias_delta") else None
+        if bias is not None:
+            with torch.no_grad():
+                layer.bias.add_((bias * weight).to(layer.bias))
+        if module.adapts == "norm":
+            with torch.no_grad():
+                layer.weight.add_((module.delta() * weight).to(layer.weight))
+            continue
+        if module.variant == "lora":
+            out[name] = module
+            continue
+        base_weight = layer.weight.detach().to("cpu") if module.needs_base else None
+        out[name], _error = to_lora_module(module, base_weight=base_weight, shape=tuple(layer.weight.shape), name=name)
+    return out
 
 
 def load_pipeline_with_adapters(registry, base_ref: str, lora_specs: Sequence[str], device=None):
