@@ -191,6 +191,7 @@ def import_and_export(home: Path, tmp_path: Path, family: str, state: LoraState,
 
 
 def fresh_pipe(pipelines, family: str):
+    """(a copy of the family's pipeline to load into, the untouched components to compare with)."""
     pipe = copy.deepcopy(pipelines[family])
     return pipe, components(pipelines[family])
 
@@ -309,7 +310,8 @@ def test_for_peft_loads_in_peft_for_the_unet_and_both_sdxl_text_encoders(home, t
 
     state, deltas = draw_adapter(pipelines["sdxl"], seed=4)
     written = import_and_export(home, tmp_path, "sdxl", state, "--for", "peft")
-    folder = written.parent.parent
+    folder = tmp_path / "sdxl-export"
+    assert written.is_relative_to(folder)
     assert {p.name for p in folder.iterdir()} == {"unet", "text_encoder", "text_encoder_2"}
     for component, base in components(pipelines["sdxl"]).items():
         with loader_messages() as messages:
