@@ -54,6 +54,7 @@ class AdapterFormat:
     write: Callable[[LoraState, Path, Mapping[str, str]], list[Path]]
     detect: Callable[[FileProbe], bool] | None = None
     scan: Callable[[Path, ModuleNames], tuple[LoraState, dict[str, str]]] | None = None
+    writes_variants: bool = False  # whether `write` spells LyCORIS variants (LoHa, LoKr, DoRA, ...), not only LoRA pairs
 
     def __post_init__(self) -> None:
         # The plugin group describes a plugin by its docstring and names its source by its module, as
@@ -197,4 +198,9 @@ def write_adapter(state: LoraState, path: Path, fmt: str, metadata: Mapping[str,
         raise FormatError(f"unknown adapter format {fmt!r}; known: {', '.join(sorted(FORMATS))}")
     if not state:
         raise FormatError(f"refusing to write an empty adapter to {path}")
+    if not FORMATS[fmt].writes_variants and not state.is_plain_lora:
+        variants = ", ".join(f"{n} {v}" for v, n in state.variants.items() if v != "lora")
+        writers = ", ".join(sorted(n for n, f in FORMATS.items() if f.writes_variants))
+        raise FormatError(f"the adapter holds LyCORIS modules ({variants}), which the {fmt} format cannot spell; "
+                          f"export it as {writers}, or convert it to LoRA pairs first (lora resize --rank R)")
     return FORMATS[fmt].write(state, Path(path), dict(metadata or {}))

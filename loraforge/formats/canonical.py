@@ -63,4 +63,4 @@ def _write(state: LoraState, path: Path, metadata: Mapping[str, str]) -> list[Pa
 
 
 register_format(AdapterFormat("loraforge", "loraforge canonical .safetensors (unet.….lora_down)", _read, _write, _detect,
-                              scan=_scan))
+                              scan=_scan, writes_variants=True))
