@@ -244,9 +244,7 @@ def test_kohya_spelling_details_survive_a_round_trip():
       "lora_unet_frobnicator_9.lora_up.weight": torch.zeros(4, 2)}, "lora_unet_frobnicator_9.lora_down.weight"),
     ({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3)}, "has no matching"),
     ({"lora_unet_conv_in.lora_up.weight": torch.zeros(8, 2, 1, 1)}, "has no matching"),
-    ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(2, 4)},
-     "original SDXL (SGM) UNet block names"),
-], ids=["loha", "lokr", "unknown-word", "down-without-up", "up-without-down", "sgm-names"])
+], ids=["loha", "lokr", "unknown-word", "down-without-up", "up-without-down"])
 def test_kohya_refuses(sd, message):
     with pytest.raises(FormatError, match=re.escape(message)):
         kohya_to_lora(sd)
