@@ -116,27 +116,24 @@ def sgm_map(layers_per_block: int) -> tuple[dict[str, str], dict[str, str]]:
         candidates.update(f"output_blocks.{i}.{j}.conv" for j in (1, 2))
         attention_prefixes.append(f"output_blocks.{i}.1")
     candidates.update(f"{prefix}.{_ATTENTION_MARK}" for prefix in attention_prefixes)
-    tagged = {f"{LDM_UNET_KEY}{path}.{kind}": path for path in candidates for kind in ("weight", "bias")}
     config = {"layers_per_block": layers_per_block, "addition_embed_type": "text_time"}
-    converted = convert_ldm_unet_checkpoint(tagged, config)
+
+    def convert(paths: set[str]) -> dict[str, str]:
+        tagged = {f"{LDM_UNET_KEY}{path}.{kind}": path for path in paths for kind in ("weight", "bias")}
+        return {key.removesuffix(".weight"): sgm for key, sgm in convert_ldm_unet_checkpoint(tagged, config).items()
+                if key.endswith(".weight") and sgm is not None}
+
+    # diffusers keeps one SGM path per sampler: the last layer slot (`op`), and of an upsampler the
+    # one after an attention (`.2.conv`); a second run without those finds the one after a resnet alone.
+    converted = convert(candidates)
+    after_resnet = convert({c for c in candidates if not (c.startswith("output_blocks.") and c.endswith(".2.conv"))})
     modules, attentions = {}, {}
-    for key, sgm in converted.items():
-        if not key.endswith(".weight") or sgm is None:
-            continue
-        path = key.removesuffix(".weight")
+    for path, sgm in [*converted.items(), *((p, s) for p, s in after_resnet.items() if ".upsamplers." in p)]:
         if sgm.endswith("." + _ATTENTION_MARK):
             attentions[sgm.removesuffix("." + _ATTENTION_MARK)] = path.removesuffix("." + _ATTENTION_MARK)
         else:
             modules[sgm] = path
     return modules, attentions
-
-
-def _block_order(sgm: str) -> tuple[int, int]:
-    """(block, slot) of an SGM input/output block path, (-1, -1) for any other module."""
-    parts = sgm.split(".")
-    if not sgm.startswith(("input_blocks.", "output_blocks.")):
-        return -1, -1
-    return int(parts[1]), int(parts[2])
 
 
 def is_sgm_unet(flats: Iterable[str]) -> bool:
@@ -167,7 +164,6 @@ class PathReader:
         if self.naming == SGM:
             given = layers_per_block_of(names.get("unet", ()))
             self.layers_per_block = given or SDXL_LAYERS_PER_BLOCK
-            self.base_given = given is not None
             self._modules, self._attentions = sgm_map(self.layers_per_block)
             self._flat_modules = {flatten(s): d for s, d in self._modules.items()}
             self._flat_attentions = {flatten(s) + "_": d for s, d in self._attentions.items()}
@@ -203,34 +199,22 @@ class PathReader:
         return ".".join(words)
 
     def _resolve_sgm(self, flat: str, key: str) -> str:
+        exact = self.exact.get("unet")
         path = self._flat_modules.get(flat)
         if path is None:
             prefix = next((p for p in self._flat_attentions if flat.startswith(p)), None)
-            if prefix is None:
-                raise FormatError(self._not_sgm(key, flat))
-            rest = flat[len(prefix):]
-            exact = self.exact.get("unet")
-            if exact is not None:
-                found = exact.get(flatten(self._flat_attentions[prefix]) + "_" + rest)
-                if found is None:
-                    raise IncompatibleBaseError(f"kohya key {key} (SGM name) matches no module of the base's unet")
-                return found
-            words = split_words(rest)
-            if words is None:
-                raise FormatError(f"cannot turn kohya key {key} into a module path: {rest} has a name outside "
-                                  "the diffusers vocabulary; pass the base model so its module names can be matched")
-            path = self._flat_attentions[prefix] + "." + ".".join(words)
-        exact = self.exact.get("unet")
-        if exact is not None and flatten(path) not in exact:
-            raise IncompatibleBaseError(f"kohya key {key} (SGM name of {path}) matches no module of the base's unet")
-        if exact is None and not _fits(path, self.layers_per_block):
-            raise FormatError(f"kohya key {key} does not fit SDXL's UNet (layers_per_block "
+            words = split_words(flat[len(prefix):]) if prefix is not None else None
+            if prefix is not None and exact is not None:
+                path = exact.get(flatten(self._flat_attentions[prefix]) + "_" + flat[len(prefix):])
+            elif words is not None:
+                path = self._flat_attentions[prefix] + "." + ".".join(words)
+        if exact is not None and (path is None or flatten(path) not in exact):
+            raise IncompatibleBaseError(f"kohya key {key} (SGM name{f' of {path}' if path else ''}) matches no "
+                                        "module of the base's unet")
+        if path is None or (exact is None and not _fits(path, self.layers_per_block)):
+            raise FormatError(f"kohya key {key} does not fit SDXL's UNet (SGM names, layers_per_block "
                               f"{self.layers_per_block}); pass the base model it was trained for (--base)")
         return path
-
-    def _not_sgm(self, key: str, flat: str) -> str:
-        return (f"kohya key {key} is not a module of an SGM (SDXL) UNet with layers_per_block "
-                f"{self.layers_per_block}: {flat} has no diffusers counterpart")
 
 
 def _safe_split(key: str) -> tuple[str | None, str]:
@@ -257,11 +241,7 @@ def sgm_paths(unet_paths: Iterable[str], layers_per_block: int,
     """
     levels_without_attention = set(levels_without_attention)
     modules, attentions = sgm_map(layers_per_block)
-    inverse: dict[str, str] = {}
-    # diffusers maps every layer slot of a level to its one sampler; SGM numbers a level's layers in
-    # order and puts the sampler after the last layer's resnet and attention, so the last slot is real.
-    for sgm, path in sorted(modules.items(), key=lambda item: _block_order(item[0])):
-        inverse[path] = sgm
+    inverse = {path: sgm for sgm, path in modules.items()}  # an upsampler's two spellings: see _upsampler
     by_attention = {d: s for s, d in attentions.items()}
     out = {}
     for path in unet_paths:
