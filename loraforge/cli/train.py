@@ -26,6 +26,8 @@ def _option(name: str, field) -> click.Option:
     annotation = _unwrap(field.annotation)
     origin = typing.get_origin(annotation)
     flag = "--" + name.replace("_", "-")
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    flags = [flag, *extra.get("cli_aliases", [])]
     required = field.is_required()
     help_text = field.description or ""
     if not required:
@@ -48,7 +50,7 @@ def _option(name: str, field) -> click.Option:
     else:  # dicts and nested models: JSON text
         kwargs["type"] = str
         kwargs["metavar"] = "JSON"
-    return click.Option([flag], **kwargs)
+    return click.Option([name, *flags], **kwargs)
 
 
 def _values(config_class, params: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,8 @@ class BaseModel:
     digest: str | None  # None: not computed (asked for with digest=False)
     family: str  # "sd1" | "sdxl"
     layout: str  # "diffusers" | "single_file"
+    # A single file's configs and tokenizers: a diffusers folder of its architecture (pipeline.with_config).
+    config: Path | None = None
 
 
 def locate_base(ref: str | Reference, home: Path, *, digest: bool = True) -> BaseModel:

@@ -17,6 +17,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     base: str = Field("builtin:tiny-sd", description="Base model reference (builtin:NAME, path, Hub id or registry checkpoint).")
+    base_config: Optional[str] = Field(
+        None, description="Diffusers folder of the base's architecture whose configs and tokenizers a single-file "
+                          "base is read with (needed offline for a single file that is not a builtin's).",
+        json_schema_extra={"cli_aliases": ["--config"]})
     seed: int = Field(0, description="Random seed: the same seed and data give the same adapter.")
     steps: int = Field(500, ge=1, description="Number of optimiser steps.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate of AdamW.")
@@ -33,7 +37,7 @@ class TrainConfig(BaseModel):
     validation_steps: int = Field(8, ge=1, description="Denoising steps of validation images.")
     validation_every: int = Field(0, ge=0, description="Also render validation images every N steps (0: only at the end).")
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], description="UNet module names (last segments) that get a LoRA.")
-    train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder's attention projections.")
+    train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoders' attention projections (SDXL: both).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
     cache_latents: bool = Field(True, description="Cache VAE latents and text embeddings on disk (keyed by images, transform, text and model weights).")
     use_8bit_adam: bool = Field(False, description="Use bitsandbytes' 8-bit AdamW (needs CUDA and bitsandbytes; refused otherwise).")

@@ -2,8 +2,9 @@
 
 Latents and text embeddings are separate entries, each keyed by everything that determines its
 content: latents by the image bytes, the pixel transform and the VAE's weights; text by the token ids
-and the text encoder's weights. So a DreamBooth run on a folder a text-to-image run used shares its
-latents but never its caption embeddings.
+of every tokenizer and the weights of every text encoder (SDXL's two). So a DreamBooth run on a folder a
+text-to-image run used shares its latents but never its caption embeddings. SDXL's time ids are not
+cached: they follow from the latents' size (model.unet_conditioning) at every step.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 from loraforge.hashing import sha256_file, sha256_json
 from loraforge.home import cache_dir
 from loraforge.train.data import IMAGE_TRANSFORM, TrainingSet, image_tensor
-from loraforge.train.model import TrainingModel, encode_images, encode_prompts, tokenize_prompts
+from loraforge.train.model import (SDXLText, Text, TrainingModel, cat_text, encode_images, encode_prompts,
+                                   tokenize_all)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 _module_digests: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
@@ -55,19 +57,33 @@ def latents_key(model: TrainingModel, data: TrainingSet, resolution: int, crop: 
 
 
 def text_key(model: TrainingModel, captions: list[str]) -> str:
-    ids = tokenize_prompts(model, captions)
-    return sha256_json(["train-text", CACHE_VERSION, module_digest(model.pipe.text_encoder),
-                        str(model.autocast_dtype), list(ids.shape),
-                        hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()])[:32]
+    """Key of the captions' embeddings: every text encoder's weights and every tokenizer's ids."""
+    token_ids = [[list(ids.shape), hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()]
+                 for ids in tokenize_all(model, captions)]
+    return sha256_json(["train-text", CACHE_VERSION, model.family,
+                        [module_digest(encoder) for encoder in model.text_encoders],
+                        str(model.autocast_dtype), token_ids])[:32]
 
 
-def _load_or_build(path: Path, build) -> torch.Tensor:
+def _to_tensors(value) -> dict[str, torch.Tensor]:
+    if isinstance(value, SDXLText):
+        return {"data": value.embeds, "pooled": value.pooled}
+    return {"data": value}
+
+
+def _from_tensors(tensors: dict[str, torch.Tensor]):
+    if "pooled" in tensors:
+        return SDXLText(tensors["data"], tensors["pooled"])
+    return tensors["data"]
+
+
+def _load_or_build(path: Path, build):
     from loraforge.formats.safetensors_io import read_safetensors, write_safetensors
 
     if path.is_file():
-        return read_safetensors(path)[0]["data"]
+        return _from_tensors(read_safetensors(path)[0])
     value = build()
-    write_safetensors({"data": value}, path)  # atomic: readers see a whole file or none
+    write_safetensors(_to_tensors(value), path)  # atomic: readers see a whole file or none
     return value
 
 
@@ -79,7 +95,7 @@ class BatchSource:
         self.model, self.data, self.resolution, self.crop, self.seed = model, data, resolution, crop, seed
         self.encode_text = encode_text  # False while a text-encoder LoRA trains: text is encoded per step
         self.latents: torch.Tensor | None = None
-        self.text: torch.Tensor | None = None
+        self.text: Text | None = None
         self.cache_files: list[Path] = []
         if cached:
             folder = cache_dir(Path(home)) / "train"
@@ -97,11 +113,11 @@ class BatchSource:
     def _encode_all_images(self) -> torch.Tensor:
         return torch.cat([encode_images(self.model, self._pixels(i)[None]).cpu() for i in range(len(self.data))])
 
-    def _encode_all_captions(self) -> torch.Tensor:
+    def _encode_all_captions(self) -> Text:
         captions = self.data.captions
-        return torch.cat([encode_prompts(self.model, captions[i:i + 16]).cpu() for i in range(0, len(captions), 16)])
+        return cat_text([encode_prompts(self.model, captions[i:i + 16]).to("cpu") for i in range(0, len(captions), 16)])
 
-    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, Text | None]:
         """Latents and (unless encode_text is False) text embeddings on the model's device."""
         dev = self.model.device
         if self.latents is not None:

@@ -63,7 +63,7 @@ class Session:
 
     def __init__(self, method: str, config: TrainConfig, *, registry: Registry, output: str,
                  recipe: RecipeInfo | None = None, input_digest: str | None = None, resume: bool = False,
-                 progress: bool | None = None):
+                 progress: bool | None = None, families: Sequence[str] = ("sd1",)):
         from loraforge.registry.refs import check_name
 
         check_name(output)  # a bad name fails now, not after the training
@@ -72,12 +72,14 @@ class Session:
         check_mixed_precision(config.mixed_precision)
         self.method, self.config, self.registry, self.output = method, config, registry, output
         self.recipe, self.input_digest, self.resume, self.progress = recipe, input_digest, resume, progress
+        self.families = tuple(families)
         self.key = run_key(method, config.model_dump(mode="json"), output, input_digest)
         self.run_dir = runs_dir(registry.home) / self.key
         self.run_id = f"{self.key}-{uuid.uuid4().hex[:8]}"
         if not resume and self.run_dir.exists():
             shutil.rmtree(self.run_dir)  # a fresh run must not pick up an older run's checkpoints
         self.model: TrainingModel | None = None
+        self._base = None
         # (adapter name, prompts, scales) rendered every `validation_every` steps; set by the trainer.
         self.periodic: list[tuple[str, list[str], tuple[float, ...]]] = []
         self._periodic_files: dict[str, list[tuple[Path, str]]] = {}
@@ -88,9 +90,9 @@ class Session:
         """Refuse a rank the targeted modules cannot hold, or targets that match nothing, per component
         ({"unet": [...], "text_encoder": [...]}), before anything is registered. Shapes come from the base's
         safetensors headers; a single-file base has no per-component headers, so it is loaded first."""
-        from loraforge.registry.resolve import base_targets, resolve_base
+        from loraforge.registry.resolve import base_targets
 
-        shapes = base_targets(resolve_base(self.registry, self.config.base))
+        shapes = base_targets(self.base())
         if shapes is None:
             pipe = self.load_model().pipe
             shapes = {component: module_shapes_of(getattr(pipe, component)) for component in targets}
@@ -105,12 +107,28 @@ class Session:
                     adapter_name=adapter_name, seed=seed)
         return {f"{component}.{n}": p for n, p in lora_parameters(module, adapter_name).items()}
 
+    def base(self):
+        """The resolved base (with its base_config), refused here when the trainer cannot train its family."""
+        from loraforge.errors import TrainingError
+        from loraforge.models.pipeline import with_config
+        from loraforge.registry.resolve import resolve_base
+
+        if self._base is not None:
+            return self._base
+        base = with_config(resolve_base(self.registry, self.config.base), self.config.base_config)
+        if base.family not in self.families:
+            raise TrainingError(f"{self.method} does not train on {base.family} bases ({self.config.base}); "
+                                f"use a {' or '.join(self.families)} base")
+        self._base = base
+        return base
+
     def load_model(self) -> TrainingModel:
         """The frozen base, loaded once per session."""
         if self.model is None:
             torch.manual_seed(self.config.seed)
             self.model = load_training_model(self.registry, self.config.base, self.config.mixed_precision,
-                                             self.config.gradient_checkpointing)
+                                             self.config.gradient_checkpointing, config=self.config.base_config,
+                                             families=self.families, method=self.method)
         return self.model
 
     def forward_unet(self):

@@ -22,13 +22,15 @@ class SessionTrainer:
 
     config_class: ClassVar[type[TrainConfig]]
     method: ClassVar[str]  # recorded in manifests and the run key; the name the trainer is registered under
+    # Model families whose conditioning the trainer's objective computes; other bases are refused in one line.
+    families: ClassVar[tuple[str, ...]] = ("sd1",)
 
     def train(self, config: TrainConfig, *, registry: Registry, output: str, recipe: RecipeInfo | None = None,
               input_digest: str | None = None, resume: bool = False, progress: bool | None = None) -> list[Manifest]:
         from loraforge.train.session import Session
 
         session = Session(self.method, config, registry=registry, output=output, recipe=recipe,
-                          input_digest=input_digest, resume=resume, progress=progress)
+                          input_digest=input_digest, resume=resume, progress=progress, families=self.families)
         return self.run(session)
 
     def run(self, session: Session) -> list[Manifest]:

@@ -18,8 +18,9 @@ def validation_grid(pipe, prompts: Sequence[str], scales: Sequence[float], *, ad
     from loraforge.models.pipeline import generate
     from loraforge.render.grid import image_grid
 
-    # A text-encoder LoRA belongs to the adapter too: it is switched and scaled with the UNet's.
-    parts = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None)) if m is not None]
+    # Text-encoder LoRAs (SDXL: both) belong to the adapter too: it is switched and scaled with the UNet's.
+    parts = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
+             if m is not None]
     for part in parts:
         activate_adapter(part, adapter_name)
     rows = []

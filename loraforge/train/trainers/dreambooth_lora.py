@@ -102,7 +102,7 @@ def generate_class_images(registry: Registry, config: DreamBoothLoraConfig, fold
 
     if not config.class_prompt:
         raise ConfigError("class images cannot be generated without class_prompt")
-    pipe = load_pipeline(resolve_base(registry, config.base), home=registry.home)
+    pipe = load_pipeline(resolve_base(registry, config.base), config=config.base_config, home=registry.home)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(start, config.num_class_images):
         image = generate(pipe, config.class_prompt, seed=config.seed * 10_000 + i, steps=config.class_generation_steps,

@@ -64,7 +64,7 @@ class JointTrainer(SessionTrainer):
         names = {k: config.adapters[k].name or f"{output}-{k}" for k in keys}
         for name in names.values():
             check_name(name)
-        session.check_lora_targets(lora_targets(config))
+        session.check_lora_targets(lora_targets(session))
         data = {k: prepare_dataset(registry, config.adapters[k].dataset, output=names[k],
                                    instance_prompt=config.adapters[k].instance_prompt) for k in keys}
         model = session.load_model()

@@ -30,6 +30,7 @@ class LoraTrainer(SessionTrainer):
 
     config_class = LoraConfig
     method = "lora"
+    families = ("sd1", "sdxl")  # the SDXL conditioning (two encoders, pooled text, time ids) is train.model's
 
     def run(self, session: Session) -> list[Manifest]:
         from loraforge.train.data import batch_indices, prepare_dataset, step_generator
@@ -39,7 +40,7 @@ class LoraTrainer(SessionTrainer):
         from loraforge.train.session import AdapterOutput
 
         config, registry, output = session.config, session.registry, session.output
-        session.check_lora_targets(lora_targets(config))
+        session.check_lora_targets(lora_targets(session))
         data = prepare_dataset(registry, config.dataset, output=output, instance_prompt=config.instance_prompt)
         datasets = [data.manifest]
         prior = self.prior_data(session)  # DreamBooth's class images, if any
@@ -68,8 +69,8 @@ class LoraTrainer(SessionTrainer):
         result = run_loop(title=f"train {self.method} {output}", params=params, step_fn=step_fn,
                           samples_per_step=config.batch_size * len(sources), **session.loop_kwargs())
         state = lora_state_from_module(model.unet, "unet")
-        if config.train_text_encoder:
-            lora_state_from_module(model.pipe.text_encoder, "text_encoder", state=state)
+        for component in text_encoder_components(session):
+            lora_state_from_module(getattr(model.pipe, component), component, state=state)
         prompts = list(dict.fromkeys(data.captions))[:2]
         out = AdapterOutput(name=output, state=state, datasets=datasets, validation_prompts=prompts)
         return session.finish([out], result.metrics)
@@ -89,18 +90,27 @@ class LoraTrainer(SessionTrainer):
         return 1.0
 
 
-def lora_targets(config: TrainConfig) -> dict:
-    """The modules a LoRA run targets, per component (the text encoder's only with train_text_encoder)."""
-    targets: dict = {"unet": list(config.target_modules)}
-    if config.train_text_encoder:
-        targets["text_encoder"] = list(TEXT_ENCODER_TARGETS)
+def text_encoder_components(session: Session) -> list[str]:
+    """The text encoders a run trains a LoRA on: none, or with train_text_encoder every one the base has
+    (text_encoder; SDXL also text_encoder_2)."""
+    if not session.config.train_text_encoder:
+        return []
+    return ["text_encoder", "text_encoder_2"] if session.base().family == "sdxl" else ["text_encoder"]
+
+
+def lora_targets(session: Session) -> dict:
+    """The modules a LoRA run targets, per component (the text encoders' only with train_text_encoder)."""
+    targets: dict = {"unet": list(session.config.target_modules)}
+    for component in text_encoder_components(session):
+        targets[component] = list(TEXT_ENCODER_TARGETS)
     return targets
 
 
 def add_lora(session: Session) -> dict:
-    """Inject the configured LoRA into the UNet (and text encoder); trainable parameters by name."""
+    """Inject the configured LoRA into the UNet (and text encoders); trainable parameters by name."""
     c, model = session.config, session.model
     params = session.add_lora(model.unet, "unet", c.target_modules, seed=c.seed)
-    if c.train_text_encoder:
-        params.update(session.add_lora(model.pipe.text_encoder, "text_encoder", TEXT_ENCODER_TARGETS, seed=c.seed + 1))
+    for k, component in enumerate(text_encoder_components(session), start=1):
+        params.update(session.add_lora(getattr(model.pipe, component), component, TEXT_ENCODER_TARGETS,
+                                       seed=c.seed + k))
     return params
