@@ -142,8 +142,11 @@ def _manifest_lines(m: dict, aliases: list[str]) -> list[str]:
               help="New file or folder to write (never overwritten). diffusers: a path without .safetensors "
                    "becomes a folder with pytorch_lora_weights.safetensors; kohya/loraforge: .safetensors is "
                    "added when missing; peft: a folder.")
+@click.option("--kohya-names", type=click.Choice(["sgm", "diffusers"]),
+              help="UNet key names of a kohya file: sgm (input_blocks_…, what kohya writes for SDXL) or "
+                   "diffusers (down_blocks_…, what it writes for SD1); default: the names the adapter came in.")
 @click.pass_context
-def export(ctx, ref, consumer, fmt, output):
+def export(ctx, ref, consumer, fmt, output, kohya_names):
     """Export REF to a new file or folder for the program that will load it; prints the files written.
 
     ComfyUI and A1111 read kohya names (a diffusers file loads there only in part), diffusers reads
@@ -151,7 +154,7 @@ def export(ctx, ref, consumer, fmt, output):
     """
     from loraforge.registry.exporter import export_artifact
 
-    written = export_artifact(registry_from_ctx(ctx), ref, fmt, output, consumer=consumer)
+    written = export_artifact(registry_from_ctx(ctx), ref, fmt, output, consumer=consumer, kohya_names=kohya_names)
     for path in written:
         click.echo(str(path))
 

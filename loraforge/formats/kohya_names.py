@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from loraforge.errors import FormatError, IncompatibleBaseError
 
@@ -292,3 +292,29 @@ class KeyWriter:
         if component == "unet" and self.sgm:
             path = self.sgm[path]
         return self.prefixes[component] + flatten(path)
+
+
+def with_unet_names(hints: Mapping[str, str], naming: str, family: str | None,
+                    base_unet_paths: Callable[[], Iterable[str] | None] | None = None) -> dict[str, str]:
+    """`hints` set to write kohya UNet keys in `naming` (`sgm` or `diffusers`), for `export --kohya-names`.
+
+    SGM names are SDXL's (kohya names SD1 files by diffusers paths), and depend on the UNet's
+    layers_per_block: taken from the SGM import's own hint, else from the base's module paths
+    (`base_unet_paths()`, called only then).
+    """
+    if naming not in NAMINGS:
+        raise FormatError(f"kohya UNet names {naming!r} are not known; use one of {', '.join(NAMINGS)}")
+    out = {k: v for k, v in hints.items() if k not in (HINT_UNET_NAMES, HINT_SGM_LAYERS)}
+    if naming == DIFFUSERS:
+        return out
+    if family == "sd1":
+        raise FormatError("--kohya-names sgm is for SDXL adapters: kohya names SD1 LoRAs by their diffusers "
+                          "paths; export this SD1 adapter with --kohya-names diffusers")
+    layers = hints.get(HINT_SGM_LAYERS) if hints.get(HINT_UNET_NAMES) == SGM else None
+    if layers is None and base_unet_paths is not None:
+        found = layers_per_block_of(base_unet_paths() or ())
+        layers = str(found) if found else None
+    if layers is None:
+        raise FormatError("SGM names depend on the SDXL UNet's layers per block, and this adapter was imported "
+                          "without a base: import it again with --base, or export with --kohya-names diffusers")
+    return {**out, HINT_UNET_NAMES: SGM, HINT_SGM_LAYERS: layers}

@@ -23,11 +23,12 @@ SUFFIX = ".safetensors"
 
 
 def export_artifact(registry: Registry, ref: str, fmt: str | None, out: Path,
-                    consumer: str | None = None) -> list[Path]:
+                    consumer: str | None = None, kohya_names: str | None = None) -> list[Path]:
     """Write an artifact to `out` and return the files written.
 
     `consumer` names the program that will load the file (`consumers.CONSUMERS`) and picks `fmt`
-    when it is None; the two must agree. Adapters default to diffusers.
+    when it is None; the two must agree. Adapters default to diffusers. `kohya_names` (`sgm` |
+    `diffusers`) picks the UNet naming of a kohya file (default: the naming the adapter came in).
     diffusers: `out` ending in .safetensors is the file, anything else a folder holding
     pytorch_lora_weights.safetensors; kohya / loraforge: .safetensors is added when missing;
     peft: a folder. Checkpoints and datasets are copied as stored.
@@ -39,8 +40,11 @@ def export_artifact(registry: Registry, ref: str, fmt: str | None, out: Path,
     fmt = export_format(manifest.kind, fmt, consumer)
     out = Path(out).expanduser()
     _check_blobs(registry, manifest)
+    if kohya_names is not None and (manifest.kind not in ("lora", "slider") or fmt != "kohya"):
+        raise ConfigError(f"--kohya-names applies to adapters written as kohya files (--format kohya, "
+                          f"--for comfyui|a1111|kohya); {manifest.ref} is exported as {fmt or 'native'}")
     if manifest.kind in ("lora", "slider"):
-        return _export_adapter(registry, manifest, fmt, out)
+        return _export_adapter(registry, manifest, fmt, out, kohya_names)
     fmt = "native" if fmt is None else fmt.replace("-", "_")
     if fmt not in ("native", "diffusers", "single_file"):
         raise ConfigError(f"a {manifest.kind} exports as-is: use --format native (got {fmt!r})")
@@ -65,10 +69,13 @@ def export_artifact(registry: Registry, ref: str, fmt: str | None, out: Path,
     return _write_new(out, is_folder=True, write=copy_files)
 
 
-def _export_adapter(registry: Registry, manifest: Manifest, fmt: str, out: Path) -> list[Path]:
+def _export_adapter(registry: Registry, manifest: Manifest, fmt: str, out: Path,
+                    kohya_names: str | None = None) -> list[Path]:
     from loraforge.formats import read_adapter, write_adapter
 
     state, _fmt, _meta = read_adapter(registry.primary_file(manifest))
+    if kohya_names is not None:
+        state.hints = _kohya_hints(registry, manifest, state.hints, kohya_names)
     metadata = {"loraforge_manifest": manifest.to_json(), "format": "pt"}
     if fmt == "peft":
         return _write_new(out, is_folder=True, write=lambda dest: write_adapter(state, dest, fmt, metadata))
@@ -81,6 +88,18 @@ def _export_adapter(registry: Registry, manifest: Manifest, fmt: str, out: Path)
     if out.suffix.lower() != SUFFIX:
         out = out.with_name(out.name + SUFFIX)
     return _write_new(out, is_folder=False, write=lambda dest: write_adapter(state, dest, fmt, metadata))
+
+
+def _kohya_hints(registry: Registry, manifest: Manifest, hints: dict[str, str], naming: str) -> dict[str, str]:
+    """The adapter's hints set to write kohya UNet keys in `naming`; SGM names take the base's layout."""
+    from loraforge.formats.kohya_names import with_unet_names
+    from loraforge.registry.resolve import base_targets, resolve_base
+
+    def base_unet_paths():
+        return (base_targets(resolve_base(registry, manifest.base.ref, digest=False)) or {}).get("unet")
+
+    family = manifest.base.family if manifest.base else None
+    return with_unet_names(hints, naming, family, base_unet_paths if manifest.base else None)
 
 
 def _check_blobs(registry: Registry, manifest: Manifest) -> None:
