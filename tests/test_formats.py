@@ -238,8 +238,8 @@ def test_kohya_spelling_details_survive_a_round_trip():
 
 
 @pytest.mark.parametrize("sd, message", [
-    ({"lora_unet_conv_in.hada_w1_a": torch.zeros(2, 2)}, "LoHa/LoKr adapters are not supported"),
-    ({"lora_unet_conv_in.lokr_w1": torch.zeros(2, 2)}, "LoHa/LoKr adapters are not supported"),
+    ({"lora_unet_conv_in.hada_w1_a": torch.zeros(2, 2)}, "hada_w1_a: an incomplete loha module"),
+    ({"lora_unet_conv_in.lokr_w1": torch.zeros(2, 2)}, "lokr_w1: an incomplete lokr module"),
     ({"lora_unet_frobnicator_9.lora_down.weight": torch.zeros(2, 4),
       "lora_unet_frobnicator_9.lora_up.weight": torch.zeros(4, 2)}, "lora_unet_frobnicator_9.lora_down.weight"),
     ({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3)}, "has no matching"),

@@ -9,6 +9,10 @@ diffusers' UNet2DConditionModel and transformers' CLIP text models (`down_blocks
 rather than guessed. SDXL files that use the Stability (SGM) UNet block names kohya trains SDXL with
 (`input_blocks_4_1_…`, `middle_block_…`, `output_blocks_…`) are mapped to diffusers paths by
 diffusers' own converter, and written back in SGM names: the hints remember the naming.
+
+After the name comes the suffix, `.lora_down.weight` / `.lora_up.weight` / `.alpha` for a LoRA pair and
+LyCORIS' own for its variants (`.hada_w1_a`, `.lokr_w2`, `.lora_mid.weight`, `.dora_scale`, `.diff`,
+`.w_norm`, ...); a module's tensors are kept under those suffixes, so writing it back gives the same tensors.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from loraforge.formats.adapter_format import (
 from loraforge.formats.kohya_names import (
     HINT_SGM_LAYERS, HINT_UNET_NAMES, NAMINGS, PREFIXES, KeyWriter, PathReader, split_prefix, text_encoder_prefix,
 )
-from loraforge.formats.lora import LoraModule, LoraState, alpha_value, pair_names
+from loraforge.formats.lora import MODULE_SUFFIXES, LoraState
 from loraforge.formats.safetensors_io import TORCH_NAMES, write_safetensors
 
 if TYPE_CHECKING:
@@ -34,14 +38,8 @@ if TYPE_CHECKING:
 DOWN = ".lora_down.weight"
 UP = ".lora_up.weight"
 ALPHA = ".alpha"
-
-UNSUPPORTED_MARKERS = {
-    "hada_": "LoHa/LoKr adapters are not supported",
-    "lokr_": "LoHa/LoKr adapters are not supported",
-    ".lora_mid.": "LoCon adapters with a Tucker mid weight (lora_mid) are not supported",
-    ".dora_scale": "DoRA adapters (dora_scale) are not supported",
-    ".diff": "full-weight difference keys (.diff / .diff_b) are not supported",
-}
+SUFFIXES = frozenset(MODULE_SUFFIXES)  # without the leading dot
+NORM_SUFFIXES = frozenset({"w_norm", "b_norm"})
 
 HINT_TE_PREFIX = "kohya_te_prefix"
 HINT_ALPHA_DTYPE = "kohya_alpha_dtype"
@@ -73,32 +71,32 @@ def is_kohya_key(key: str) -> bool:
 
 
 def _split_key(key: str) -> tuple[str, str, str]:
-    """(component, flattened path, suffix) of one kohya key."""
-    for marker, message in UNSUPPORTED_MARKERS.items():
-        if marker in key:
-            raise FormatError(f"{message} (key {key})")
+    """(component, flattened path, suffix without its dot) of one kohya key; the flattened path has no dots."""
     component, rest = split_prefix(key)
-    for suffix in (DOWN, UP, ALPHA):
-        if key.endswith(suffix):
-            return component, rest[: -len(suffix)], suffix
-    raise FormatError(f"key {key} is not a LoRA down/up weight or alpha")
+    flat, dot, suffix = rest.partition(".")
+    if not dot or suffix not in SUFFIXES:
+        raise FormatError(f"key {key} ends in no suffix of a LoRA or LyCORIS module (known: "
+                          f"{', '.join(sorted(SUFFIXES))})")
+    return component, flat, suffix
 
 
 def kohya_to_lora(sd: Mapping[str, Tensor], module_names: Mapping[str, Iterable[str]] | None = None) -> LoraState:
-    """Read a kohya/A1111 state dict; a missing `.alpha` means alpha = rank."""
+    """Read a kohya/A1111 (or LyCORIS) state dict; a missing `.alpha` means alpha = rank."""
     paths = PathReader(sd, module_names)
-    downs, ups, alphas = {}, {}, {}
+    # Norm layers (LyCORIS w_norm / b_norm) have 1-D weights, which a base's module names do not list: their
+    # paths are read from the diffusers/CLIP vocabulary, and fusing or rendering finds the layer or says so.
+    norm_paths = PathReader(sd) if module_names else paths
+    grouped: dict[str, dict[str, Tensor]] = {}
     te_prefixes = set()
     for key, value in sd.items():
         component, flat, suffix = _split_key(key)
         if component != "unet":
             te_prefixes.add(text_encoder_prefix(key))
-        path = paths.module_path(component, flat, key)
-        name = f"{component}.{path}"
-        {DOWN: downs, UP: ups, ALPHA: alphas}[suffix][name] = value
-    if not downs and not ups:
+        path = (norm_paths if suffix in NORM_SUFFIXES else paths).module_path(component, flat, key)
+        grouped.setdefault(f"{component}.{path}", {})[suffix] = value
+    alphas = {name: t[ALPHA[1:]] for name, t in grouped.items() if ALPHA[1:] in t}
+    if not any(set(t) - {ALPHA[1:]} for t in grouped.values()):
         raise FormatError("the state dict holds no LoRA weights")
-    pair_names(downs, ups, alphas, DOWN, UP)
 
     hints: dict[str, str] = paths.hints()
     if "lora_te_" in te_prefixes:
@@ -109,15 +107,18 @@ def kohya_to_lora(sd: Mapping[str, Tensor], module_names: Mapping[str, Iterable[
         hints[HINT_NO_ALPHA] = "1"
     else:
         alpha_dtypes = Counter(t.dtype for t in alphas.values())
-        weight_dtypes = {name: downs[name].dtype for name in alphas}
+        weight_dtypes = {name: _weight_dtype(grouped[name], name) for name in alphas}
         if any(t.dtype != weight_dtypes[n] for n, t in alphas.items()):
             hints[HINT_ALPHA_DTYPE] = str(alpha_dtypes.most_common(1)[0][0]).removeprefix("torch.")
+    return LoraState.from_module_tensors(grouped, hints=hints)
 
-    state = LoraState(hints=hints)
-    for name in sorted(downs):
-        alpha = alpha_value(alphas[name], name) if name in alphas else float(downs[name].shape[0])
-        state[name] = LoraModule(down=downs[name], up=ups[name], alpha=alpha)
-    return state
+
+def _weight_dtype(tensors: Mapping[str, Tensor], name: str):
+    """The dtype of a module's first tensor other than alpha (the one its alpha is written in)."""
+    for suffix in sorted(tensors):
+        if suffix != ALPHA[1:]:
+            return tensors[suffix].dtype
+    raise FormatError(f"{name}{ALPHA} has no LoRA weights")
 
 
 def lora_to_kohya(state: LoraState) -> dict[str, Tensor]:
@@ -133,11 +134,12 @@ def lora_to_kohya(state: LoraState) -> dict[str, Tensor]:
     for name in sorted(state):
         m = state[name]
         base = names.key_base(name)
-        sd[base + DOWN] = m.down.contiguous()
-        sd[base + UP] = m.up.contiguous()
-        if omit_default_alpha and m.alpha == m.rank:
+        tensors = m.file_tensors()
+        for suffix, t in tensors.items():
+            sd[f"{base}.{suffix}"] = t.contiguous()
+        if m.alpha is None or (omit_default_alpha and m.variant == "lora" and m.alpha == m.rank):
             continue
-        dtype = getattr(torch, alpha_dtype) if alpha_dtype else m.down.dtype
+        dtype = getattr(torch, alpha_dtype) if alpha_dtype else tensors[min(tensors)].dtype
         sd[base + ALPHA] = torch.tensor(m.alpha, dtype=dtype)
     return sd
 
@@ -160,5 +162,5 @@ def _write(state: LoraState, path: Path, metadata: Mapping[str, str]) -> list[Pa
     return [write_safetensors(lora_to_kohya(state), path, {"format": "pt", **metadata})]
 
 
-register_format(AdapterFormat("kohya", "kohya / A1111 / ComfyUI .safetensors (lora_unet_…)", _read, _write, _detect,
-                              scan=_scan))
+register_format(AdapterFormat("kohya", "kohya / A1111 / ComfyUI .safetensors (lora_unet_…, LyCORIS lora_unet_….hada_…)",
+                              _read, _write, _detect, scan=_scan, writes_variants=True))

@@ -160,6 +160,11 @@ def module_from_tensors(tensors: Mapping[str, Tensor | RawTensor], alpha: float 
         return LoraModule(down=tensors[DOWN_SUFFIX[1:]], up=tensors[UP_SUFFIX[1:]],
                           alpha=float(tensors[DOWN_SUFFIX[1:]].shape[0]) if alpha is None else alpha)
     claims = [cls for cls in VARIANTS.values() if cls.claims(suffixes)]
+    near = [cls for cls in VARIANTS.values() if suffixes & (cls.required | cls.optional)]
+    if not claims and len(near) == 1 and suffixes <= near[0].required | near[0].optional:
+        cls = near[0]
+        raise FormatError(f"module {name} holds {', '.join(sorted(suffixes))}: an incomplete {cls.variant} module "
+                          f"({cls.description})")
     if len(claims) != 1:
         known = ", ".join(["lora_down.weight+lora_up.weight", *(f"{v}" for v in sorted(VARIANTS))])
         raise FormatError(f"module {name} holds {', '.join(sorted(suffixes))}, which is no adapter variant "

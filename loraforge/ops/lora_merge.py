@@ -37,20 +37,26 @@ def module_from_factors(b: torch.Tensor, a: torch.Tensor, like: LoraModule, dtyp
 
 def combine_states(states: list[LoraState], weights: list[float], method: str, rank: Optional[int] = None,
                    params: dict[str, Any] | None = None, labels: list[str] | None = None,
-                   progress: Callable[..., None] | None = None, errors: dict[str, float] | None = None) -> LoraState:
+                   progress: Callable[..., None] | None = None, errors: dict[str, float] | None = None,
+                   shapes: dict[str, tuple[int, ...]] | None = None) -> LoraState:
     """The merged LoraState. Adapters may have different ranks and module sets; weights may be negative.
 
     Variant modules (LoHa, LoKr, Tucker LoCon, full differences) enter as LoRA pairs at their exact rank
-    bound; the relative error of each conversion (float32 rounding only) goes into `errors`."""
+    bound; the relative error of each conversion (float32 rounding only) goes into `errors`. `shapes`
+    (module name → base weight shape) gives conv kernels that a variant stores flattened their shape."""
     from loraforge.ops.variant_lowrank import lowrank_state
 
+    # A conv kernel a LoHa stores flattened takes its 4-D shape from the base, or from another adapter.
+    shapes = dict(shapes or {})
+    for state in states:
+        shapes.update({n: state[n].weight_shape for n in state if len(state[n].weight_shape) == 4 and n not in shapes})
     converted = []
     for state, label in zip(states, labels or [f"adapter {i + 1}" for i in range(len(states))]):
         if state.is_plain_lora:
             converted.append(state)
             continue
         try:
-            pairs, errs = lowrank_state(state)
+            pairs, errs = lowrank_state(state, shapes=shapes)
         except FormatError as e:
             raise FormatError(f"{label}: {e}") from None
         converted.append(pairs)
@@ -109,6 +115,19 @@ def load_inputs(registry, adapters: list[AdapterInput], base=None):
     return loaded
 
 
+def variant_shapes(registry, loaded) -> dict[str, tuple[int, ...]]:
+    """Module name → base weight shape from the base recorded with any input holding variant modules (a LoHa
+    stores a conv kernel flattened; its LoRA pair needs the 4-D shape); empty when no input records a base."""
+    from loraforge.registry.resolve import base_targets, resolve_base
+
+    for state, manifest, _, _ in loaded:
+        if state.is_plain_lora or manifest is None or manifest.base is None:
+            continue
+        targets = base_targets(resolve_base(registry, manifest.base.ref)) or {}
+        return {f"{c}.{p}": tuple(shape) for c, paths in targets.items() for p, shape in paths.items()}
+    return {}
+
+
 def check_same_family(loaded) -> Optional[Any]:
     """The BaseInfo the inputs agree on (or None); IncompatibleBaseError when two differ in family."""
     base_info = None
@@ -150,7 +169,7 @@ def merge_loras(registry, spec: LoraMergeSpec, *, name: str, recipe=None, input_
     errors: dict[str, float] = {}
     state = combine_states([s for s, *_ in loaded], [a.weight for a in spec.adapters], spec.method, spec.rank,
                            dict(spec.params), labels=[ref for _, _, ref, _ in loaded], progress=progress,
-                           errors=errors)
+                           errors=errors, shapes=variant_shapes(registry, loaded))
     parents = [Parent(ref=ref, digest=digest, role="adapter", weight=a.weight)
                for (_, _, ref, digest), a in zip(loaded, spec.adapters)]
     params = {"rank": spec.rank, **{**get_lora_method(spec.method).params, **spec.params}}

@@ -14,11 +14,13 @@ from loraforge.ops.threads import threads_for
 
 
 def resize_state(state: LoraState, rank: Optional[int] = None, rule: str = "fixed",
-                 value: Optional[float] = None, errors: dict[str, float] | None = None) -> LoraState:
+                 value: Optional[float] = None, errors: dict[str, float] | None = None,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> LoraState:
     """Each module truncated to `rank` (rule fixed) or to the rank a rule picks (capped by `rank`).
 
     A variant module (LoHa, LoKr, Tucker LoCon, full difference) becomes a LoRA pair through an SVD of its
-    exact ΔW, capped by its rank bound (exact there); its relative error goes into `errors` by name."""
+    exact ΔW, capped by its rank bound (exact there); its relative error goes into `errors` by name.
+    `shapes` (name → base weight shape) gives conv kernels a variant stores flattened their 4-D shape."""
     out = LoraState(hints=state.hints)
     for name in state:
         module = state[name]
@@ -26,7 +28,7 @@ def resize_state(state: LoraState, rank: Optional[int] = None, rule: str = "fixe
             if module.needs_base:
                 raise FormatError(f"module {name} is a DoRA module, whose ΔW depends on the base weight; "
                                   "resize cannot turn it into a LoRA pair without the base (fuse it instead)")
-            u, s, vh, shape = delta_svd(module, name=name)
+            u, s, vh, shape = delta_svd(module, shape=(shapes or {}).get(name), name=name)
             cap = min(rank or module.rank_bound, s.numel())
             r = cap if rule == "fixed" else choose_rank(s, rule, value, cap)
             out[name] = pair_from_svd(u, s, vh, max(1, min(r, s.numel())), shape, dtype_of(module))
@@ -47,7 +49,7 @@ def resize_lora(registry, ref: str, *, name: str, rank: Optional[int] = None, ru
                 value: Optional[float] = None, recipe=None, input_digest: str | None = None):
     """Resize adapter `ref` and register it as `name`."""
     from loraforge.errors import ConfigError
-    from loraforge.ops.lora_merge import load_inputs
+    from loraforge.ops.lora_merge import load_inputs, variant_shapes
     from loraforge.ops.specs import AdapterInput
     from loraforge.registry.importer import adapter_info, register_adapter
     from loraforge.registry.manifest import Manifest, Parent, Provenance
@@ -58,12 +60,13 @@ def resize_lora(registry, ref: str, *, name: str, rank: Optional[int] = None, ru
         raise ConfigError("give --rank R or an --energy / --ratio rule")
     if rank is not None and rank <= 0:
         raise ConfigError(f"rank {rank} must be a positive integer")
-    (state, manifest, parent_ref, digest), = load_inputs(registry, [AdapterInput(ref=ref)])
+    loaded = load_inputs(registry, [AdapterInput(ref=ref)])
+    (state, manifest, parent_ref, digest), = loaded
     check_rank_bound(rank, max(state[n].rank if state[n].variant == "lora" else state[n].rank_bound for n in state),
                      f"the largest rank of {ref}'s modules (resize only lowers ranks; a variant's rank is the "
                      "rank of its ΔW)")
     errors: dict[str, float] = {}
-    out = resize_state(state, rank, rule, value, errors)
+    out = resize_state(state, rank, rule, value, errors, shapes=variant_shapes(registry, loaded))
     worst = max(errors.values()) if errors else None
     kind = manifest.kind if manifest is not None else "lora"
     new = Manifest(

@@ -50,8 +50,9 @@ class VariantModule:
                 and other.tensors.keys() == self.tensors.keys()  # type: ignore[attr-defined]
                 and all(_same(t, other.tensors[k]) for k, t in self.tensors.items()))  # type: ignore[attr-defined]
 
-    def get(self, suffix: str) -> Tensor | None:
-        return self.tensors.get(suffix)
+    def file_tensors(self) -> dict[str, Tensor]:
+        """Every tensor of the module under its file suffix (alpha aside)."""
+        return dict(self.tensors)
 
     # -- what the summaries and checks read -------------------------------------------------
     @property

@@ -40,6 +40,9 @@ class Dora(VariantModule):
     def magnitude(self):
         return self.tensors[self.magnitude_suffix]
 
+    def file_tensors(self):
+        return {**self.inner.file_tensors(), **self.tensors}
+
     @property
     def inner_variant(self) -> str:
         return self.inner.variant
