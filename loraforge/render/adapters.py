@@ -77,12 +77,13 @@ def loadable_state(pipe, state, weight: float):
     return out
 
 
-def load_pipeline_with_adapters(registry, base_ref: str, lora_specs: Sequence[str], device=None):
-    """(pipeline, base, [(state, weight, manifest)]) for a base reference and `REF=W` adapter specs."""
-    from loraforge.models.pipeline import load_pipeline
+def load_pipeline_with_adapters(registry, base_ref: str, lora_specs: Sequence[str], device=None, config=None):
+    """(pipeline, base, [(state, weight, manifest)]) for a base reference and `REF=W` adapter specs; `config`:
+    the diffusers folder a single-file base is read with (models.pipeline.with_config)."""
+    from loraforge.models.pipeline import load_pipeline, with_config
     from loraforge.registry.resolve import base_targets, load_adapter, resolve_base
 
-    base = resolve_base(registry, base_ref)
+    base = with_config(resolve_base(registry, base_ref), config)
     targets = base_targets(base)
     loaded = []
     for spec in lora_specs:

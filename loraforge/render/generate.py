@@ -30,11 +30,11 @@ def check_generation(steps: int, size: Optional[int], *, steps_name: str = "step
 
 def generate_image(registry, base_ref: str, lora_specs: Sequence[str], prompt: str, *, seed: int = 0,
                    steps: int = 20, guidance: float = 5.0, negative_prompt: Optional[str] = None,
-                   size: Optional[int] = None):
+                   size: Optional[int] = None, config: Optional[str] = None):
     from loraforge.models.pipeline import generate
     from loraforge.render.adapters import load_pipeline_with_adapters
 
     check_generation(steps, size)
-    pipe, _base, _loaded = load_pipeline_with_adapters(registry, base_ref, lora_specs)
+    pipe, _base, _loaded = load_pipeline_with_adapters(registry, base_ref, lora_specs, config=config)
     return generate(pipe, prompt, seed=seed, steps=steps, guidance=guidance, height=size, width=size,
                     negative_prompt=negative_prompt)

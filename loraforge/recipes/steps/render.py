@@ -28,6 +28,8 @@ class SweepSpec(Spec):
 
 class RenderSpec(Spec):
     base: Optional[str] = Field(None, description="Checkpoint to render with (default: the recipe's base).")
+    base_config: Optional[str] = Field(None, description="Diffusers folder of the base's architecture whose configs "
+                                                         "and tokenizers a single-file base is read with.")
     adapters: list[AdapterInput] = Field(default_factory=list, description="Adapters applied at fixed weights.")
     prompts: list[str] = Field(min_length=1, description="One grid row per prompt and seed.")
     seeds: list[int] = Field([0], min_length=1, description="Seeds; the same seed gives the same noise in every column.")
@@ -121,12 +123,12 @@ def grid_labels(spec) -> tuple[list[tuple[str, int]], list[str], list[float | No
 
 def render_grid(registry, spec, progress=None):
     """(grid image, [[cell images]], parents) for a concrete render spec."""
-    from loraforge.models.pipeline import load_pipeline
+    from loraforge.models.pipeline import load_pipeline, with_config
     from loraforge.render.grid import image_grid
     from loraforge.registry.resolve import base_targets, load_adapter, resolve_base
     from loraforge.render import apply_adapters
 
-    base = resolve_base(registry, spec.base)
+    base = with_config(resolve_base(registry, spec.base), spec.base_config)
     targets = base_targets(base)
     adapters = [(a.ref, a.weight) for a in spec.adapters]
     sweep_index = None
