@@ -310,3 +310,52 @@ def test_sgm_names_without_a_base_use_sdxl_and_refuse_what_does_not_fit(oracle):
     # the tiny SDXL has one layer per block, SDXL two: its input_blocks_3 is not a resnet of SDXL's level 0
     with pytest.raises(FormatError, match="does not fit SDXL's UNet"):
         kohya_to_lora(load_file(str(source)))
+
+
+# SDXL base 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json), built on the meta
+# device: its module names without its weights.
+SDXL_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+
+
+def test_real_sdxl_sgm_names_round_trip_through_diffusers_own_kohya_conversion():
+    """Every Linear/Conv2d of the real SDXL UNet gets an SGM name that diffusers' kohya conversion
+    (`_maybe_map_sgm_blocks_to_diffusers` with the UNet config, then `_convert_unet_lora_key`) turns
+    back into that module, and loraforge reads those names back, without a base, to the same paths."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers, _maybe_map_sgm_blocks_to_diffusers,
+    )
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    from loraforge.formats.kohya_names import sgm_paths
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    paths = sorted(n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    sgm = sgm_paths(paths, 2)
+    assert sgm["down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"] == \
+        "input_blocks.4.1.transformer_blocks.1.attn2.to_k"  # kohya's name for it, as its SDXL files say
+    # each down factor is tagged with its module's index, so the check is per module, not per set
+    sd = {}
+    for i, path in enumerate(paths):
+        flat = "lora_unet_" + sgm[path].replace(".", "_")
+        sd[flat + ".lora_down.weight"] = torch.full((1, 1), float(i))
+        sd[flat + ".lora_up.weight"] = torch.zeros(1, 1)
+    mapped = _maybe_map_sgm_blocks_to_diffusers(dict(sd), unet.config)
+    converted, _ = _convert_non_diffusers_lora_to_diffusers(mapped)  # raises on a key it cannot place
+    peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
+    theirs = {k.removesuffix(".lora_A.weight"): paths[int(v.item())] for k, v in peft.items() if ".lora_A." in k}
+    assert len(theirs) == len(paths)
+    wrong = {t: p for t, p in theirs.items() if t != p}
+    assert not wrong, list(wrong.items())[:5]
+    # import without a base: SDXL's layout is the default, and every name comes back to its module
+    state = kohya_to_lora(sd)
+    assert {n.removeprefix("unet."): int(m.down.item()) for n, m in state.items()} == \
+        {p: i for i, p in enumerate(paths)}
