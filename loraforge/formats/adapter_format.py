@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraforge.errors import FormatError, PluginError
+from loraforge.formats import foreign_families
 from loraforge.formats.lora import LoraState
 from loraforge.formats.safetensors_io import RawTensor, all_finite, read_header, read_raw_safetensors, read_safetensors
 from loraforge.plugins import FORMATS as FORMAT_GROUP
@@ -150,6 +151,10 @@ def detect_format(path: Path) -> str:
     if not path.exists():
         raise FormatError(f"{path} does not exist")
     found = probe(path)
+    if found.container == "safetensors":
+        foreign = foreign_families.refusal(str(path), found.keys)
+        if foreign:
+            raise FormatError(foreign)
     claims = sorted(name for name, fmt in FORMATS.items() if fmt.detect is not None and fmt.detect(found))
     if len(claims) > 1:
         raise FormatError(f"{path} is claimed by several adapter formats ({', '.join(claims)}); "
@@ -161,8 +166,33 @@ def detect_format(path: Path) -> str:
     if found.container == "safetensors":
         if not found.keys:
             raise FormatError(f"{path} holds no tensors: the adapter is empty")
-        raise FormatError(f"{path} is not a LoRA adapter in a known format (first key: {found.keys[0]})")
+        raise FormatError(unknown_layout(found))
     raise FormatError(f"{path} is neither a safetensors file nor a torch .pt file")
+
+
+def _claims_key(fmt: AdapterFormat, found: FileProbe, key: str) -> bool:
+    """Whether `fmt` would read a file holding only `key` (a format that objects to the key knows it too)."""
+    try:
+        return bool(fmt.detect(FileProbe(found.path, found.container, (key,), found.metadata)))
+    except FormatError:
+        return True
+
+
+def unknown_layout(found: FileProbe) -> str:
+    """Why no format claims a safetensors file: the first key no format knows, or the formats its keys mix."""
+    detecting = {name: fmt for name, fmt in sorted(FORMATS.items()) if fmt.detect is not None}
+    known = ", ".join(detecting)
+    first_of: dict[str, str] = {}
+    for key in found.keys:
+        owners = [name for name, fmt in detecting.items() if _claims_key(fmt, found, key)]
+        if not owners:
+            return (f"{found.path} is not a LoRA adapter in a known format (first unknown key: {key}); "
+                    f"known: {known}")
+        for name in owners:
+            first_of.setdefault(name, key)
+    mixed = "; ".join(f"{name}: {key}" for name, key in sorted(first_of.items(), key=lambda item: item[1]))
+    return (f"{found.path} mixes the keys of several adapter formats ({mixed}); "
+            f"split it into one file per format (known: {known})")
 
 
 def read_adapter(path: Path, module_names: ModuleNames = None) -> tuple[LoraState, str, dict[str, str]]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from loraforge.errors import FormatError
+from loraforge.formats import foreign_families
 from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, register_format
 from loraforge.formats.diffusers_lora import peft_alpha
 from loraforge.formats.lora import (
@@ -117,6 +118,9 @@ def read_peft_folder(folder: Path, load: Callable[[Path], tuple[Mapping[str, Ten
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FormatError(f"{sub / CONFIG_NAME} is not valid JSON: {e}") from e
         sd, meta = load(weights)
+        foreign = foreign_families.refusal(str(weights), sd)
+        if foreign:
+            raise FormatError(foreign)
         component = component or meta.get(COMPONENT_KEY) or _guess_component(sd)
         if component not in COMPONENTS:
             raise FormatError(f"{weights}: unknown component {component!r} in the {COMPONENT_KEY} header entry")
