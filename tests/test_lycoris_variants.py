@@ -220,7 +220,7 @@ def test_loha_low_rank_is_exact_at_r_squared_and_records_the_svd_error_below(pro
     assert exact.rank == 16 and err < 1e-5 and _rel(exact.delta(), module.delta()) < 1e-5
 
     run(home, "registry", "import", str(made.path), "--name", "hada", "--base", "builtin:tiny-sd")
-    run(home, "lora", "resize", "hada", "--rank", "5", "--name", "small")
+    said = run(home, "lora", "resize", "hada", "--rank", "5", "--name", "small").output
     resized, manifest = load_adapter(Registry(home), "small")
     worst = 0.0
     for n in state:  # torch's own SVD of lycoris' ΔW: the best rank-5 error (Eckart–Young)
@@ -231,6 +231,7 @@ def test_loha_low_rank_is_exact_at_r_squared_and_records_the_svd_error_below(pro
         assert abs(_rel(resized[n].delta().reshape(d.shape).double(), d) - best) < 1e-4, n
     assert manifest.adapter.variants == {"lora": 77} and manifest.adapter.rank == 5
     assert manifest.adapter.lowrank_error == pytest.approx(worst, rel=1e-3) and worst > 0.05
+    assert f"largest relative error {manifest.adapter.lowrank_error:.2e}" in said
 
 
 def test_merging_a_loha_with_a_lokr_is_exact_and_records_the_conversion(produced, home):

@@ -77,4 +77,10 @@ def resize(ctx, ref, rank, energy, ratio, name):
 
     rule, value = _rule(energy, ratio)
     manifest = resize_lora(registry_from_ctx(ctx), ref, name=name, rank=rank, rule=rule, value=value)
-    click.echo(f"registered {manifest.ref} (lora, rank {manifest.adapter.rank})")
+    click.echo(f"registered {manifest.ref} (lora, rank {manifest.adapter.rank}{conversion_note(manifest)})")
+
+
+def conversion_note(manifest) -> str:
+    """`, LyCORIS modules as LoRA pairs: relative error E` when variant modules were converted, else ''."""
+    error = manifest.adapter.lowrank_error if manifest.adapter is not None else None
+    return "" if error is None else f", LyCORIS modules as LoRA pairs: largest relative error {error:.2e}"

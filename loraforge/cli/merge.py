@@ -107,5 +107,7 @@ def loras(ctx, adapters, method, rank, params, name):
     registry = registry_from_ctx(ctx)
     with progress("merging adapters") as advance:
         manifest = merge_loras(registry, spec, name=name, progress=advance)
+    from loraforge.cli.lora import conversion_note
+
     click.echo(f"registered {manifest.ref} (lora, {method}, rank {manifest.adapter.rank}, "
-               f"{manifest.adapter.num_modules} modules)")
+               f"{manifest.adapter.num_modules} modules{conversion_note(manifest)})")
