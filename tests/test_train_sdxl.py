@@ -220,9 +220,13 @@ def test_dreambooth_lora_trains_on_sdxl_with_prior_preservation(xl_home, stripes
 @pytest.mark.parametrize("method,args", [
     ("slider", ["--target", "a person", "--positive", "an old person", "--negative", "a young person",
                 "--denoise-steps", "2"]),
+    ("joint", ["--adapters", '{{"a": {{"dataset": "{data}"}}}}']),
+    ("reward", ["--reward", "brightness", "--prompts", "a cat", "--iterations", "1"]),
 ])
-def test_trainers_without_sdxl_conditioning_refuse_sdxl_in_one_line(xl_home, method, args):
+def test_trainers_without_sdxl_conditioning_refuse_sdxl_in_one_line(xl_home, stripes, method, args):
     before = Registry(xl_home).list()
-    line = refused(run_cli(xl_home, "train", method, "--name", "no-xl", *TRAIN, *args, ok=False))
+    args = [a.format(data=stripes) for a in args]
+    common = TRAIN[:TRAIN.index("--batch-size")] if method == "reward" else TRAIN  # reward has no batch size
+    line = refused(run_cli(xl_home, "train", method, "--name", "no-xl", *common, *args, ok=False))
     assert line == (f"Error: {method} does not train on sdxl bases (builtin:tiny-sdxl); use a sd1 base")
     assert Registry(xl_home).list() == before
