@@ -174,7 +174,9 @@ def test_cli_fuse_gives_the_unet_output_of_the_lycoris_network(produced, case, h
 
     made = produced(case)
     out = tmp_path / "fused"
-    run(home, "lora", "fuse", "builtin:tiny-sd", f"{made.path}=1.0", "--dtype", "fp32", "-o", str(out))
+    run(home, "registry", "import", str(made.path), "--name", "lyco", "--base", "builtin:tiny-sd")
+    assert Registry(home).resolve("lyco").adapter.variants == made.variants
+    run(home, "lora", "fuse", "builtin:tiny-sd", "lyco:1=1.0", "--dtype", "fp32", "-o", str(out))
     fused = UNet2DConditionModel.from_pretrained(out / "unet").eval()
     sample, t, text = _unet_inputs()
     with torch.no_grad():
