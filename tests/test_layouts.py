@@ -114,3 +114,165 @@ def test_a_peft_folder_of_a_flux_transformer_says_flux(home, tmp_path):
     model.save_pretrained(str(tmp_path / "peft"))
     line = _refused_import(home, tmp_path / "peft")
     assert "is a LoRA for Flux (key base_model.model.single_transformer_blocks.0.attn.to_q" in line, line
+
+
+# -- the tiny pipelines, what they compute, and a LoraState applied by hand ------------------
+
+REL_TOL = 1e-4
+PARTIAL_LOAD = re.compile(r"unexpected|missing|not (been )?(correctly )?(loaded|renamed)|no lora keys|incompatible"
+                          r"|did not match|ignored", re.I)
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_sd_path, tiny_sdxl_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return {"sd1": StableDiffusionPipeline.from_pretrained(str(tiny_sd_path), safety_checker=None,
+                                                           requires_safety_checker=False),
+            "sdxl": StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_path))}
+
+
+def fresh(pipe):
+    """A copy of `pipe` without its VAE (never run here) that a loader may change."""
+    vae, pipe.vae = pipe.vae, None
+    try:
+        return copy.deepcopy(pipe)
+    finally:
+        pipe.vae = vae
+
+
+def outputs(pipe) -> dict[str, torch.Tensor]:
+    """What the UNet and each text encoder compute on fixed inputs."""
+    gen = torch.Generator().manual_seed(1)
+    unet = pipe.unet
+    cfg = unet.config
+    sample = torch.randn(1, cfg.in_channels, 16, 16, generator=gen)
+    context = torch.randn(1, 7, cfg.cross_attention_dim, generator=gen)
+    extra = {}
+    if cfg.addition_embed_type == "text_time":
+        text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, text, generator=gen),
+                                      "time_ids": torch.randn(1, 6, generator=gen)}
+    ids = torch.tensor([[1, 5, 9, 3, 2, 7]])
+    with torch.no_grad():
+        out = {"unet": unet(sample, 10, encoder_hidden_states=context, **extra).sample}
+        for name in TEXT_ENCODERS:
+            te = getattr(pipe, name, None)
+            if te is not None:
+                out[name] = te(ids).last_hidden_state
+    return out
+
+
+def assert_same_outputs(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], base=None):
+    for name in want:
+        err = ((got[name] - want[name]).norm() / want[name].norm()).item()
+        assert err < REL_TOL, (name, err)
+        if base is not None and name in base:
+            assert not torch.allclose(want[name], base[name], atol=1e-5), f"the adapter leaves {name} unchanged"
+
+
+def applied(pipe, state) -> dict[str, torch.Tensor]:
+    """The outputs of `pipe` with W + ΔW of every module of `state` written into its weights."""
+    pipe = fresh(pipe)
+    with torch.no_grad():
+        for component in state.components:
+            modules = dict(getattr(pipe, component).named_modules())
+            for path, m in state.component(component).items():
+                module = modules.get(path) or modules[path.removeprefix("text_model.")]
+                module.weight += m.delta(torch.float32, base_weight=module.weight).to(module.weight.dtype)
+    return outputs(pipe)
+
+
+def randomized(model, seed: int):
+    """`model` (PEFT-wrapped) with random factors in every LoRA layer, so B is not zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def loaded_by_diffusers(pipe, path: Path):
+    """A copy of `pipe` after diffusers' `load_lora_weights(path)`, refusing any partial load."""
+    from diffusers.utils import logging as diffusers_logging
+
+    pipe = fresh(pipe)
+    diffusers_logging.set_verbosity_warning()
+    lines: list[str] = []
+    handler = _Lines(lines)
+    loggers = [diffusers_logging.get_logger("diffusers"), diffusers_logging.get_logger("peft")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(str(path))
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    said = lines + [str(w.message) for w in caught]
+    assert not [m for m in said if PARTIAL_LOAD.search(m)], said
+    return pipe
+
+
+class _Lines(__import__("logging").Handler):
+    def __init__(self, lines: list[str]):
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def imported(home: Path, path: Path, name: str, fmt: str, out: Path):
+    """Import `path` through the CLI and export it as `fmt` to `out`; (stored state, exported files)."""
+    from loraforge.formats import read_adapter
+
+    run_cli(home, "registry", "import", str(path), "--name", name)
+    run_cli(home, "registry", "export", f"{name}:1", "--format", fmt, "-o", str(out))
+    return read_adapter(path)[0], out
+
+
+# -- PEFT folders with rank_pattern / alpha_pattern -----------------------------------------
+
+PEFT_CASES = {
+    "unet": dict(r=4, lora_alpha=8, target_modules=["to_q", "to_v", "to_out.0", "proj_in", "conv1", "ff.net.2"],
+                 rank_pattern={"down_blocks.0.*to_q": 2, "proj_in": 3}, alpha_pattern={"to_v": 3, "conv1": 16}),
+    "text_encoder": dict(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "fc1"],
+                         rank_pattern={"layers.0.self_attn.q_proj": 4}, alpha_pattern={"fc1": 1}),
+    "text_encoder_2": dict(r=3, lora_alpha=2, target_modules=["k_proj", "out_proj", "fc2"],
+                           rank_pattern={"fc2": 1}, alpha_pattern={"out_proj": 5}),
+}
+
+
+@pytest.mark.parametrize("family, component", [("sd1", "unet"), ("sd1", "text_encoder"), ("sdxl", "text_encoder_2")])
+def test_a_peft_folder_with_rank_and_alpha_patterns_imports_exactly_and_exports_them(home, tmp_path, pipelines,
+                                                                                   family, component):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    pipe = pipelines[family]
+    base = getattr(pipe, component)
+    produced = randomized(get_peft_model(copy.deepcopy(base), LoraConfig(**PEFT_CASES[component])), seed=2)
+    produced.save_pretrained(str(tmp_path / "peft"))
+    layers = {n: m for n, m in produced.named_modules() if isinstance(m, LoraLayer)}
+    assert {m.r["default"] for m in layers.values()} >= {PEFT_CASES[component]["r"],
+                                                         *PEFT_CASES[component]["rank_pattern"].values()}
+
+    state, out = imported(home, tmp_path / "peft", "p", "peft", tmp_path / "out")
+    with_peft = fresh(pipe)
+    setattr(with_peft, component, produced)
+    want = outputs(with_peft)
+    assert_same_outputs(applied(pipe, state), want, base={component: outputs(pipe)[component]})
+
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(out))
+    reloaded = {n: m for n, m in loaded.named_modules() if isinstance(m, LoraLayer)}
+    assert sorted(reloaded) == sorted(layers)
+    for name, layer in layers.items():  # PEFT resolves the exported patterns to the same rank and scale
+        assert (reloaded[name].r["default"], reloaded[name].scaling["default"]) == \
+            (layer.r["default"], layer.scaling["default"]), name
+    with_ours = fresh(pipe)
+    setattr(with_ours, component, loaded)
+    assert_same_outputs(outputs(with_ours), want)

@@ -7,7 +7,9 @@ The component of a single folder is recorded in the safetensors header (`lorafor
 where PEFT ignores it; the config stays a plain `LoraConfig` so PEFT loads it unchanged. Factors
 are stored untouched with the alphas in `lora_alpha`/`alpha_pattern`, so our own folders round
 trip bit-exactly. Reading accepts both layouts and folders written by PEFT itself; a folder with
-no recorded component is `text_encoder` when its modules are CLIP text-model modules, else `unet`.
+no recorded component is the component it is named after (its own name, else the last part of PEFT's
+`base_model_name_or_path`), else `text_encoder` when its modules are CLIP text-model modules
+(`text_encoder_2` when they include the projection), else `unet`.
 
 PEFT finds modules and weights by the names the model has in memory, so a text encoder's paths
 are written as the installed transformers names them: CLIPTextModel (`text_encoder`) lost its
@@ -121,7 +123,7 @@ def read_peft_folder(folder: Path, load: Callable[[Path], tuple[Mapping[str, Ten
         foreign = foreign_families.refusal(str(weights), sd)
         if foreign:
             raise FormatError(foreign)
-        component = component or meta.get(COMPONENT_KEY) or _guess_component(sd)
+        component = component or meta.get(COMPONENT_KEY) or _named_component(sub, config) or _guess_component(sd)
         if component not in COMPONENTS:
             raise FormatError(f"{weights}: unknown component {component!r} in the {COMPONENT_KEY} header entry")
         try:
@@ -134,9 +136,24 @@ def read_peft_folder(folder: Path, load: Callable[[Path], tuple[Mapping[str, Ten
     return state, dict(first_meta or {})
 
 
+def _named_component(folder: Path, config: Mapping[str, Any]) -> str | None:
+    """The component a single folder names: its own name (`…/text_encoder_2`, a pipeline's layout), else the
+    last part of the base model PEFT recorded (`base_model_name_or_path`, `…/text_encoder_2` when the model
+    was loaded from a pipeline folder); None when neither is a component."""
+    base = str(config.get("base_model_name_or_path") or "").replace("\\", "/").rstrip("/")
+    for name in (folder.resolve().name, base.rsplit("/", 1)[-1]):
+        if name in COMPONENTS:
+            return name
+    return None
+
+
 def _guess_component(sd: Mapping[str, Tensor | RawTensor]) -> str:
-    text_roots = (TEXT_MODEL_PREFIX, *TEXT_MODEL_ROOTS)
-    return "text_encoder" if all(k.removeprefix(PREFIX).startswith(text_roots) for k in sd) else "unet"
+    """`text_encoder_2` for CLIP text-model modules with the projection SDXL's second encoder has,
+    `text_encoder` for other CLIP text-model modules, else `unet`."""
+    paths = [k.removeprefix(PREFIX) for k in sd]
+    if not all(p.startswith((TEXT_MODEL_PREFIX, *TEXT_MODEL_ROOTS, "text_projection")) for p in paths):
+        return "unet"
+    return "text_encoder_2" if any(p.startswith("text_projection") for p in paths) else "text_encoder"
 
 
 @functools.cache
