@@ -359,3 +359,34 @@ def test_real_sdxl_sgm_names_round_trip_through_diffusers_own_kohya_conversion()
     state = kohya_to_lora(sd)
     assert {n.removeprefix("unet."): int(m.down.item()) for n, m in state.items()} == \
         {p: i for i, p in enumerate(paths)}
+
+
+def test_sgm_upsampler_after_a_resnet_alone_comes_back_as_it_was(tiny_sd_path):
+    """An up level without attention (the tiny SD1's first) has its upsampler at SGM index 1, not 2."""
+    from loraforge.models.targets import module_names
+
+    sd = {}
+    for flat, shape_down, shape_up in [("output_blocks_1_1_conv", (2, 64, 3, 3), (64, 2, 1, 1)),
+                                       ("output_blocks_3_1_proj_in", (2, 32), (32, 2))]:
+        sd[f"lora_unet_{flat}.lora_down.weight"] = torch.randn(shape_down)
+        sd[f"lora_unet_{flat}.lora_up.weight"] = torch.randn(shape_up)
+    state = kohya_to_lora(sd, module_names(tiny_sd_path))
+    assert sorted(state) == ["unet.up_blocks.0.upsamplers.0.conv", "unet.up_blocks.1.attentions.1.proj_in"]
+    assert state.hints["kohya_sgm_plain_up_levels"] == "0"
+    back = lora_to_kohya(state)
+    assert sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_sgm_named_lycoris_module_keeps_its_name_and_tensors(tiny_sdxl_path):
+    """LyCORIS files for SDXL use the same SGM names: a LoHa module maps like a LoRA pair."""
+    from loraforge.models.targets import module_names
+
+    gen = torch.Generator().manual_seed(3)
+    base = "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"
+    sd = {f"{base}.{name}": torch.randn(shape, generator=gen) for name, shape in
+          [("hada_w1_a", (64, 2)), ("hada_w1_b", (2, 64)), ("hada_w2_a", (64, 2)), ("hada_w2_b", (2, 64))]}
+    sd[f"{base}.alpha"] = torch.tensor(1.0)
+    state = kohya_to_lora(sd, module_names(tiny_sdxl_path))
+    assert list(state) == ["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+    back = lora_to_kohya(state)
+    assert sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)

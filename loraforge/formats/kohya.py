@@ -27,7 +27,7 @@ from loraforge.formats.adapter_format import (
     AdapterFormat, FileProbe, ModuleNames, read_finite_safetensors, register_format, scan_finite_safetensors,
 )
 from loraforge.formats.kohya_names import (
-    HINT_SGM_LAYERS, HINT_UNET_NAMES, NAMINGS, PREFIXES, KeyWriter, PathReader, split_prefix, text_encoder_prefix,
+    HINT_UNET_NAMES, NAMINGS, PREFIXES, KeyWriter, PathReader, check_sgm_hints, split_prefix, text_encoder_prefix,
 )
 from loraforge.formats.lora import MODULE_SUFFIXES, LoraState
 from loraforge.formats.safetensors_io import TORCH_NAMES, write_safetensors
@@ -52,9 +52,7 @@ def check_hints(hints: Mapping[str, str]) -> None:
     for key, allowed in HINT_VALUES.items():
         if key in hints and hints[key] not in allowed:
             raise FormatError(f"hint {key} is {hints[key]!r}; expected one of {', '.join(allowed)}")
-    layers = hints.get(HINT_SGM_LAYERS)
-    if layers is not None and not (layers.isdigit() and int(layers) > 0):
-        raise FormatError(f"hint {HINT_SGM_LAYERS} is {layers!r}; expected a positive whole number")
+    check_sgm_hints(hints)
     dtype = hints.get(HINT_ALPHA_DTYPE)
     if dtype is not None and dtype not in TORCH_NAMES.values() and not _is_torch_dtype_name(dtype):
         raise FormatError(f"hint {HINT_ALPHA_DTYPE} is {dtype!r}, which is not a torch dtype name")
@@ -85,7 +83,7 @@ def kohya_to_lora(sd: Mapping[str, Tensor], module_names: Mapping[str, Iterable[
     paths = PathReader(sd, module_names)
     # Norm layers (LyCORIS w_norm / b_norm) have 1-D weights, which a base's module names do not list: their
     # paths are read from the diffusers/CLIP vocabulary, and fusing or rendering finds the layer or says so.
-    norm_paths = PathReader(sd) if module_names else paths
+    norm_paths = PathReader(sd, module_names, match_exactly=False) if module_names else paths
     grouped: dict[str, dict[str, Tensor]] = {}
     te_prefixes = set()
     for key, value in sd.items():

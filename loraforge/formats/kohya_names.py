@@ -42,6 +42,8 @@ _MAX_WORD_TOKENS = max(len(w.split("_")) for w in VOCABULARY)
 # LoraState hints saying which UNet naming a kohya file used, and the SGM layout it was mapped with.
 HINT_UNET_NAMES = "kohya_unet_names"
 HINT_SGM_LAYERS = "kohya_sgm_layers_per_block"
+HINT_SGM_PLAIN_UP = "kohya_sgm_plain_up_levels"  # "0,1": up levels whose upsampler follows a resnet alone
+SGM_HINTS = (HINT_UNET_NAMES, HINT_SGM_LAYERS, HINT_SGM_PLAIN_UP)
 
 DIFFUSERS = "diffusers"
 SGM = "sgm"
@@ -141,6 +143,32 @@ def is_sgm_unet(flats: Iterable[str]) -> bool:
     return any(f.startswith(SGM_MARKERS) for f in flats)
 
 
+def plain_up_levels(unet_paths: Iterable[str]) -> list[int]:
+    """Up levels of a diffusers UNet with an upsampler but no attention (SD1's first; none in SDXL)."""
+    paths = list(unet_paths)
+    samplers = {int(m[1]) for p in paths if (m := re.match(r"up_blocks\.(\d+)\.upsamplers\.", p))}
+    attended = {int(m[1]) for p in paths if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", p))}
+    return sorted(samplers - attended)
+
+
+def check_sgm_hints(hints: Mapping[str, str]) -> None:
+    """Raise FormatError unless the SGM layout hints are what `KeyWriter` can use."""
+    layers = hints.get(HINT_SGM_LAYERS)
+    if layers is not None and not (layers.isdigit() and int(layers) > 0):
+        raise FormatError(f"hint {HINT_SGM_LAYERS} is {layers!r}; expected a positive whole number")
+    plain = hints.get(HINT_SGM_PLAIN_UP)
+    if plain is not None and not all(p.isdigit() for p in plain.split(",")):
+        raise FormatError(f"hint {HINT_SGM_PLAIN_UP} is {plain!r}; expected up-level numbers such as 0,2")
+
+
+def _layout_hints(unet_paths: Iterable[str] | None, layers: int) -> dict[str, str]:
+    hints = {HINT_UNET_NAMES: SGM, HINT_SGM_LAYERS: str(layers)}
+    plain = plain_up_levels(unet_paths or ())
+    if plain:
+        hints[HINT_SGM_PLAIN_UP] = ",".join(map(str, plain))
+    return hints
+
+
 def layers_per_block_of(unet_paths: Iterable[str]) -> int | None:
     """layers_per_block of a diffusers UNet, from its `down_blocks.0.resnets.J` module paths."""
     found = {int(m[1]) for p in unet_paths if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", p))}
@@ -155,14 +183,18 @@ class PathReader:
     layers_per_block (SDXL's without a base, refused when the file does not fit it).
     """
 
-    def __init__(self, keys: Iterable[str], module_names: Mapping[str, Iterable[str]] | None = None):
+    def __init__(self, keys: Iterable[str], module_names: Mapping[str, Iterable[str]] | None = None,
+                 match_exactly: bool = True):
+        """`match_exactly=False` takes only the UNet's layout from `module_names` (for keys of layers
+        the names do not list, such as norms) and reads paths from the vocabulary."""
         names = {c: list(paths) for c, paths in (module_names or {}).items()}
-        self.exact = {c: {flatten(p): p for p in paths} for c, paths in names.items()}
+        self._unet_paths = names.get("unet", [])
+        self.exact = {c: {flatten(p): p for p in paths} for c, paths in names.items()} if match_exactly else {}
         unet_flats = [rest for k in keys for c, rest in [_safe_split(k)] if c == "unet"]
         self.naming = SGM if is_sgm_unet(unet_flats) else DIFFUSERS
         self.layers_per_block = None
         if self.naming == SGM:
-            given = layers_per_block_of(names.get("unet", ()))
+            given = layers_per_block_of(self._unet_paths)
             self.layers_per_block = given or SDXL_LAYERS_PER_BLOCK
             self._modules, self._attentions = sgm_map(self.layers_per_block)
             self._flat_modules = {flatten(s): d for s, d in self._modules.items()}
@@ -177,7 +209,7 @@ class PathReader:
     def hints(self) -> dict[str, str]:
         if self.naming != SGM:
             return {}
-        return {HINT_UNET_NAMES: SGM, HINT_SGM_LAYERS: str(self.layers_per_block)}
+        return _layout_hints(self._unet_paths, self.layers_per_block)
 
     def _resolve(self, component: str, flat: str, key: str) -> str:
         if component == "unet" and self.naming == SGM:
@@ -212,7 +244,8 @@ class PathReader:
             raise IncompatibleBaseError(f"kohya key {key} (SGM name{f' of {path}' if path else ''}) matches no "
                                         "module of the base's unet")
         if path is None or (exact is None and not _fits(path, self.layers_per_block)):
-            raise FormatError(f"kohya key {key} does not fit SDXL's UNet (SGM names, layers_per_block "
+            unet = "the base's UNet" if self._unet_paths else "SDXL's UNet"
+            raise FormatError(f"kohya key {key} does not fit {unet} (SGM names, layers_per_block "
                               f"{self.layers_per_block}); pass the base model it was trained for (--base)")
         return path
 
@@ -285,7 +318,8 @@ class KeyWriter:
             if layers is None:
                 raise FormatError(f"the adapter asks for SGM UNet names but its hints lack {HINT_SGM_LAYERS} "
                                   "(the UNet's layers_per_block); export with --kohya-names diffusers")
-            self.sgm = sgm_paths(unet_paths, int(layers))
+            plain = hints.get(HINT_SGM_PLAIN_UP)
+            self.sgm = sgm_paths(unet_paths, int(layers), [f"up_blocks.{n}" for n in plain.split(",")] if plain else ())
 
     def key_base(self, name: str) -> str:
         component, path = name.split(".", 1)
@@ -304,17 +338,17 @@ def with_unet_names(hints: Mapping[str, str], naming: str, family: str | None,
     """
     if naming not in NAMINGS:
         raise FormatError(f"kohya UNet names {naming!r} are not known; use one of {', '.join(NAMINGS)}")
-    out = {k: v for k, v in hints.items() if k not in (HINT_UNET_NAMES, HINT_SGM_LAYERS)}
+    out = {k: v for k, v in hints.items() if k not in SGM_HINTS}
     if naming == DIFFUSERS:
         return out
     if family == "sd1":
         raise FormatError("--kohya-names sgm is for SDXL adapters: kohya names SD1 LoRAs by their diffusers "
                           "paths; export this SD1 adapter with --kohya-names diffusers")
-    layers = hints.get(HINT_SGM_LAYERS) if hints.get(HINT_UNET_NAMES) == SGM else None
-    if layers is None and base_unet_paths is not None:
-        found = layers_per_block_of(base_unet_paths() or ())
-        layers = str(found) if found else None
+    if hints.get(HINT_UNET_NAMES) == SGM and HINT_SGM_LAYERS in hints:
+        return {**out, **{k: hints[k] for k in SGM_HINTS if k in hints}}
+    paths = list(base_unet_paths() or ()) if base_unet_paths is not None else []
+    layers = layers_per_block_of(paths)
     if layers is None:
         raise FormatError("SGM names depend on the SDXL UNet's layers per block, and this adapter was imported "
                           "without a base: import it again with --base, or export with --kohya-names diffusers")
-    return {**out, HINT_UNET_NAMES: SGM, HINT_SGM_LAYERS: layers}
+    return {**out, **_layout_hints(paths, layers)}
