@@ -39,6 +39,8 @@ CASES = {
     "locon_tucker": ("locon", {"use_tucker": True}, {"locon_tucker": 16, "lora": 61}),
     "dora": ("lora", {"dora_wd": True}, {"dora": 77}),
     "dora_loha": ("loha", {"dora_wd": True}, {"dora": 77}),
+    "dora_on_input": ("lora", {"dora_wd": True, "wd_on_output": False}, {"dora": 77}),
+    "dora_lokr": ("lokr", {"dora_wd": True}, {"dora": 77}),
     "full": ("full", {}, {"full": 77}),
     "norm": ("lora", {"train_norm": True}, {"lora": 77, "norm": 32}),
 }
