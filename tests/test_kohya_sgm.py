@@ -390,3 +390,37 @@ def test_sgm_named_lycoris_module_keeps_its_name_and_tensors(tiny_sdxl_path):
     assert list(state) == ["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
     back = lora_to_kohya(state)
     assert sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_a_file_mixing_sgm_and_diffusers_unet_names_is_refused():
+    sd = {}
+    for flat in ("input_blocks_4_1_proj_in", "down_blocks_1_attentions_0_proj_out"):
+        sd[f"lora_unet_{flat}.lora_down.weight"] = torch.zeros(2, 8)
+        sd[f"lora_unet_{flat}.lora_up.weight"] = torch.zeros(8, 2)
+    with pytest.raises(FormatError, match="lora_unet_down_blocks_1_attentions_0_proj_out.* a file must use one naming"):
+        kohya_to_lora(sd)
+
+
+@pytest.mark.parametrize("hints, message", [
+    ({"kohya_unet_names": "ldm"}, "expected one of diffusers, sgm"),
+    ({"kohya_unet_names": "sgm", "kohya_sgm_layers_per_block": "two"}, "expected a positive whole number"),
+    ({"kohya_unet_names": "sgm", "kohya_sgm_layers_per_block": "2", "kohya_sgm_plain_up_levels": "0;1"},
+     "expected up-level numbers"),
+])
+def test_damaged_sgm_hints_in_a_loraforge_file_are_one_line(tmp_path, hints, message):
+    from loraforge.formats import read_adapter
+
+    path = tmp_path / "a.safetensors"
+    save_file({"unet.conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
+               "unet.conv_in.lora_up.weight": torch.zeros(8, 2, 1, 1)}, str(path),
+              metadata={"loraforge.hints": json.dumps(hints)})
+    with pytest.raises(FormatError, match=message):
+        read_adapter(path)
+
+
+def test_sgm_hints_without_their_layout_are_refused_on_write():
+    state = kohya_to_lora({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
+                           "lora_unet_conv_in.lora_up.weight": torch.zeros(8, 2, 1, 1)})
+    state.hints["kohya_unet_names"] = "sgm"
+    with pytest.raises(FormatError, match="lack kohya_sgm_layers_per_block"):
+        lora_to_kohya(state)

@@ -52,7 +52,6 @@ NAMINGS = (DIFFUSERS, SGM)
 # SGM's vocabulary: its block lists, and the sub-modules of its ResBlock (in_layers = norm, act, conv;
 # out_layers = norm, act, dropout, conv), its Downsample (`op`) and Upsample (`conv`) convolutions.
 SGM_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_")
-SGM_BLOCKS_DOTTED = ("input_blocks.", "middle_block.", "output_blocks.")
 SGM_MARKERS = (*SGM_BLOCKS, "time_embed_", "label_emb_", "out_")  # no diffusers UNet path starts so
 SGM_RESNET_LEAVES = ("in_layers.0", "in_layers.2", "emb_layers.1", "out_layers.0", "out_layers.3", "skip_connection")
 _ATTENTION_MARK = "proj_in"  # any sub-module of a transformer block: diffusers maps the block prefix, not the rest
@@ -213,9 +212,10 @@ class PathReader:
 
     def _resolve(self, component: str, flat: str, key: str) -> str:
         if component == "unet" and self.naming == SGM:
+            if not flat.startswith(SGM_MARKERS):
+                raise FormatError(f"kohya key {key} has a diffusers UNet name in a file of SGM names "
+                                  "(input_blocks_…); a file must use one naming")
             return self._resolve_sgm(flat, key)
-        if component == "unet" and flat.startswith(SGM_BLOCKS):
-            raise FormatError(f"kohya key {key} mixes SGM and diffusers UNet names in one file")
         exact = self.exact.get(component)
         if exact is not None:
             path = exact.get(flat)
