@@ -424,3 +424,13 @@ def test_sgm_hints_without_their_layout_are_refused_on_write():
     state.hints["kohya_unet_names"] = "sgm"
     with pytest.raises(FormatError, match="lack kohya_sgm_layers_per_block"):
         lora_to_kohya(state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_sgm_file_exports_to_the_same_tensors(home, pipeline, tmp_path, dtype):
+    """sd-scripts saves in fp16 or bf16 (alpha too): the round trip keeps every dtype and byte."""
+    source = sgm_kohya_file(pipeline, tmp_path / "half.safetensors", dtype=dtype)
+    run_cli(home, "registry", "import", str(source), "--name", "half", "--base", "builtin:tiny-sdxl")
+    out = tmp_path / "back.safetensors"
+    run_cli(home, "registry", "export", "half", "--for", "comfyui", "-o", str(out))
+    assert tensor_bytes(out)[:2] == tensor_bytes(source)[:2]
