@@ -268,3 +268,43 @@ def test_refusals_are_one_line_and_leave_the_registry_unchanged(produced, home, 
     line = refused(run(home, "registry", "export", "wd", "--format", "diffusers", "-o", str(tmp_path / "d"), ok=False))
     assert "dora" in line and "kohya" in line
     assert Registry(home).list() == before
+
+
+def test_sdxl_loha_with_sgm_block_names_fuses_exactly_and_exports_back(tiny_sdxl_path, home, tmp_path):
+    """sd-scripts trains SDXL LyCORIS on a UNet with Stability (SGM) module names: a LoHa spelled so imports
+    through the SGM name mapping, fuses to lycoris' own output and exports back to the same file contents."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from loraforge.formats.kohya_names import flatten, sgm_paths, split_words
+
+    made = Produced(tiny_sdxl_path, tmp_path / "xl", "loha")
+    sd, _ = read_safetensors(made.path)
+    paths = {".".join(split_words(k.split(".", 1)[0].removeprefix("lora_unet_"))) for k in sd}
+    sgm = sgm_paths(paths, layers_per_block=1)
+    renamed = {}
+    for key, t in sd.items():
+        flat, suffix = key.split(".", 1)
+        path = ".".join(split_words(flat.removeprefix("lora_unet_")))
+        renamed[f"lora_unet_{flatten(sgm[path])}.{suffix}"] = t
+    assert any(k.startswith("lora_unet_input_blocks_") for k in renamed)
+    file = tmp_path / "sgm.safetensors"
+    save_file(renamed, str(file))  # safetensors' own writer, as lycoris' save_weights uses it
+
+    run(home, "registry", "import", str(file), "--name", "xl", "--base", "builtin:tiny-sdxl")
+    assert Registry(home).resolve("xl").adapter.variants == {"loha": len(paths)}
+    out = tmp_path / "back.safetensors"
+    run(home, "registry", "export", "xl", "--format", "kohya", "-o", str(out))
+    assert _entries_and_data(out) == _entries_and_data(file)
+
+    run(home, "lora", "fuse", "builtin:tiny-sdxl", "xl:1=1.0", "--dtype", "fp32", "-o", str(tmp_path / "fused"))
+    fused = UNet2DConditionModel.from_pretrained(tmp_path / "fused" / "unet").eval()
+    g = torch.Generator().manual_seed(4)
+    sample, text = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 7, 64, generator=g)
+    cond = {"text_embeds": torch.randn(1, fused.config.projection_class_embeddings_input_dim - 6 * 8, generator=g),
+            "time_ids": torch.randn(1, 6, generator=g)}
+    with torch.no_grad():
+        want = made.unet(sample, torch.tensor([500]), text, added_cond_kwargs=cond).sample
+        got = fused(sample, torch.tensor([500]), text, added_cond_kwargs=cond).sample
+        plain = _unet(tiny_sdxl_path)(sample, torch.tensor([500]), text, added_cond_kwargs=cond).sample
+    assert _rel(got, want) < 1e-4 and _rel(plain, want) > 1e-2
