@@ -276,3 +276,50 @@ def test_a_peft_folder_with_rank_and_alpha_patterns_imports_exactly_and_exports_
     with_ours = fresh(pipe)
     setattr(with_ours, component, loaded)
     assert_same_outputs(outputs(with_ours), want)
+
+
+# -- diffusers files with lora_adapter_metadata ---------------------------------------------
+
+DIFFUSERS_CASES = {
+    "unet": dict(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_out"],
+                 rank_pattern={"attn2.to_k": 2}, alpha_pattern={"to_v": 12, "proj_out": 1}),
+    "text_encoder": dict(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], alpha_pattern={"v_proj": 1}),
+    "text_encoder_2": dict(r=3, lora_alpha=1, target_modules=["k_proj", "fc1"], rank_pattern={"fc1": 2}),
+}
+
+
+def _saved_by_diffusers(pipe, folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A LoRA on every component of `pipe` (alpha ≠ rank, with patterns) saved by diffusers'
+    `save_lora_weights` with each component's adapter metadata; (file, the producer's outputs)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    producer = fresh(pipe)
+    layers, metadata = {}, {}
+    for i, name in enumerate(c for c in ("unet", *TEXT_ENCODERS) if getattr(producer, c, None) is not None):
+        model = getattr(producer, name)
+        config = LoraConfig(**DIFFUSERS_CASES[name])
+        inject_adapter_in_model(config, model)  # what `add_adapter` does; transformers' wants a newer PEFT
+        randomized(model, seed=10 + i)
+        layers[f"{name}_lora_layers"] = get_peft_model_state_dict(model)
+        metadata[f"{name}_lora_adapter_metadata"] = config.to_dict()
+    type(producer).save_lora_weights(str(folder), **layers, **metadata)
+    return folder / "pytorch_lora_weights.safetensors", outputs(producer)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_diffusers_file_with_adapter_metadata_imports_with_its_alphas_and_exports_for_load_lora_weights(
+        home, tmp_path, pipelines, family):
+    from loraforge.formats import read_header
+
+    pipe = pipelines[family]
+    path, want = _saved_by_diffusers(pipe, tmp_path / "saved")
+    assert "lora_adapter_metadata" in read_header(path)[1]
+    assert_same_outputs(outputs(loaded_by_diffusers(pipe, path)), want)  # the owner's loader agrees with itself
+
+    state, out = imported(home, path, "d", "diffusers", tmp_path / "out.safetensors")
+    assert 12.0 in set(state.alphas.values()) and not all(m.alpha == m.rank for m in state.values())
+    text = [n for n in state if not n.startswith("unet.")]
+    assert text and all(n.split(".", 1)[1].startswith("text_model.encoder.") for n in text), text  # canonical
+    assert_same_outputs(applied(pipe, state), want, base=outputs(pipe))
+    assert_same_outputs(outputs(loaded_by_diffusers(pipe, out)), want)

@@ -3,7 +3,9 @@
 Reading accepts the PEFT-style keys diffusers writes today (`unet.<path>.lora_A.weight`), the
 older attention-processor keys (`unet.<path>.processor.to_q_lora.down.weight`,
 `text_encoder.<path>.q_proj.lora_linear_layer.down.weight`, `<path>.lora.down.weight`) and kohya
-keys (delegated to `kohya.py`). Alpha comes from `.alpha` keys, else from the
+keys (delegated to `kohya.py`). Text-encoder paths are read into canonical `text_model.` form whether
+the file was saved with or without that wrapper (diffusers under transformers 5 saves CLIPTextModel
+paths without it). Alpha comes from `.alpha` keys, else from the
 `lora_adapter_metadata` JSON diffusers keeps in the safetensors header (`<component>.lora_alpha`,
 `.alpha_pattern`, `.rank_pattern`, `.use_rslora`), else alpha = rank as diffusers assumes.
 
@@ -28,7 +30,7 @@ from loraforge.formats.adapter_format import (
     AdapterFormat, FileProbe, ModuleNames, read_finite_safetensors, register_format, scan_finite_safetensors,
 )
 from loraforge.formats.kohya import is_kohya_key, kohya_to_lora
-from loraforge.formats.lora import COMPONENTS, LoraModule, LoraState, alpha_value, pair_names, without_text_model
+from loraforge.formats.lora import COMPONENTS, LoraModule, LoraState, alpha_value, pair_names, with_text_model, without_text_model
 from loraforge.formats.safetensors_io import write_safetensors
 
 if TYPE_CHECKING:
@@ -71,6 +73,8 @@ def _parse_key(key: str) -> tuple[str, str]:
             component, rest = "unet", key  # the oldest files carry no `unet.` prefix
         else:
             raise FormatError(f"key {key} does not start with {', '.join(c + '.' for c in COMPONENTS)}")
+    if component != "unet":
+        rest = with_text_model(rest)  # diffusers with transformers 5 saves CLIPTextModel paths without it
     match = _OLD_UNET_PROC.match(rest)
     if match:
         proj = match["proj"]
