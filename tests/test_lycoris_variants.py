@@ -308,3 +308,40 @@ def test_sdxl_loha_with_sgm_block_names_fuses_exactly_and_exports_back(tiny_sdxl
         got = fused(sample, torch.tensor([500]), text, added_cond_kwargs=cond).sample
         plain = _unet(tiny_sdxl_path)(sample, torch.tensor([500]), text, added_cond_kwargs=cond).sample
     assert _rel(got, want) < 1e-4 and _rel(plain, want) > 1e-2
+
+
+def test_peft_dora_magnitudes_give_the_output_of_peft_forward():
+    """PEFT's DoRA (`lora_magnitude_vector`, one number per output row, also for conv layers) as the DoRA
+    variant: the layer output with W + ΔW equals PEFT's own forward."""
+    from peft import LoraConfig, get_peft_model
+
+    from loraforge.formats.lora import module_from_tensors
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(12, 10)
+            self.conv = torch.nn.Conv2d(6, 8, 3, padding=1)
+
+    torch.manual_seed(3)
+    model = get_peft_model(Net(), LoraConfig(r=3, lora_alpha=5, target_modules=["lin", "conv"], use_dora=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.4)
+    sd = model.state_dict()
+    g = torch.Generator().manual_seed(0)
+    for layer, x in (("lin", torch.randn(4, 12, generator=g)), ("conv", torch.randn(2, 6, 5, 5, generator=g))):
+        prefix = f"base_model.model.{layer}."
+        module = module_from_tensors({
+            "lora_down.weight": sd[prefix + "lora_A.default.weight"],
+            "lora_up.weight": sd[prefix + "lora_B.default.weight"],
+            "lora_magnitude_vector": sd[prefix + "lora_magnitude_vector.default.weight"],
+        }, 5.0, f"unet.{layer}")
+        assert module.variant == "dora" and module.wd_on_out
+        base = model.base_model.model.get_submodule(layer).base_layer
+        w = base.weight.detach()
+        with torch.no_grad():
+            want = model.base_model.model.get_submodule(layer)(x) - base(x)
+            mine = _layer_output(base, x, w + module.delta(base_weight=w), base.bias) - base(x)
+        assert _rel(mine, want) < 1e-4, layer

@@ -49,8 +49,9 @@ class Dora(VariantModule):
 
     @property
     def wd_on_out(self) -> bool:
+        """Whether the norm runs over each output row (PEFT always; LyCORIS unless shaped 1×in×…)."""
         m = self.magnitude
-        return m.dim() == 1 or int(m.shape[1]) == 1
+        return self.magnitude_suffix == "lora_magnitude_vector" or m.dim() == 1 or int(m.shape[1]) == 1
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
