@@ -78,3 +78,43 @@ def test_single_to_diffusers_to_single_is_bit_exact(single_file):
     assert list(back) == list(state)
     for key in state:
         assert torch.equal(back[key], state[key]), key
+
+
+# ---- single files wherever a checkpoint is accepted ---------------------------------------------------
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "q_proj", "k_proj", "v_proj", "fc1")
+
+
+def _adapter(folder, family, tmp_path):
+    from loraforge.formats import write_adapter
+    from loraforge.models.targets import module_shapes
+    from loraforge.synthetic import random_lora
+
+    components = ("unet", "text_encoder", "text_encoder_2") if family == "sdxl" else ("unet", "text_encoder")
+    state = random_lora(module_shapes(folder), rank=4, alpha=2.0, components=components, targets=TARGETS,
+                        seed=7, std=0.3)
+    path = tmp_path / "style.safetensors"
+    write_adapter(state, path, "kohya")
+    return path
+
+
+def test_fuse_into_a_single_file_equals_fusing_into_the_folder(single_file, home, tmp_path):
+    from cli_helpers import run_cli as run
+
+    folder, family, path, configs = single_file
+    adapter = _adapter(folder, family, tmp_path)
+    run(home, "lora", "fuse", str(folder), f"{adapter}=0.8", "--dtype", "fp32", "-o", str(tmp_path / "folder"))
+    run(home, "lora", "fuse", str(path), f"{adapter}=0.8", "--dtype", "fp32", "-o", str(tmp_path / "fused.safetensors"))
+    base, fused = load_file(path), load_file(tmp_path / "fused.safetensors")
+    assert list(fused) == list(base), "the fused single file keeps the base file's keys in order"
+    keymap = sf.KeyMap.build({k: tuple(v.shape) for k, v in fused.items()}, family, configs)
+    converted = sf.to_diffusers(fused, keymap)
+    expected = _folder_state(tmp_path / "folder", family)
+    changed = 0
+    for component, tensors in expected.items():
+        for key, tensor in tensors.items():
+            torch.testing.assert_close(converted[component][key], tensor.float(), rtol=1e-6, atol=1e-7,
+                                       msg=f"{component}.{key}")
+    for key in base:
+        changed += not torch.equal(base[key], fused[key])
+    assert changed > 10, "the adapter must change the file for the comparison to mean anything"

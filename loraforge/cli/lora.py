@@ -26,11 +26,15 @@ def lora() -> None:
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--dtype", default="fp16", show_default=True, help="Output dtype: fp32, fp16 or bf16.")
-@click.option("-o", "--output", type=click.Path(), help="Write the fused diffusers folder here without registering.")
+@click.option("-o", "--output", type=click.Path(),
+              help="Write the fused checkpoint here without registering: a diffusers folder for a folder BASE, "
+                   "a single file in BASE's own layout for a single-file BASE.")
 @click.option("--name", help="Register the fused checkpoint under this name.")
+@click.option("--config", type=click.Path(exists=True, file_okay=False),
+              help="A diffusers folder of a single-file BASE's architecture (its configs map the file's tensors).")
 @click.pass_context
-def fuse(ctx, base, adapters, dtype, output, name):
-    """Bake ADAPTERS (REF=W) into checkpoint BASE."""
+def fuse(ctx, base, adapters, dtype, output, name, config):
+    """Bake ADAPTERS (REF=W) into checkpoint BASE (a diffusers folder, .safetensors single file or .ckpt)."""
     from loraforge.ops.fuse import fuse_loras
     from loraforge.ops.specs import AdapterInput, FuseSpec, make_spec
     from loraforge.registry.refs import parse_weighted
@@ -40,7 +44,7 @@ def fuse(ctx, base, adapters, dtype, output, name):
     items = [make_spec(AdapterInput, ref=r, weight=w) for r, w in (parse_weighted(a) for a in adapters)]
     spec = make_spec(FuseSpec, base=base, adapters=items, dtype=dtype)
     with progress("fusing") as advance:
-        result = fuse_loras(registry_from_ctx(ctx), spec, name=name, output=output, progress=advance)
+        result = fuse_loras(registry_from_ctx(ctx), spec, name=name, output=output, progress=advance, config=config)
     click.echo(f"registered {result.ref} (checkpoint, fused {len(items)} adapter(s))" if name else f"wrote {result}")
 
 

@@ -56,3 +56,21 @@ def refusal_reason(error: Exception) -> str:
         if "weights_only" not in sentence and "safe_globals" not in sentence:
             return sentence
     return "torch's weights-only loader refused it"
+
+
+def tensor_state_dict(path: Path) -> dict:
+    """{name: tensor} of a pickled checkpoint (`torch.save` of a state dict, optionally under "state_dict"),
+    loaded with weights_only=True and memory-mapped when it is a zip archive. Refused in one line naming the
+    first entry that is not a tensor (an optimizer state, a step counter, a config object)."""
+    import torch
+
+    data = load_weights_only(path, mmap=True)
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise FormatError(f"{path} holds a {type(data).__name__}, not a state dict of tensors")
+    for key, value in data.items():
+        if not isinstance(value, torch.Tensor):
+            raise FormatError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; a checkpoint must "
+                              "hold only tensors (save its state_dict, or a .safetensors copy)")
+    return data

@@ -1,7 +1,9 @@
-"""Opened checkpoints: single-file (A1111 prefixes) or diffusers folders, read tensor by tensor.
+"""Opened checkpoints: single-file (A1111 prefixes, `.safetensors` or pickled `.ckpt`/`.pt`) or diffusers
+folders, read tensor by tensor.
 
 Every tensor has a *checkpoint key*: the key itself in a single file, `component/key` in a folder,
-so two inputs of the same layout are compared and merged key by key.
+so two inputs of the same layout are compared and merged key by key. A single file's tensors are tied to
+diffusers names by `single_file_keymap` (diffusers' own converters, see models.single_file).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import Optional
 import torch
 
 from loraforge.errors import ConfigError, MergeError
-from loraforge.formats.safetensors_io import TensorFile, TensorInfo
+from loraforge.formats.safetensors_io import TensorFile, TensorInfo, st_dtype
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 SINGLE_FILE_PREFIXES = {
     "model.diffusion_model.": "unet",
@@ -65,9 +69,14 @@ class Checkpoint:
                     if f.name.count(".") > 1:  # variants such as model.fp16.safetensors duplicate the weights
                         continue
                     ckpt._add(f.relative_to(ckpt.path).as_posix(), f, prefix=sub.name + "/")
+        elif ckpt.path.suffix.lower() in PICKLE_SUFFIXES:
+            reader = PickleFile(ckpt.path)
+            ckpt.files[ckpt.path.name] = reader
+            ckpt.index.update({key: (ckpt.path.name, key) for key in reader.entries})
         else:
             if ckpt.path.suffix.lower() != ".safetensors":
-                raise ConfigError(f"{base.ref}: only .safetensors checkpoints can be merged; convert {ckpt.path.name} first")
+                raise ConfigError(f"{base.ref}: {ckpt.path.name} is neither .safetensors nor a torch pickle "
+                                  f"({', '.join(PICKLE_SUFFIXES)})")
             ckpt._add(ckpt.path.name, ckpt.path, prefix="")
         if not ckpt.index:
             raise MergeError(f"{base.ref} holds no safetensors weights")
@@ -131,3 +140,61 @@ def check_compatible(first: Checkpoint, other: Checkpoint, components: set[str])
         if other.component(ckey) in components and ckey not in first.index:
             raise MergeError(f"tensor {ckey} of {other.ref} is missing from {first.ref}: the checkpoints "
                              "are different architectures")
+
+
+class PickleFile:
+    """A pickled state dict (`.ckpt`/`.pt`, optionally under "state_dict") read with weights_only=True and
+    memory-mapped where torch can (zip checkpoints), behind the reads `TensorFile` offers."""
+
+    def __init__(self, path: Path):
+        from loraforge.formats.pickles import tensor_state_dict
+
+        self.path = Path(path)
+        self._tensors = tensor_state_dict(self.path)
+        self.entries: dict[str, TensorInfo] = {}
+        offset = 0
+        for key, t in self._tensors.items():
+            n = t.numel() * t.element_size()
+            self.entries[key] = TensorInfo(st_dtype(key, t.dtype), tuple(t.shape), offset, offset + n)
+            offset += n
+
+    def close(self) -> None:
+        self._tensors = {}
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def span(self, key: str, rows: Optional[tuple[int, int]] = None) -> tuple[int, int, list[int]]:
+        return TensorFile.span(self, key, rows)  # same arithmetic over the offsets given in __init__
+
+    def get(self, key: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        t = self._tensors[key]
+        return (t[rows[0]:rows[1]] if rows is not None and t.dim() else t).clone()
+
+    def read_into(self, key: str, buffer: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        t = self._tensors[key]
+        t = t[rows[0]:rows[1]] if rows is not None and t.dim() else t
+        out = buffer.view(torch.uint8)[: t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        return out.copy_(t)
+
+
+def single_file_keymap(base, home: Optional[Path] = None, config: Optional[Path] = None):
+    """The `models.single_file.KeyMap` of single-file checkpoint `base` (a `BaseModel`), with the configs of
+    `config`, of the base's own --config, or of the builtin model of its architecture; refused in one line
+    when none is known."""
+    from loraforge.formats.safetensors_io import tensor_shapes
+    from loraforge.models.pipeline import single_file_configs
+    from loraforge.models.single_file import KeyMap, configs_from_folder
+
+    folder = Path(config) if config is not None else single_file_configs(base, home)
+    if folder is None:
+        raise ConfigError(f"{base.ref}: the configs of this {base.family} single file's architecture are not known; "
+                          "pass --config DIR, a diffusers folder of the same architecture")
+    path = Path(base.path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        from loraforge.formats.pickles import tensor_state_dict
+
+        shapes = {k: tuple(v.shape) for k, v in tensor_state_dict(path).items()}
+    else:
+        shapes = tensor_shapes(path)
+    return KeyMap.build(shapes, base.family, configs_from_folder(folder, base.family))

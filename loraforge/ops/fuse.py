@@ -69,9 +69,53 @@ def write_fused(base: Checkpoint, states_weights, out: Path, dtype: torch.dtype,
     return out
 
 
+def _touched(states_weights, component: str, key: str) -> bool:
+    name = f"{component}.{key.rsplit('.', 1)[0]}"
+    return any(name in state for state, _ in states_weights)
+
+
+def write_fused_single_file(base: Checkpoint, keymap, states_weights, out: Path, dtype: torch.dtype,
+                            progress: Callable[..., None] | None = None) -> Path:
+    """Write base + Σ wᵢ·ΔWᵢ as a single file at `out` with the base file's keys, order and dtypes; a tensor an
+    adapter changes is stored in `dtype`. Each ΔW lands on the single-file tensor diffusers' converter reads that
+    module from (a view of it for fused tensors such as the open-clip in_proj_weight's q/k/v)."""
+    (rel, keys), = base.file_layout()
+    entries = []
+    for ckey, key in keys:
+        info = base.info(ckey)
+        touched = info.is_float and any(_touched(states_weights, p.component, p.key) for p in keymap.pieces.get(key, []))
+        entries.append((key, info.shape, dtype if touched else info.torch_dtype))
+    with SafetensorsWriter(out, entries, {"format": "pt"}) as writer:
+        for (ckey, key), (_, _, want) in zip(keys, entries):
+            tensor = base.get(ckey)
+            pieces = [p for p in keymap.pieces.get(key, []) if _touched(states_weights, p.component, p.key)]
+            if pieces and tensor.is_floating_point():
+                tensor = tensor.to(torch.float32)
+                for piece in pieces:
+                    view = piece.view_of(tensor)
+                    view.copy_(fuse_tensor(states_weights, piece.component, piece.key, view.contiguous()))
+            writer.write(key, tensor.to(want))
+            if progress:
+                progress()
+    return out
+
+
+def single_file_targets(keymap) -> dict:
+    """{component: {module: weight shape}} of a single file, in diffusers names (what adapters are checked against)."""
+    out: dict = {}
+    for pieces in keymap.pieces.values():
+        for p in pieces:
+            if p.key.endswith(".weight") and len(p.shape) in (2, 4):
+                out.setdefault(p.component, {})[p.key[: -len(".weight")]] = p.shape
+    return out
+
+
 def fuse_loras(registry, spec: FuseSpec, *, name: str | None = None, output: str | Path | None = None,
-               recipe=None, input_digest: str | None = None, progress: Callable[..., None] | None = None):
-    """Bake `spec.adapters` into `spec.base`; register checkpoint `name` and/or write folder `output`."""
+               recipe=None, input_digest: str | None = None, progress: Callable[..., None] | None = None,
+               config: str | Path | None = None):
+    """Bake `spec.adapters` into `spec.base`; register checkpoint `name` and/or write `output`: a diffusers
+    folder for a folder base, a single file in the base file's layout for a single-file base (`config`: a
+    diffusers folder of its architecture, when it is not the builtin one's)."""
     from loraforge.home import tmp_dir
     from loraforge.ops.lora_merge import load_inputs
     from loraforge.registry.manifest import BaseInfo, Manifest, Parent, Provenance
@@ -84,11 +128,13 @@ def fuse_loras(registry, spec: FuseSpec, *, name: str | None = None, output: str
         check_name(name)
     dtype = dtype_from_name(spec.dtype)
     base_model = resolve_base(registry, spec.base)
+    keymap = None
     if base_model.layout != "diffusers":
-        raise ConfigError(f"{spec.base} is a single-file checkpoint; fusing needs a diffusers folder base "
-                          "(import or convert the base as a folder first)")
+        from loraforge.ops.checkpoints import single_file_keymap
+
+        keymap = single_file_keymap(base_model, registry.home, config)
     loaded = load_inputs(registry, spec.adapters, base=base_model)
-    targets = base_targets(base_model)
+    targets = base_targets(base_model) if keymap is None else single_file_targets(keymap)
     for state, _, ref, _ in loaded:
         try:
             state.check_against(targets)
@@ -97,20 +143,24 @@ def fuse_loras(registry, spec: FuseSpec, *, name: str | None = None, output: str
     base = Checkpoint.open(base_model)
     try:
         with tempfile.TemporaryDirectory(dir=tmp_dir(registry.home), prefix="fuse-") as tmp:
-            staged = write_fused(base, [(s, a.weight) for (s, *_), a in zip(loaded, spec.adapters)],
-                                 Path(tmp) / "fused", dtype, progress)
+            states_weights = [(s, a.weight) for (s, *_), a in zip(loaded, spec.adapters)]
+            if keymap is None:
+                staged = write_fused(base, states_weights, Path(tmp) / "fused", dtype, progress)
+            else:
+                staged = write_fused_single_file(base, keymap, states_weights, Path(tmp) / "fused.safetensors",
+                                                 dtype, progress)
             result = _place_output(staged, Path(output).expanduser()) if output is not None else None
             if name is not None:
                 parents = [Parent(ref=base.ref, digest=base.digest, role="base", weight=1.0)]
                 parents += [Parent(ref=ref, digest=digest, role="adapter", weight=a.weight)
                             for (_, _, ref, digest), a in zip(loaded, spec.adapters)]
                 manifest = Manifest(
-                    name=name, kind="checkpoint", digest="", files=[], layout="diffusers",
+                    name=name, kind="checkpoint", digest="", files=[], layout=base.layout,
                     base=BaseInfo(ref=base.ref, digest=base.digest, family=base.family),
                     provenance=Provenance(method="fuse", params={"dtype": spec.dtype}, parents=parents,
                                           recipe=recipe, source="fuse"),
                 )
-                result = registry.register(manifest, _artifact_files(staged, "diffusers"), input_digest=input_digest)
+                result = registry.register(manifest, _artifact_files(staged, base.layout), input_digest=input_digest)
             return result
     finally:
         base.close()
