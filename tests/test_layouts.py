@@ -323,3 +323,55 @@ def test_a_diffusers_file_with_adapter_metadata_imports_with_its_alphas_and_expo
     assert text and all(n.split(".", 1)[1].startswith("text_model.encoder.") for n in text), text  # canonical
     assert_same_outputs(applied(pipe, state), want, base=outputs(pipe))
     assert_same_outputs(outputs(loaded_by_diffusers(pipe, out)), want)
+
+
+# -- the older diffusers attention-processor keys ------------------------------------------
+
+def _old_diffusers_file(pipe, path: Path, unet_prefix: str) -> dict[str, torch.Tensor]:
+    """An SD1 LoRA in the keys diffusers wrote before PEFT (UNet `…attn1.processor.to_q_lora.down.weight`,
+    text encoder `…q_proj.lora_linear_layer.down.weight`, alpha = rank), spelled by inverting diffusers' own
+    old-to-new table and by its PEFT-to-diffusers converter; returns the producer's outputs."""
+    from diffusers.utils.state_dict_utils import UNET_TO_DIFFUSERS, convert_state_dict_to_diffusers
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    producer = fresh(pipe)
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                            producer.unet)
+    inject_adapter_in_model(LoraConfig(r=3, lora_alpha=3, target_modules=["q_proj", "out_proj", "fc1"]),
+                            producer.text_encoder)
+    randomized(producer.unet, seed=20), randomized(producer.text_encoder, seed=21)
+    new_to_old = {new + ".weight": old.replace(".to_", ".processor.to_") + ".weight"
+                  for old, new in UNET_TO_DIFFUSERS.items() if old.startswith(".to_") and "magnitude" not in old}
+    sd = {}
+    for key, value in get_peft_model_state_dict(producer.unet).items():
+        suffix = next(s for s in new_to_old if key.endswith(s))
+        sd[unet_prefix + key[: -len(suffix)] + new_to_old[suffix]] = value
+    for key, value in convert_state_dict_to_diffusers(get_peft_model_state_dict(producer.text_encoder)).items():
+        sd[f"text_encoder.{key}"] = value
+    save_file(sd, str(path))
+    return outputs(producer)
+
+
+@pytest.mark.parametrize("unet_prefix", ["unet.", ""])
+def test_old_attention_processor_keys_import_as_diffusers_loads_them(home, tmp_path, pipelines, unet_prefix):
+    pipe = pipelines["sd1"]
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    want = _old_diffusers_file(pipe, path, unet_prefix)
+    keys = sorted(load_file_keys(path))
+    assert any(".processor.to_out_lora.down.weight" in k for k in keys)
+    assert any(".q_proj.lora_linear_layer.up.weight" in k for k in keys)
+    if unet_prefix:  # diffusers 0.42 says "no LoRA keys ... with the prefix='unet'" for the oldest files
+        assert_same_outputs(outputs(loaded_by_diffusers(pipe, path)), want)
+
+    state, out = imported(home, path, "old", "diffusers", tmp_path / "new.safetensors")
+    assert any(n.endswith(".attn1.to_out.0") for n in state) and any(n.endswith("self_attn.q_proj") for n in state)
+    assert_same_outputs(applied(pipe, state), want, base=outputs(pipe))
+    assert_same_outputs(outputs(loaded_by_diffusers(pipe, out)), want)
+
+
+def load_file_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
