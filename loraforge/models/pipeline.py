@@ -117,7 +117,9 @@ def single_file_configs(base: BaseModel, home: Path | None = None) -> Path | Non
 def _load_single_file(cls, base: BaseModel, dtype: torch.dtype, home: Path | None):
     config = single_file_configs(base, home)
     if config is not None:
-        return cls.from_single_file(str(base.path), config=str(config), dtype=dtype, local_files_only=True)
+        pipe = cls.from_single_file(str(base.path), config=str(config), dtype=dtype, local_files_only=True)
+        _load_converted_weights(pipe, base.path, config, dtype)
+        return pipe
     try:
         return cls.from_single_file(str(base.path), dtype=dtype)
     except Exception as exc:  # diffusers fetches the standard configs from the Hub: offline this fails
@@ -129,83 +131,118 @@ def _load_single_file(cls, base: BaseModel, dtype: torch.dtype, home: Path | Non
         ) from None
 
 
+def _load_converted_weights(pipe, path: Path, folder: Path, dtype: torch.dtype) -> None:
+    """Set every UNet, VAE and text-encoder weight of `pipe` from single file `path`, converted by
+    models.single_file (diffusers' converter of each component) and loaded strictly.
+
+    from_single_file alone is not enough: it chooses the text encoders' converter from tensor widths (an SDXL
+    whose two encoders are equally wide gets text_encoder's weights in text_encoder_2) and loads non-strictly,
+    leaving what it did not find at random or empty values.
+    """
+    from loraforge.errors import FormatError
+    from loraforge.models import single_file as sf
+
+    checkpoint = _read_checkpoint(path)
+    family = family_of_folder(folder)
+    keymap = sf.KeyMap.build({k: tuple(v.shape) for k, v in checkpoint.items()}, family,
+                             sf.configs_from_folder(folder, family))
+    for component, state in sf.to_diffusers(checkpoint, keymap).items():
+        module = getattr(pipe, component)
+        own = module.state_dict()
+        if component.startswith("text_encoder") and not hasattr(module, "text_model"):
+            state = {_strip_text_model(k): v for k, v in state.items()}  # transformers 5's flattened CLIPTextModel
+        state = {k: v.to(dtype) for k, v in state.items() if k in own or not k.endswith(_DROPPED)}
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or extra:
+            which = f"lacks {component}.{missing[0]}" if missing else f"has {component}.{extra[0]}, unknown to it"
+            raise FormatError(f"{path.name} does not load completely into the configs of {folder}: the file {which}")
+        module.load_state_dict(state, strict=True, assign=True)
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    if Path(path).suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return {k: v for k, v in _load_pickle_state_dict(path).items() if isinstance(v, torch.Tensor)}
+
+
 # ---- does a single file have a diffusers folder's architecture? --------------------------------------
 
 _TEXT_MODEL = "text_model."
+# Tensors diffusers' conversion leaves out on purpose: CLIP's position ids (rebuilt), open-clip's logit scale.
+_DROPPED = ("position_ids", "logit_scale")
 
 
 def architecture_problem(single_file: Path, folder: Path) -> str | None:
     """None when `single_file` has exactly the tensors of diffusers folder `folder`'s UNet, VAE and text
-    encoders, by name and shape, after diffusers' own single-file conversion (run on shape-only meta
-    tensors, so nothing but the header is read); else the first difference, in words."""
-    single = _meta_checkpoint(single_file)
-    for component, converted in _converted_components(single, Path(folder)):
-        if isinstance(converted, str):
-            return f"its {component} does not fit the folder's {component} config ({converted})"
-        expected = {_strip_text_model(k): v for k, v in _folder_shapes(Path(folder) / component).items()
-                    if not k.endswith("position_ids")}
-        have = {_strip_text_model(k): tuple(v.shape) for k, v in converted.items() if not k.endswith("position_ids")}
-        for key in sorted(expected):
-            if key not in have:
-                return f"the folder's {component}.{key} is missing from the file"
-            if have[key] != expected[key]:
-                return (f"{component}.{key} is {'x'.join(map(str, have[key]))} in the file but "
-                        f"{'x'.join(map(str, expected[key]))} in the folder")
-        extra = sorted(set(have) - set(expected))
-        if extra:
-            return f"the file has {component}.{extra[0]}, which the folder's {component} lacks"
+    encoders as its configs build them (config_shapes), by name and shape, after diffusers' own single-file
+    conversion (models.single_file, run on shape-only tensors: nothing but the header is read), and no tensor of
+    those parts the conversion leaves unused; else the first difference, in words."""
+    from loraforge.errors import FormatError
+    from loraforge.models import single_file as sf
+
+    family = family_of_folder(folder)
+    shapes = _file_shapes(single_file)
+    try:
+        keymap = sf.KeyMap.build(shapes, family, sf.configs_from_folder(folder, family))
+    except FormatError as exc:
+        return str(exc)
+    have = {(p.component, _strip_text_model(p.key)): p.shape for ps in keymap.pieces.values() for p in ps
+            if not p.key.endswith(_DROPPED)}
+    want = {(c, _strip_text_model(k)): s for c, ks in config_shapes(folder, family).items() for k, s in ks.items()
+            if not k.endswith(_DROPPED)}
+    for component, key in sorted(want):
+        if (component, key) not in have:
+            return f"the folder's {component}.{key} is missing from the file"
+        if have[component, key] != want[component, key]:
+            return (f"{component}.{key} is {'x'.join(map(str, have[component, key]))} in the file but "
+                    f"{'x'.join(map(str, want[component, key]))} in the folder")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        return f"the file has {extra[0][0]}.{extra[0][1]}, which the folder lacks"
+    parts = tuple(sf.prefixes(family).values())
+    unused = [k for k in shapes if k.startswith(parts) and not keymap.pieces.get(k) and not k.endswith(_DROPPED)]
+    if unused:
+        return f"the file's {unused[0]} has no place in the folder's configs"
     return None
+
+
+def config_shapes(folder: Path, family: str) -> dict[str, dict[str, tuple[int, ...]]]:
+    """component → parameter → shape of the UNet, VAE and text encoders the folder's configs build (on the meta
+    device, so nothing is allocated and the folder needs no weights), with the classes its model_index names."""
+    import importlib
+    import json
+
+    from loraforge.models import single_file as sf
+
+    index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    out = {}
+    for component in sf.COMPONENTS[family]:
+        library, class_name = (index.get(component) or [None, None])[:2]
+        if not library or not class_name:
+            continue  # a pipeline without it (the file's tensors of it, if any, then have no place)
+        cls = getattr(importlib.import_module(library), class_name)
+        where = Path(folder) / component
+        with torch.device("meta"):
+            if library == "transformers":
+                module = cls(cls.config_class.from_pretrained(where))
+            else:
+                module = cls.from_config(cls.load_config(where))
+        out[component] = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return out
 
 
 def _strip_text_model(key: str) -> str:
     return key[len(_TEXT_MODEL):] if key.startswith(_TEXT_MODEL) else key
 
 
-def _meta_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The file's tensor names with shape-only (meta) tensors: what the converters need, no weight read."""
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if Path(path).suffix.lower() == ".safetensors":
         from loraforge.formats.safetensors_io import tensor_shapes
 
-        shapes = tensor_shapes(path)
-    else:
-        shapes = {k: tuple(v.shape) for k, v in _load_pickle_state_dict(path).items() if hasattr(v, "shape")}
-    return {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
-
-
-def _folder_shapes(component_dir: Path) -> dict[str, tuple[int, ...]]:
-    from loraforge.formats.safetensors_io import tensor_shapes
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in sorted(component_dir.glob("*.safetensors")):
-        shapes.update(tensor_shapes(file))
-    return shapes
-
-
-def _converted_components(checkpoint: dict, folder: Path):
-    """(component, its diffusers state dict by diffusers' own converters, or why the conversion failed)."""
-    import json
-    from types import SimpleNamespace
-
-    from diffusers.loaders import single_file_utils as sfu
-
-    def config_of(component: str) -> dict:
-        return json.loads((folder / component / "config.json").read_text(encoding="utf-8"))
-
-    converters = {
-        "unet": lambda: sfu.convert_ldm_unet_checkpoint(checkpoint, config_of("unet")),
-        "vae": lambda: sfu.convert_ldm_vae_checkpoint(dict(checkpoint), config_of("vae")),
-        "text_encoder": lambda: sfu.convert_ldm_clip_checkpoint(checkpoint),
-        "text_encoder_2": lambda: sfu.convert_open_clip_checkpoint(
-            SimpleNamespace(config=SimpleNamespace(**config_of("text_encoder_2"))), checkpoint,
-            prefix="conditioner.embedders.1.model."),
-    }
-    for component, convert in converters.items():
-        if not (folder / component).is_dir():
-            continue
-        try:
-            yield component, convert()
-        except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:
-            yield component, f"{type(exc).__name__}: {str(exc)[:80]}"
+        return dict(tensor_shapes(path))
+    return {k: tuple(v.shape) for k, v in _load_pickle_state_dict(path).items() if hasattr(v, "shape")}
 
 
 def lora_target_names(pipe) -> dict[str, dict[str, tuple[int, ...]]]:
