@@ -267,6 +267,17 @@ def test_refusals_are_one_line_and_leave_the_registry_unchanged(produced, home, 
     assert "DoRA" in line and "base weight" in line
     line = refused(run(home, "registry", "export", "wd", "--format", "diffusers", "-o", str(tmp_path / "d"), ok=False))
     assert "dora" in line and "kohya" in line
+    from safetensors.torch import save_file
+
+    oft = tmp_path / "oft.safetensors"  # a LyCORIS algorithm loraforge does not read (OFT)
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.oft_blocks": torch.zeros(4, 8, 8)}, str(oft))
+    line = refused(run(home, "registry", "import", str(oft), "--name", "oft", ok=False))
+    assert "lora_unet_down_blocks_0_attentions_0_proj_in.oft_blocks" in line and "hada_w1_a" in line
+    half = tmp_path / "half.safetensors"  # a LoHa missing its second Hadamard half
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(32, 2),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_b": torch.zeros(2, 32)}, str(half))
+    line = refused(run(home, "registry", "import", str(half), "--name", "half", ok=False))
+    assert "incomplete loha module" in line
     assert Registry(home).list() == before
 
 
