@@ -375,3 +375,79 @@ def load_file_keys(path: Path) -> list[str]:
 
     with safe_open(str(path), "pt") as f:
         return list(f.keys())
+
+
+# -- ai-toolkit files ----------------------------------------------------------------------
+# ai-toolkit (ostris) trains SD1/SDXL LoRAs with its LoRASpecialNetwork, derived from sd-scripts' LoRANetwork but
+# attached to diffusers' UNet: every Linear of the UNet (and its 3×3 convs when a conv rank is set) and the
+# Linears of CLIP's attention and MLP blocks, named `lora_unet_` / `lora_te_` (SDXL `lora_te1_`, `lora_te2_`)
+# plus the flattened diffusers / transformers path, each with `.alpha`; `save_weights` casts every tensor,
+# alpha included, to the save dtype (float16 by default). Since July 2024 its SDXL files use these diffusers
+# names too (the SGM keymap it used before was removed). Flux, SD3 and other transformers are saved in PEFT
+# keys (`transformer.….lora_A.weight`, no alpha). The test writes files by those rules.
+
+AI_TOOLKIT_PREFIXES = {"sd1": {"unet": "lora_unet", "text_encoder": "lora_te"},
+                       "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
+
+
+def _ai_toolkit_file(pipe, family: str, path: Path, dtype=torch.float16, skip=("add_embedding",)):
+    """(the outputs W + ΔW gives, the file's tensors) of an ai-toolkit-style LoRA written to `path`."""
+    gen = torch.Generator().manual_seed(30)
+    sd, target = {}, fresh(pipe)
+    for component, prefix in AI_TOOLKIT_PREFIXES[family].items():
+        model = getattr(target, component)
+        if component == "unet":
+            modules = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        else:
+            modules = {f"{n}.{c}": m for n, block in model.named_modules()
+                       if type(block).__name__ in ("CLIPAttention", "CLIPMLP")
+                       for c, m in block.named_children() if isinstance(m, torch.nn.Linear)}
+        for name, module in sorted(modules.items()):
+            if any(word in name for word in skip):
+                continue
+            conv3 = isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1)
+            rank, alpha = (2, 1.0) if conv3 else (4, 2.0)
+            w = module.weight
+            down = (torch.randn(rank, *w.shape[1:], generator=gen) * 0.1).to(dtype)
+            up = (torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=gen) * 0.1).to(dtype)
+            # names as ai-toolkit wrote them, under the transformers it pins (CLIPTextModel with `text_model.`)
+            file_name = name if component == "unet" or hasattr(model, "text_model") else f"text_model.{name}"
+            key = f"{prefix}.{file_name}".replace(".", "_")
+            sd.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                       f"{key}.alpha": torch.tensor(alpha).to(dtype)})
+            with torch.no_grad():
+                flat = up.float().flatten(1) @ down.float().flatten(1)
+                w += (alpha / rank) * flat.reshape(w.shape)
+    save_file(sd, str(path), metadata={"ss_base_model_version": "sdxl_1.0" if family == "sdxl" else "sd_1.5",
+                                       "software": json.dumps({"name": "ai-toolkit"})})
+    return outputs(target), sd
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_an_ai_toolkit_file_imports_as_diffusers_kohya_loader_applies_it_and_exports_unchanged(
+        home, tmp_path, pipelines, family):
+    from safetensors.torch import load_file
+
+    pipe = pipelines[family]
+    path = tmp_path / "aitk.safetensors"
+    # diffusers' kohya converter mangles SDXL's add_embedding names (see test_export_consumers), so the
+    # file the owner's loader checks leaves those two layers out
+    want, sd = _ai_toolkit_file(pipe, family, path)
+    assert {t.dtype for t in sd.values()} == {torch.float16}
+    assert_same_outputs(outputs(loaded_by_diffusers(pipe, path)), want)
+
+    state, out = imported(home, path, "aitk", "kohya", tmp_path / "back.safetensors")
+    assert_same_outputs(applied(pipe, state), want, base=outputs(pipe))
+    back = load_file(str(out))
+    assert sorted(back) == sorted(sd)
+    assert all(back[k].dtype == sd[k].dtype and torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_an_ai_toolkit_sdxl_file_with_add_embedding_imports_exactly(home, tmp_path, pipelines):
+    pipe = pipelines["sdxl"]
+    path = tmp_path / "aitk.safetensors"
+    want, sd = _ai_toolkit_file(pipe, "sdxl", path, dtype=torch.bfloat16, skip=())
+    assert any(k.startswith("lora_unet_add_embedding_linear_1") for k in sd)
+    state, _ = imported(home, path, "aitk", "diffusers", tmp_path / "out.safetensors")
+    assert_same_outputs(applied(pipe, state), want, base=outputs(pipe))
+    assert_same_outputs(outputs(loaded_by_diffusers(pipe, tmp_path / "out.safetensors")), want)
