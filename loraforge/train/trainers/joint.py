@@ -13,7 +13,7 @@ from loraforge.registry.refs import check_name
 from loraforge.train.base import TrainConfig
 from loraforge.train.lora_targets import TEXT_ENCODER_TARGETS
 from loraforge.train.trainer import SessionTrainer
-from loraforge.train.trainers.lora import lora_targets
+from loraforge.train.trainers.lora import lora_targets, text_encoder_components
 
 if TYPE_CHECKING:  # pragma: no cover
     from loraforge.train.session import Session
@@ -50,6 +50,7 @@ class JointTrainer(SessionTrainer):
 
     config_class = JointConfig
     method = "joint"
+    families = ("sd1", "sdxl")
 
     def run(self, session: Session) -> list[Manifest]:
         from loraforge.models.peft_layers import activate_adapter
@@ -68,7 +69,8 @@ class JointTrainer(SessionTrainer):
         data = {k: prepare_dataset(registry, config.adapters[k].dataset, output=names[k],
                                    instance_prompt=config.adapters[k].instance_prompt) for k in keys}
         model = session.load_model()
-        text_encoder = model.pipe.text_encoder
+        text_parts = text_encoder_components(session)  # none, text_encoder, or (SDXL) both
+        encoders = [getattr(model.pipe, c) for c in text_parts]
         sources = {k: BatchSource(model, data[k], home=registry.home, resolution=config.resolution, crop=config.crop,
                                   seed=config.seed, cached=config.cache_latents,
                                   encode_text=not config.train_text_encoder) for k in keys}
@@ -76,9 +78,9 @@ class JointTrainer(SessionTrainer):
         for i, k in enumerate(keys):
             params.update(session.add_lora(model.unet, "unet", config.target_modules, adapter_name=k,
                                            seed=config.seed + i))
-            if config.train_text_encoder:  # each adapter gets its own text-encoder LoRA too
-                params.update(session.add_lora(text_encoder, "text_encoder", TEXT_ENCODER_TARGETS, adapter_name=k,
-                                               seed=config.seed + len(keys) + i))
+            for j, component in enumerate(text_parts, start=1):  # each adapter gets its own text-encoder LoRAs too
+                params.update(session.add_lora(getattr(model.pipe, component), component, TEXT_ENCODER_TARGETS,
+                                               adapter_name=k, seed=config.seed + j * len(keys) + i))
         unet = session.forward_unet()
         session.periodic = [(k, list(dict.fromkeys(data[k].captions))[:2], (0.0, 1.0)) for k in keys]
         n_timesteps = model.noise_scheduler.config.num_train_timesteps
@@ -86,8 +88,8 @@ class JointTrainer(SessionTrainer):
         def step_fn(step: int, micro: int):
             total = 0.0
             for i, k in enumerate(keys):
-                activate_adapter(model.unet, k)  # only this adapter acts on (and gets gradients from) its batch
-                activate_adapter(text_encoder, k)
+                for part in (model.unet, *encoders):  # only this adapter acts on (and gets gradients from) its batch
+                    activate_adapter(part, k)
                 idx = batch_indices(len(data[k]), config.batch_size, step, micro, config.seed + i,
                                     config.gradient_accumulation)
                 latents, text = sources[k].batch(idx)
@@ -99,18 +101,18 @@ class JointTrainer(SessionTrainer):
 
         result = run_loop(title=f"train joint {output}", params=params, step_fn=step_fn,
                           samples_per_step=config.batch_size * len(keys), **session.loop_kwargs())
-        outputs = [AdapterOutput(name=names[k], state=_adapter_state(model, k, config.train_text_encoder), adapter_name=k,
+        outputs = [AdapterOutput(name=names[k], state=_adapter_state(model, k, text_parts), adapter_name=k,
                                  datasets=[data[k].manifest], validation_prompts=list(dict.fromkeys(data[k].captions))[:2],
                                  metrics={"adapter": k, "loss_weight": config.adapters[k].loss_weight})
                    for k in keys]
         return session.finish(outputs, result.metrics, training={"adapters": keys})
 
 
-def _adapter_state(model, adapter_name: str, with_text_encoder: bool):
-    """Adapter `adapter_name`'s factors: its UNet layers, and its text-encoder layers with the text-encoder prefix."""
+def _adapter_state(model, adapter_name: str, text_parts: list[str]):
+    """Adapter `adapter_name`'s factors: its UNet layers, and its layers in the text encoders `text_parts`."""
     from loraforge.train.peft_lora import lora_state_from_module
 
     state = lora_state_from_module(model.unet, "unet", adapter_name=adapter_name)
-    if with_text_encoder:
-        lora_state_from_module(model.pipe.text_encoder, "text_encoder", adapter_name=adapter_name, state=state)
+    for component in text_parts:
+        lora_state_from_module(getattr(model.pipe, component), component, adapter_name=adapter_name, state=state)
     return state
