@@ -108,6 +108,27 @@ def configs_only(folder: Path, dst: Path) -> Path:
     return dst
 
 
+def with_other_schedule(folder: Path, dst: Path) -> Path:
+    """A copy of a diffusers folder whose noise schedule differs (same architecture, so the single file fits it):
+    what a file loaded with these configs computes shows whether the configs were used."""
+    import json
+    import shutil
+
+    shutil.copytree(folder, dst)
+    path = next((dst / "scheduler").glob("scheduler_config.json"))
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "beta_end": 0.02}))
+    return dst
+
+
+def images_equal(a: Path, b: Path) -> bool:
+    import numpy as np
+    from PIL import Image
+
+    x, y = (np.asarray(Image.open(p), dtype=np.int16) for p in (a, b))
+    return x.shape == y.shape and int(np.abs(x - y).max()) == 0
+
+
 def trained_adapter(home: Path, name: str):
     from loraforge.formats import read_adapter
     from loraforge.registry import Registry
@@ -123,29 +144,35 @@ def test_training_on_a_single_file_gives_the_adapter_the_folder_gives(home, tmp_
     data = pattern_images(tmp_path / "data", "stripes", n=2, caption="red stripes")
     common = ["--dataset", str(data), "--steps", "3", "--resolution", "32", "--rank", "2", "--learning-rate", "1e-2",
               "--validation-steps", "1", "--batch-size", "2", "--train-text-encoder"]
+    variant = with_other_schedule(folder, tmp_path / "variant")
     run_cli(home, "train", "lora", "--name", "from-folder", "--base", f"builtin:{name}", *common)
     run_cli(home, "train", "lora", "--name", "from-file", "--base", str(path), *common)
+    run_cli(home, "train", "lora", "--name", "from-variant", "--base", str(variant), *common)
     run_cli(home, "train", "lora", "--name", "from-file-config", "--base", str(path),
-            "--config", str(configs_only(folder, tmp_path / "configs")), *common)
-    folder_state = trained_adapter(home, "from-folder")
-    assert len(folder_state) > 0
-    for other in ("from-file", "from-file-config"):
-        state = trained_adapter(home, other)
-        assert sorted(state.keys()) == sorted(folder_state.keys())
-        for key, module in folder_state.items():
-            for a, b in ((state[key].up, module.up), (state[key].down, module.down)):
-                assert float((a - b).norm()) <= 1e-6 * max(float(b.norm()), 1e-12), (other, key)
+            "--config", str(configs_only(variant, tmp_path / "configs")), *common)
+
+    def worst(x, y) -> float:
+        assert sorted(x.keys()) == sorted(y.keys()) and len(x) > 0
+        return max(float((a - b).norm() / max(float(b.norm()), 1e-12))
+                   for key in y.keys() for a, b in ((x[key].up, y[key].up), (x[key].down, y[key].down)))
+
+    states = {n: trained_adapter(home, n) for n in ("from-folder", "from-file", "from-variant", "from-file-config")}
+    assert worst(states["from-file"], states["from-folder"]) <= 1e-6
+    assert worst(states["from-file-config"], states["from-variant"]) <= 1e-6
+    assert worst(states["from-variant"], states["from-folder"]) > 1e-3  # the config's schedule was used
 
 
 def test_generate_from_a_single_file_makes_the_folders_image(home, tmp_path, single):
-    import numpy as np
-    from PIL import Image
-
     name, folder, path = single
+    variant = with_other_schedule(folder, tmp_path / "variant")
     run_cli(home, *generate_args(f"builtin:{name}", tmp_path / "folder.png"))
-    run_cli(home, *generate_args(path, tmp_path / "file.png", "--config", str(configs_only(folder, tmp_path / "cfg"))))
-    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("folder", "file"))
-    assert a.shape == b.shape and np.abs(a - b).max() == 0
+    run_cli(home, *generate_args(path, tmp_path / "file.png"))
+    run_cli(home, *generate_args(variant, tmp_path / "variant.png"))
+    run_cli(home, *generate_args(path, tmp_path / "file-config.png", "--config",
+                                 str(configs_only(variant, tmp_path / "cfg"))))
+    assert images_equal(tmp_path / "file.png", tmp_path / "folder.png")
+    assert images_equal(tmp_path / "file-config.png", tmp_path / "variant.png")
+    assert not images_equal(tmp_path / "variant.png", tmp_path / "folder.png")  # the config's schedule was used
 
 
 def test_a_file_with_a_tensor_the_configs_do_not_place_is_not_given_the_builtins_configs(home, tmp_path, single,
@@ -164,3 +191,68 @@ def test_a_file_with_a_tensor_the_configs_do_not_place_is_not_given_the_builtins
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     line = refused(run_cli(home, *generate_args(odd, tmp_path / "x.png"), ok=False))
     assert "odd.safetensors" in line and "--config DIR" in line
+
+
+def test_a_pickled_ckpt_single_file_generates_the_folders_image(home, tmp_path, single):
+    from safetensors.torch import load_file
+
+    name, _folder, path = single
+    ckpt = tmp_path / f"{name}.ckpt"
+    torch.save({"state_dict": load_file(str(path))}, ckpt)  # the layout of older pickled checkpoints
+    run_cli(home, *generate_args(f"builtin:{name}", tmp_path / "folder.png"))
+    run_cli(home, *generate_args(ckpt, tmp_path / "ckpt.png"))
+    assert images_equal(tmp_path / "ckpt.png", tmp_path / "folder.png")
+
+
+RECIPE = """\
+name: {name}
+base: {base}
+steps:
+  style:
+    train:
+      method: lora
+      dataset: {data}
+      steps: 2
+      resolution: 32
+      rank: 2
+      learning_rate: 0.01
+      validation_steps: 1
+{train_config}
+  grid:
+    render:
+      prompts: ["red stripes"]
+      adapters: [{{ref: "${{style}}"}}]
+      steps: 2
+      size: 32
+      title: same
+{render_config}
+"""
+
+
+def test_recipe_train_and_render_steps_take_a_single_file_base_with_its_config(home, tmp_path, single):
+    from loraforge.registry import Registry
+    from test_train import pattern_images
+
+    name, folder, path = single
+    if name != "tiny-sd":
+        pytest.skip("one family is enough for the recipe plumbing")
+    data = pattern_images(tmp_path / "data", "stripes", n=2, caption="red stripes")
+    variant = with_other_schedule(folder, tmp_path / "variant")
+    config = configs_only(variant, tmp_path / "cfg")
+    recipes = {
+        "viafolder": RECIPE.format(name="viafolder", base=variant, data=data, train_config="", render_config=""),
+        "viafile": RECIPE.format(name="viafile", base=path, data=data, train_config=f"      base_config: {config}",
+                                 render_config=f"      base_config: {config}"),
+    }
+    for recipe_name, text in recipes.items():
+        (tmp_path / f"{recipe_name}.yaml").write_text(text)
+        run_cli(home, "recipe", "apply", str(tmp_path / f"{recipe_name}.yaml"))
+    registry = Registry(home)
+    assert registry.resolve("viafile-style:1").provenance.params["base_config"] == str(config)
+    grids = [registry.primary_file(registry.resolve(f"{r}-grid:1")) for r in recipes]
+    assert images_equal(*grids)
+    # ... and not what the builtin's own configs make of the same file (the step's base_config was used)
+    (tmp_path / "plain.yaml").write_text(RECIPE.format(name="plain", base=path, data=data, train_config="",
+                                                       render_config=""))
+    run_cli(home, "recipe", "apply", str(tmp_path / "plain.yaml"))
+    assert not images_equal(registry.primary_file(registry.resolve("plain-grid:1")), grids[1])
