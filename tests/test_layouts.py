@@ -202,7 +202,8 @@ def loaded_by_diffusers(pipe, path: Path):
     diffusers_logging.set_verbosity_warning()
     lines: list[str] = []
     handler = _Lines(lines)
-    loggers = [diffusers_logging.get_logger("diffusers"), diffusers_logging.get_logger("peft")]
+    loggers = [diffusers_logging.get_logger("diffusers"), diffusers_logging.get_logger("peft"),
+               __import__("logging").getLogger("transformers")]  # its loading report names unexpected keys
     for logger in loggers:
         logger.addHandler(handler)
     try:
@@ -451,3 +452,88 @@ def test_an_ai_toolkit_sdxl_file_with_add_embedding_imports_exactly(home, tmp_pa
     state, _ = imported(home, path, "aitk", "diffusers", tmp_path / "out.safetensors")
     assert_same_outputs(applied(pipe, state), want, base=outputs(pipe))
     assert_same_outputs(outputs(loaded_by_diffusers(pipe, tmp_path / "out.safetensors")), want)
+
+
+# -- kohya files with .alpha missing, alpha in fp16 or int64, and mixed factor dtypes ----------
+
+def _kohya_by_diffusers(pipe) -> dict[str, torch.Tensor]:
+    """An SD1 kohya state dict made by diffusers' own `convert_state_dict_to_kohya` from PEFT layers
+    (int64 alphas equal to the rank, `lora_te1_` for the text encoder)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    producer = fresh(pipe)
+    sd = {}
+    for name, targets, seed in (("unet", ["to_q", "to_v", "proj_in", "ff.net.2"], 40),
+                                # every attention and MLP projection, as sd-scripts targets them: with q_proj but
+                                # no out_proj, diffusers' kohya loader takes the file for the newer spelling and
+                                # drops q_proj
+                                ("text_encoder", ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], 41)):
+        model = getattr(producer, name)
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=targets), model)
+        randomized(model, seed)
+        sd.update({f"{name}.{k}": v for k, v in get_peft_model_state_dict(model).items()})
+    # Under transformers 5 the converter spells CLIP paths without `text_model_` (`lora_te1_encoder_layers_…`),
+    # which diffusers' own kohya loader then drops; sd-scripts writes `lora_te_text_model_encoder_…` for SD1.
+    return {k.replace("lora_te1_encoder_", "lora_te_text_model_encoder_"): v
+            for k, v in convert_state_dict_to_kohya(sd).items()}
+
+
+def _no_alpha(sd):
+    return {k: v for k, v in sd.items() if not k.endswith(".alpha")}
+
+
+def _fp16_alpha(sd):
+    return {k: (torch.tensor(2.0, dtype=torch.float16) if k.endswith(".alpha") else v) for k, v in sd.items()}
+
+
+def _mixed_dtypes(sd):
+    """Downs in bf16, ups in fp16, alphas as fp32 scalars, one module left in fp32."""
+    out = {}
+    for i, (k, v) in enumerate(sorted(sd.items())):
+        if k.endswith(".alpha"):
+            out[k] = torch.tensor(3.0)
+        elif "proj_in" in k:
+            out[k] = v.float()
+        else:
+            out[k] = v.to(torch.bfloat16 if ".lora_down." in k else torch.float16)
+    return out
+
+
+@pytest.mark.parametrize("variant", [lambda sd: sd, _no_alpha, _fp16_alpha, _mixed_dtypes],
+                         ids=["int64-alpha", "no-alpha", "fp16-alpha", "bf16-fp16-fp32-mixture"])
+def test_kohya_files_without_alpha_or_with_odd_dtypes_import_as_diffusers_kohya_loader_applies_them(
+        home, tmp_path, pipelines, variant):
+    from safetensors.torch import load_file
+
+    pipe = pipelines["sd1"]
+    made = _kohya_by_diffusers(pipe)
+    assert {made[k].dtype for k in made if k.endswith(".alpha")} == {torch.int64}
+    assert any(k.startswith("lora_te_text_model_encoder_") for k in made)
+    sd = variant(made)
+    path = tmp_path / "kohya.safetensors"
+    save_file(sd, str(path))
+    want = outputs(loaded_by_diffusers(pipe, path))
+
+    state, out = imported(home, path, "k", "kohya", tmp_path / "back.safetensors")
+    assert_same_outputs(applied(pipe, state), want, base=outputs(pipe))
+    back = load_file(str(out))
+    assert sorted(back) == sorted(sd)
+    for k, v in sd.items():  # factors are written back as they were read, alphas with their value
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    assert_same_outputs(outputs(loaded_by_diffusers(pipe, out)), want)
+
+
+# diffusers' `convert_state_dict_to_kohya` under transformers 5 spells CLIPTextModel paths without
+# `text_model_` (`lora_te1_encoder_layers_0_self_attn_q_proj`); kohya.py refuses them against their own base
+# ("matches no module of the base's text_encoder") and without a base reads them into `text_encoder.encoder.…`,
+# which is not the canonical path.
+# Strict: this starts failing once kohya names without the wrapper are read into canonical paths.
+@pytest.mark.xfail(strict=True, reason="kohya text-encoder keys without text_model_ are not canonicalised")
+def test_kohya_text_encoder_keys_without_the_text_model_wrapper_import_against_their_base(home, tmp_path, pipelines):
+    made = _kohya_by_diffusers(pipelines["sd1"])
+    sd = {k.replace("lora_te_text_model_encoder_", "lora_te1_encoder_"): v for k, v in made.items()}
+    path = tmp_path / "kohya.safetensors"
+    save_file(sd, str(path))
+    run_cli(home, "registry", "import", str(path), "--name", "k", "--base", "builtin:tiny-sd")
