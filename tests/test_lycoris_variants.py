@@ -149,6 +149,20 @@ def test_each_module_applies_the_delta_of_lycoris_forward(produced, case):
     assert checked >= 45
 
 
+@pytest.mark.parametrize("case", ["loha", "loha_tucker", "lokr", "lokr_tucker", "locon_tucker"])
+def test_structured_low_rank_factors_rebuild_the_lycoris_delta(produced, case):
+    """LoHa/LoKr/Tucker factors (Khatri–Rao, Kronecker, core contraction) multiply out to lycoris' ΔW."""
+    state, _, _ = read_adapter(produced(case).path)
+    for name in state:
+        module = state[name]
+        if module.variant == "lora":
+            continue
+        b, a = module.lora_factors()
+        assert a.shape[0] >= module.rank_bound
+        want = module.delta()
+        assert _rel((b @ a).reshape(want.shape), want) < 1e-5, name
+
+
 @pytest.mark.parametrize("case", ["loha", "lokr_tucker", "locon_tucker", "dora", "full", "norm"])
 def test_kohya_export_is_the_lycoris_file_but_its_metadata(produced, case, tmp_path):
     made = produced(case)

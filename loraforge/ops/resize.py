@@ -8,7 +8,7 @@ from typing import Optional
 from loraforge.errors import FormatError
 from loraforge.formats.lora import LoraState
 from loraforge.ops.lora_merge import module_from_factors
-from loraforge.ops.variant_lowrank import dtype_of, delta_svd, pair_from_svd, truncation_error
+from loraforge.ops.variant_lowrank import dtype_of, ordered_factors, pair_from_factors, truncation_error
 from loraforge.ops.lowrank import check_rank_bound, choose_rank, refactor, refactor_flops
 from loraforge.ops.threads import threads_for
 
@@ -18,8 +18,9 @@ def resize_state(state: LoraState, rank: Optional[int] = None, rule: str = "fixe
                  shapes: dict[str, tuple[int, ...]] | None = None) -> LoraState:
     """Each module truncated to `rank` (rule fixed) or to the rank a rule picks (capped by `rank`).
 
-    A variant module (LoHa, LoKr, Tucker LoCon, full difference) becomes a LoRA pair through an SVD of its
-    exact ΔW, capped by its rank bound (exact there); its relative error goes into `errors` by name.
+    A variant module (LoHa, LoKr, Tucker LoCon, full difference) becomes a LoRA pair by the best truncation
+    of its exact ΔW (`variant_lowrank.ordered_factors`), capped by its rank bound (exact there); its relative
+    error goes into `errors` by name.
     `shapes` (name → base weight shape) gives conv kernels a variant stores flattened their 4-D shape."""
     out = LoraState(hints=state.hints)
     for name in state:
@@ -28,10 +29,10 @@ def resize_state(state: LoraState, rank: Optional[int] = None, rule: str = "fixe
             if module.needs_base:
                 raise FormatError(f"module {name} is a DoRA module, whose ΔW depends on the base weight; "
                                   "resize cannot turn it into a LoRA pair without the base (fuse it instead)")
-            u, s, vh, shape = delta_svd(module, shape=(shapes or {}).get(name), name=name)
+            b, a, s, shape = ordered_factors(module, shape=(shapes or {}).get(name), name=name)
             cap = min(rank or module.rank_bound, s.numel())
-            r = cap if rule == "fixed" else choose_rank(s, rule, value, cap)
-            out[name] = pair_from_svd(u, s, vh, max(1, min(r, s.numel())), shape, dtype_of(module))
+            r = max(1, min(cap if rule == "fixed" else choose_rank(s, rule, value, cap), s.numel()))
+            out[name] = pair_from_factors(b, a, r, shape, dtype_of(module))
             if errors is not None:
                 errors[name] = truncation_error(s, r)
             continue

@@ -1,7 +1,7 @@
 """Variant modules (LoHa, LoKr, Tucker LoCon, DoRA, full differences) as LoRA pairs, for the LoRA algebra,
-resizing and diffusers' loader: an SVD of the module's exact ΔW, exact when the rank asked for reaches the
-variant's rank bound (LoHa r₁·r₂, LoKr rank(W₁)·rank(W₂)), otherwise the truncated SVD, whose relative
-error ‖ΔW − B·A‖_F / ‖ΔW‖_F is returned so callers can report it and record it in the manifest."""
+resizing and diffusers' loader: the best truncation of the module's exact ΔW, exact when the rank asked for
+reaches the variant's rank bound (LoHa r₁·r₂, LoKr rank(W₁)·rank(W₂)), otherwise the truncated SVD, whose
+relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F is returned so callers can report it and record it in the manifest."""
 
 from __future__ import annotations
 
@@ -13,24 +13,35 @@ import torch
 
 from loraforge.errors import ConfigError, FormatError
 from loraforge.formats.lora import LoraModule, LoraState
+from loraforge.ops.lowrank import refactor
 from loraforge.ops.threads import threads_for
 
 
-def delta_svd(module, base_weight: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
-              name: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
-    """(U, S, Vh, weight shape) of the module's exact ΔW flattened to out × rest; `shape` is the base weight's
-    shape (a conv kernel a LoHa stores flattened needs it)."""
+def ordered_factors(module, base_weight: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
+                    name: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """(B, A, S, weight shape): B·A = ΔW.flatten(1) with columns in decreasing singular value S, so
+    B[:, :r]·A[:r] is the best rank-r approximation (Eckart–Young). `shape` is the base weight's (a conv
+    kernel LoHa and LoKr store flattened needs it).
+
+    Variants with exact low-rank factors (LoHa's Khatri–Rao, LoKr's Kronecker, Tucker LoCon's core) go
+    through QR of those factors and an SVD of the small core, never forming ΔW; the others (full
+    differences, DoRA) take a dense SVD."""
     if module.adapts != "weight":
         raise FormatError(f"module {name} is a {module.variant} module (a norm layer's weight and bias), "
                           "which has no LoRA form; fuse the adapter into a checkpoint instead")
     if base_weight is not None:
         shape = tuple(base_weight.shape)
     shape = tuple(int(s) for s in (shape or module.weight_shape))
+    if hasattr(module, "lora_factors") and not module.needs_base:
+        b, a = module.lora_factors()
+        new_b, new_a, s = refactor(b, a, a.shape[0])
+        return new_b, new_a, s, shape
     delta = module.delta(base_weight=base_weight).reshape(shape[0], -1)
     m, n = delta.shape
     with threads_for(10.0 * m * n * min(m, n)):
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    return u, s, vh, shape
+    root = s.sqrt()
+    return u * root, root[:, None] * vh, s, shape
 
 
 def truncation_error(s: torch.Tensor, r: int) -> float:
@@ -39,11 +50,10 @@ def truncation_error(s: torch.Tensor, r: int) -> float:
     return math.sqrt(float(s[r:].double().square().sum()) / total) if total > 0 else 0.0
 
 
-def pair_from_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int, shape: tuple[int, ...],
-                  dtype: torch.dtype) -> LoraModule:
-    """The rank-r LoRA pair (alpha = r, so scale 1) of U·diag(S)·Vh, linear or conv as `shape` says."""
-    root = s[:r].sqrt()
-    b, a = u[:, :r] * root, root[:, None] * vh[:r]
+def pair_from_factors(b: torch.Tensor, a: torch.Tensor, r: int, shape: tuple[int, ...],
+                      dtype: torch.dtype) -> LoraModule:
+    """The LoRA pair (alpha = r, so scale 1) of B[:, :r]·A[:r], linear or conv as `shape` says."""
+    b, a = b[:, :r], a[:r]
     if len(shape) == 4:
         down, up = a.reshape(r, *shape[1:]), b.reshape(b.shape[0], r, 1, 1)
     else:
@@ -54,15 +64,15 @@ def pair_from_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int, sh
 def to_lora_module(module, rank: Optional[int] = None, base_weight: torch.Tensor | None = None,
                    shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None,
                    name: str = "") -> tuple[LoraModule, float]:
-    """(LoRA pair, relative Frobenius error) for `module` at `rank` (its rank bound when None), shaped for a
-    base weight of `shape`. A LoraModule at or under `rank` comes back unchanged."""
+    """(LoRA pair, relative Frobenius error) for `module` at `rank` (its rank bound when None, exact), shaped
+    for a base weight of `shape`. A LoraModule at or under `rank` comes back unchanged."""
     if module.variant == "lora" and (rank is None or rank >= module.rank):
         return module, 0.0
     if rank is not None and rank <= 0:
         raise ConfigError(f"rank {rank} must be a positive integer")
-    u, s, vh, shape = delta_svd(module, base_weight, shape, name)
+    b, a, s, shape = ordered_factors(module, base_weight, shape, name)
     r = max(1, min(rank if rank is not None else module.rank_bound, s.numel()))
-    return pair_from_svd(u, s, vh, r, shape, dtype or dtype_of(module)), truncation_error(s, r)
+    return pair_from_factors(b, a, r, shape, dtype or dtype_of(module)), truncation_error(s, r)
 
 
 def dtype_of(module) -> torch.dtype:

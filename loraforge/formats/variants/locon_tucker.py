@@ -38,3 +38,11 @@ class LoConTucker(VariantModule):
 
         return locon.diff_weight(self._f32("lora_down.weight"), self._f32("lora_up.weight"),
                                  self._f32("lora_mid.weight"), gamma=self.scale, backend="torch")
+
+    def lora_factors(self):
+        """(B, A) in float32 with B·A = ΔW.flatten(1): B = scale·up, A = the mid core contracted with down."""
+        import torch
+
+        down, up, mid = (self._f32(k) for k in ("lora_down.weight", "lora_up.weight", "lora_mid.weight"))
+        a = torch.einsum("pq...,qi->pi...", mid, down.reshape(down.shape[0], -1)).reshape(mid.shape[0], -1)
+        return up.reshape(up.shape[0], -1) * self.scale, a

@@ -63,3 +63,21 @@ class LoHa(VariantModule):
         return loha.diff_weight(self._f32("hada_w1_b"), self._f32("hada_w1_a"), self._f32("hada_w2_b"),
                                 self._f32("hada_w2_a"), self._f32("hada_t1"), self._f32("hada_t2"),
                                 gamma=torch.tensor(self.scale), backend="torch")
+
+    def lora_factors(self):
+        """(B, A) in float32 with B·A = ΔW.flatten(1), of rank r₁·r₂: the Hadamard product of W₁ = U₁V₁ and
+        W₂ = U₂V₂ is (U₁ ∗ U₂)(V₁ • V₂), the row-wise and column-wise Khatri–Rao products of the factors."""
+        import torch
+
+        halves = []
+        for i in ("1", "2"):
+            a, b = self._f32(f"hada_w{i}_a"), self._f32(f"hada_w{i}_b")
+            if self.tucker:  # a: r×out, b: r×in, t: r×r×k×k → W = aᵀ · (t ×₂ b) flattened
+                t = self._f32(f"hada_t{i}")
+                halves.append((a.T, torch.einsum("pq...,qi->pi...", t, b).reshape(t.shape[0], -1)))
+            else:
+                halves.append((a, b.reshape(b.shape[0], -1)))
+        (u1, v1), (u2, v2) = halves
+        u = (u1[:, :, None] * u2[:, None, :]).reshape(u1.shape[0], -1) * self.scale
+        v = (v1[:, None, :] * v2[None, :, :]).reshape(-1, v1.shape[1])
+        return u, v

@@ -88,3 +88,34 @@ class LoKr(VariantModule):
         return lokr.kron_weight(self._f32("lokr_w1"), self._f32("lokr_w1_a"), self._f32("lokr_w1_b"),
                                 self._f32("lokr_w2"), self._f32("lokr_w2_a"), self._f32("lokr_w2_b"),
                                 self._f32("lokr_t2"), scale=self.scale, backend="torch")
+
+    def lora_factors(self):
+        """(B, A) in float32 with B·A = ΔW.flatten(1): W₁ ⊗ W₂ = (U₁ ⊗ U₂)(V₁ ⊗ V₂) for factorisations
+        Wᵢ = UᵢVᵢ (the stored low-rank halves, or a full half against the identity on its shorter side)."""
+        import torch
+
+        t = self.tensors
+        if "lokr_w1" in t:
+            u1, v1 = _against_identity(self._f32("lokr_w1"))
+        else:
+            u1, v1 = self._f32("lokr_w1_a"), self._f32("lokr_w1_b")
+        if "lokr_w2" in t:
+            w2 = self._f32("lokr_w2")
+            u2, v2 = _against_identity(w2.reshape(w2.shape[0], -1))
+        elif "lokr_t2" in t:  # a: r×out, b: r×in, t2: r×r×k×k
+            a, b, core = self._f32("lokr_w2_a"), self._f32("lokr_w2_b"), self._f32("lokr_t2")
+            u2, v2 = a.T, torch.einsum("pq...,qi->pi...", core, b).reshape(core.shape[0], -1)
+        else:
+            b = self._f32("lokr_w2_b")
+            u2, v2 = self._f32("lokr_w2_a"), b.reshape(b.shape[0], -1)
+        u1, u2, v1, v2 = (x.contiguous() for x in (u1, u2, v1, v2))
+        return torch.kron(u1, u2) * self.scale, torch.kron(v1, v2)
+
+
+def _against_identity(w):
+    """(U, V) with U·V = w and inner size min(rows, cols): w against an identity."""
+    import torch
+
+    if w.shape[0] <= w.shape[1]:
+        return torch.eye(w.shape[0]), w
+    return w, torch.eye(w.shape[1])
