@@ -537,3 +537,23 @@ def test_kohya_text_encoder_keys_without_the_text_model_wrapper_import_against_t
     path = tmp_path / "kohya.safetensors"
     save_file(sd, str(path))
     run_cli(home, "registry", "import", str(path), "--name", "k", "--base", "builtin:tiny-sd")
+
+
+def test_a_peft_config_without_lora_alpha_gets_peft_s_default_alpha(home, tmp_path, pipelines):
+    """PEFT builds the config it loads with its own defaults, so a hand-written adapter_config.json without
+    `lora_alpha` is scaled by LoraConfig's default alpha (8), not by alpha = rank."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    unet = pipelines["sd1"].unet
+    produced = randomized(get_peft_model(copy.deepcopy(unet), LoraConfig(r=2, target_modules=["to_q", "to_v"])), 3)
+    produced.save_pretrained(str(tmp_path / "peft"))
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    del config["lora_alpha"]
+    config_path.write_text(json.dumps(config))
+    loaded = PeftModel.from_pretrained(copy.deepcopy(unet), str(tmp_path / "peft"))
+    with_peft = fresh(pipelines["sd1"])
+    with_peft.unet = loaded
+    state, _ = imported(home, tmp_path / "peft", "p", "peft", tmp_path / "out")
+    assert set(state.alphas.values()) == {float(LoraConfig().lora_alpha)}
+    assert_same_outputs(applied(pipelines["sd1"], state), outputs(with_peft))

@@ -111,15 +111,24 @@ def pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
 
 
 def peft_alpha(config: Mapping[str, Any], path: str, rank: int) -> float | None:
-    """The alpha in loraforge's meaning (scale = alpha/rank) that a PEFT config gives one module."""
+    """The alpha in loraforge's meaning (scale = alpha/rank) that a PEFT config gives one module; None
+    without a config (diffusers then takes alpha = rank). PEFT builds a `LoraConfig` from what it is given,
+    so a config without `lora_alpha` gets LoraConfig's default, as PEFT and diffusers load it."""
     if config.get("use_dora"):
         raise FormatError("DoRA adapters (use_dora) are not supported")
-    if "lora_alpha" not in config and not config.get("alpha_pattern"):
+    if not config:
         return None
-    alpha = float(pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", rank)))
+    default = config["lora_alpha"] if "lora_alpha" in config else _peft_default_alpha()
+    alpha = float(pattern_value(config.get("alpha_pattern") or {}, path, default))
     if config.get("use_rslora"):
         return alpha * math.sqrt(rank)  # rsLoRA scale alpha/√r expressed as an alpha over r
     return alpha
+
+
+def _peft_default_alpha() -> float:
+    from peft import LoraConfig  # only for the rare config without lora_alpha: PEFT owns the default
+
+    return float(LoraConfig.__dataclass_fields__["lora_alpha"].default)
 
 
 def diffusers_to_lora(sd: Mapping[str, Tensor], metadata: Mapping[str, Any] | None = None,
