@@ -1,9 +1,10 @@
 """Loading a base pipeline and attaching weighted adapters through diffusers' LoRA loader.
 
-LyCORIS variants load exactly: a LoHa, LoKr, Tucker LoCon, full difference or DoRA module enters diffusers'
-loader as the LoRA pair of its exact ΔW (an SVD at the variant's rank bound; DoRA's ΔW from the pipeline's own
-base weight), so per-adapter weights work as for any LoRA; bias and norm-layer differences, which diffusers'
-loader has no place for, are added to the pipeline's weights once, scaled by the adapter's weight.
+LyCORIS variants load exactly: a LoHa, LoKr or Tucker LoCon module enters diffusers' loader as the LoRA
+pair of its exact ΔW (its own low-rank factors at the variant's rank bound), so per-adapter weights work as for
+any LoRA. Modules without a low-rank form that small — full differences, DoRA (whose ΔW = W' − W comes from
+the pipeline's own base weight), bias and norm-layer differences — are added to the pipeline's weights once,
+scaled by the adapter's weight: exact, and cheaper than a full-rank LoRA pair.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ def apply_adapters(pipe, adapters: Sequence[tuple[object, float]], prefix: str =
     from loraforge.formats import lora_to_diffusers
 
     names, weights = [], []
+    pristine: dict = {}  # base weights as loaded, for DoRA modules of any adapter
     for i, (state, weight) in enumerate(adapters):
         name = f"{prefix}{i}"
-        state = loadable_state(pipe, state, float(weight))
+        state = loadable_state(pipe, state, float(weight), pristine)
         if not state:
             continue
         state_dict, _meta = lora_to_diffusers(state)
@@ -47,9 +49,10 @@ def _layer(pipe, name: str):
         return model.get_submodule(without_text_model(path))
 
 
-def loadable_state(pipe, state, weight: float):
-    """`state` with its variant modules as exact LoRA pairs for diffusers' loader; bias and norm differences
-    are added to `pipe`'s parameters here, times `weight`. A plain LoRA adapter is returned as it is."""
+def loadable_state(pipe, state, weight: float, pristine: dict | None = None):
+    """`state` with its LoHa/LoKr/Tucker modules as exact LoRA pairs for diffusers' loader; the changes of
+    full, DoRA, bias and norm modules are added to `pipe`'s parameters here, times `weight` (`pristine` keeps
+    the base weights a DoRA module is computed from). A plain LoRA adapter is returned as it is."""
     if state.is_plain_lora:
         return state
     import torch
@@ -57,6 +60,7 @@ def loadable_state(pipe, state, weight: float):
     from loraforge.formats.lora import LoraState
     from loraforge.ops.variant_lowrank import to_lora_module
 
+    pristine = {} if pristine is None else pristine
     out = LoraState(hints=state.hints)
     for name in state:
         module = state[name]
@@ -65,15 +69,17 @@ def loadable_state(pipe, state, weight: float):
         if bias is not None:
             with torch.no_grad():
                 layer.bias.add_((bias * weight).to(layer.bias))
-        if module.adapts == "norm":
-            with torch.no_grad():
-                layer.weight.add_((module.delta() * weight).to(layer.weight))
-            continue
         if module.variant == "lora":
             out[name] = module
-            continue
-        base_weight = layer.weight.detach().to("cpu") if module.needs_base else None
-        out[name], _error = to_lora_module(module, base_weight=base_weight, shape=tuple(layer.weight.shape), name=name)
+        elif hasattr(module, "lora_factors") and not module.needs_base:
+            out[name], _error = to_lora_module(module, shape=tuple(layer.weight.shape), name=name)
+        else:
+            base = None
+            if module.needs_base:
+                base = pristine.setdefault(name, layer.weight.detach().to("cpu", torch.float32, copy=True))
+            delta = module.delta(base_weight=base).reshape(layer.weight.shape)
+            with torch.no_grad():
+                layer.weight.add_((delta * weight).to(layer.weight))
     return out
 
 
