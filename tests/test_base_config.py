@@ -256,3 +256,58 @@ def test_recipe_train_and_render_steps_take_a_single_file_base_with_its_config(h
                                                        render_config=""))
     run_cli(home, "recipe", "apply", str(tmp_path / "plain.yaml"))
     assert not images_equal(registry.primary_file(registry.resolve("plain-grid:1")), grids[1])
+
+
+@pytest.fixture(scope="module")
+def other_architecture(tmp_path_factory, builtin_home):
+    """(diffusers folder, the same model as a single file) of an SD1 pipeline unlike the builtin: tiny-sd with
+    two resnets per UNet block instead of one."""
+    import json
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from loraforge.models import single_file as sf
+    from loraforge.models.builtin import ensure_builtin
+
+    root = tmp_path_factory.mktemp("other")
+    folder = root / "two-layers"
+    shutil.copytree(ensure_builtin("tiny-sd", builtin_home), folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    shutil.rmtree(folder / "unet")
+    torch.manual_seed(7)
+    UNet2DConditionModel.from_config({**config, "layers_per_block": 2}).save_pretrained(folder / "unet")
+    keymap = sf.template_for(sf.folder_shapes(folder, "sd1"), "sd1", sf.configs_from_folder(folder, "sd1"))
+    state = {c: {k: v for f in sorted((folder / c).glob("*.safetensors")) for k, v in load_file(f).items()}
+             for c in sf.COMPONENTS["sd1"]}
+    path = root / "two-layers.safetensors"
+    save_file(sf.to_single_file(state, keymap), str(path))
+    return folder, path
+
+
+def test_without_config_the_standard_configs_diffusers_names_are_fetched_and_checked(home, tmp_path, monkeypatch,
+                                                                                    other_architecture, tiny_sd_path):
+    import huggingface_hub
+
+    folder, path = other_architecture
+    asked = []
+
+    def hub(configs: Path):
+        def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+            asked.append((repo_id, allow_patterns))
+            return str(configs)
+        return snapshot_download
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub(configs_only(folder, tmp_path / "hub-configs")))
+    run_cli(home, *generate_args(folder, tmp_path / "folder.png"))
+    run_cli(home, *generate_args(path, tmp_path / "file.png"))
+    assert images_equal(tmp_path / "file.png", tmp_path / "folder.png")
+    repo, patterns = asked[0]
+    assert repo == "stable-diffusion-v1-5/stable-diffusion-v1-5"  # diffusers' choice for an SD1 file
+    assert not any(p.endswith((".safetensors", ".bin")) for p in patterns)  # configs and tokenizer only
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub(tiny_sd_path))  # configs of another architecture
+    line = refused(run_cli(home, *generate_args(path, tmp_path / "x.png"), ok=False))
+    assert line.startswith(f"Error: single-file checkpoint two-layers.safetensors does not fit {repo}, the standard "
+                           "configs diffusers names for it: ") and line.endswith("pass --config DIR of its architecture")

@@ -59,11 +59,11 @@ def load_pipeline(
 ):
     """A StableDiffusion(XL)Pipeline for `base`, on `device` in `dtype`, with progress bars off.
 
-    A single file is read with the configs and tokenizers of a diffusers folder, in this order: `config` (or
-    the base's own, with_config), checked to be of the file's architecture; the builtin tiny
-    model of the same family when the file provably has its architecture (every tensor present with its
-    shape); else diffusers' own lookup of the standard configs (its Hugging Face cache, or the Hub when
-    online). When none is found the load is refused in one line naming the file and `--config DIR`.
+    A single file is read with the configs and tokenizers of a diffusers folder (single_file_configs): `config`
+    (or the base's own, with_config), checked to be of the file's architecture; the builtin tiny model of the
+    same family when the file provably has its architecture (every tensor present with its shape); else the
+    standard configs diffusers names for the file, from the Hub or its cache, checked the same way. When none
+    is found or fits, the load is refused in one line naming the file and `--config DIR`.
     """
     device = pick_device(str(device) if device is not None else None)
     dtype = dtype or default_dtype(device)
@@ -105,30 +105,53 @@ def with_config(base: BaseModel, config: str | Path | None) -> BaseModel:
     return dataclasses.replace(base, config=folder)
 
 
-def single_file_configs(base: BaseModel, home: Path | None = None) -> Path | None:
-    """The diffusers folder whose configs single file `base` loads with: its --config, else the builtin of its
-    family when the file has exactly that architecture; None: neither (diffusers' own lookup is left)."""
+def single_file_configs(base: BaseModel, home: Path | None = None) -> Path:
+    """The diffusers folder whose configs and tokenizers single file `base` loads with: its --config; else the
+    builtin of its family when the file has exactly that architecture; else the configs (no weights) of the
+    standard pipeline diffusers names for the file's model type, from the Hub or its local cache, checked
+    against the file like a --config. Refused in one line when none fits."""
     if base.config is not None:
         return base.config
     builtin = ensure_builtin(_BUILTIN_OF_FAMILY[base.family], loraforge_home(home))
-    return builtin if architecture_problem(base.path, builtin) is None else None
+    if architecture_problem(base.path, builtin) is None:
+        return builtin
+    return _hub_configs(base)
+
+
+# What a pipeline's configs and tokenizers are, without its weights.
+HUB_CONFIG_PATTERNS = ["model_index.json", "*/config.json", "*/scheduler_config.json", "*/tokenizer_config.json",
+                       "*/special_tokens_map.json", "*/vocab.json", "*/merges.txt"]
+
+
+def _hub_configs(base: BaseModel) -> Path:
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config
+    from huggingface_hub import snapshot_download
+
+    shapes = {k: torch.empty(s, device="meta") for k, s in _file_shapes(base.path).items()}
+    repo = fetch_diffusers_config(shapes)["pretrained_model_name_or_path"]
+    try:
+        folder = Path(snapshot_download(repo, allow_patterns=HUB_CONFIG_PATTERNS))
+    except Exception as exc:  # offline without a cached copy, HTTP errors: the configs are not here
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnresolvedReference(
+            f"cannot load single-file checkpoint {base.path.name}: its {base.family} configs and tokenizer "
+            f"({repo} on the Hub) are not here ({reason[:100]}); pass --config DIR, a local diffusers folder of "
+            "the same architecture, or connect to the network"
+        ) from None
+    family = family_of_folder(folder)
+    problem = (f"it is {base.family} and they are {family}" if family != base.family
+               else architecture_problem(base.path, folder))
+    if problem:
+        raise ConfigError(f"single-file checkpoint {base.path.name} does not fit {repo}, the standard configs "
+                          f"diffusers names for it: {problem}; pass --config DIR of its architecture")
+    return folder
 
 
 def _load_single_file(cls, base: BaseModel, dtype: torch.dtype, home: Path | None):
     config = single_file_configs(base, home)
-    if config is not None:
-        pipe = cls.from_single_file(str(base.path), config=str(config), dtype=dtype, local_files_only=True)
-        _load_converted_weights(pipe, base.path, config, dtype)
-        return pipe
-    try:
-        return cls.from_single_file(str(base.path), dtype=dtype)
-    except Exception as exc:  # diffusers fetches the standard configs from the Hub: offline this fails
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnresolvedReference(
-            f"cannot load single-file checkpoint {base.path.name}: its {base.family} configs and tokenizer are not "
-            f"here ({reason[:120]}); pass --config DIR, a local diffusers folder of the same architecture, "
-            "or connect to the network"
-        ) from None
+    pipe = cls.from_single_file(str(base.path), config=str(config), dtype=dtype, local_files_only=True)
+    _load_converted_weights(pipe, base.path, config, dtype)
+    return pipe
 
 
 def _load_converted_weights(pipe, path: Path, folder: Path, dtype: torch.dtype) -> None:
