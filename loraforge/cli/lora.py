@@ -56,15 +56,21 @@ def fuse(ctx, base, adapters, dtype, output, name, config):
 @click.option("--ratio", type=float, help="Per-module rank keeping singular values ≥ σ_max / RATIO (sv_ratio).")
 @click.option("--conv", is_flag=True, help="Also extract k×k convolutions.")
 @click.option("--name", required=True, help="Register the adapter under this name.")
+@click.option("--config", type=click.Path(exists=True, file_okay=False),
+              help="A diffusers folder of the single-file inputs' architecture (its configs map their tensors; "
+                   "default: the folder input's, or the builtin model's).")
 @click.pass_context
-def extract(ctx, tuned, base, rank, energy, ratio, conv, name):
-    """Extract a LoRA from checkpoint TUNED by truncated SVD of TUNED − BASE per module."""
+def extract(ctx, tuned, base, rank, energy, ratio, conv, name, config):
+    """Extract a LoRA from checkpoint TUNED by truncated SVD of TUNED − BASE per module.
+
+    TUNED and BASE are diffusers folders, .safetensors single files or .ckpt files, in any mix.
+    """
     from loraforge.ops.extract import extract_lora
 
     rule, value = _rule(energy, ratio)
     with progress("extracting") as advance:
         manifest = extract_lora(registry_from_ctx(ctx), tuned, base, name=name, rank=rank, rule=rule, value=value,
-                                conv=conv, progress=advance)
+                                conv=conv, progress=advance, config=config)
     click.echo(f"registered {manifest.ref} (lora, rank ≤ {manifest.adapter.rank}, {manifest.adapter.num_modules} modules)")
 
 

@@ -30,6 +30,8 @@ COMPONENTS = {"sd1": ("unet", "vae", "text_encoder"), "sdxl": ("unet", "vae", "t
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
                 "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
 _TEXT_MODEL = "text_model."
+# single-file tensors diffusers' converters leave out on purpose (buffers the models rebuild themselves)
+DROPPED_BY_CONVERTERS = ("position_ids", "logit_scale")
 
 
 def _sfu():

@@ -105,6 +105,11 @@ class Checkpoint:
         rel, key = self.index[ckey]
         return self.files[rel].read_into(key, buffer, rows)
 
+    def span(self, ckey: str, rows: Optional[tuple[int, int]] = None) -> tuple[int, int, list[int]]:
+        """(first byte, byte count, shape) of tensor `ckey` or a row range of it; see `TensorFile.span`."""
+        rel, key = self.index[ckey]
+        return self.files[rel].span(key, rows)
+
     def component(self, ckey: str) -> str:
         return component_of(ckey, self.layout)
 
@@ -117,15 +122,18 @@ class Checkpoint:
 
 
 def check_compatible(first: Checkpoint, other: Checkpoint, components: set[str]) -> None:
-    """Raise MergeError naming the first tensor that differs in presence or shape (in `components`)."""
+    """Raise MergeError naming the first tensor that differs in presence or shape (in `components`); a key of
+    `first` that a converted `other` has no counterpart for (`untranslated`, see `ConvertedCheckpoint`) is
+    not asked for."""
     if first.family != other.family:
         raise MergeError(f"{other.ref} is an {other.family} checkpoint but {first.ref} is {first.family}: "
                          "checkpoints of different architectures cannot be merged")
     if first.layout != other.layout:
         raise MergeError(f"{first.ref} is a {first.layout.replace('_', '-')} checkpoint and {other.ref} a "
                          f"{other.layout.replace('_', '-')} one: give all inputs in the same layout")
+    untranslated = getattr(other, "untranslated", frozenset())
     for ckey in first.index:
-        if first.component(ckey) not in components:
+        if first.component(ckey) not in components or ckey in untranslated:
             continue
         if ckey not in other.index:
             raise MergeError(f"tensor {ckey} of {first.ref} is missing from {other.ref}: the checkpoints "
@@ -178,18 +186,25 @@ class PickleFile:
         return out.copy_(t)
 
 
-def single_file_keymap(base, home: Optional[Path] = None, config: Optional[Path] = None):
-    """The `models.single_file.KeyMap` of single-file checkpoint `base` (a `BaseModel`), with the configs of
-    `config`, of the base's own --config, or of the builtin model of its architecture; refused in one line
-    when none is known."""
-    from loraforge.formats.safetensors_io import tensor_shapes
+def single_file_configs_folder(base, home: Optional[Path] = None, config: Optional[Path] = None) -> Path:
+    """The diffusers folder whose configs map single-file checkpoint `base` (a `BaseModel`): `config`, the base's
+    own --config, or the builtin model of its architecture; refused in one line when none is known."""
     from loraforge.models.pipeline import single_file_configs
-    from loraforge.models.single_file import KeyMap, configs_from_folder
 
     folder = Path(config) if config is not None else single_file_configs(base, home)
     if folder is None:
         raise ConfigError(f"{base.ref}: the configs of this {base.family} single file's architecture are not known; "
                           "pass --config DIR, a diffusers folder of the same architecture")
+    return folder
+
+
+def single_file_keymap(base, home: Optional[Path] = None, config: Optional[Path] = None):
+    """The `models.single_file.KeyMap` of single-file checkpoint `base` (a `BaseModel`), with the configs of
+    `single_file_configs_folder`."""
+    from loraforge.formats.safetensors_io import tensor_shapes
+    from loraforge.models.single_file import KeyMap, configs_from_folder
+
+    folder = single_file_configs_folder(base, home, config)
     path = Path(base.path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         from loraforge.formats.pickles import tensor_state_dict
@@ -198,3 +213,144 @@ def single_file_keymap(base, home: Optional[Path] = None, config: Optional[Path]
     else:
         shapes = tensor_shapes(path)
     return KeyMap.build(shapes, base.family, configs_from_folder(folder, base.family))
+
+
+def keymap_of(ckpt: Checkpoint, configs: Path):
+    """The KeyMap of opened single-file checkpoint `ckpt` under the configs of diffusers folder `configs`."""
+    from loraforge.models.single_file import KeyMap, configs_from_folder
+
+    return KeyMap.build({k: ckpt.info(k).shape for k in ckpt.index}, ckpt.family,
+                        configs_from_folder(Path(configs), ckpt.family))
+
+
+# ---- one checkpoint read in another layout ----------------------------------------------------------
+
+class ConvertedCheckpoint:
+    """Checkpoint `source` read in the other layout through the KeyMap of a single file (diffusers' own
+    converters, see models.single_file): a single file seen as a diffusers folder (`component/key` keys), or a
+    diffusers folder seen as the single file the KeyMap describes. It offers the reads merges and extracts make
+    (`info`, `get`, `read_into`, `span`). A tensor that is a plain rename streams row ranges from the source;
+    one made through views (fused q/k/v, 1x1-conv attention) is assembled once and kept until another is asked for.
+
+    `untranslated`: keys of the other layout this view has no counterpart for because diffusers' converters drop
+    them (position ids, logit scales); the caller takes them from the checkpoint whose layout they are."""
+
+    def __init__(self, source: Checkpoint, layout: str, sources: dict, infos: dict[str, TensorInfo],
+                 assemble, untranslated: frozenset = frozenset()):
+        self.source, self.layout = source, layout
+        self.index = sources  # ckey → [(source ckey, Piece)]
+        self._infos, self._assemble = infos, assemble
+        self.untranslated = untranslated
+        self._last: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
+
+    ref = property(lambda self: self.source.ref)
+    path = property(lambda self: self.source.path)
+    family = property(lambda self: self.source.family)
+
+    @property
+    def digest(self) -> Optional[str]:
+        return self.source.digest
+
+    @digest.setter
+    def digest(self, value: Optional[str]) -> None:
+        self.source.digest = value
+
+    @classmethod
+    def as_diffusers(cls, single: Checkpoint, keymap, spelling: Optional[Checkpoint] = None) -> "ConvertedCheckpoint":
+        """Single file `single` as a diffusers folder; text-encoder keys spelled as `spelling` (a folder) has them."""
+        from loraforge.models.single_file import match_folder_key
+
+        folder_keys: dict[str, set[str]] = {}
+        for ckey in (spelling.index if spelling is not None else ()):
+            component, _, key = ckey.partition("/")
+            folder_keys.setdefault(component, set()).add(key)
+        spelled = match_folder_key(keymap, folder_keys)
+        sources, infos = {}, {}
+        for key in single.index:
+            dtype = single.info(key).dtype
+            for piece in keymap.pieces.get(key, []):
+                ckey = f"{piece.component}/{spelled[(piece.component, piece.key)]}"
+                sources[ckey] = [(key, piece)]
+                infos[ckey] = TensorInfo(dtype, piece.shape, 0, 0)
+
+        def assemble(ckey, parts):
+            (key, piece), = parts
+            return piece.view_of(single.get(key))
+
+        return cls(single, "diffusers", sources, infos, assemble)
+
+    @classmethod
+    def as_single_file(cls, folder: Checkpoint, keymap) -> "ConvertedCheckpoint":
+        """Diffusers folder `folder` as the single file `keymap` describes (only keys whose pieces it holds)."""
+        from loraforge.models.single_file import DROPPED_BY_CONVERTERS, match_folder_key
+
+        folder_keys: dict[str, set[str]] = {}
+        for ckey in folder.index:
+            component, _, key = ckey.partition("/")
+            folder_keys.setdefault(component, set()).add(key)
+        spelled = match_folder_key(keymap, folder_keys)
+        sources, infos = {}, {}
+        for key, shape in keymap.shapes.items():
+            pieces = [(f"{p.component}/{spelled[(p.component, p.key)]}", p) for p in keymap.pieces.get(key, [])]
+            if pieces and all(ckey in folder.index for ckey, _ in pieces):
+                sources[key] = pieces
+                infos[key] = TensorInfo(folder.info(pieces[0][0]).dtype, tuple(shape), 0, 0)
+        lookup = {(p.component, p.key): ckey for parts in sources.values() for ckey, p in parts}
+
+        def assemble(key, parts):
+            return keymap.from_diffusers(key, lambda p: folder.get(lookup[(p.component, p.key)]),
+                                         dtype=infos[key].torch_dtype)
+
+        untranslated = frozenset(k for k in keymap.shapes if not keymap.pieces.get(k) and k.endswith(DROPPED_BY_CONVERTERS))
+        return cls(folder, "single_file", sources, infos, assemble, untranslated)
+
+    def close(self) -> None:
+        self._last = (None, None)
+        self.source.close()
+
+    def info(self, ckey: str) -> TensorInfo:
+        return self._infos[ckey]
+
+    def component(self, ckey: str) -> str:
+        return component_of(ckey, self.layout)
+
+    def span(self, ckey: str, rows: Optional[tuple[int, int]] = None) -> tuple[int, int, list[int]]:
+        info = self._infos[ckey]
+        shape = list(info.shape)
+        if rows is not None and shape:
+            shape[0] = rows[1] - rows[0]
+        n = 1
+        for s in shape:
+            n *= s
+        return 0, n * torch.empty((), dtype=info.torch_dtype).element_size(), shape
+
+    def get(self, ckey: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        parts = self.index[ckey]
+        if len(parts) == 1 and not parts[0][1].ops:  # a rename: the source's own (row) reads
+            return self.source.get(parts[0][0], rows)
+        if self._last[0] != ckey:
+            self._last = (None, None)  # the previous tensor is released before the next is made
+            self._last = (ckey, self._assemble(ckey, parts).contiguous())
+        tensor = self._last[1]
+        return (tensor[rows[0]:rows[1]] if rows is not None and tensor.dim() else tensor).clone()
+
+    def read_into(self, ckey: str, buffer: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        parts = self.index[ckey]
+        if len(parts) == 1 and not parts[0][1].ops:
+            return self.source.read_into(parts[0][0], buffer, rows)
+        t = self.get(ckey, rows)
+        out = buffer.view(torch.uint8)[: t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        return out.copy_(t)
+
+
+def in_layout_of(first: Checkpoint, other: Checkpoint):
+    """`other` read in `first`'s layout: itself when they share it, else converted through the KeyMap of
+    whichever is the single file, with the diffusers folder's configs (diffusers' converters need them)."""
+    if other.layout == first.layout:
+        return other
+    if first.family != other.family:
+        raise MergeError(f"{other.ref} is an {other.family} checkpoint but {first.ref} is {first.family}: "
+                         "checkpoints of different architectures cannot be merged")
+    if first.layout == "diffusers":
+        return ConvertedCheckpoint.as_diffusers(other, keymap_of(other, first.path), spelling=first)
+    return ConvertedCheckpoint.as_single_file(other, keymap_of(first, other.path))

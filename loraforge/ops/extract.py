@@ -1,16 +1,20 @@
-"""`lora extract`: a LoRA from a fine-tuned checkpoint, ΔW = W_tuned − W_base per module, truncated SVD."""
+"""`lora extract`: a LoRA from a fine-tuned checkpoint, ΔW = W_tuned − W_base per module, truncated SVD.
+
+Modules are named by the diffusers layout: a single-file (or pickled `.ckpt`) input is read as a diffusers
+folder through diffusers' own converters (`ops.checkpoints.ConvertedCheckpoint`), so a single file, a folder
+or one of each give the same adapter for the same weights."""
 
 from __future__ import annotations
 
 import math
-
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from loraforge.errors import ConfigError, MergeError
 from loraforge.formats.lora import LoraModule, LoraState
-from loraforge.ops.checkpoints import Checkpoint, check_compatible
+from loraforge.ops.checkpoints import Checkpoint, ConvertedCheckpoint, check_compatible, keymap_of
 from loraforge.ops.lowrank import check_rank_bound, choose_rank, dense_factors, dense_factors_flops
 from loraforge.ops.threads import threads_for
 
@@ -28,7 +32,8 @@ def _extractable(ckey: str, shape, conv: bool) -> bool:
 def extract_state(tuned: Checkpoint, base: Checkpoint, rank: int, rule: str = "fixed", value: Optional[float] = None,
                   conv: bool = False, randomized: Optional[bool] = None, min_diff: float = 1e-6,
                   progress: Callable[..., None] | None = None) -> LoraState:
-    """LoraState of the per-module truncated SVDs of tuned − base (diffusers folders)."""
+    """LoraState of the per-module truncated SVDs of tuned − base (diffusers folders or views of single files
+    as folders, see `diffusers_views`)."""
     if tuned.layout != "diffusers" or base.layout != "diffusers":
         raise ConfigError("lora extract needs diffusers folders (module names come from their layout)")
     check_compatible(base, tuned, {"unet", "text_encoder"})
@@ -60,10 +65,30 @@ def extract_state(tuned: Checkpoint, base: Checkpoint, rank: int, rule: str = "f
     return state
 
 
+def diffusers_views(tuned: Checkpoint, base: Checkpoint, configs: Optional[Path]) -> tuple:
+    """(tuned, base) both in the diffusers layout. A single file is converted with the configs of `configs`,
+    else of the other input when it is a folder (and spelled as that folder spells its keys)."""
+    folder = base if base.layout == "diffusers" else tuned if tuned.layout == "diffusers" else None
+    if folder is not None and folder.family != (tuned if folder is base else base).family:
+        raise MergeError(f"{tuned.ref} is an {tuned.family} checkpoint but {base.ref} is {base.family}: "
+                         "a LoRA is extracted between checkpoints of one architecture")
+    views = []
+    for ckpt in (tuned, base):
+        if ckpt.layout == "diffusers":
+            views.append(ckpt)
+            continue
+        source = configs if configs is not None else folder.path
+        views.append(ConvertedCheckpoint.as_diffusers(ckpt, keymap_of(ckpt, source), spelling=folder))
+    return tuple(views)
+
+
 def extract_lora(registry, tuned_ref: str, base_ref: str, *, name: str, rank: int, rule: str = "fixed",
                  value: Optional[float] = None, conv: bool = False, recipe=None, input_digest: str | None = None,
-                 progress: Callable[..., None] | None = None):
-    """Extract and register LoRA `name` from `tuned_ref` against `base_ref`."""
+                 progress: Callable[..., None] | None = None, config: str | Path | None = None):
+    """Extract and register LoRA `name` from `tuned_ref` against `base_ref`, each a diffusers folder, a
+    single file or a `.ckpt`; `config`: a diffusers folder of the single files' architecture (needed when
+    both are single files of another architecture than the builtin one's)."""
+    from loraforge.ops.checkpoints import single_file_configs_folder
     from loraforge.registry.importer import adapter_info, register_adapter
     from loraforge.registry.manifest import BaseInfo, Manifest, Parent, Provenance
     from loraforge.registry.refs import check_name
@@ -72,10 +97,17 @@ def extract_lora(registry, tuned_ref: str, base_ref: str, *, name: str, rank: in
     check_name(name)
     if rank <= 0:
         raise ConfigError(f"rank {rank} must be a positive integer")
-    tuned = Checkpoint.open(resolve_base(registry, tuned_ref))
-    base = Checkpoint.open(resolve_base(registry, base_ref))
+    tuned_model, base_model = resolve_base(registry, tuned_ref), resolve_base(registry, base_ref)
+    if config is not None and "single_file" not in (tuned_model.layout, base_model.layout):
+        raise ConfigError(f"--config {config} names the configs of a single-file checkpoint, but {tuned_ref} and "
+                          f"{base_ref} are diffusers folders: leave --config out")
+    if config is None and tuned_model.layout == base_model.layout == "single_file":
+        config = single_file_configs_folder(base_model, registry.home)
+    tuned = Checkpoint.open(tuned_model)
+    base = Checkpoint.open(base_model)
     try:
-        state = extract_state(tuned, base, rank, rule, value, conv, progress=progress)
+        tuned_view, base_view = diffusers_views(tuned, base, Path(config) if config is not None else None)
+        state = extract_state(tuned_view, base_view, rank, rule, value, conv, progress=progress)
     finally:
         tuned.close()
         base.close()

@@ -1,5 +1,9 @@
 """Checkpoint merges: plan (open inputs, check them, fix every output tensor's α and dtype), then
-execute tensor by tensor into an output that mirrors the first model's files."""
+execute tensor by tensor into an output that mirrors the first model's files.
+
+Inputs may mix layouts (diffusers folders, single files, pickled `.ckpt`): each is read in the first
+model's layout through diffusers' own single-file converters (`ops.checkpoints.in_layout_of`), so the
+output has the first model's layout and the numbers of the same merge of folders."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from loraforge.errors import ConfigError
 from loraforge.faults import fault_point
 from loraforge.formats.safetensors_io import SafetensorsWriter, dtype_from_name, partial_path
 from loraforge.ops.blocks import BASE, block_names, block_of, layers_per_block, resolve_block_weights
-from loraforge.ops.checkpoints import Checkpoint, check_compatible, unet_key
+from loraforge.ops.checkpoints import Checkpoint, check_compatible, in_layout_of, unet_key
 from loraforge.ops.merge_methods import TensorContext
 from loraforge.ops.specs import CheckpointMergeSpec
 from loraforge.registry.blobs import fsync_dir
@@ -82,8 +86,10 @@ def plan_merge(spec: CheckpointMergeSpec, inputs: list[Checkpoint]) -> MergePlan
         raise ConfigError("every component is excluded: nothing would be merged (check --include/--exclude)")
     out_dtype = dtype_from_name(spec.dtype)
     first = inputs[0]
+    inputs = [first] + [in_layout_of(first, other) for other in inputs[1:]]
     for other in inputs[1:]:
         check_compatible(first, other, set(components))
+    untranslated = set().union(*(getattr(other, "untranslated", ()) for other in inputs[1:]))
     weights = [m.weight for m in spec.models]
     alpha = spec.alpha if spec.alpha is not None else (
         weights[1] if method.max_models == 2 and weights[1] is not None else method.default_alpha)
@@ -102,7 +108,8 @@ def plan_merge(spec: CheckpointMergeSpec, inputs: list[Checkpoint]) -> MergePlan
         tasks = []
         for ckey, key in keys:
             info = first.info(ckey)
-            merge = first.component(ckey) in components and info.is_float
+            # a tensor diffusers' converters drop (position ids) has no counterpart in a converted input
+            merge = first.component(ckey) in components and info.is_float and ckey not in untranslated
             a = alpha
             if merge and block_alphas is not None:
                 if first.component(ckey) == "unet":
@@ -149,7 +156,7 @@ def _merge_tensor(plan: MergePlan, task: TensorTask, scratch: ScratchBuffers) ->
         tensors = []
         for i, ckpt in enumerate(plan.inputs):
             info = ckpt.info(task.ckey)
-            _, nbytes, shape = ckpt.files[ckpt.index[task.ckey][0]].span(ckpt.index[task.ckey][1], span)
+            _, nbytes, shape = ckpt.span(task.ckey, span)
             numel = math.prod(shape)
             work = scratch.get("work", i, numel, torch.float32)
             if info.torch_dtype == torch.float32:  # read straight into the float32 buffer
@@ -168,7 +175,7 @@ def _merge_tensor(plan: MergePlan, task: TensorTask, scratch: ScratchBuffers) ->
 
 def _copy_tensor(ckpt: Checkpoint, ckey: str, scratch: ScratchBuffers) -> torch.Tensor:
     """A tensor copied unchanged, read into the first raw buffer (valid until the next read)."""
-    _, nbytes, _ = ckpt.files[ckpt.index[ckey][0]].span(ckpt.index[ckey][1])
+    _, nbytes, _ = ckpt.span(ckey)
     return ckpt.read_into(ckey, scratch.get("raw", 0, nbytes, torch.uint8))
 
 

@@ -1,0 +1,160 @@
+"""Single files and pickled `.ckpt` checkpoints wherever a checkpoint is accepted: extract, merge and export give
+the numbers the same work gives with the equivalent diffusers folders, and the exports load in diffusers' own
+`from_single_file` / `from_pretrained` bit for bit.
+
+The single files are written by models.single_file from the builtin folders (proven against from_single_file in
+test_single_file.py); the tuned model is the builtin with a low-rank change added to its attention and MLP layers.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraforge.formats import read_adapter
+from loraforge.models import single_file as sf
+from loraforge.models.builtin import ensure_builtin
+from loraforge.registry import Registry
+
+from cli_helpers import refused, run_cli as run
+
+CASES = [("tiny-sd", "sd1"), ("tiny-sdxl", "sdxl")]
+CHANGED = ("to_q.weight", "to_v.weight", "proj_in.weight", "q_proj.weight", "v_proj.weight", "fc1.weight")
+
+
+def _folder_state(folder, family):
+    return {c: {k: v for f in sorted((folder / c).glob("*.safetensors")) for k, v in load_file(f).items()}
+            for c in sf.COMPONENTS[family]}
+
+
+def _write_single_file(folder, family, path):
+    keymap = sf.template_for(sf.folder_shapes(folder, family), family, sf.configs_from_folder(folder, family))
+    state = sf.to_single_file(_folder_state(folder, family), keymap)
+    save_file(state, str(path))
+    return state
+
+
+def _tuned_folder(base, family, out):
+    """`base` with W += B·A (rank 2) on every layer named in CHANGED of the UNet and text encoders."""
+    shutil.copytree(base, out, symlinks=False)
+    gen = torch.Generator().manual_seed(11)
+    for component in sf.COMPONENTS[family]:
+        if component == "vae":
+            continue
+        path = out / component / sf.WEIGHT_NAMES[component]
+        state = load_file(path)
+        for key, w in state.items():
+            if key.endswith(CHANGED) and w.dim() in (2, 4):
+                b = torch.randn(w.shape[0], 2, generator=gen)
+                a = torch.randn(2, w[0].numel(), generator=gen)
+                state[key] = (w.float() + 0.05 * (b @ a).reshape(w.shape)).to(w.dtype)
+        save_file(state, str(path))
+    return out
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
+def models(request, tmp_path_factory, builtin_home):
+    """(family, {name: path}): base and tuned as diffusers folders, single files and (tuned) a .ckpt."""
+    name, family = request.param
+    root = tmp_path_factory.mktemp(f"{name}-ops")
+    base = ensure_builtin(name, builtin_home)
+    tuned = _tuned_folder(base, family, root / "tuned")
+    paths = {"base": base, "tuned": tuned}
+    _write_single_file(base, family, root / "base.safetensors")
+    tuned_state = _write_single_file(tuned, family, root / "tuned.safetensors")
+    torch.save({"state_dict": tuned_state, "global_step": 7}, root / "tuned.ckpt")
+    paths.update({"base.safetensors": root / "base.safetensors", "tuned.safetensors": root / "tuned.safetensors",
+                  "tuned.ckpt": root / "tuned.ckpt"})
+    return family, paths
+
+
+def _adapter(home, name):
+    registry = Registry(home)
+    return read_adapter(registry.primary_file(registry.resolve(name)))[0]
+
+
+# ---- lora extract -----------------------------------------------------------------------------------
+
+EXTRACT_PAIRS = [("tuned.safetensors", "base.safetensors"), ("tuned.ckpt", "base"), ("tuned", "base.safetensors"),
+                 ("tuned.ckpt", "base.safetensors")]
+
+
+def test_extract_from_single_files_equals_extract_from_folders(models, home):
+    family, paths = models
+    run(home, "lora", "extract", str(paths["tuned"]), "--base", str(paths["base"]), "--rank", "4", "--name", "folders")
+    want = _adapter(home, "folders")
+    assert any(n.startswith("text_encoder.") for n in want) and any(n.startswith("unet.") for n in want)
+    if family == "sdxl":
+        assert any(n.startswith("text_encoder_2.") for n in want), "the fused open-clip q/k/v must be extracted too"
+    for i, (tuned, base) in enumerate(EXTRACT_PAIRS):
+        run(home, "lora", "extract", str(paths[tuned]), "--base", str(paths[base]), "--rank", "4", "--name", f"x{i}")
+        got = _adapter(home, f"x{i}")
+        assert sorted(got) == sorted(want), (tuned, base)
+        for module in want:
+            assert torch.equal(got[module].delta(), want[module].delta()), (tuned, base, module)
+
+
+def test_extract_config_with_two_folders_is_refused(models, home):
+    _, paths = models
+    line = refused(run(home, "lora", "extract", str(paths["tuned"]), "--base", str(paths["base"]), "--config",
+                       str(paths["base"]), "--name", "x", ok=False))
+    assert "--config" in line and "diffusers folders" in line
+    assert Registry(home).list() == []
+
+
+# ---- merge checkpoints ------------------------------------------------------------------------------
+
+def _merge(home, *inputs, out):
+    run(home, "merge", "checkpoints", *map(str, inputs), "--alpha", "0.3", "--dtype", "fp32", "-o", str(out))
+    return out
+
+
+def _assert_same_folder(got, want, family):
+    a, b = _folder_state(got, family), _folder_state(want, family)
+    for component in b:
+        assert list(a[component]) == list(b[component]), component
+        for key in b[component]:
+            assert torch.equal(a[component][key], b[component][key]), f"{component}.{key}"
+
+
+def test_merges_mixing_layouts_equal_the_folder_merge(models, home, tmp_path):
+    family, paths = models
+    folders = _merge(home, paths["base"], paths["tuned"], out=tmp_path / "folders")
+    # first model a folder: the output is a folder, whatever the other inputs are
+    for other in ("tuned.safetensors", "tuned.ckpt"):
+        _assert_same_folder(_merge(home, paths["base"], paths[other], out=tmp_path / f"f-{other}"), folders, family)
+    # first model a single file: a single file in its layout, the same as merging two single files
+    singles = load_file(_merge(home, paths["base.safetensors"], paths["tuned.safetensors"], out=tmp_path / "s.safetensors"))
+    mixed = load_file(_merge(home, paths["base.safetensors"], paths["tuned"], out=tmp_path / "m.safetensors"))
+    assert list(mixed) == list(singles) == list(load_file(paths["base.safetensors"]))
+    assert all(torch.equal(mixed[k], singles[k]) for k in singles)
+    keymap = sf.KeyMap.build({k: tuple(v.shape) for k, v in mixed.items()}, family,
+                             sf.configs_from_folder(paths["base"], family))
+    converted, expected = sf.to_diffusers(mixed, keymap), _folder_state(folders, family)
+    for component, tensors in expected.items():
+        for key, tensor in tensors.items():
+            assert torch.equal(converted[component][key], tensor), f"{component}.{key}"
+    base = _folder_state(paths["base"], family)
+    assert sum(not torch.equal(base[c][k], t) for c, ts in expected.items() for k, t in ts.items()) > 10
+
+
+def test_a_registered_mixed_merge_records_both_parents(models, home):
+    family, paths = models
+    run(home, "merge", "checkpoints", str(paths["base.safetensors"]), str(paths["tuned"]), "--alpha", "0.5",
+        "--name", "mixed")
+    manifest = Registry(home).resolve("mixed")
+    assert manifest.layout == "single_file"
+    assert [p.ref for p in manifest.provenance.parents] == [str(paths["base.safetensors"]), str(paths["tuned"])]
+    assert all(len(p.digest) == 64 for p in manifest.provenance.parents)
+
+
+def test_a_merge_of_different_architectures_across_layouts_is_refused(models, home, tmp_path, builtin_home):
+    family, paths = models
+    other = ensure_builtin("tiny-sd" if family == "sdxl" else "tiny-sdxl", builtin_home)
+    line = refused(run(home, "merge", "checkpoints", str(paths["base.safetensors"]), str(other), "--name", "bad",
+                       ok=False))
+    assert "different architectures" in line
+    assert Registry(home).list() == []
