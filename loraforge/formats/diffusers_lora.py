@@ -7,7 +7,8 @@ keys (delegated to `kohya.py`). Text-encoder paths are read into canonical `text
 the file was saved with or without that wrapper (diffusers under transformers 5 saves CLIPTextModel
 paths without it). Alpha comes from `.alpha` keys, else from the
 `lora_adapter_metadata` JSON diffusers keeps in the safetensors header (`<component>.lora_alpha`,
-`.alpha_pattern`, `.rank_pattern`, `.use_rslora`), else alpha = rank as diffusers assumes.
+`.alpha_pattern`, `.rank_pattern`, `.use_rslora`), else alpha = rank as diffusers assumes. PEFT's DoRA
+magnitudes (`….lora_magnitude_vector`) make DoRA modules, as `load_lora_weights` applies them.
 
 Writing bakes scale = alpha/rank into lora_B, so a diffusers reader that assumes alpha = rank (plain
 `load_lora_weights`, older diffusers) applies exactly the adapter's ΔW; the header's
@@ -30,7 +31,9 @@ from loraforge.formats.adapter_format import (
     AdapterFormat, FileProbe, ModuleNames, read_finite_safetensors, register_format, scan_finite_safetensors,
 )
 from loraforge.formats.kohya import is_kohya_key, kohya_to_lora
-from loraforge.formats.lora import COMPONENTS, LoraModule, LoraState, alpha_value, pair_names, with_text_model, without_text_model
+from loraforge.formats.lora import (
+    COMPONENTS, LoraModule, LoraState, alpha_value, module_from_tensors, pair_names, with_text_model, without_text_model,
+)
 from loraforge.formats.safetensors_io import write_safetensors
 
 if TYPE_CHECKING:
@@ -50,7 +53,9 @@ _SUFFIXES = (
     (".lora.down.weight", "down"),
     (".lora.up.weight", "up"),
     (".alpha", "alpha"),
+    (".lora_magnitude_vector", "magnitude"),  # DoRA, as PEFT saves it
 )
+MAGNITUDE = ".lora_magnitude_vector"
 
 
 def is_diffusers_key(key: str) -> bool:
@@ -63,8 +68,9 @@ def is_diffusers_key(key: str) -> bool:
 
 def _parse_key(key: str) -> tuple[str, str]:
     """(canonical module name, 'down' | 'up' | 'alpha') of one diffusers key."""
-    if "lora_magnitude_vector" in key or "dora_scale" in key:
-        raise FormatError(f"DoRA adapters are not supported (key {key})")
+    if "dora_scale" in key:
+        raise FormatError(f"key {key} is a kohya/LyCORIS DoRA magnitude in a file of diffusers keys "
+                          "(diffusers spells it lora_magnitude_vector)")
     if ".lora_B.bias" in key:
         raise FormatError(f"LoRA adapters with a lora_B bias are not supported (key {key})")
     component, _, rest = key.partition(".")
@@ -114,8 +120,6 @@ def peft_alpha(config: Mapping[str, Any], path: str, rank: int) -> float | None:
     """The alpha in loraforge's meaning (scale = alpha/rank) that a PEFT config gives one module; None
     without a config (diffusers then takes alpha = rank). PEFT builds a `LoraConfig` from what it is given,
     so a config without `lora_alpha` gets LoraConfig's default, as PEFT and diffusers load it."""
-    if config.get("use_dora"):
-        raise FormatError("DoRA adapters (use_dora) are not supported")
     if not config:
         return None
     default = config["lora_alpha"] if "lora_alpha" in config else _peft_default_alpha()
@@ -123,6 +127,26 @@ def peft_alpha(config: Mapping[str, Any], path: str, rank: int) -> float | None:
     if config.get("use_rslora"):
         return alpha * math.sqrt(rank)  # rsLoRA scale alpha/√r expressed as an alpha over r
     return alpha
+
+
+def check_dora(downs: Mapping[str, Any], magnitudes: Mapping[str, Any], use_dora: bool, prefix: str = "") -> None:
+    """Raise FormatError unless the DoRA magnitudes and the config's `use_dora` agree, as PEFT loads them."""
+    for name in sorted(set(magnitudes) - set(downs)):
+        raise FormatError(f"{prefix}{name}{MAGNITUDE} has no LoRA weights")
+    if magnitudes and not use_dora:
+        name = min(magnitudes)
+        raise FormatError(f"{prefix}{name}{MAGNITUDE} is a DoRA magnitude but the adapter config does not set "
+                          "use_dora, so PEFT would not load it")
+    if use_dora:
+        for name in sorted(set(downs) - set(magnitudes)):
+            raise FormatError(f"the adapter config sets use_dora but {prefix}{name} has no {MAGNITUDE[1:]}")
+
+
+def lora_or_dora(down, up, magnitude, alpha: float, name: str):
+    """A LoRA pair, or with PEFT's `lora_magnitude_vector` the DoRA module around it."""
+    if magnitude is None:
+        return LoraModule(down=down, up=up, alpha=alpha)
+    return module_from_tensors({"lora_down.weight": down, "lora_up.weight": up, MAGNITUDE[1:]: magnitude}, alpha, name)
 
 
 def _peft_default_alpha() -> float:
@@ -135,7 +159,7 @@ def diffusers_to_lora(sd: Mapping[str, Tensor], metadata: Mapping[str, Any] | No
                       module_names: Mapping[str, Iterable[str]] | None = None) -> LoraState:
     if sd and all(is_kohya_key(k) for k in sd):
         return kohya_to_lora(sd, module_names)
-    parts: dict[str, dict[str, Tensor]] = {"down": {}, "up": {}, "alpha": {}}
+    parts: dict[str, dict[str, Tensor]] = {"down": {}, "up": {}, "alpha": {}, "magnitude": {}}
     for key, value in sd.items():
         if is_kohya_key(key):
             raise FormatError(f"key {key} is a kohya key in a file of diffusers keys")
@@ -143,13 +167,19 @@ def diffusers_to_lora(sd: Mapping[str, Tensor], metadata: Mapping[str, Any] | No
         if name in parts[kind]:
             raise FormatError(f"two keys name the {kind} weight of {name} (one is {key})")
         parts[kind][name] = value
-    downs, ups, alphas = parts["down"], parts["up"], parts["alpha"]
+    downs, ups, alphas, magnitudes = parts["down"], parts["up"], parts["alpha"], parts["magnitude"]
     if not downs and not ups:
         raise FormatError("the state dict holds no LoRA weights")
     pair_names(downs, ups, alphas, ".lora_A.weight", ".lora_B.weight")
 
     meta = adapter_metadata(metadata)
     configs = {c: {k[len(c) + 1:]: v for k, v in meta.items() if k.startswith(c + ".")} for c in COMPONENTS}
+    for component in COMPONENTS:
+        prefix = component + "."
+        in_component = {n: m for n, m in magnitudes.items() if n.startswith(prefix)}
+        # with metadata diffusers builds the LoraConfig from it; without, it infers use_dora from the keys
+        use_dora = bool(configs[component].get("use_dora")) if configs[component] else bool(in_component)
+        check_dora({n: d for n, d in downs.items() if n.startswith(prefix)}, in_component, use_dora)
     state = LoraState()
     for name in sorted(downs):
         rank = int(downs[name].shape[0])
@@ -160,7 +190,7 @@ def diffusers_to_lora(sd: Mapping[str, Tensor], metadata: Mapping[str, Any] | No
             alpha = peft_alpha(configs[component], path, rank)
             if alpha is None:
                 alpha = float(rank)
-        state[name] = LoraModule(down=downs[name], up=ups[name], alpha=alpha)
+        state[name] = lora_or_dora(downs[name], ups[name], magnitudes.get(name), alpha, name)
     return state
 
 

@@ -15,6 +15,9 @@ PEFT finds modules and weights by the names the model has in memory, so a text e
 are written as the installed transformers names them: CLIPTextModel (`text_encoder`) lost its
 `text_model.` wrapper in transformers 5, CLIPTextModelWithProjection (`text_encoder_2`) kept it.
 Reading restores canonical `text_model.` paths from either spelling.
+
+A DoRA folder (`use_dora`, a `lora_magnitude_vector` per module) is read as DoRA modules around the LoRA
+pairs; PEFT folders are written only for plain LoRA pairs (a DoRA adapter exports as kohya or loraforge).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from loraforge.errors import FormatError
 from loraforge.formats import foreign_families
 from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, register_format
-from loraforge.formats.diffusers_lora import peft_alpha
+from loraforge.formats.diffusers_lora import MAGNITUDE, check_dora, lora_or_dora, peft_alpha
 from loraforge.formats.lora import (
     COMPONENTS, TEXT_MODEL_PREFIX, TEXT_MODEL_ROOTS, LoraModule, LoraState, pair_names, with_text_model,
     without_text_model,
@@ -50,24 +53,26 @@ def peft_to_lora(sd: Mapping[str, Tensor], config: Mapping[str, Any], component:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise FormatError(f"PEFT adapters of type {peft_type} are not supported (only LORA)")
-    downs, ups = {}, {}
+    downs, ups, magnitudes = {}, {}, {}
     for key, value in sd.items():
         path = key.removeprefix(PREFIX)
         if path.endswith(".lora_A.weight"):
             downs[path[: -len(".lora_A.weight")]] = value
         elif path.endswith(".lora_B.weight"):
             ups[path[: -len(".lora_B.weight")]] = value
-        elif "lora_magnitude_vector" in path:
-            raise FormatError(f"DoRA adapters are not supported (key {key})")
+        elif path.endswith(MAGNITUDE):
+            magnitudes[path[: -len(MAGNITUDE)]] = value
         else:
-            raise FormatError(f"key {key} is not a PEFT LoRA weight (lora_A / lora_B)")
+            raise FormatError(f"key {key} is not a PEFT LoRA weight (lora_A / lora_B / lora_magnitude_vector)")
     pair_names(downs, ups, {}, ".lora_A.weight", ".lora_B.weight")
+    check_dora(downs, magnitudes, bool(config.get("use_dora")), PREFIX)
     state = LoraState()
     for path in sorted(downs):
         rank = int(downs[path].shape[0])
         alpha = peft_alpha(config, path, rank)
         canonical = with_text_model(path) if component.startswith("text_encoder") else path
-        state[f"{component}.{canonical}"] = LoraModule(downs[path], ups[path], rank if alpha is None else alpha)
+        state[f"{component}.{canonical}"] = lora_or_dora(downs[path], ups[path], magnitudes.get(path),
+                                                         rank if alpha is None else alpha, f"{component}.{canonical}")
     return state
 
 
