@@ -82,22 +82,27 @@ def test_train_refuses_a_wrong_config_before_registering_anything(home, tmp_path
 
 # ---- the builtins written as single files (models.single_file's inverse of diffusers' converters) -------
 
-@pytest.fixture(scope="module", params=[("tiny-sd", "sd1"), ("tiny-sdxl", "sdxl")], ids=["sd1", "sdxl"])
-def single(request, tmp_path_factory, builtin_home):
-    """(builtin name, its diffusers folder, the same model as one single file)."""
+def as_single_file(folder: Path, family: str, path: Path) -> Path:
+    """Diffusers folder `folder` written as one single file at `path`."""
     from safetensors.torch import load_file
 
     from loraforge.models import single_file as sf
+
+    keymap = sf.template_for(sf.folder_shapes(folder, family), family, sf.configs_from_folder(folder, family))
+    state = {c: {k: v for f in sorted((folder / c).glob("*.safetensors")) for k, v in load_file(f).items()}
+             for c in sf.COMPONENTS[family]}
+    save_file(sf.to_single_file(state, keymap), str(path))
+    return path
+
+
+@pytest.fixture(scope="module", params=[("tiny-sd", "sd1"), ("tiny-sdxl", "sdxl")], ids=["sd1", "sdxl"])
+def single(request, tmp_path_factory, builtin_home):
+    """(builtin name, its diffusers folder, the same model as one single file)."""
     from loraforge.models.builtin import ensure_builtin
 
     name, family = request.param
     folder = ensure_builtin(name, builtin_home)
-    keymap = sf.template_for(sf.folder_shapes(folder, family), family, sf.configs_from_folder(folder, family))
-    state = {c: {k: v for f in sorted((folder / c).glob("*.safetensors")) for k, v in load_file(f).items()}
-             for c in sf.COMPONENTS[family]}
-    path = tmp_path_factory.mktemp(name) / f"{name}.safetensors"
-    save_file(sf.to_single_file(state, keymap), str(path))
-    return name, folder, path
+    return name, folder, as_single_file(folder, family, tmp_path_factory.mktemp(name) / f"{name}.safetensors")
 
 
 def configs_only(folder: Path, dst: Path) -> Path:
@@ -229,13 +234,11 @@ steps:
 """
 
 
-def test_recipe_train_and_render_steps_take_a_single_file_base_with_its_config(home, tmp_path, single):
+def test_recipe_train_and_render_steps_take_a_single_file_base_with_its_config(home, tmp_path, tiny_sd_path):
     from loraforge.registry import Registry
     from test_train import pattern_images
 
-    name, folder, path = single
-    if name != "tiny-sd":
-        pytest.skip("one family is enough for the recipe plumbing")
+    folder, path = tiny_sd_path, as_single_file(tiny_sd_path, "sd1", tmp_path / "tiny-sd.safetensors")
     data = pattern_images(tmp_path / "data", "stripes", n=2, caption="red stripes")
     variant = with_other_schedule(folder, tmp_path / "variant")
     config = configs_only(variant, tmp_path / "cfg")
@@ -266,9 +269,7 @@ def other_architecture(tmp_path_factory, builtin_home):
     import shutil
 
     from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
 
-    from loraforge.models import single_file as sf
     from loraforge.models.builtin import ensure_builtin
 
     root = tmp_path_factory.mktemp("other")
@@ -278,12 +279,7 @@ def other_architecture(tmp_path_factory, builtin_home):
     shutil.rmtree(folder / "unet")
     torch.manual_seed(7)
     UNet2DConditionModel.from_config({**config, "layers_per_block": 2}).save_pretrained(folder / "unet")
-    keymap = sf.template_for(sf.folder_shapes(folder, "sd1"), "sd1", sf.configs_from_folder(folder, "sd1"))
-    state = {c: {k: v for f in sorted((folder / c).glob("*.safetensors")) for k, v in load_file(f).items()}
-             for c in sf.COMPONENTS["sd1"]}
-    path = root / "two-layers.safetensors"
-    save_file(sf.to_single_file(state, keymap), str(path))
-    return folder, path
+    return folder, as_single_file(folder, "sd1", root / "two-layers.safetensors")
 
 
 def test_without_config_the_standard_configs_diffusers_names_are_fetched_and_checked(home, tmp_path, monkeypatch,
