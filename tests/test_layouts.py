@@ -606,3 +606,17 @@ def test_a_diffusers_dora_file_imports_as_load_lora_weights_applies_it(home, tmp
     state = read_adapter(path)[0]
     assert state.variants == {"dora": len(state)}
     assert_same_outputs(applied(pipe, state), want, base={"unet": outputs(pipe)["unet"]})
+
+
+def test_dora_magnitudes_the_config_does_not_enable_are_refused_in_one_line(home, tmp_path, pipelines):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(pipelines["sd1"].unet),
+                           LoraConfig(r=2, lora_alpha=2, use_dora=True, target_modules=["to_q"]))
+    model.save_pretrained(str(tmp_path / "peft"))
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "use_dora": False}))
+    line = _refused_import(home, tmp_path / "peft")
+    assert re.fullmatch(r"Error: .*adapter_model\.safetensors: base_model\.model\.\S+\.to_q\.lora_magnitude_vector "
+                        r"is a DoRA magnitude but the adapter config does not set use_dora, so PEFT would not load it",
+                        line), line

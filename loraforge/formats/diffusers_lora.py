@@ -13,7 +13,8 @@ magnitudes (`….lora_magnitude_vector`) make DoRA modules, as `load_lora_weight
 Writing bakes scale = alpha/rank into lora_B, so a diffusers reader that assumes alpha = rank (plain
 `load_lora_weights`, older diffusers) applies exactly the adapter's ΔW; the header's
 `lora_adapter_metadata` says the same (lora_alpha = r). These files are for diffusers: ComfyUI leaves
-their UNet attention keys unapplied, so ComfyUI and A1111 get kohya files (`export --for comfyui`).
+their UNet attention keys unapplied (only part of the file takes effect there) while it applies the kohya
+export fully, so ComfyUI and A1111 get kohya files (`export --for comfyui`).
 """
 
 from __future__ import annotations
