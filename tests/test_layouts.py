@@ -620,3 +620,17 @@ def test_dora_magnitudes_the_config_does_not_enable_are_refused_in_one_line(home
     assert re.fullmatch(r"Error: .*adapter_model\.safetensors: base_model\.model\.\S+\.to_q\.lora_magnitude_vector "
                         r"is a DoRA magnitude but the adapter config does not set use_dora, so PEFT would not load it",
                         line), line
+
+
+@pytest.mark.parametrize("tensors, says", [
+    ({"emb_params": torch.ones(2, 768)}, "a textual-inversion embedding (A1111 key emb_params)"),
+    ({"clip_l": torch.ones(2, 768), "clip_g": torch.ones(2, 1280)},
+     "an SDXL textual-inversion embedding (keys clip_g, clip_l)"),
+    ({"<cat-toy>": torch.ones(768)}, "a textual-inversion embedding (one vector per token: <cat-toy>)"),
+])
+def test_a_textual_inversion_embedding_is_named_as_one(home, tmp_path, tensors, says):
+    path = tmp_path / "embedding.safetensors"
+    save_file(tensors, str(path))
+    line = _refused_import(home, path)
+    assert line == (f"Error: {path} is {says}, not a LoRA adapter; loraforge imports adapters in these formats: "
+                    f"{_detecting_formats()}")

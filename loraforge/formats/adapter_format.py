@@ -178,10 +178,26 @@ def _claims_key(fmt: AdapterFormat, found: FileProbe, key: str) -> bool:
         return True
 
 
+def _embedding_layout(keys: tuple[str, ...]) -> str | None:
+    """What kind of textual-inversion embedding file `keys` spell, if they spell one: A1111's `emb_params`,
+    SDXL's `clip_l` + `clip_g`, or diffusers' one tensor per placeholder token (keys without a dot)."""
+    if "emb_params" in keys:
+        return "a textual-inversion embedding (A1111 key emb_params)"
+    if {"clip_g", "clip_l"} <= set(keys):
+        return "an SDXL textual-inversion embedding (keys clip_g, clip_l)"
+    if keys and all("." not in k for k in keys):
+        return f"a textual-inversion embedding (one vector per token: {', '.join(keys[:3])})"
+    return None
+
+
 def unknown_layout(found: FileProbe) -> str:
     """Why no format claims a safetensors file: the first key no format knows, or the formats its keys mix."""
     detecting = {name: fmt for name, fmt in sorted(FORMATS.items()) if fmt.detect is not None}
     known = ", ".join(detecting)
+    embedding = _embedding_layout(found.keys)
+    if embedding:
+        return (f"{found.path} is {embedding}, not a LoRA adapter; loraforge imports adapters in these formats: "
+                f"{known}")
     first_of: dict[str, str] = {}
     for key in found.keys:
         owners = [name for name, fmt in detecting.items() if _claims_key(fmt, found, key)]
