@@ -85,8 +85,9 @@ def loadable_state(pipe, state, weight: float, pristine: dict | None = None):
 
 def load_pipeline_with_adapters(registry, base_ref: str, lora_specs: Sequence[str], device=None, config=None):
     """(pipeline, base, [(state, weight, manifest)]) for a base reference and `REF=W` adapter specs; `config`:
-    the diffusers folder a single-file base is read with (models.pipeline.with_config)."""
-    from loraforge.models.pipeline import load_pipeline, with_config
+    the diffusers folder a single-file base is read with (models.base_config.with_config)."""
+    from loraforge.models.base_config import with_config
+    from loraforge.models.pipeline import load_pipeline
     from loraforge.registry.resolve import base_targets, load_adapter, resolve_base
 
     base = with_config(resolve_base(registry, base_ref), config)

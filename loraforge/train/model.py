@@ -65,7 +65,7 @@ def load_training_model(registry: Registry, base_ref: str, mixed_precision: str 
     from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from loraforge.models.pipeline import with_config
+    from loraforge.models.base_config import with_config
     from loraforge.models.pipeline import load_pipeline, pick_device
     from loraforge.registry.resolve import resolve_base
 

@@ -110,7 +110,7 @@ class Session:
     def base(self):
         """The resolved base (with its base_config), refused here when the trainer cannot train its family."""
         from loraforge.errors import TrainingError
-        from loraforge.models.pipeline import with_config
+        from loraforge.models.base_config import with_config
         from loraforge.registry.resolve import resolve_base
 
         if self._base is not None:

@@ -123,7 +123,8 @@ def grid_labels(spec) -> tuple[list[tuple[str, int]], list[str], list[float | No
 
 def render_grid(registry, spec, progress=None):
     """(grid image, [[cell images]], parents) for a concrete render spec."""
-    from loraforge.models.pipeline import load_pipeline, with_config
+    from loraforge.models.base_config import with_config
+    from loraforge.models.pipeline import load_pipeline
     from loraforge.render.grid import image_grid
     from loraforge.registry.resolve import base_targets, load_adapter, resolve_base
     from loraforge.render import apply_adapters
