@@ -214,12 +214,10 @@ def test_for_diffusers_loads_completely_with_load_lora_weights(home, tmp_path, p
 
 
 # An SDXL file with diffusers-named kohya keys loses its add_embedding in diffusers' kohya conversion
-# (`add_embedding_linear_1` becomes `add.embedding.linear`); sd-scripts' own SDXL names (`label_emb_0_0`)
-# convert. Strict: these start failing, and must be unmarked, once SDXL kohya exports use SGM names.
-SDXL_NEEDS_SGM_NAMES = pytest.mark.xfail(strict=True, reason="SDXL kohya export with diffusers names: "
-                                         "diffusers' kohya conversion mangles add_embedding; needs SGM names")
-KOHYA_FAMILIES = ["sd1", pytest.param("sdxl", marks=SDXL_NEEDS_SGM_NAMES)]
-
+# (`add_embedding_linear_1` and `_2` both become `add.embedding.linear`); sd-scripts' own SDXL names
+# (`label_emb_0_0`), which `--for comfyui|a1111|kohya` write for SDXL, convert. Strict: fails once fixed.
+ADD_EMBEDDING_MANGLED = pytest.mark.xfail(strict=True, reason="diffusers' kohya conversion mangles the "
+                                          "diffusers-named add_embedding of an SDXL kohya file")
 
 # diffusers' kohya loader names the alpha of an attention key after the whole weight key
 # (`…attn1.processor.to_q_lora.down.weight`), which matches no module: per-module alphas there are
@@ -228,17 +226,18 @@ PER_MODULE_ALPHAS_DROPPED = pytest.mark.xfail(strict=True, reason="diffusers' ko
                                               "alphas on attention keys")
 
 
-@pytest.mark.parametrize("family, kohya_style", [
-    ("sd1", True),
-    pytest.param("sd1", False, marks=PER_MODULE_ALPHAS_DROPPED),
-    pytest.param("sdxl", True, marks=SDXL_NEEDS_SGM_NAMES),
+@pytest.mark.parametrize("family, kohya_style, names", [
+    ("sd1", True, ()),
+    pytest.param("sd1", False, (), marks=PER_MODULE_ALPHAS_DROPPED),
+    ("sdxl", True, ()),
+    pytest.param("sdxl", True, ("--kohya-names", "diffusers"), marks=ADD_EMBEDDING_MANGLED),
 ])
 def test_for_comfyui_writes_kohya_keys_that_diffusers_kohya_loader_applies_fully(home, tmp_path, pipelines,
-                                                                                  family, kohya_style):
+                                                                                  family, kohya_style, names):
     """diffusers' kohya loader is a second consumer of the kohya export. It honours one alpha for linear
     layers and one for convolutions (what sd-scripts writes) but not per-module alphas on attention keys."""
     state, deltas = draw_adapter(pipelines[family], seed=1, kohya_style=kohya_style)
-    written = import_and_export(home, tmp_path, family, state, "--for", "comfyui")
+    written = import_and_export(home, tmp_path, family, state, "--for", "comfyui", *names)
     assert written.suffix == ".safetensors"
     pipe, bases = fresh_pipe(pipelines, family)
     with loader_messages() as messages:
@@ -252,36 +251,61 @@ def test_for_comfyui_writes_kohya_keys_that_diffusers_kohya_loader_applies_fully
 
 # -- kohya / A1111 / ComfyUI names ---------------------------------------------------------
 
-@pytest.mark.parametrize("family", FAMILIES)
+def kohya_prefixes(family: str) -> dict[str, str]:
+    return {**KOHYA_PREFIXES, "text_encoder": "lora_te1_"} if family == "sdxl" else KOHYA_PREFIXES
+
+
+@pytest.mark.parametrize("family, names", [("sd1", ()), ("sdxl", ("--kohya-names", "diffusers"))])
 @pytest.mark.parametrize("consumer", ["comfyui", "a1111", "kohya"])
-def test_kohya_names_are_the_flattened_paths_of_real_modules(home, tmp_path, pipelines, family, consumer):
+def test_kohya_names_are_the_flattened_paths_of_real_modules(home, tmp_path, pipelines, family, names, consumer):
     """Name-matching loaders find a module by its kohya flattening (`lora_unet_` + path with `_`):
     every key must be one, for every module the adapter has."""
-
     state, _ = draw_adapter(pipelines[family], seed=2)
-    written = import_and_export(home, tmp_path, family, state, "--for", consumer)
-    sd = load_file(str(written))
-    if family == "sdxl":
-        prefixes = {**KOHYA_PREFIXES, "text_encoder": "lora_te1_"}
-    else:
-        prefixes = KOHYA_PREFIXES
+    written = import_and_export(home, tmp_path, family, state, "--for", consumer, *names)
+    prefixes = kohya_prefixes(family)
     expected = set()
     for name in state:
         component, path = name.split(".", 1)
         flat = prefixes[component] + path.replace(".", "_")
         expected |= {flat + ".lora_down.weight", flat + ".lora_up.weight", flat + ".alpha"}
-    assert set(sd) == expected
+    assert set(load_file(str(written))) == expected
 
 
-@pytest.mark.parametrize("family", KOHYA_FAMILIES)
-def test_diffusers_kohya_conversion_turns_every_unet_key_into_a_real_module(home, tmp_path, pipelines, family):
+@pytest.mark.parametrize("consumer", ["comfyui", "a1111", "kohya"])
+def test_for_kohya_consumers_an_sdxl_unet_gets_sgm_names(home, tmp_path, pipelines, consumer):
+    """sd-scripts names SDXL UNet modules by their Stability (SGM) paths, and so do the SDXL files ComfyUI
+    and A1111 are used with; the text encoders keep their CLIP paths."""
+    state, _ = draw_adapter(pipelines["sdxl"], seed=2)
+    written = import_and_export(home, tmp_path, "sdxl", state, "--for", consumer)
+    keys = {k.split(".", 1)[0] for k in load_file(str(written))}
+    unet = {k for k in keys if k.startswith("lora_unet_")}
+    assert len(unet) == len(state.component("unet"))
+    sgm = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_")
+    assert all(k.removeprefix("lora_unet_").startswith(sgm) for k in unet), sorted(unet)[:5]
+    prefixes = kohya_prefixes("sdxl")
+    assert keys - unet == {prefixes[n.split(".", 1)[0]] + n.split(".", 1)[1].replace(".", "_")
+                           for n in state if not n.startswith("unet.")}
+
+
+@pytest.mark.parametrize("family, names", [
+    ("sd1", ()),
+    ("sdxl", ()),
+    pytest.param("sdxl", ("--kohya-names", "diffusers"), marks=ADD_EMBEDDING_MANGLED),
+])
+def test_diffusers_kohya_conversion_turns_every_unet_key_into_a_real_module(home, tmp_path, pipelines, family,
+                                                                            names):
     """diffusers' own kohya conversion consumes every key and names a module the UNet has for each."""
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     state, _ = draw_adapter(pipelines[family], seed=2)
-    written = import_and_export(home, tmp_path, family, state, "--for", "kohya")
-    converted, alphas = _convert_non_diffusers_lora_to_diffusers(load_file(str(written)))  # raises on a leftover
+    written = import_and_export(home, tmp_path, family, state, "--for", "kohya", *names)
+    sd = load_file(str(written))
+    if family == "sdxl" and not names:  # SGM block names: diffusers maps them with the UNet's config first
+        from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+        sd = _maybe_map_sgm_blocks_to_diffusers(sd, pipelines[family].unet.config)
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(sd)  # raises on a leftover
     assert len(converted) == 2 * len(state) and len(alphas) == len(state)
     unet = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()
                                             if k.startswith("unet.")})
