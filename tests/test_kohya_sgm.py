@@ -213,7 +213,7 @@ def test_export_kohya_gives_back_the_sgm_file(home, oracle, tmp_path):
     source, _, _ = oracle
     run_cli(home, "registry", "import", str(source), "--name", "sgm", "--base", "builtin:tiny-sdxl")
     out = tmp_path / "back.safetensors"
-    run_cli(home, "registry", "export", "sgm", "--format", "kohya", "-o", str(out))
+    run_cli(home, "registry", "export", "sgm", "--format", "kohya", "--with-manifest", "-o", str(out))
     (header, data, meta), (orig_header, orig_data, _) = tensor_bytes(out), tensor_bytes(source)
     assert header == orig_header  # same keys, dtypes, shapes and offsets
     assert data == orig_data  # same tensor bytes, in the same order

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from loraforge.errors import ConfigError, FormatError
-from loraforge.hashing import iter_folder_files
+from loraforge.hashing import iter_folder_files, sha256_file
 from loraforge.registry.dataset import IMAGE_SUFFIXES, dataset_files, scan_dataset
 from loraforge.registry.manifest import (
     AdapterInfo, BaseInfo, DatasetInfo, Manifest, Parent, Provenance, SliderInfo,
@@ -14,6 +14,10 @@ from loraforge.registry.manifest import (
 from loraforge.registry.registry import Registry
 
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+# An imported adapter file's own safetensors header (its JSON bytes as written, padding included), kept
+# beside the canonical file so that exporting the import to its own format gives the file back byte for
+# byte (`exporter.reproduce_import`). The manifest's provenance records the file's sha256 and size.
+SOURCE_HEADER = "source-header.json"
 
 
 def _is_checkpoint_file(path: Path) -> bool:
@@ -120,14 +124,38 @@ def _import_adapter(registry: Registry, path: Path, name: str, kind: str, base_r
         kind = "slider"
     if kind == "slider" and slider is None:
         slider = SliderInfo(method="imported")
+    params: dict = {"format": fmt}
+    header = _source_header(path)
+    if header is not None:
+        params.update(source_sha256=sha256_file(path), source_size=path.stat().st_size)
     manifest = Manifest(
         name=name, kind=kind, digest="", files=[],
         adapter=adapter_info(state, fmt),
         slider=slider if kind == "slider" else None,
         base=BaseInfo(ref=base.ref, digest=base.digest, family=base.family) if base else None,
-        provenance=Provenance(source=str(path.resolve()), method="import", params={"format": fmt}),
+        provenance=Provenance(source=str(path.resolve()), method="import", params=params),
     )
-    return _register_canonical(registry, state, stamp(manifest), input_digest)
+    if header is None:
+        return _register_canonical(registry, state, stamp(manifest), input_digest)
+    staged = registry.blobs.staging_path(SOURCE_HEADER)
+    try:
+        staged.write_bytes(header)
+        return _register_canonical(registry, state, stamp(manifest), input_digest, [(staged, SOURCE_HEADER)])
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def _source_header(path: Path) -> Optional[bytes]:
+    """The header bytes of a safetensors adapter file (after its 8-byte length), None for a folder or
+    a pickle; the scan before has checked the header against the file."""
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8 or f.read(1) != b"{":
+            return None
+        f.seek(8)
+        return f.read(int.from_bytes(head, "little"))
 
 
 def register_adapter(registry: Registry, state, manifest: Manifest, input_digest: str | None = None,

@@ -1,0 +1,232 @@
+"""An imported adapter file exported to the format it came in is that file again, byte for byte.
+
+Each file here is written by the program users get it from, with that program's own writer:
+sd-scripts and lycoris save through `safetensors.torch.save_file` (header metadata such as `ss_*` in its
+hash map's order, tensors by dtype alignment then name, the header padded to 8 bytes), diffusers through
+`save_lora_weights`. The oracle is the file itself: sha256 and `filecmp` against the original.
+A derived artifact (a resize, a merge) never carries its parent's header; `--with-manifest` writes
+loraforge's header with the same tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import filecmp
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cli_helpers import run_cli
+from loraforge.registry import Registry
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# What sd-scripts writes into a LoRA's header (a few of its entries; values are strings, some of them
+# JSON, some not ASCII), in the order sd-scripts builds them, which is not sorted.
+SS_METADATA = {
+    "ss_session_id": "1234567890",
+    "ss_network_module": "networks.lora",
+    "ss_network_dim": "2",
+    "ss_network_alpha": "1.0",
+    "ss_base_model_version": "sd_v1",
+    "ss_tag_frequency": json.dumps({"10_ayaka": {"1girl": 40, "café au lait": 3, "微笑": 7}}, ensure_ascii=False),
+    "ss_output_name": "ayaka_v3",
+    "sshs_model_hash": "0f" * 32,
+}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def identical(a: Path, b: Path) -> bool:
+    return filecmp.cmp(a, b, shallow=False) and sha256(a) == sha256(b)
+
+
+def header_of(path: Path) -> dict:
+    raw = path.read_bytes()
+    return json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")])
+
+
+def export(home: Path, ref: str, out: Path, *args: str):
+    """`registry export REF ARGS -o OUT`: (the path it printed, what it said on stderr)."""
+    result = run_cli(home, "registry", "export", ref, *args, "-o", str(out))
+    return Path(result.stdout.split()[0]), result.stderr.strip()
+
+
+@pytest.fixture()
+def kohya_sd1_file(tmp_path, tiny_sd_path) -> Path:
+    """A kohya SD1 LoRA on tiny-sd's modules (fp16 factors, fp32 alphas as sd-scripts saves them), written by
+    `safetensors.torch.save_file` with sd-scripts' header metadata."""
+    from loraforge.formats.kohya import lora_to_kohya
+    from loraforge.models.targets import module_shapes
+    from loraforge.synthetic import random_lora
+
+    sd = lora_to_kohya(random_lora(module_shapes(tiny_sd_path), rank=2, seed=5, alpha=1.0))
+    sd = {k: (v.float() if k.endswith(".alpha") else v.half()) for k, v in sd.items()}
+    path = tmp_path / "ayaka_v3.safetensors"
+    save_file(sd, str(path), metadata=SS_METADATA)
+    return path
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_kohya_sd1_file_with_ss_metadata_exports_back_byte_for_byte(home, tmp_path, kohya_sd1_file, with_base):
+    base = ("--base", "builtin:tiny-sd") if with_base else ()
+    run_cli(home, "registry", "import", str(kohya_sd1_file), "--name", "ayaka", *base)
+    for args in (("--format", "kohya"), ("--for", "a1111"), ("--for", "comfyui"), ("--for", "kohya")):
+        out, said = export(home, "ayaka", tmp_path / ("-".join(a.strip("-") for a in args) + ".safetensors"), *args)
+        assert identical(out, kohya_sd1_file), args
+        assert said.startswith("wrote the imported file back byte for byte") and "--with-manifest" in said
+    assert header_of(out)["__metadata__"] == SS_METADATA  # in the order safetensors' hash map gave them
+
+
+def test_with_manifest_writes_the_same_tensors_under_loraforge_header(home, tmp_path, kohya_sd1_file):
+    run_cli(home, "registry", "import", str(kohya_sd1_file), "--name", "ayaka", "--base", "builtin:tiny-sd")
+    out, said = export(home, "ayaka", tmp_path / "with.safetensors", "--format", "kohya", "--with-manifest")
+    assert not identical(out, kohya_sd1_file) and said == ""
+    meta = header_of(out)["__metadata__"]
+    assert json.loads(meta["loraforge_manifest"])["name"] == "ayaka" and "ss_network_module" not in meta
+    got, want = load_file(str(out)), load_file(str(kohya_sd1_file))
+    assert sorted(got) == sorted(want)
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+
+
+def test_the_import_survives_verify_gc_and_a_second_home_through_the_hub(home, tmp_path, kohya_sd1_file):
+    run_cli(home, "registry", "import", str(kohya_sd1_file), "--name", "ayaka", "--base", "builtin:tiny-sd")
+    run_cli(home, "registry", "verify")
+    run_cli(home, "registry", "gc")
+    manifest = Registry(home).resolve("ayaka")
+    assert manifest.provenance.params["source_sha256"] == sha256(kohya_sd1_file)
+    assert {f.path for f in manifest.files} == {"adapter.safetensors", "source-header.json"}
+    out, _ = export(home, "ayaka", tmp_path / "after-gc.safetensors", "--format", "kohya")
+    assert identical(out, kohya_sd1_file)
+
+
+def test_derived_artifacts_have_their_own_header(home, tmp_path, kohya_sd1_file):
+    """A resize of the import (a new adapter with its own manifest) keeps none of sd-scripts' entries."""
+    run_cli(home, "registry", "import", str(kohya_sd1_file), "--name", "ayaka", "--base", "builtin:tiny-sd")
+    run_cli(home, "lora", "resize", "ayaka", "--rank", "1", "--name", "small")
+    manifest = Registry(home).resolve("small")
+    assert "source-header.json" not in {f.path for f in manifest.files}
+    out, said = export(home, "small", tmp_path / "small.safetensors", "--format", "kohya")
+    meta = header_of(out)["__metadata__"]
+    assert said == "" and not [k for k in meta if k.startswith("ss")]
+    assert json.loads(meta["loraforge_manifest"])["name"] == "small"
+
+
+def test_export_to_another_format_carries_loraforge_header(home, tmp_path, kohya_sd1_file):
+    run_cli(home, "registry", "import", str(kohya_sd1_file), "--name", "ayaka", "--base", "builtin:tiny-sd")
+    out, said = export(home, "ayaka", tmp_path / "d.safetensors", "--format", "diffusers")
+    meta = header_of(out)["__metadata__"]
+    assert said == "" and "loraforge_manifest" in meta and "ss_network_module" not in meta
+
+
+# -- SDXL kohya files in SGM names -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sdxl_pipeline(tiny_sdxl_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_path))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sgm_named_sdxl_kohya_file_exports_back_byte_for_byte(home, tmp_path, sdxl_pipeline, dtype):
+    from test_kohya_sgm import sgm_kohya_file
+
+    source = sgm_kohya_file(sdxl_pipeline, tmp_path / "xl.safetensors", dtype=dtype)
+    run_cli(home, "registry", "import", str(source), "--name", "xl", "--base", "builtin:tiny-sdxl")
+    for args in (("--format", "kohya"), ("--for", "comfyui"), ("--for", "a1111"), ("--for", "kohya"),
+                 ("--format", "kohya", "--kohya-names", "sgm")):
+        out, said = export(home, "xl", tmp_path / ("-".join(a.strip("-") for a in args) + ".safetensors"), *args)
+        assert identical(out, source), args
+        assert said.startswith("wrote the imported file back byte for byte")
+    # the other naming is another file, and export says why it is not the imported one
+    out, said = export(home, "xl", tmp_path / "diffusers-names.safetensors", "--format", "kohya",
+                       "--kohya-names", "diffusers")
+    assert not identical(out, source)
+    assert said.startswith("could not write the imported file back byte for byte: only the export has tensor "
+                           "lora_unet_"), said
+
+
+# -- LyCORIS files written by lycoris-lora ---------------------------------------------------
+
+@pytest.mark.parametrize("case, dtype", [("loha", torch.float32), ("loha", torch.float16), ("lokr", torch.float32)])
+def test_lycoris_file_saved_by_lycoris_exports_back_byte_for_byte(home, tmp_path, tiny_sd_path, case, dtype):
+    from test_lycoris_variants import Produced
+
+    made = Produced(tiny_sd_path, tmp_path / case, case, dtype=dtype)
+    assert header_of(made.path)["__metadata__"], "lycoris writes its own metadata (hashes)"
+    run_cli(home, "registry", "import", str(made.path), "--name", "hada", "--base", "builtin:tiny-sd")
+    out, said = export(home, "hada", tmp_path / "back.safetensors", "--for", "comfyui")
+    assert identical(out, made.path)
+    assert said.startswith("wrote the imported file back byte for byte")
+
+
+# -- diffusers files written by save_lora_weights --------------------------------------------
+
+def unet_lora_saved_by_diffusers(pipe, folder: Path) -> Path:
+    """A UNet LoRA (alpha != rank, a rank pattern) saved by diffusers' `save_lora_weights` with its adapter
+    metadata, as diffusers' training scripts save one."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    unet = copy.deepcopy(pipe.unet)
+    config = LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                        rank_pattern={"attn2.to_k": 2})
+    inject_adapter_in_model(config, unet)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    type(pipe).save_lora_weights(str(folder), unet_lora_layers=get_peft_model_state_dict(unet),
+                                 unet_lora_adapter_metadata=config.to_dict())
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_diffusers_file_saved_by_save_lora_weights_exports_back_byte_for_byte(home, tmp_path, pipelines, family):
+    source = unet_lora_saved_by_diffusers(pipelines[family], tmp_path / "saved")
+    assert "lora_adapter_metadata" in header_of(source)["__metadata__"]
+    run_cli(home, "registry", "import", str(source), "--name", "d", "--base", FAMILIES[family])
+    for args, name in ((("--for", "diffusers"), "folder"), (("--format", "diffusers"), "file.safetensors")):
+        out, said = export(home, "d", tmp_path / name, *args)
+        assert identical(out, source), (args, said)
+        assert said.startswith("wrote the imported file back byte for byte")
+
+
+def test_text_encoder_keys_saved_without_text_model_come_back_with_it(home, tmp_path, pipelines):
+    """Not byte for byte, pinned: diffusers with transformers 5 saves CLIP text-encoder keys without the
+    `text_model.` wrapper (`text_encoder.encoder.layers.0…`); loraforge writes them with it, the spelling
+    diffusers' loader and older files use, so such a file comes back with the same tensors under those
+    names (lora_B scaled by alpha/rank, as every diffusers export), and export says so."""
+    from test_layouts import _saved_by_diffusers
+
+    source, _ = _saved_by_diffusers(pipelines["sd1"], tmp_path / "saved")
+    assert [k for k in load_file(str(source)) if k.startswith("text_encoder.encoder.")]
+    run_cli(home, "registry", "import", str(source), "--name", "d", "--base", "builtin:tiny-sd")
+    out, said = export(home, "d", tmp_path / "out", "--for", "diffusers")
+    assert not identical(out, source)
+    assert said.startswith("could not write the imported file back byte for byte: only the imported file has "
+                           "tensor text_encoder.encoder."), said
+    got, want = load_file(str(out)), load_file(str(source))
+    renamed = {k.replace("text_encoder.encoder.", "text_encoder.text_model.encoder."): v for k, v in want.items()}
+    assert sorted(got) == sorted(renamed)  # the same modules; lora_B carries alpha/rank, lora_A is the file's
+    assert all(torch.equal(got[k], renamed[k]) for k in got if k.endswith(".lora_A.weight"))
+
+
+FAMILIES = {"sd1": "builtin:tiny-sd", "sdxl": "builtin:tiny-sdxl"}
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_sd_path, tiny_sdxl_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return {"sd1": StableDiffusionPipeline.from_pretrained(str(tiny_sd_path), safety_checker=None,
+                                                           requires_safety_checker=False),
+            "sdxl": StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_path))}
