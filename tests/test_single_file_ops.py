@@ -158,3 +158,72 @@ def test_a_merge_of_different_architectures_across_layouts_is_refused(models, ho
                        ok=False))
     assert "different architectures" in line
     assert Registry(home).list() == []
+
+
+# ---- registry export of checkpoints in the other layout ---------------------------------------------
+
+def _loaded_from_single_file(path, folder, family):
+    """{component: state dict} diffusers' from_single_file loads from `path` with `folder`'s configs. tiny-sdxl's
+    two text encoders are equally wide, so from_single_file takes embedders.0 for both (it tells them apart by
+    width): text_encoder_2 is what diffusers' open-clip converter makes of the file."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipe = cls.from_single_file(str(path), config=str(folder), local_files_only=True, dtype=torch.float32)
+    out = {c: getattr(pipe, c).state_dict() for c in sf.COMPONENTS[family]}
+    if family == "sdxl":
+        out["text_encoder_2"] = convert_open_clip_checkpoint(pipe.text_encoder_2, load_file(path),
+                                                             prefix="conditioner.embedders.1.model.")
+    return out
+
+
+def _assert_states_equal(got, want):
+    for component, tensors in want.items():
+        for key, tensor in tensors.items():
+            if key.endswith(sf.DROPPED_BY_CONVERTERS):
+                continue
+            other = got[component].get(key, got[component].get(key.removeprefix("text_model.")))
+            assert other is not None, f"{component}.{key} not loaded"
+            assert other.dtype == tensor.dtype and torch.equal(other, tensor), f"{component}.{key} differs"
+
+
+def test_a_folder_checkpoint_exports_as_a_single_file_from_single_file_loads_exactly(models, home, tmp_path):
+    family, paths = models
+    run(home, "registry", "import", str(paths["tuned"]), "--name", "tunedf")
+    out = run(home, "registry", "export", "tunedf", "--format", "single-file", "-o", str(tmp_path / "tuned")).output
+    assert out.strip().splitlines() == [str(tmp_path / "tuned.safetensors")]
+    assert list(load_file(tmp_path / "tuned.safetensors")) == list(load_file(paths["tuned.safetensors"]))
+    _assert_states_equal(_loaded_from_single_file(tmp_path / "tuned.safetensors", paths["base"], family),
+                         _folder_state(paths["tuned"], family))
+    # --for comfyui asks for the single file A1111/ComfyUI load: the same conversion
+    run(home, "registry", "export", "tunedf", "--for", "comfyui", "-o", str(tmp_path / "c.safetensors"))
+    a, b = load_file(tmp_path / "c.safetensors"), load_file(tmp_path / "tuned.safetensors")
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_single_file_checkpoint_exports_as_a_folder_from_pretrained_loads_exactly(models, home, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    family, paths = models
+    run(home, "registry", "import", str(paths["tuned.safetensors"]), "--name", "tuneds")
+    run(home, "registry", "export", "tuneds", "--format", "diffusers", "-o", str(tmp_path / "folder"))
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "folder"), local_files_only=True)
+    loaded = {c: getattr(pipe, c).state_dict() for c in sf.COMPONENTS[family]}
+    _assert_states_equal(loaded, _loaded_from_single_file(paths["tuned.safetensors"], paths["base"], family))
+    _assert_states_equal(loaded, _folder_state(paths["tuned"], family))
+    # with --config naming the configs folder: the same files
+    run(home, "registry", "export", "tuneds", "--format", "diffusers", "--config", str(paths["base"]),
+        "-o", str(tmp_path / "folder2"))
+    for component in sf.COMPONENTS[family]:
+        name = sf.WEIGHT_NAMES[component]
+        assert (tmp_path / "folder" / component / name).read_bytes() == (tmp_path / "folder2" / component / name).read_bytes()
+
+
+def test_export_config_is_refused_where_it_means_nothing(models, home, tmp_path):
+    _, paths = models
+    run(home, "registry", "import", str(paths["tuned"]), "--name", "tunedf")
+    line = refused(run(home, "registry", "export", "tunedf", "--format", "single-file", "--config", str(paths["base"]),
+                       "-o", str(tmp_path / "x.safetensors"), ok=False))
+    assert "--config" in line and "tunedf:1" in line
+    assert not (tmp_path / "x.safetensors").exists()

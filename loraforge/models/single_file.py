@@ -15,6 +15,7 @@ running the converter forward.
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -416,3 +417,87 @@ def to_single_file(components: dict[str, dict[str, torch.Tensor]], keymap: KeyMa
     spelled = match_folder_key(keymap, {c: set(sd) for c, sd in components.items()})
     return {key: keymap.from_diffusers(key, lambda p: components[p.component][spelled[(p.component, p.key)]])
             for key in keymap.convertible()}
+
+
+# ---- whole checkpoints on disk, one tensor at a time ------------------------------------------------
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def write_single_file(folder: Path, family: str, out: Path) -> Path:
+    """Diffusers pipeline `folder` written as the single file A1111/ComfyUI load (names from `template_for`),
+    reading and writing one tensor at a time; every tensor keeps its dtype."""
+    from loraforge.formats.safetensors_io import SafetensorsWriter, TensorFile
+
+    shapes = folder_shapes(folder, family)
+    keymap = template_for(shapes, family, configs_from_folder(folder, family))
+    readers, where = [], {}
+    try:
+        for component in shapes:
+            for f in sorted((Path(folder) / component).glob("*.safetensors")):
+                if f.name.count(".") == 1:
+                    readers.append(TensorFile(f))
+                    where.update({(component, k): readers[-1] for k in readers[-1].entries})
+        spelled = match_folder_key(keymap, {c: set(ks) for c, ks in shapes.items()})
+
+        def get(piece: Piece) -> torch.Tensor:
+            key = (piece.component, spelled[(piece.component, piece.key)])
+            return where[key].get(key[1])
+
+        def dtype_of(key: str) -> torch.dtype:
+            piece = keymap.pieces[key][0]
+            key = (piece.component, spelled[(piece.component, piece.key)])
+            return where[key].entries[key[1]].torch_dtype
+
+        keys = keymap.convertible()
+        dtypes = {k: dtype_of(k) for k in keys}
+        with SafetensorsWriter(out, [(k, keymap.shapes[k], dtypes[k]) for k in keys], {"format": "pt"}) as writer:
+            for key in keys:
+                writer.write(key, keymap.from_diffusers(key, get, dtype=dtypes[key]))
+    finally:
+        for reader in readers:
+            reader.close()
+    return Path(out)
+
+
+def write_folder(single: Path, family: str, configs: Path, out: Path) -> list[Path]:
+    """Single file `single` written as a diffusers pipeline folder at `out`: the configs, tokenizers and
+    scheduler of diffusers folder `configs` (its weights are not read) and each component's weights converted
+    by diffusers' own converter, one tensor at a time, in the file's dtypes. Returns the files written."""
+    from loraforge.formats.safetensors_io import SafetensorsWriter, TensorFile, tensor_shapes
+
+    single, configs, out = Path(single), Path(configs), Path(out)
+    written = []
+    for path in sorted(configs.rglob("*")):
+        rel = path.relative_to(configs)
+        if path.is_file() and path.suffix not in _WEIGHT_SUFFIXES and not rel.parts[0].startswith("."):
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            written.append(Path(shutil.copyfile(path, out / rel)))
+    if single.suffix.lower() == ".safetensors":
+        reader = TensorFile(single)
+        shapes, get, close = tensor_shapes(single), reader.get, reader.close
+        dtype_of = lambda key: reader.entries[key].torch_dtype  # noqa: E731
+    else:
+        from loraforge.formats.pickles import tensor_state_dict
+
+        state = tensor_state_dict(single)
+        shapes, get, close = {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__, lambda: None
+        dtype_of = lambda key: state[key].dtype  # noqa: E731
+    try:
+        keymap = KeyMap.build(shapes, family, configs_from_folder(configs, family))
+        for component in COMPONENTS[family]:
+            parts = [(k, p) for k in keymap.shapes for p in keymap.pieces.get(k, []) if p.component == component]
+            if not parts:
+                raise FormatError(f"{single.name} has no {component} weights: it cannot be written as a diffusers folder")
+            dtypes = {k: dtype_of(k) for k, _ in parts}
+            target = out / component / WEIGHT_NAMES[component]
+            with SafetensorsWriter(target, [(p.key, p.shape, dtypes[k]) for k, p in parts], {"format": "pt"}) as writer:
+                last = (None, None)
+                for key, piece in parts:
+                    if last[0] != key:
+                        last = (key, get(key))
+                    writer.write(piece.key, piece.view_of(last[1]).contiguous())
+            written.append(target)
+    finally:
+        close()
+    return written
