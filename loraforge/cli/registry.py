@@ -144,22 +144,31 @@ def _manifest_lines(m: dict, aliases: list[str]) -> list[str]:
                    "added when missing; peft: a folder.")
 @click.option("--kohya-names", type=click.Choice(["sgm", "diffusers"]),
               help="UNet key names of a kohya file: sgm (input_blocks_…, what kohya writes for SDXL) or "
-                   "diffusers (down_blocks_…, what it writes for SD1); default: the names the adapter came in.")
+                   "diffusers (down_blocks_…, what it writes for SD1); default: sgm for SDXL with --for "
+                   "comfyui|a1111|kohya, else the names a kohya import came in (sgm for other SDXL adapters).")
+@click.option("--with-manifest", is_flag=True,
+              help="Write loraforge's header, with the manifest, even where the export would be the imported "
+                   "file byte for byte (which has no loraforge_manifest entry).")
 @click.option("--config", type=click.Path(exists=True, file_okay=False),
               help="A diffusers folder of a single-file checkpoint's architecture: the configs and tokenizers "
                    "of its --format diffusers export (default: the builtin's or diffusers' standard ones).")
 @click.pass_context
-def export(ctx, ref, consumer, fmt, output, kohya_names, config):
+def export(ctx, ref, consumer, fmt, output, kohya_names, config, with_manifest):
     """Export REF to a new file or folder for the program that will load it; prints the files written.
 
     ComfyUI and A1111 read kohya names (a diffusers file loads there only in part), diffusers reads
     its own keys, PEFT reads one adapter folder per model: `--for comfyui` picks the format for you.
+    An imported file exported to its own format is written back byte for byte, its header included.
     """
     from loraforge.registry.exporter import export_artifact
 
-    written = export_artifact(registry_from_ctx(ctx), ref, fmt, output, consumer=consumer, kohya_names=kohya_names, config=config)
+    notes: list[str] = []
+    written = export_artifact(registry_from_ctx(ctx), ref, fmt, output, consumer=consumer, kohya_names=kohya_names, config=config,
+                              with_manifest=with_manifest, report=notes.append)
     for path in written:
         click.echo(str(path))
+    for line in notes:
+        click.echo(line, err=True)
 
 
 @registry.command()

@@ -1,12 +1,27 @@
 """Exporting a registry artifact to a new file or folder: adapters in any adapter format,
 checkpoints and datasets as stored.
 
+An imported adapter file exported to the format it came in is that file again, byte for byte: the
+import keeps the file's own safetensors header (`importer.SOURCE_HEADER`: its metadata such as
+sd-scripts' `ss_*` entries, its key order and padding) and its sha256, and the export lays the tensors
+it writes out under that header. Such a file carries no `loraforge_manifest` entry (the original had
+none); `with_manifest` writes loraforge's own header instead. Only the import itself is reproduced:
+merges, resizes, trainings and other derived artifacts have their own manifest and no source header.
+
+SDXL kohya files for ComfyUI, A1111 and sd-scripts (`--for comfyui|a1111|kohya`) use the Stability
+(SGM) UNet block names those programs name SDXL modules by (`input_blocks_4_1_…`); so does a plain
+`--format kohya` of an SDXL adapter that did not come in as a kohya file. A kohya import keeps the
+naming it came in under `--format kohya`, and `kohya_names` overrides both.
+
 An export never overwrites: the output is written into a scratch folder beside it and renamed
 into place, so a failed export leaves nothing behind and an existing file or folder is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -20,20 +35,25 @@ from loraforge.registry.registry import Registry
 # The file name diffusers' save_lora_weights writes and load_lora_weights looks for in a folder.
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SUFFIX = ".safetensors"
+# The programs that name SDXL UNet modules by their SGM paths (`input_blocks_…`) and read kohya files so.
+SGM_KOHYA_CONSUMERS = ("comfyui", "a1111", "kohya")
 
 
 def export_artifact(registry: Registry, ref: str, fmt: str | None, out: Path,
-                    consumer: str | None = None, kohya_names: str | None = None, config: str | Path | None = None) -> list[Path]:
+                    consumer: str | None = None, kohya_names: str | None = None, config: str | Path | None = None, with_manifest: bool = False,
+                    report: Callable[[str], None] | None = None) -> list[Path]:
     """Write an artifact to `out` and return the files written.
 
     `consumer` names the program that will load the file (`consumers.CONSUMERS`) and picks `fmt`
     when it is None; the two must agree. Adapters default to diffusers. `kohya_names` (`sgm` |
-    `diffusers`) picks the UNet naming of a kohya file (default: the naming the adapter came in).
+    `diffusers`) picks the UNet naming of a kohya file (default: see the module docstring).
     diffusers: `out` ending in .safetensors is the file, anything else a folder holding
     pytorch_lora_weights.safetensors; kohya / loraforge: .safetensors is added when missing;
     peft: a folder. Checkpoints and datasets are copied as stored; a checkpoint asked for in its other
     layout (`single-file` | `diffusers`) is converted (`_convert_checkpoint`), `config` naming the
-    diffusers folder a single-file checkpoint's configs and tokenizers come from.
+    diffusers folder a single-file checkpoint's configs and tokenizers come from. `report` is told, in one line,
+    whether an imported file was written back byte for byte; `with_manifest` writes loraforge's header
+    (with the manifest) instead of the imported file's.
     """
     from loraforge.registry.consumers import export_format
     from loraforge.registry.resolve import resolve_artifact
@@ -50,7 +70,8 @@ def export_artifact(registry: Registry, ref: str, fmt: str | None, out: Path,
         raise ConfigError(f"--config names the configs a single-file checkpoint is converted with (--format "
                           f"diffusers); {manifest.ref} is not exported that way: drop --config")
     if manifest.kind in ("lora", "slider"):
-        return _export_adapter(registry, manifest, fmt, out, kohya_names)
+        return _export_adapter(registry, manifest, fmt, out, kohya_names or _default_kohya_names(manifest, fmt, consumer),
+                               with_manifest, report or (lambda line: None))
     fmt = "native" if fmt is None else fmt.replace("-", "_")
     if fmt not in ("native", "diffusers", "single_file"):
         raise ConfigError(f"a {manifest.kind} exports as-is: use --format native (got {fmt!r})")
@@ -72,25 +93,114 @@ def export_artifact(registry: Registry, ref: str, fmt: str | None, out: Path,
     return _write_new(out, is_folder=True, write=copy_files)
 
 
-def _export_adapter(registry: Registry, manifest: Manifest, fmt: str, out: Path,
-                    kohya_names: str | None = None) -> list[Path]:
+def _default_kohya_names(manifest: Manifest, fmt: str | None, consumer: str | None) -> str | None:
+    """`sgm` where an SDXL adapter's kohya file should use SGM names by default (module docstring);
+    None keeps the naming the adapter's hints say."""
+    if fmt != "kohya" or manifest.kind not in ("lora", "slider") or manifest.base is None \
+            or manifest.base.family != "sdxl":
+        return None
+    if consumer in SGM_KOHYA_CONSUMERS:
+        return "sgm"
+    came_as_kohya = manifest.adapter is not None and manifest.adapter.format == "kohya"
+    return None if came_as_kohya else "sgm"
+
+
+def _export_adapter(registry: Registry, manifest: Manifest, fmt: str, out: Path, kohya_names: str | None,
+                    with_manifest: bool, report: Callable[[str], None]) -> list[Path]:
     from loraforge.formats import read_adapter, write_adapter
 
     state, _fmt, _meta = read_adapter(registry.primary_file(manifest))
     if kohya_names is not None:
         state.hints = _kohya_hints(registry, manifest, state.hints, kohya_names)
     metadata = {"loraforge_manifest": manifest.to_json(), "format": "pt"}
+    source = None if with_manifest or fmt == "peft" else _imported_file(registry, manifest, fmt)
+
+    def write_file(dest: Path) -> list[Path]:
+        if source is None:
+            return write_adapter(state, dest, fmt, metadata)
+        # A format that bakes alpha/rank into `up` (diffusers) writes the file's own factors when every
+        # scale is 1; the imported header then says the alphas, as it did in the imported file.
+        why_not = None
+        for candidate in (state, _unscaled(state)):
+            written = write_adapter(candidate, dest, fmt, metadata)
+            reason = reproduce_import(dest, *source)
+            if reason is None:
+                report(f"wrote the imported file back byte for byte (sha256 {source[1][:12]}, no "
+                       "loraforge_manifest entry; --with-manifest adds it)")
+                return written
+            why_not = why_not or reason
+            if reason != VALUES_DIFFER:
+                break
+        report(f"could not write the imported file back byte for byte: {why_not}; wrote loraforge's header")
+        return write_adapter(state, dest, fmt, metadata)
+
     if fmt == "peft":
         return _write_new(out, is_folder=True, write=lambda dest: write_adapter(state, dest, fmt, metadata))
     if fmt == "diffusers" and out.suffix.lower() != SUFFIX:
-        return _write_new(out, is_folder=True,
-                          write=lambda dest: write_adapter(state, dest / DIFFUSERS_WEIGHT_NAME, fmt, metadata))
+        return _write_new(out, is_folder=True, write=lambda dest: write_file(dest / DIFFUSERS_WEIGHT_NAME))
     if out.is_dir():
         raise ConfigError(f"{out} is an existing folder; --format {fmt} writes one file: "
                           f"pass a file path such as {out / (manifest.name + SUFFIX)}")
     if out.suffix.lower() != SUFFIX:
         out = out.with_name(out.name + SUFFIX)
-    return _write_new(out, is_folder=False, write=lambda dest: write_adapter(state, dest, fmt, metadata))
+    return _write_new(out, is_folder=False, write=write_file)
+
+
+def _imported_file(registry: Registry, manifest: Manifest, fmt: str) -> tuple[bytes, str, int] | None:
+    """(header bytes, sha256, size) of the file `manifest` was imported from, when it is that import
+    and `fmt` is the file's format; None otherwise."""
+    from loraforge.registry.importer import SOURCE_HEADER
+
+    p = manifest.provenance
+    entry = next((e for e in manifest.files if e.path == SOURCE_HEADER), None)
+    if (p.method != "import" or entry is None or manifest.adapter is None or manifest.adapter.format != fmt
+            or not isinstance(p.params.get("source_sha256"), str) or not isinstance(p.params.get("source_size"), int)):
+        return None
+    return registry.blob_path(entry).read_bytes(), p.params["source_sha256"], p.params["source_size"]
+
+
+VALUES_DIFFER = "the tensor values written differ from the imported file's"
+
+
+def _unscaled(state):
+    """`state` with every LoRA pair at alpha = rank (scale 1), its factors unchanged."""
+    from loraforge.formats import LoraState
+
+    return LoraState({n: dataclasses.replace(m, alpha=float(m.rank)) if m.variant == "lora" else m
+                      for n, m in state.items()}, hints=state.hints)
+
+
+def reproduce_import(path: Path, header: bytes, sha256: str, size: int) -> str | None:
+    """Rewrite the safetensors file at `path` as the imported file whose header bytes, sha256 and size
+    are given: its tensors laid out where that header places them. Returns None when the result is that
+    file (same sha256), else why it cannot be, leaving `path` as written."""
+    from loraforge.formats.safetensors_io import read_header, read_raw_safetensors
+
+    entries = json.loads(header)
+    entries.pop("__metadata__", None)
+    written, _ = read_header(path)
+    extra = sorted(set(written) ^ set(entries))
+    if extra:
+        side = "the export" if extra[0] in written else "the imported file"
+        return f"only {side} has tensor {extra[0]}"
+    for key, entry in entries.items():
+        if (written[key]["dtype"], list(written[key]["shape"])) != (entry["dtype"], list(entry["shape"])):
+            return (f"tensor {key} is {written[key]['dtype']}{written[key]['shape']} in the export, "
+                    f"{entry['dtype']}{entry['shape']} in the imported file")
+    tensors, _ = read_raw_safetensors(path)
+    chunks, offset = [len(header).to_bytes(8, "little"), header], 0
+    for begin, end, key in sorted((*map(int, e["data_offsets"]), k) for k, e in entries.items()):
+        if begin != offset:
+            return f"the imported file has {begin - offset} bytes before tensor {key} that belong to no tensor"
+        chunks.append(tensors[key].data)
+        offset = end
+    data = b"".join(chunks)
+    if len(data) != size:
+        return f"the imported file has {size - len(data)} bytes after its last tensor"
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return VALUES_DIFFER
+    path.write_bytes(data)
+    return None
 
 
 def _kohya_hints(registry: Registry, manifest: Manifest, hints: dict[str, str], naming: str) -> dict[str, str]:
