@@ -307,3 +307,21 @@ def test_without_config_the_standard_configs_diffusers_names_are_fetched_and_che
     line = refused(run_cli(home, *generate_args(path, tmp_path / "x.png"), ok=False))
     assert line.startswith(f"Error: single-file checkpoint two-layers.safetensors does not fit {repo}, the standard "
                            "configs diffusers names for it: ") and line.endswith("pass --config DIR of its architecture")
+
+
+def test_dreambooth_class_images_are_keyed_by_the_configs_content(home, tmp_path, tiny_sd_path):
+    from loraforge.plugins import TRAINERS
+    from loraforge.registry import Registry
+    from loraforge.train.trainers.dreambooth_lora import class_images_folder
+
+    path = as_single_file(tiny_sd_path, "sd1", tmp_path / "tiny-sd.safetensors")
+    same_a, same_b = configs_only(tiny_sd_path, tmp_path / "a"), configs_only(tiny_sd_path, tmp_path / "b")
+    other = configs_only(with_other_schedule(tiny_sd_path, tmp_path / "variant"), tmp_path / "c")
+    cls = TRAINERS.get("dreambooth_lora").config_class
+
+    def folder(config):
+        return class_images_folder(Registry(home), cls(base=str(path), base_config=config and str(config),
+                                                       dataset="d", instance_prompt="sks", class_prompt="a dog"))
+
+    assert folder(same_a) == folder(same_b)  # by content, not by path
+    assert len({folder(None), folder(same_a), folder(other)}) == 3

@@ -157,3 +157,18 @@ def file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
         return dict(tensor_shapes(path))
     return {k: tuple(v.shape) for k, v in _load_pickle_state_dict(path).items() if hasattr(v, "shape")}
+
+
+def configs_digest(folder: str | Path | None) -> str | None:
+    """sha256 of a configs folder's configs and tokenizer files (json and txt, by relative path), not its
+    weights: what changes when a different schedule or tokenizer is used with the same single file."""
+    import hashlib
+
+    if folder is None:
+        return None
+    root = Path(folder).expanduser()
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".json", ".txt")):
+        h.update(f"\0{path.relative_to(root).as_posix()}\0".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()

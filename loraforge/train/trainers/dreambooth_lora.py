@@ -87,11 +87,14 @@ CLASS_IMAGES_VERSION = 1  # bump when generate_class_images changes what it rend
 
 def class_images_folder(registry: Registry, config: DreamBoothLoraConfig) -> Path:
     """Where generated class images are kept: keyed by everything that renders them (the base's digest, not
-    its name), so a run never picks up images another run's settings made."""
+    its name, and a single file's configs), so a run never picks up images another run's settings made."""
+    from loraforge.models.base_config import configs_digest
     from loraforge.registry.resolve import resolve_base
 
     key = [CLASS_IMAGES_VERSION, resolve_base(registry, config.base).digest, config.class_prompt, config.resolution,
            config.seed, config.class_generation_steps, config.num_class_images]
+    if config.base_config is not None:  # a single file's schedule and tokenizer come from its configs folder
+        key.append(configs_digest(config.base_config))
     return cache_dir(registry.home) / "class_images" / sha256_json(key)[:24]
 
 
