@@ -53,6 +53,14 @@ def precision(mixed_precision: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+def check_family(base, families: Sequence[str], method: str):
+    """`base` (a models.base.BaseModel), refused in one line when `method` cannot train its family."""
+    if base.family not in families:
+        raise TrainingError(f"{method} does not train on {base.family} bases ({base.ref}); "
+                            f"use a {' or '.join(families)} base")
+    return base
+
+
 def load_training_model(registry: Registry, base_ref: str, mixed_precision: str = "auto",
                         gradient_checkpointing: bool = False, device: str | None = None, *,
                         config: str | None = None, families: Sequence[str] = ("sd1", "sdxl"),
@@ -69,10 +77,7 @@ def load_training_model(registry: Registry, base_ref: str, mixed_precision: str 
     from loraforge.models.pipeline import load_pipeline, pick_device
     from loraforge.registry.resolve import resolve_base
 
-    base = with_config(resolve_base(registry, base_ref), config)
-    if base.family not in families:
-        raise TrainingError(f"{method} does not train on {base.family} bases ({base_ref}); "
-                            f"use a {' or '.join(families)} base")
+    base = check_family(with_config(resolve_base(registry, base_ref), config), families, method)
     dev = pick_device(device)
     amp = precision(mixed_precision, dev)
     # Frozen weights are stored in the autocast dtype on CUDA (half the memory); LoRA weights stay fp32.

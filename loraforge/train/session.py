@@ -109,18 +109,14 @@ class Session:
 
     def base(self):
         """The resolved base (with its base_config), refused here when the trainer cannot train its family."""
-        from loraforge.errors import TrainingError
         from loraforge.models.base_config import with_config
         from loraforge.registry.resolve import resolve_base
+        from loraforge.train.model import check_family
 
-        if self._base is not None:
-            return self._base
-        base = with_config(resolve_base(self.registry, self.config.base), self.config.base_config)
-        if base.family not in self.families:
-            raise TrainingError(f"{self.method} does not train on {base.family} bases ({self.config.base}); "
-                                f"use a {' or '.join(self.families)} base")
-        self._base = base
-        return base
+        if self._base is None:
+            base = with_config(resolve_base(self.registry, self.config.base), self.config.base_config)
+            self._base = check_family(base, self.families, self.method)
+        return self._base
 
     def load_model(self) -> TrainingModel:
         """The frozen base, loaded once per session."""
