@@ -579,10 +579,18 @@ def test_a_peft_dora_folder_imports_as_peft_computes_it(home, tmp_path, pipeline
 
     state = read_adapter(tmp_path / "peft")[0]
     assert state.variants == {"dora": len(state)}
-    assert_same_outputs(applied(pipe, state), outputs(with_peft), base={"unet": outputs(pipe)["unet"]})
-    line = refused(run_cli(home, "registry", "export", "dora:1", "--format", "peft", "-o", str(tmp_path / "o"),
-                           ok=False))
-    assert "dora" in line and "peft format cannot spell" in line
+    want = outputs(with_peft)
+    assert_same_outputs(applied(pipe, state), want, base={"unet": outputs(pipe)["unet"]})
+
+    run_cli(home, "registry", "export", "dora:1", "--format", "peft", "-o", str(tmp_path / "out"))
+    from peft import PeftModel
+
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["use_dora"] is True
+    with_ours = fresh(pipe)
+    with_ours.unet = PeftModel.from_pretrained(copy.deepcopy(pipe.unet), str(tmp_path / "out"))
+    assert_same_outputs(outputs(with_ours), want)
+    run_cli(home, "registry", "export", "dora:1", "--format", "diffusers", "-o", str(tmp_path / "d.safetensors"))
+    assert_same_outputs(outputs(loaded_by_diffusers(pipe, tmp_path / "d.safetensors")), want)
 
 
 def test_a_diffusers_dora_file_imports_as_load_lora_weights_applies_it(home, tmp_path, pipelines):
@@ -606,6 +614,28 @@ def test_a_diffusers_dora_file_imports_as_load_lora_weights_applies_it(home, tmp
     state = read_adapter(path)[0]
     assert state.variants == {"dora": len(state)}
     assert_same_outputs(applied(pipe, state), want, base={"unet": outputs(pipe)["unet"]})
+    run_cli(home, "registry", "export", "dora:1", "--format", "diffusers", "-o", str(tmp_path / "d.safetensors"))
+    assert_same_outputs(outputs(loaded_by_diffusers(pipe, tmp_path / "d.safetensors")), want)
+
+
+def test_a_component_mixing_dora_and_plain_modules_is_refused_for_peft_and_diffusers(home, tmp_path):
+    """PEFT's use_dora covers a whole model: a kohya file with `dora_scale` on one layer only cannot be spelled."""
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for layer in ("to_q", "to_k"):
+        key = f"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_{layer}"
+        sd.update({f"{key}.lora_down.weight": torch.randn(2, 32, generator=g),
+                   f"{key}.lora_up.weight": torch.randn(32, 2, generator=g), f"{key}.alpha": torch.tensor(2.0)})
+    sd["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale"] = torch.rand(32, 1) + 0.5
+    path = tmp_path / "mixed_dora.safetensors"
+    save_file(sd, str(path))
+    run_cli(home, "registry", "import", str(path), "--name", "m")
+    for fmt, out in (("peft", tmp_path / "p"), ("diffusers", tmp_path / "d.safetensors")):
+        line = refused(run_cli(home, "registry", "export", "m:1", "--format", fmt, "-o", str(out), ok=False))
+        assert ("unet mixes DoRA modules (unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q) with plain "
+                "ones (unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_k), but PEFT's use_dora covers a "
+                "whole model; export it as kohya or loraforge") in line, line
+        assert not out.exists()
 
 
 def test_dora_magnitudes_the_config_does_not_enable_are_refused_in_one_line(home, tmp_path, pipelines):
@@ -634,3 +664,69 @@ def test_a_textual_inversion_embedding_is_named_as_one(home, tmp_path, tensors, 
     line = _refused_import(home, path)
     assert line == (f"Error: {path} is {says}, not a LoRA adapter; loraforge imports adapters in these formats: "
                     f"{_detecting_formats()}")
+
+
+@pytest.fixture()
+def lycoris_dora(pipelines, tmp_path):
+    """A LyCORIS DoRA (`dora_wd`, over LoRA pairs or LoHa, norm per output row or input column) on the tiny SD1
+    UNet's attention layers, saved by lycoris' own kohya network; (file, UNet outputs lycoris computes)."""
+    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+
+    def make(algo: str = "lora", **kwargs) -> tuple[Path, dict[str, torch.Tensor]]:
+        producer = fresh(pipelines["sd1"])
+        preset = tmp_path / "preset.toml"
+        preset.write_text('unet_target_module = ["Transformer2DModel"]\nunet_target_name = []\n'
+                          'text_encoder_target_module = []\ntext_encoder_target_name = []\n')
+        torch.manual_seed(60)
+        network = lycoris_kohya.create_network(1.0, 4, 2.0, None, None, producer.unet, algo=algo,
+                                               preset=str(preset), dora_wd=True, **kwargs)
+        network.apply_to(None, producer.unet, apply_text_encoder=False, apply_unet=True)
+        base = dict(pipelines["sd1"].unet.named_modules())
+        with torch.no_grad():
+            for _, p in network.named_parameters():
+                p.normal_(0, 0.3)
+            for lm in network.unet_loras:  # magnitudes near the base norms, as after training
+                w = base[".".join(_kohya_path(lm.lora_name))].weight
+                norms = (w.flatten(1).norm(dim=1) if lm.dora_scale.shape[0] == w.shape[0]
+                         else w.transpose(0, 1).flatten(1).norm(dim=1))
+                lm.dora_scale.copy_(norms.reshape(lm.dora_scale.shape) * 1.2)
+        path = tmp_path / f"dora_{algo}.safetensors"
+        network.save_weights(str(path), torch.float32, {})
+        return path, {"unet": outputs(producer)["unet"]}
+
+    return make
+
+
+def _kohya_path(flat: str) -> list[str]:
+    from loraforge.formats.kohya_names import split_words
+
+    return split_words(flat.removeprefix("lora_unet_"))
+
+
+def test_a_lycoris_dora_exports_for_diffusers_and_peft_with_lycoris_outputs(home, tmp_path, pipelines, lycoris_dora):
+    from peft import PeftModel
+
+    pipe = pipelines["sd1"]
+    path, want = lycoris_dora()
+    run_cli(home, "registry", "import", str(path), "--name", "wd", "--base", "builtin:tiny-sd")
+    run_cli(home, "registry", "export", "wd:1", "--for", "diffusers", "-o", str(tmp_path / "d.safetensors"))
+    assert_same_outputs(outputs(loaded_by_diffusers(pipe, tmp_path / "d.safetensors")), want)
+    run_cli(home, "registry", "export", "wd:1", "--for", "peft", "-o", str(tmp_path / "p"))
+    with_peft = fresh(pipe)
+    with_peft.unet = PeftModel.from_pretrained(copy.deepcopy(pipe.unet), str(tmp_path / "p"))
+    assert_same_outputs(outputs(with_peft), want)
+
+
+@pytest.mark.parametrize("algo, kwargs, says", [
+    ("loha", {}, "normalises a loha module"),
+    ("lora", {"wd_on_output": False}, "normalises input columns"),
+])
+def test_a_dora_peft_cannot_spell_is_refused_in_one_line(home, tmp_path, lycoris_dora, algo, kwargs, says):
+    path, _ = lycoris_dora(algo, **kwargs)
+    run_cli(home, "registry", "import", str(path), "--name", "wd")
+    for fmt in ("diffusers", "peft"):
+        out = tmp_path / fmt
+        line = refused(run_cli(home, "registry", "export", "wd:1", "--format", fmt, "-o", str(out), ok=False))
+        assert re.fullmatch(rf"Error: DoRA module unet\.\S+ {says}, which PEFT's DoRA cannot spell \(a LoRA pair "
+                            r"normalised per output row\); export it as kohya or loraforge", line), line
+        assert not out.exists()

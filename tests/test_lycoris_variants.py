@@ -276,11 +276,12 @@ def test_merging_a_loha_with_a_lokr_is_exact_and_records_the_conversion(produced
 def test_refusals_are_one_line_and_leave_the_registry_unchanged(produced, home, tmp_path):
     dora = produced("dora")
     run(home, "registry", "import", str(dora.path), "--name", "wd", "--base", "builtin:tiny-sd")
+    run(home, "registry", "import", str(produced("dora_loha").path), "--name", "wdh")  # PEFT's DoRA cannot spell it
     before = Registry(home).list()
     line = refused(run(home, "merge", "loras", "wd:1=1", "--name", "x", ok=False))
     assert "DoRA" in line and "base weight" in line
-    line = refused(run(home, "registry", "export", "wd", "--format", "diffusers", "-o", str(tmp_path / "d"), ok=False))
-    assert "dora" in line and "kohya" in line
+    line = refused(run(home, "registry", "export", "wdh", "--format", "diffusers", "-o", str(tmp_path / "d"), ok=False))
+    assert "DoRA" in line and "kohya" in line
     from safetensors.torch import save_file
 
     oft = tmp_path / "oft.safetensors"  # a LyCORIS algorithm loraforge does not read (OFT)

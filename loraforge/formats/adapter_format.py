@@ -55,7 +55,9 @@ class AdapterFormat:
     write: Callable[[LoraState, Path, Mapping[str, str]], list[Path]]
     detect: Callable[[FileProbe], bool] | None = None
     scan: Callable[[Path, ModuleNames], tuple[LoraState, dict[str, str]]] | None = None
-    writes_variants: bool = False  # whether `write` spells LyCORIS variants (LoHa, LoKr, DoRA, ...), not only LoRA pairs
+    # whether `write` spells LyCORIS variants (LoHa, LoKr, DoRA, ...), not only LoRA pairs: True for all of them,
+    # or the names of the variants it spells (PEFT's use_dora spells `dora`)
+    writes_variants: bool | frozenset[str] = False
 
     def __post_init__(self) -> None:
         # The plugin group describes a plugin by its docstring and names its source by its module, as
@@ -244,9 +246,12 @@ def write_adapter(state: LoraState, path: Path, fmt: str, metadata: Mapping[str,
         raise FormatError(f"unknown adapter format {fmt!r}; known: {', '.join(sorted(FORMATS))}")
     if not state:
         raise FormatError(f"refusing to write an empty adapter to {path}")
-    if not FORMATS[fmt].writes_variants and not state.is_plain_lora:
-        variants = ", ".join(f"{n} {v}" for v, n in state.variants.items() if v != "lora")
-        writers = ", ".join(sorted(n for n, f in FORMATS.items() if f.writes_variants))
+    spelled = FORMATS[fmt].writes_variants
+    unspelled = {v: n for v, n in state.variants.items() if v != "lora" and not (spelled is True or v in (spelled or ()))}
+    if unspelled:
+        variants = ", ".join(f"{n} {v}" for v, n in unspelled.items())
+        writers = ", ".join(sorted(n for n, f in FORMATS.items()
+                                   if f.writes_variants is True or set(unspelled) <= set(f.writes_variants or ())))
         raise FormatError(f"the adapter holds LyCORIS modules ({variants}), which the {fmt} format cannot spell; "
                           f"export it as {writers}, or convert it to LoRA pairs first (lora resize --rank R)")
     return FORMATS[fmt].write(state, Path(path), dict(metadata or {}))

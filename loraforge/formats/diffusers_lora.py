@@ -195,18 +195,51 @@ def diffusers_to_lora(sd: Mapping[str, Tensor], metadata: Mapping[str, Any] | No
     return state
 
 
+def peft_pairs(modules: Mapping[str, Any], component: str) -> tuple[dict[str, LoraModule], dict[str, Tensor]]:
+    """(the LoRA pair of each module, PEFT's `lora_magnitude_vector` of each DoRA module) of one component.
+    PEFT's `use_dora` covers a whole model and norms each output row of W + ΔW over a LoRA pair, so a
+    component mixing DoRA and plain modules, or a DoRA module of another kind, is refused in one line."""
+    doras = sorted(p for p, m in modules.items() if m.variant == "dora")
+    plain = sorted(set(modules) - set(doras))
+    fix = "export it as kohya or loraforge"
+    if doras and plain:
+        raise FormatError(f"{component} mixes DoRA modules ({component}.{doras[0]}) with plain ones "
+                          f"({component}.{plain[0]}), but PEFT's use_dora covers a whole model; {fix}")
+    pairs, magnitudes = {}, {}
+    for path, m in modules.items():
+        if m.variant != "dora":
+            pairs[path] = m
+            continue
+        if m.inner_variant != "lora" or not m.wd_on_out:
+            kind = f"a {m.inner_variant} module" if m.inner_variant != "lora" else "input columns"
+            raise FormatError(f"DoRA module {component}.{path} normalises {kind}, which PEFT's DoRA cannot "
+                              f"spell (a LoRA pair normalised per output row); {fix}")
+        out = m.inner.weight_shape[0]
+        magnitudes[path] = m.magnitude.reshape((1, out, 1, 1) if m.inner.is_conv else (out,))
+        pairs[path] = m.inner
+    return pairs, magnitudes
+
+
 def lora_to_diffusers(state: LoraState) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(state dict, safetensors header metadata) that `load_lora_weights` loads as exactly ΔW."""
     import torch
 
     sd: dict[str, Tensor] = {}
-    for name in sorted(state):
-        m = state[name]
-        up = m.up if m.scale == 1.0 else (m.up.to(torch.float32) * m.scale).to(m.up.dtype)
-        sd[f"{name}.lora_A.weight"] = m.down.contiguous()
-        sd[f"{name}.lora_B.weight"] = up.contiguous()
+    use_dora: dict[str, bool] = {}
+    for component in state.components:
+        pairs, magnitudes = peft_pairs(state.component(component), component)
+        use_dora[component] = bool(magnitudes)
+        for path in sorted(pairs):
+            m, name = pairs[path], f"{component}.{path}"
+            up = m.up if m.scale == 1.0 else (m.up.to(torch.float32) * m.scale).to(m.up.dtype)
+            sd[f"{name}.lora_A.weight"] = m.down.contiguous()
+            sd[f"{name}.lora_B.weight"] = up.contiguous()
+            if path in magnitudes:
+                sd[f"{name}{MAGNITUDE}"] = magnitudes[path].contiguous()
     adapter_meta: dict[str, Any] = {}
     for component in state.components:
+        if use_dora[component]:
+            adapter_meta[f"{component}.use_dora"] = True
         # PEFT matches these names as suffixes. Text encoders lose the `text_model.` wrapper in
         # transformers 5, so the suffix without it matches both the old and the new module tree.
         ranks = {without_text_model(path): m.rank for path, m in state.component(component).items()}
@@ -242,4 +275,4 @@ def _write(state: LoraState, path: Path, metadata: Mapping[str, str]) -> list[Pa
 
 
 register_format(AdapterFormat("diffusers", "diffusers load_lora_weights .safetensors (unet.….lora_A)",
-                              _read, _write, _detect, scan=_scan))
+                              _read, _write, _detect, scan=_scan, writes_variants=frozenset({"dora"})))

@@ -17,7 +17,7 @@ are written as the installed transformers names them: CLIPTextModel (`text_encod
 Reading restores canonical `text_model.` paths from either spelling.
 
 A DoRA folder (`use_dora`, a `lora_magnitude_vector` per module) is read as DoRA modules around the LoRA
-pairs; PEFT folders are written only for plain LoRA pairs (a DoRA adapter exports as kohya or loraforge).
+pairs, and DoRA modules over LoRA pairs are written back that way (use_dora per component folder).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from loraforge.errors import FormatError
 from loraforge.formats import foreign_families
 from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, register_format
-from loraforge.formats.diffusers_lora import MAGNITUDE, check_dora, lora_or_dora, peft_alpha
+from loraforge.formats.diffusers_lora import MAGNITUDE, check_dora, lora_or_dora, peft_alpha, peft_pairs
 from loraforge.formats.lora import (
     COMPONENTS, TEXT_MODEL_PREFIX, TEXT_MODEL_ROOTS, LoraModule, LoraState, pair_names, with_text_model,
     without_text_model,
@@ -189,7 +189,11 @@ def write_peft_folder(state: LoraState, folder: Path, metadata: Mapping[str, str
     for component in components:
         sub = folder if len(components) == 1 else folder / component
         sub.mkdir(parents=True, exist_ok=True)
-        sd, kwargs = lora_to_peft(_in_memory_modules(component, state.component(component)))
+        pairs, magnitudes = peft_pairs(_in_memory_modules(component, state.component(component)), component)
+        sd, kwargs = lora_to_peft(pairs)
+        if magnitudes:
+            sd.update({f"{PREFIX}{path}{MAGNITUDE}": t.contiguous() for path, t in sorted(magnitudes.items())})
+            kwargs["use_dora"] = True
         LoraConfig(**kwargs).save_pretrained(str(sub))
         header = {**(metadata or {}), "format": "pt", COMPONENT_KEY: component}
         written += [sub / CONFIG_NAME, write_safetensors(sd, sub / WEIGHTS_NAME, header)]
@@ -213,4 +217,4 @@ def _scan(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, s
 
 
 register_format(AdapterFormat("peft", "PEFT adapter folder(s) (adapter_config.json)", _read, write_peft_folder, _detect,
-                              scan=_scan))
+                              scan=_scan, writes_variants=frozenset({"dora"})))
