@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from cli_helpers import run_cli
 from loraforge.registry import Registry
+from test_hub import hub  # noqa: F401  (the local Hub fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -95,7 +96,7 @@ def test_with_manifest_writes_the_same_tensors_under_loraforge_header(home, tmp_
     assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
 
 
-def test_the_import_survives_verify_gc_and_a_second_home_through_the_hub(home, tmp_path, kohya_sd1_file):
+def test_the_import_survives_verify_and_gc(home, tmp_path, kohya_sd1_file):
     run_cli(home, "registry", "import", str(kohya_sd1_file), "--name", "ayaka", "--base", "builtin:tiny-sd")
     run_cli(home, "registry", "verify")
     run_cli(home, "registry", "gc")
@@ -104,6 +105,19 @@ def test_the_import_survives_verify_gc_and_a_second_home_through_the_hub(home, t
     assert {f.path for f in manifest.files} == {"adapter.safetensors", "source-header.json"}
     out, _ = export(home, "ayaka", tmp_path / "after-gc.safetensors", "--format", "kohya")
     assert identical(out, kohya_sd1_file)
+
+
+@pytest.mark.parametrize("push_format", ["kohya", "diffusers"])
+def test_the_import_survives_hub_push_and_pull_into_another_home(home, hub, tmp_path, kohya_sd1_file, push_format):
+    from test_hub import second_home
+
+    run_cli(home, "registry", "import", str(kohya_sd1_file), "--name", "ayaka", "--base", "builtin:tiny-sd")
+    run_cli(home, "hub", "push", "ayaka:1", "--repo", "me/ayaka", "--format", push_format)
+    other = second_home(tmp_path, home)
+    run_cli(other, "hub", "pull", "me/ayaka@v1")
+    assert Registry(other).resolve("ayaka").digest == Registry(home).resolve("ayaka").digest
+    out, said = export(other, "ayaka", tmp_path / "pulled.safetensors", "--for", "comfyui")
+    assert identical(out, kohya_sd1_file) and said.startswith("wrote the imported file back byte for byte")
 
 
 def test_derived_artifacts_have_their_own_header(home, tmp_path, kohya_sd1_file):
@@ -145,12 +159,64 @@ def test_sgm_named_sdxl_kohya_file_exports_back_byte_for_byte(home, tmp_path, sd
         out, said = export(home, "xl", tmp_path / ("-".join(a.strip("-") for a in args) + ".safetensors"), *args)
         assert identical(out, source), args
         assert said.startswith("wrote the imported file back byte for byte")
-    # the other naming is another file, and export says why it is not the imported one
+    # the other naming is another file, and export says so
     out, said = export(home, "xl", tmp_path / "diffusers-names.safetensors", "--format", "kohya",
                        "--kohya-names", "diffusers")
     assert not identical(out, source)
-    assert said.startswith("could not write the imported file back byte for byte: only the export has tensor "
-                           "lora_unet_"), said
+    assert said == ("wrote the UNet keys in diffusers names, not the sgm names of the imported file "
+                    "(--kohya-names sgm writes that file back byte for byte)"), said
+
+
+# -- which UNet names an SDXL kohya export uses -------------------------------------------------
+
+def sgm_unet_modules(tiny_sdxl_path: Path, tmp_path: Path) -> set[str]:
+    """The kohya names ComfyUI and A1111 look SDXL UNet modules up by: `lora_unet_` + the module's path in
+    the single-file checkpoint (`model.diffusion_model.<path>.weight`, a Linear or Conv2d) with `_` for `.`;
+    the single file is tiny-sdxl's, which diffusers' from_single_file loads back bit-exactly
+    (tests/test_single_file.py)."""
+    from loraforge.formats.safetensors_io import tensor_shapes
+    from loraforge.models.single_file import write_single_file
+
+    out = write_single_file(tiny_sdxl_path, "sdxl", tmp_path / "tiny-sdxl-single.safetensors")
+    return {"lora_unet_" + k.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_")
+            for k, shape in tensor_shapes(out).items()
+            if k.startswith("model.diffusion_model.") and k.endswith(".weight") and len(shape) in (2, 4)}
+
+
+def unet_key_bases(path: Path) -> set[str]:
+    return {k.split(".", 1)[0] for k in load_file(str(path)) if k.startswith("lora_unet_")}
+
+
+@pytest.mark.parametrize("args", [("--format", "kohya"), ("--for", "comfyui"), ("--for", "a1111")])
+def test_an_sdxl_adapter_from_diffusers_exports_to_kohya_in_the_sgm_names_of_real_modules(
+        home, tmp_path, sdxl_pipeline, tiny_sdxl_path, args):
+    source = unet_lora_saved_by_diffusers(sdxl_pipeline, tmp_path / "saved")
+    run_cli(home, "registry", "import", str(source), "--name", "d", "--base", "builtin:tiny-sdxl")
+    out, said = export(home, "d", tmp_path / "k.safetensors", *args)
+    bases = unet_key_bases(out)
+    assert said == "" and bases and bases <= sgm_unet_modules(tiny_sdxl_path, tmp_path), sorted(bases)[:3]
+    assert len(bases) == len({k.split(".lora_")[0] for k in load_file(str(source))})
+
+
+def test_a_diffusers_named_sdxl_kohya_import_keeps_its_names_under_format_kohya(home, tmp_path, sdxl_pipeline,
+                                                                               tiny_sdxl_path):
+    """`--format kohya` gives the file back as it came; `--for comfyui|a1111|kohya` give those programs the
+    SGM names they build SDXL with."""
+    from loraforge.formats.kohya import lora_to_kohya
+    from loraforge.formats import read_adapter
+
+    diffusers_file = unet_lora_saved_by_diffusers(sdxl_pipeline, tmp_path / "saved")
+    source = tmp_path / "diffusers-named.safetensors"
+    save_file(lora_to_kohya(read_adapter(diffusers_file)[0]), str(source), metadata={"ss_network_dim": "4"})
+    assert all(b.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_"))
+               for b in unet_key_bases(source))
+    run_cli(home, "registry", "import", str(source), "--name", "k", "--base", "builtin:tiny-sdxl")
+    out, _ = export(home, "k", tmp_path / "same.safetensors", "--format", "kohya")
+    assert identical(out, source)
+    out, said = export(home, "k", tmp_path / "sgm.safetensors", "--for", "a1111")
+    assert unet_key_bases(out) <= sgm_unet_modules(tiny_sdxl_path, tmp_path)
+    assert said == ("wrote the UNet keys in sgm names, not the diffusers names of the imported file "
+                    "(--kohya-names diffusers writes that file back byte for byte)")
 
 
 # -- LyCORIS files written by lycoris-lora ---------------------------------------------------

@@ -109,11 +109,18 @@ def _export_adapter(registry: Registry, manifest: Manifest, fmt: str, out: Path,
                     with_manifest: bool, report: Callable[[str], None]) -> list[Path]:
     from loraforge.formats import read_adapter, write_adapter
 
+    from loraforge.formats.kohya_names import DIFFUSERS, HINT_UNET_NAMES
+
     state, _fmt, _meta = read_adapter(registry.primary_file(manifest))
+    came_in = state.hints.get(HINT_UNET_NAMES, DIFFUSERS)
     if kohya_names is not None:
         state.hints = _kohya_hints(registry, manifest, state.hints, kohya_names)
     metadata = {"loraforge_manifest": manifest.to_json(), "format": "pt"}
     source = None if with_manifest or fmt == "peft" else _imported_file(registry, manifest, fmt)
+    if source is not None and kohya_names is not None and kohya_names != came_in:
+        source = None  # another naming is another file
+        report(f"wrote the UNet keys in {kohya_names} names, not the {came_in} names of the imported file "
+               f"(--kohya-names {came_in} writes that file back byte for byte)")
 
     def write_file(dest: Path) -> list[Path]:
         if source is None:
