@@ -66,8 +66,10 @@ def models(request, tmp_path_factory, builtin_home):
     _write_single_file(base, family, root / "base.safetensors")
     tuned_state = _write_single_file(tuned, family, root / "tuned.safetensors")
     torch.save({"state_dict": tuned_state, "global_step": 7}, root / "tuned.ckpt")
+    # torch's pickle format before zip archives (torch < 1.6), read in full rather than memory-mapped
+    torch.save(tuned_state, root / "tuned-legacy.ckpt", _use_new_zipfile_serialization=False)
     paths.update({"base.safetensors": root / "base.safetensors", "tuned.safetensors": root / "tuned.safetensors",
-                  "tuned.ckpt": root / "tuned.ckpt"})
+                  "tuned.ckpt": root / "tuned.ckpt", "tuned-legacy.ckpt": root / "tuned-legacy.ckpt"})
     return family, paths
 
 
@@ -79,7 +81,7 @@ def _adapter(home, name):
 # ---- lora extract -----------------------------------------------------------------------------------
 
 EXTRACT_PAIRS = [("tuned.safetensors", "base.safetensors"), ("tuned.ckpt", "base"), ("tuned", "base.safetensors"),
-                 ("tuned.ckpt", "base.safetensors")]
+                 ("tuned.ckpt", "base.safetensors"), ("tuned-legacy.ckpt", "base")]
 
 
 def test_extract_from_single_files_equals_extract_from_folders(models, home):
@@ -124,7 +126,7 @@ def test_merges_mixing_layouts_equal_the_folder_merge(models, home, tmp_path):
     family, paths = models
     folders = _merge(home, paths["base"], paths["tuned"], out=tmp_path / "folders")
     # first model a folder: the output is a folder, whatever the other inputs are
-    for other in ("tuned.safetensors", "tuned.ckpt"):
+    for other in ("tuned.safetensors", "tuned.ckpt", "tuned-legacy.ckpt"):
         _assert_same_folder(_merge(home, paths["base"], paths[other], out=tmp_path / f"f-{other}"), folders, family)
     # first model a single file: a single file in its layout, the same as merging two single files
     singles = load_file(_merge(home, paths["base.safetensors"], paths["tuned.safetensors"], out=tmp_path / "s.safetensors"))
@@ -227,3 +229,52 @@ def test_export_config_is_refused_where_it_means_nothing(models, home, tmp_path)
                        "-o", str(tmp_path / "x.safetensors"), ok=False))
     assert "--config" in line and "tunedf:1" in line
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ---- pickles that cannot be read safely ------------------------------------------------------------
+
+class _Hparams:
+    """Stands for the training objects (Lightning callbacks, hyper-parameters) old checkpoints pickle."""
+
+
+def _bad_pickles(folder, tmp_path):
+    """name → (path, words the refusal must say): pickles loraforge will not read, each beside a good state."""
+    import argparse
+    import pickle
+
+    state = _write_single_file(folder, "sd1", tmp_path / "good.safetensors")
+    out = {}
+    torch.save({"state_dict": {**state, "epoch": 3}}, tmp_path / "entry.ckpt")
+    out["entry"] = (tmp_path / "entry.ckpt", "'epoch' is a int, not a tensor")
+    torch.save({"state_dict": state, "hparams": argparse.Namespace(lr=1e-4)}, tmp_path / "class-legacy.ckpt",
+               _use_new_zipfile_serialization=False)
+    out["class-legacy"] = (tmp_path / "class-legacy.ckpt", "argparse.Namespace")
+    torch.save({"state_dict": state, "callbacks": _Hparams()}, tmp_path / "class.ckpt")
+    out["class"] = (tmp_path / "class.ckpt", "_Hparams")
+    with open(tmp_path / "plain.ckpt", "wb") as f:
+        pickle.dump({"state_dict": {k: v.numpy() for k, v in list(state.items())[:3]}}, f, protocol=4)
+    out["plain"] = (tmp_path / "plain.ckpt", "a pickle not written by torch.save")
+    (tmp_path / "text.ckpt").write_text("version https://git-lfs.github.com/spec/v1\n")
+    out["text"] = (tmp_path / "text.ckpt", "is not a torch checkpoint")
+    return out
+
+
+@pytest.mark.parametrize("command", ["fuse", "extract", "merge-base", "merge-other"])
+def test_unreadable_pickles_are_refused_in_one_line_through_every_command(home, builtin_home, tmp_path, command):
+    from loraforge.formats import write_adapter
+    from loraforge.models.targets import module_shapes
+    from loraforge.synthetic import random_lora
+
+    folder = ensure_builtin("tiny-sd", builtin_home)
+    adapter = tmp_path / "style.safetensors"
+    write_adapter(random_lora(module_shapes(folder), rank=2, seed=3), adapter, "kohya")
+    for name, (path, words) in _bad_pickles(folder, tmp_path).items():
+        args = {"fuse": ["lora", "fuse", str(path), f"{adapter}=1"],
+                "extract": ["lora", "extract", str(path), "--base", str(folder)],
+                "merge-base": ["merge", "checkpoints", str(path), str(folder)],
+                "merge-other": ["merge", "checkpoints", str(folder), str(path)]}[command]
+        line = refused(run(home, *args, "--name", "out", ok=False))
+        assert str(path) in line or path.name in line, (name, line)
+        assert words in line, (name, line)
+        assert "weights_only=False" not in line and "safe_globals" not in line, line
+        assert Registry(home).list() == [], name

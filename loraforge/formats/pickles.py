@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 from loraforge.errors import FormatError, UnsafePickleError
@@ -16,6 +17,10 @@ from loraforge.errors import FormatError, UnsafePickleError
 # Lines of torch's refusal that explain torch rather than the file.
 _BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
 _REASON_MARK = "WeightsUnpickler error:"
+# How torch.save's files begin: a zip archive (since torch 1.6), or the pickled magic number of its older format
+# (protocol 2, a 10-byte LONG1). Anything else is a pickle of another program, which torch cannot load safely.
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a"
 
 
 def load_weights_only(path: Path, *, mmap: bool = False) -> object:
@@ -28,10 +33,19 @@ def load_weights_only(path: Path, *, mmap: bool = False) -> object:
 
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            # torch's notes on pickle protocols would be a second line under a one-line refusal
+            warnings.simplefilter("ignore")
+            start = f.read(4)
+            if start != _ZIP_MAGIC and start != _LEGACY_MAGIC:
+                if start[:1] == b"\x80":  # a pickle, but not torch.save's: nothing in it is a torch tensor
+                    raise UnsafePickleError(f"refusing to unpickle {path}: it contains objects other than tensors "
+                                            "(a pickle not written by torch.save); use a .safetensors copy of it")
+                raise FormatError(f"{path} is not a torch checkpoint: neither torch.save's zip archive nor its older "
+                                  "pickle format; use a .safetensors copy of it")
             # torch maps only zip archives (torch.save since 1.6), and only files it opens itself;
             # older bare pickles are read in full.
-            if mmap and f.read(4) == b"PK\x03\x04":
+            if mmap and start == _ZIP_MAGIC:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             f.seek(0)
             return torch.load(f, map_location="cpu", weights_only=True)
