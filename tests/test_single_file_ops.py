@@ -91,8 +91,10 @@ def test_extract_from_single_files_equals_extract_from_folders(models, home):
     assert any(n.startswith("text_encoder.") for n in want) and any(n.startswith("unet.") for n in want)
     if family == "sdxl":
         assert any(n.startswith("text_encoder_2.") for n in want), "the fused open-clip q/k/v must be extracted too"
-    for i, (tuned, base) in enumerate(EXTRACT_PAIRS):
-        run(home, "lora", "extract", str(paths[tuned]), "--base", str(paths[base]), "--rank", "4", "--name", f"x{i}")
+    pairs = [(t, b, []) for t, b in EXTRACT_PAIRS] + [("tuned.safetensors", "base.safetensors", ["--config", str(paths["base"])])]
+    for i, (tuned, base, config) in enumerate(pairs):
+        run(home, "lora", "extract", str(paths[tuned]), "--base", str(paths[base]), "--rank", "4", "--name", f"x{i}",
+            *config)
         got = _adapter(home, f"x{i}")
         assert sorted(got) == sorted(want), (tuned, base)
         for module in want:
