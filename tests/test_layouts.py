@@ -529,11 +529,8 @@ def test_kohya_files_without_alpha_or_with_odd_dtypes_import_as_diffusers_kohya_
 
 
 # diffusers' `convert_state_dict_to_kohya` under transformers 5 spells CLIPTextModel paths without
-# `text_model_` (`lora_te1_encoder_layers_0_self_attn_q_proj`); kohya.py refuses them against their own base
-# ("matches no module of the base's text_encoder") and without a base reads them into `text_encoder.encoder.…`,
-# which is not the canonical path.
-# Strict: this starts failing once kohya names without the wrapper are read into canonical paths.
-@pytest.mark.xfail(strict=True, reason="kohya text-encoder keys without text_model_ are not canonicalised")
+# `text_model_` (`lora_te1_encoder_layers_0_self_attn_q_proj`); they match their base's canonical paths
+# (tests/test_variant_gaps.py checks such files of lycoris' against its forward pass).
 def test_kohya_text_encoder_keys_without_the_text_model_wrapper_import_against_their_base(home, tmp_path, pipelines):
     made = _kohya_by_diffusers(pipelines["sd1"])
     sd = {k.replace("lora_te_text_model_encoder_", "lora_te1_encoder_"): v for k, v in made.items()}

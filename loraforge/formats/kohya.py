@@ -81,16 +81,15 @@ def _split_key(key: str) -> tuple[str, str, str]:
 def kohya_to_lora(sd: Mapping[str, Tensor], module_names: Mapping[str, Iterable[str]] | None = None) -> LoraState:
     """Read a kohya/A1111 (or LyCORIS) state dict; a missing `.alpha` means alpha = rank."""
     paths = PathReader(sd, module_names)
-    # Norm layers (LyCORIS w_norm / b_norm) have 1-D weights, which a base's module names do not list: their
-    # paths are read from the diffusers/CLIP vocabulary, and fusing or rendering finds the layer or says so.
-    norm_paths = PathReader(sd, module_names, match_exactly=False) if module_names else paths
     grouped: dict[str, dict[str, Tensor]] = {}
     te_prefixes = set()
     for key, value in sd.items():
         component, flat, suffix = _split_key(key)
         if component != "unet":
             te_prefixes.add(text_encoder_prefix(key))
-        path = (norm_paths if suffix in NORM_SUFFIXES else paths).module_path(component, flat, key)
+        # Norm layers (LyCORIS w_norm / b_norm) have 1-D weights, which a base's module names need not list:
+        # their paths are read from the diffusers/CLIP vocabulary, and `check_against` finds the layer or says so.
+        path = paths.module_path(component, flat, key, exact=suffix not in NORM_SUFFIXES)
         grouped.setdefault(f"{component}.{path}", {})[suffix] = value
     alphas = {name: t[ALPHA[1:]] for name, t in grouped.items() if ALPHA[1:] in t}
     if not any(set(t) - {ALPHA[1:]} for t in grouped.values()):

@@ -7,6 +7,11 @@ The SGM ⇄ diffusers mapping is not a table kept here: it is diffusers' own sin
 (`single_file_utils.convert_ldm_unet_checkpoint`) run once over every SGM module path a UNet of the
 given `layers_per_block` can have, each value tagged with its SGM path, and read backwards for export.
 All this module knows of SGM is its vocabulary: the block words and the names inside its ResBlock.
+
+Text-encoder keys come in two spellings: sd-scripts' `lora_te_text_model_encoder_…` (CLIP's `text_model`
+wrapper, which canonical paths keep), and `lora_te_encoder_…` from tools built on transformers 5, whose
+CLIPTextModel has no wrapper (lycoris' own network among them). Both read into canonical paths; the hints
+remember which components came without it, so writing back gives the file's own names.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 
 from loraforge.errors import FormatError, IncompatibleBaseError
+from loraforge.formats.lora import TEXT_MODEL_PREFIX, TEXT_MODEL_ROOTS, with_text_model, without_text_model
 
 # kohya prefix → canonical component, longest first so `lora_te1_` is not read as `lora_te_`.
 PREFIXES = {
@@ -44,6 +50,11 @@ HINT_UNET_NAMES = "kohya_unet_names"
 HINT_SGM_LAYERS = "kohya_sgm_layers_per_block"
 HINT_SGM_PLAIN_UP = "kohya_sgm_plain_up_levels"  # "0,1": up levels whose upsampler follows a resnet alone
 SGM_HINTS = (HINT_UNET_NAMES, HINT_SGM_LAYERS, HINT_SGM_PLAIN_UP)
+# Text-encoder components (comma-separated) whose keys were spelled without CLIP's `text_model_` wrapper.
+HINT_TE_UNWRAPPED = "kohya_te_without_text_model"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+_FLAT_WRAPPER = TEXT_MODEL_PREFIX.replace(".", "_")
+_FLAT_ROOTS = tuple(root.replace(".", "_") for root in TEXT_MODEL_ROOTS)
 
 DIFFUSERS = "diffusers"
 SGM = "sgm"
@@ -151,7 +162,11 @@ def plain_up_levels(unet_paths: Iterable[str]) -> list[int]:
 
 
 def check_sgm_hints(hints: Mapping[str, str]) -> None:
-    """Raise FormatError unless the SGM layout hints are what `KeyWriter` can use."""
+    """Raise FormatError unless the SGM layout and text-encoder spelling hints are what `KeyWriter` can use."""
+    unwrapped = hints.get(HINT_TE_UNWRAPPED)
+    if unwrapped is not None and not set(unwrapped.split(",")) <= set(TEXT_ENCODERS):
+        raise FormatError(f"hint {HINT_TE_UNWRAPPED} is {unwrapped!r}; expected text-encoder names such as "
+                          "text_encoder,text_encoder_2")
     layers = hints.get(HINT_SGM_LAYERS)
     if layers is not None and not (layers.isdigit() and int(layers) > 0):
         raise FormatError(f"hint {HINT_SGM_LAYERS} is {layers!r}; expected a positive whole number")
@@ -182,13 +197,10 @@ class PathReader:
     layers_per_block (SDXL's without a base, refused when the file does not fit it).
     """
 
-    def __init__(self, keys: Iterable[str], module_names: Mapping[str, Iterable[str]] | None = None,
-                 match_exactly: bool = True):
-        """`match_exactly=False` takes only the UNet's layout from `module_names` (for keys of layers
-        the names do not list, such as norms) and reads paths from the vocabulary."""
+    def __init__(self, keys: Iterable[str], module_names: Mapping[str, Iterable[str]] | None = None):
         names = {c: list(paths) for c, paths in (module_names or {}).items()}
         self._unet_paths = names.get("unet", [])
-        self.exact = {c: {flatten(p): p for p in paths} for c, paths in names.items()} if match_exactly else {}
+        self.exact = {c: {flatten(p): p for p in paths} for c, paths in names.items()}
         unet_flats = [rest for k in keys for c, rest in [_safe_split(k)] if c == "unet"]
         self.naming = SGM if is_sgm_unet(unet_flats) else DIFFUSERS
         self.layers_per_block = None
@@ -198,27 +210,36 @@ class PathReader:
             self._modules, self._attentions = sgm_map(self.layers_per_block)
             self._flat_modules = {flatten(s): d for s, d in self._modules.items()}
             self._flat_attentions = {flatten(s) + "_": d for s, d in self._attentions.items()}
-        self._guessed: dict[tuple[str, str], str] = {}
+        self._guessed: dict[tuple[str, str, bool], str] = {}
+        self._te_spelling: dict[str, tuple[bool, str]] = {}  # component → (keys lack text_model_, first such key)
 
-    def module_path(self, component: str, flat: str, key: str) -> str:
-        if (component, flat) not in self._guessed:
-            self._guessed[component, flat] = self._resolve(component, flat, key)
-        return self._guessed[component, flat]
+    def module_path(self, component: str, flat: str, key: str, exact: bool = True) -> str:
+        """The canonical path of one key's module; `exact=False` reads it from the vocabulary even when the
+        base's module names are known (for layers they do not list), taking only the UNet's layout from them."""
+        if (component, flat, exact) not in self._guessed:
+            self._guessed[component, flat, exact] = self._resolve(component, flat, key, exact)
+        return self._guessed[component, flat, exact]
 
     def hints(self) -> dict[str, str]:
-        if self.naming != SGM:
-            return {}
-        return _layout_hints(self._unet_paths, self.layers_per_block)
+        hints = _layout_hints(self._unet_paths, self.layers_per_block) if self.naming == SGM else {}
+        unwrapped = [c for c in TEXT_ENCODERS if self._te_spelling.get(c, (False, ""))[0]]
+        if unwrapped:
+            hints[HINT_TE_UNWRAPPED] = ",".join(unwrapped)
+        return hints
 
-    def _resolve(self, component: str, flat: str, key: str) -> str:
+    def _resolve(self, component: str, flat: str, key: str, exact: bool = True) -> str:
         if component == "unet" and self.naming == SGM:
             if not flat.startswith(SGM_MARKERS):
                 raise FormatError(f"kohya key {key} has a diffusers UNet name in a file of SGM names "
                                   "(input_blocks_…); a file must use one naming")
-            return self._resolve_sgm(flat, key)
-        exact = self.exact.get(component)
-        if exact is not None:
-            path = exact.get(flat)
+            return self._resolve_sgm(flat, key, exact)
+        if component in TEXT_ENCODERS:
+            self._note_te_spelling(component, flat, key)
+        names = self.exact.get(component) if exact else None
+        if names is not None:
+            path = names.get(flat)
+            if path is None and flat.startswith(_FLAT_ROOTS):
+                path = names.get(_FLAT_WRAPPER + flat)
             if path is None:
                 raise IncompatibleBaseError(f"kohya key {key} matches no module of the base's {component}")
             return path
@@ -228,10 +249,25 @@ class PathReader:
                 f"cannot turn kohya key {key} into a module path: it has a name outside the diffusers/CLIP "
                 "vocabulary; pass the base model so its module names can be matched"
             )
-        return ".".join(words)
+        path = ".".join(words)
+        return with_text_model(path) if component in TEXT_ENCODERS else path
 
-    def _resolve_sgm(self, flat: str, key: str) -> str:
-        exact = self.exact.get("unet")
+    def _note_te_spelling(self, component: str, flat: str, key: str) -> None:
+        """Remember whether `component`'s keys carry CLIP's `text_model_` wrapper; one file, one spelling."""
+        if flat.startswith(_FLAT_WRAPPER):
+            unwrapped = False
+        elif flat.startswith(_FLAT_ROOTS):
+            unwrapped = True
+        else:
+            return  # a module outside the wrapper (text_projection) is spelled the same either way
+        seen = self._te_spelling.setdefault(component, (unwrapped, key))
+        if seen[0] != unwrapped:
+            with_it, without = (seen[1], key) if unwrapped else (key, seen[1])
+            raise FormatError(f"kohya key {without} spells its {component} path without text_model_ but {with_it} "
+                              "spells it with; a file must use one spelling")
+
+    def _resolve_sgm(self, flat: str, key: str, exact_names: bool = True) -> str:
+        exact = self.exact.get("unet") if exact_names else None
         path = self._flat_modules.get(flat)
         if path is None:
             prefix = next((p for p in self._flat_attentions if flat.startswith(p)), None)
@@ -312,6 +348,7 @@ class KeyWriter:
         if "text_encoder_2" in components or te_prefix is None:
             te_prefix = "lora_te1_" if "text_encoder_2" in components else "lora_te_"
         self.prefixes = {"unet": "lora_unet_", "text_encoder": te_prefix, "text_encoder_2": "lora_te2_"}
+        self.unwrapped = set(hints[HINT_TE_UNWRAPPED].split(",")) if hints.get(HINT_TE_UNWRAPPED) else set()
         self.sgm: dict[str, str] = {}
         if hints.get(HINT_UNET_NAMES) == SGM:
             layers = hints.get(HINT_SGM_LAYERS)
@@ -325,6 +362,8 @@ class KeyWriter:
         component, path = name.split(".", 1)
         if component == "unet" and self.sgm:
             path = self.sgm[path]
+        elif component in self.unwrapped:
+            path = without_text_model(path)
         return self.prefixes[component] + flatten(path)
 
 

@@ -1,0 +1,123 @@
+"""LyCORIS variant edge cases: text-encoder files spelled without CLIP's `text_model_` wrapper (as lycoris and
+other tools built on transformers 5's CLIPTextModel write them), norm modules whose layer the base lacks, and
+LoHa/LoKr modules whose file stores a conv kernel flattened turned into LoRA pairs without a known base.
+
+lycoris-lora is the producer (its own kohya network's `save_weights`) and its forward pass the oracle;
+diffusers' `load_lora_weights` is the consumer of converted pairs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from loraforge.formats import read_adapter, read_safetensors
+from loraforge.registry import Registry
+
+from cli_helpers import refused, run_cli as run
+
+lycoris_kohya = pytest.importorskip("lycoris.kohya")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# lycoris keeps a preset's targets on its network class: every preset here names all four.
+TEXT_ONLY = """
+unet_target_module = []
+unet_target_name = []
+text_encoder_target_module = ["CLIPAttention", "CLIPMLP"]
+text_encoder_target_name = []
+"""
+UNET_WITH_CONV = """
+enable_conv = true
+unet_target_module = ["Transformer2DModel", "ResnetBlock2D"]
+unet_target_name = []
+text_encoder_target_module = []
+text_encoder_target_name = []
+"""
+
+
+def _entries_and_data(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file's tensor entries (names, dtypes, shapes, offsets) and data section."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8: 8 + size])
+    header.pop("__metadata__", None)
+    return header, raw[8 + size:]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _randomise(network) -> None:
+    with torch.no_grad():  # lycoris zero-initialises one factor; make every module move the output
+        for _, p in network.named_parameters():
+            p.normal_(0, 0.3)
+
+
+class TextEncoderNetwork:
+    """A lycoris network of `algo` over the tiny SD text encoder (transformers' CLIPTextModel), saved by lycoris."""
+
+    def __init__(self, tiny_sd_path: Path, folder: Path, algo: str):
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "preset.toml").write_text(TEXT_ONLY)
+        self.text_encoder = CLIPTextModel.from_pretrained(tiny_sd_path / "text_encoder").eval()
+        unet = UNet2DConditionModel.from_pretrained(tiny_sd_path / "unet")
+        torch.manual_seed(21)
+        self.network = lycoris_kohya.create_network(1.0, 4, 2.0, None, self.text_encoder, unet, algo=algo,
+                                                    preset=str(folder / "preset.toml"))
+        self.network.apply_to(self.text_encoder, unet, apply_text_encoder=True, apply_unet=False)
+        _randomise(self.network)
+        self.path = folder / f"te_{algo}.safetensors"
+        self.network.save_weights(str(self.path), torch.float32, {})
+
+
+def _text_output(text_encoder) -> torch.Tensor:
+    ids = torch.randint(0, text_encoder.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        return text_encoder(ids).last_hidden_state
+
+
+# -- 1. kohya text-encoder keys without `text_model_` -----------------------------------------
+
+@pytest.mark.parametrize("algo", ["lora", "loha"])
+def test_lycoris_text_encoder_files_without_text_model_import_export_and_fuse_exactly(
+        algo, tiny_sd_path, home, tmp_path):
+    from transformers import CLIPTextModel
+
+    made = TextEncoderNetwork(tiny_sd_path, tmp_path / "lyco", algo)
+    keys = list(read_safetensors(made.path)[0])
+    assert keys and all(k.startswith("lora_te_encoder_layers_") for k in keys)  # transformers 5's spelling
+
+    state, fmt, _ = read_adapter(made.path)  # without a base: canonical paths keep `text_model.`
+    assert fmt == "kohya" and all(n.startswith("text_encoder.text_model.encoder.layers.") for n in state)
+
+    run(home, "registry", "import", str(made.path), "--name", "te", "--base", "builtin:tiny-sd")
+    assert Registry(home).resolve("te").adapter.variants == {"lora" if algo == "lora" else "loha": 12}
+    out = tmp_path / "back.safetensors"
+    run(home, "registry", "export", "te", "--format", "kohya", "-o", str(out))
+    assert _entries_and_data(out) == _entries_and_data(made.path)  # the same names, tensors and bytes
+
+    run(home, "lora", "fuse", "builtin:tiny-sd", "te:1=1.0", "--dtype", "fp32", "-o", str(tmp_path / "fused"))
+    fused = CLIPTextModel.from_pretrained(tmp_path / "fused" / "text_encoder").eval()
+    want = _text_output(made.text_encoder)  # lycoris' own forward
+    plain = _text_output(CLIPTextModel.from_pretrained(tiny_sd_path / "text_encoder").eval())
+    assert _rel(_text_output(fused), want) < 1e-4
+    assert _rel(plain, want) > 1e-2, "the adapter must change the output for the test to mean anything"
+
+
+def test_a_text_encoder_spelled_both_ways_in_one_file_is_refused(home, tmp_path):
+    path = tmp_path / "mixed.safetensors"
+    save_file({"lora_te_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 32),
+               "lora_te_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 2),
+               "lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_down.weight": torch.zeros(2, 32),
+               "lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_up.weight": torch.zeros(32, 2)},
+              str(path))
+    line = refused(run(home, "registry", "import", str(path), "--name", "m", ok=False))
+    assert "text_model_" in line and "one spelling" in line
+    assert Registry(home).list() == []
