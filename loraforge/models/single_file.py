@@ -488,7 +488,8 @@ def write_folder(single: Path, family: str, configs: Path, out: Path) -> list[Pa
         for component in COMPONENTS[family]:
             parts = [(k, p) for k in keymap.shapes for p in keymap.pieces.get(k, []) if p.component == component]
             if not parts:
-                raise FormatError(f"{single.name} has no {component} weights: it cannot be written as a diffusers folder")
+                raise FormatError(f"{single.name} has no {component} weights: it cannot be written as a diffusers "
+                                  "folder")
             dtypes = {k: dtype_of(k) for k, _ in parts}
             target = out / component / WEIGHT_NAMES[component]
             with SafetensorsWriter(target, [(p.key, p.shape, dtypes[k]) for k, p in parts], {"format": "pt"}) as writer:

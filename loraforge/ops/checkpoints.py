@@ -301,7 +301,8 @@ class ConvertedCheckpoint:
             return keymap.from_diffusers(key, lambda p: folder.get(lookup[(p.component, p.key)]),
                                          dtype=infos[key].torch_dtype)
 
-        untranslated = frozenset(k for k in keymap.shapes if not keymap.pieces.get(k) and k.endswith(DROPPED_BY_CONVERTERS))
+        untranslated = frozenset(k for k in keymap.shapes
+                                 if not keymap.pieces.get(k) and k.endswith(DROPPED_BY_CONVERTERS))
         return cls(folder, "single_file", sources, infos, assemble, untranslated)
 
     def close(self) -> None:
