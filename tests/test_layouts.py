@@ -727,3 +727,41 @@ def test_a_dora_peft_cannot_spell_is_refused_in_one_line(home, tmp_path, lycoris
         assert re.fullmatch(rf"Error: DoRA module unet\.\S+ {says}, which PEFT's DoRA cannot spell \(a LoRA pair "
                             r"normalised per output row\); export it as kohya or loraforge", line), line
         assert not out.exists()
+
+
+# -- pickled adapters: diffusers' pytorch_lora_weights.bin and PEFT's adapter_model.bin ------
+
+def test_a_pickled_diffusers_lora_bin_imports_as_diffusers_loads_it(home, tmp_path, pipelines):
+    """diffusers saved `pytorch_lora_weights.bin` (attention-processor keys, a torch pickle) before it
+    defaulted to safetensors; many Hub LoRAs are still such files. Read with weights_only like every pickle."""
+    from safetensors.torch import load_file
+
+    pipe = pipelines["sd1"]
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    want = _old_diffusers_file(pipe, folder / "old.safetensors", "unet.")
+    path = folder / "pytorch_lora_weights.bin"
+    torch.save(load_file(str(folder / "old.safetensors")), path)
+    (folder / "old.safetensors").unlink()
+    loaded = fresh(pipe)
+    loaded.load_lora_weights(str(folder), weight_name=path.name)
+    assert_same_outputs(outputs(loaded), want)
+    state, out = imported(home, path, "bin", "diffusers", tmp_path / "new.safetensors")
+    assert_same_outputs(applied(pipe, state), want, base=outputs(pipe))
+    assert_same_outputs(outputs(loaded_by_diffusers(pipe, out)), want)
+
+
+def test_a_peft_folder_saved_as_a_pickle_imports_as_peft_loads_it(home, tmp_path, pipelines):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    unet = pipelines["sd1"].unet
+    produced = randomized(get_peft_model(copy.deepcopy(unet), LoraConfig(r=2, lora_alpha=3, target_modules=["to_k"])),
+                          seed=70)
+    produced.save_pretrained(str(tmp_path / "peft"), safe_serialization=False)
+    assert (tmp_path / "peft" / "adapter_model.bin").is_file()
+    assert not (tmp_path / "peft" / "adapter_model.safetensors").exists()
+    with_peft = fresh(pipelines["sd1"])
+    with_peft.unet = PeftModel.from_pretrained(copy.deepcopy(unet), str(tmp_path / "peft"))
+    state, out = imported(home, tmp_path / "peft", "p", "peft", tmp_path / "out")
+    assert_same_outputs(applied(pipelines["sd1"], state), outputs(with_peft), base={"unet": outputs(pipelines["sd1"])["unet"]})
+    assert (out / "adapter_model.safetensors").is_file()

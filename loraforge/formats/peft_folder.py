@@ -6,7 +6,8 @@ after it (`unet/`, `text_encoder/`, `text_encoder_2/`) — the layout diffusers 
 The component of a single folder is recorded in the safetensors header (`loraforge.component`),
 where PEFT ignores it; the config stays a plain `LoraConfig` so PEFT loads it unchanged. Factors
 are stored untouched with the alphas in `lora_alpha`/`alpha_pattern`, so our own folders round
-trip bit-exactly. Reading accepts both layouts and folders written by PEFT itself; a folder with
+trip bit-exactly. Reading accepts both layouts and folders written by PEFT itself, with
+`adapter_model.safetensors` or the older pickled `adapter_model.bin` (loaded weights-only); a folder with
 no recorded component is the component it is named after (its own name, else the last part of PEFT's
 `base_model_name_or_path`), else `text_encoder` when its modules are CLIP text-model modules
 (`text_encoder_2` when they include the projection), else `unet`.
@@ -31,12 +32,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from loraforge.errors import FormatError
 from loraforge.formats import foreign_families
-from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, register_format
+from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, check_finite_tensors, register_format
 from loraforge.formats.diffusers_lora import MAGNITUDE, check_dora, lora_or_dora, peft_alpha, peft_pairs
 from loraforge.formats.lora import (
     COMPONENTS, TEXT_MODEL_PREFIX, TEXT_MODEL_ROOTS, LoraModule, LoraState, pair_names, with_text_model,
     without_text_model,
 )
+from loraforge.formats.pickles import load_weights_only
 from loraforge.formats.safetensors_io import RawTensor, read_raw_safetensors, read_safetensors, write_safetensors
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # what PEFT saved before it defaulted to safetensors
 COMPONENT_KEY = "loraforge.component"
 PREFIX = "base_model.model."
 
@@ -118,13 +121,17 @@ def read_peft_folder(folder: Path, load: Callable[[Path], tuple[Mapping[str, Ten
     state, first_meta = LoraState(), None
     for component, sub in parts:
         weights = sub / WEIGHTS_NAME
-        if not weights.is_file():
+        if not weights.is_file() and (sub / PICKLED_WEIGHTS_NAME).is_file():
+            weights, load_part = sub / PICKLED_WEIGHTS_NAME, _load_pickled
+        elif not weights.is_file():
             raise FormatError(f"{sub} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        else:
+            load_part = load
         try:
             config = json.loads((sub / CONFIG_NAME).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FormatError(f"{sub / CONFIG_NAME} is not valid JSON: {e}") from e
-        sd, meta = load(weights)
+        sd, meta = load_part(weights)
         foreign = foreign_families.refusal(str(weights), sd)
         if foreign:
             raise FormatError(foreign)
@@ -139,6 +146,17 @@ def read_peft_folder(folder: Path, load: Callable[[Path], tuple[Mapping[str, Ten
             state[name] = module
         first_meta = first_meta if first_meta is not None else meta
     return state, dict(first_meta or {})
+
+
+def _load_pickled(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """An `adapter_model.bin` (PEFT without safe_serialization), loaded without running pickled code."""
+    from torch import Tensor
+
+    sd = load_weights_only(path)
+    if not isinstance(sd, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
+        raise FormatError(f"{path} does not hold a flat dict of named tensors")
+    check_finite_tensors(sd)
+    return dict(sd), {}
 
 
 def _named_component(folder: Path, config: Mapping[str, Any]) -> str | None:

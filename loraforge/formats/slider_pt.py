@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from loraforge.errors import FormatError
 from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, check_finite_tensors, register_format
+from loraforge.formats.diffusers_lora import diffusers_to_lora
 from loraforge.formats.kohya import kohya_to_lora, lora_to_kohya
 from loraforge.formats.lora import LoraState
 from loraforge.formats.pickles import load_weights_only
@@ -51,7 +52,7 @@ def _detect(probe: FileProbe) -> bool:
 def _read(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, str]]:
     sd = load_slider_pt(path)
     check_finite_tensors(sd)
-    return kohya_to_lora(sd, module_names), {}
+    return diffusers_to_lora(sd, None, module_names), {}  # kohya keys, or diffusers' (pytorch_lora_weights.bin)
 
 
 def _write(state: LoraState, path: Path, metadata: Mapping[str, str]) -> list[Path]:
