@@ -236,7 +236,7 @@ def test_diffusers_export_without_an_extension_writes_a_folder_diffusers_loads(h
 def test_file_export_without_an_extension_gets_one_and_says_so(home, tmp_path, imported, fmt):
     out = tmp_path / "exported"
     result = run(home, "registry", "export", imported, "--format", fmt, "-o", str(out))
-    assert result.output.strip() == str(tmp_path / "exported.safetensors")
+    assert result.stdout.strip() == str(tmp_path / "exported.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("exported", ".exported"))) == [
         "exported.safetensors"]
     from loraforge.formats import detect_format

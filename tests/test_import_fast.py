@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from loraforge.formats import read_adapter, scan_adapter, write_adapter
+from loraforge.hashing import sha256_file
 from loraforge.formats.safetensors_io import DTYPE_SIZES, RawTensor, TORCH_NAMES
 from loraforge.registry import Registry
 from loraforge.registry.importer import adapter_info
@@ -131,7 +132,9 @@ def test_import_stores_what_the_torch_round_trip_writes(tmp_path, case):
     [expected] = write_adapter(state, tmp_path / "expected.safetensors", "loraforge")
     assert stored == expected.read_bytes()
     assert manifest["adapter"] == adapter_info(state, fmt).model_dump()
-    assert manifest["provenance"]["params"] == {"format": fmt}
+    # a file's own header is kept so that exporting it to its format gives it back (test_byte_identical)
+    source = {} if src.is_dir() else {"source_sha256": sha256_file(src), "source_size": src.stat().st_size}
+    assert manifest["provenance"]["params"] == {"format": fmt, **source}
 
 
 SHOW_HEAVY = textwrap.dedent("""
@@ -242,7 +245,8 @@ def test_the_canonical_file_is_moved_into_the_store_and_a_refused_import_leaves_
     scratch = tmp_dir(home)  # run_cli runs in this process: its scratch folder is this one
     run_cli(home, "registry", "import", str(src), "--name", "a")
     stored = _blobs(home)
-    assert src.exists() and len(stored) == 1 and list(scratch.iterdir()) == []
+    # the canonical file and the imported file's header (`source-header.json`), both moved, not copied
+    assert src.exists() and len(stored) == 2 and list(scratch.iterdir()) == []
 
     other = _write_kohya(tmp_path / "b.safetensors", dtype=torch.float32)
     refused = run_cli(home, "registry", "import", str(other), "--name", "a", "--kind", "slider", ok=False)
