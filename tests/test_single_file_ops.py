@@ -280,3 +280,24 @@ def test_unreadable_pickles_are_refused_in_one_line_through_every_command(home, 
         assert words in line, (name, line)
         assert "weights_only=False" not in line and "safe_globals" not in line, line
         assert Registry(home).list() == [], name
+
+
+def test_a_single_file_with_the_extras_real_files_carry_merges_and_extracts_with_a_folder(models, home, tmp_path):
+    """EMA copies, schedule buffers and CLIP's position ids have no place in a diffusers folder: merged with
+    one, they are copied from the single file that has them, and every converted tensor is merged."""
+    family, paths = models
+    state = load_file(paths["base.safetensors"])
+    prefix = sf.prefixes(family)["text_encoder"]
+    extras = {f"{prefix}text_model.embeddings.position_ids": torch.arange(77)[None],
+              "alphas_cumprod": torch.linspace(1, 0, 10), "model_ema.decay": torch.tensor(0.999)}
+    save_file({**state, **extras}, str(tmp_path / "real.safetensors"))
+    got = load_file(_merge(home, tmp_path / "real.safetensors", paths["tuned"], out=tmp_path / "m.safetensors"))
+    want = load_file(_merge(home, paths["base.safetensors"], paths["tuned.safetensors"], out=tmp_path / "s.safetensors"))
+    assert list(got) == list(load_file(tmp_path / "real.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in extras.items())
+    # and extracts against the folder it was converted from the same adapter
+    for i, base in enumerate((paths["base"], tmp_path / "real.safetensors")):
+        run(home, "lora", "extract", str(paths["tuned"]), "--base", str(base), "--rank", "2", "--name", f"x{i}")
+    a, b = _adapter(home, "x0"), _adapter(home, "x1")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[m].delta(), b[m].delta()) for m in a)

@@ -258,7 +258,7 @@ class ConvertedCheckpoint:
     @classmethod
     def as_diffusers(cls, single: Checkpoint, keymap, spelling: Optional[Checkpoint] = None) -> "ConvertedCheckpoint":
         """Single file `single` as a diffusers folder; text-encoder keys spelled as `spelling` (a folder) has them."""
-        from loraforge.models.single_file import match_folder_key
+        from loraforge.models.single_file import DROPPED_BY_CONVERTERS, match_folder_key
 
         folder_keys: dict[str, set[str]] = {}
         for ckey in (spelling.index if spelling is not None else ()):
@@ -270,6 +270,8 @@ class ConvertedCheckpoint:
             dtype = single.info(key).dtype
             for piece in keymap.pieces.get(key, []):
                 ckey = f"{piece.component}/{spelled[(piece.component, piece.key)]}"
+                if spelling is not None and ckey not in spelling.index and ckey.endswith(DROPPED_BY_CONVERTERS):
+                    continue  # a buffer the folder's models rebuild themselves (position ids)
                 sources[ckey] = [(key, piece)]
                 infos[ckey] = TensorInfo(dtype, piece.shape, 0, 0)
 
@@ -277,7 +279,9 @@ class ConvertedCheckpoint:
             (key, piece), = parts
             return piece.view_of(single.get(key))
 
-        return cls(single, "diffusers", sources, infos, assemble)
+        untranslated = frozenset(k for k in (spelling.index if spelling is not None else ())
+                                 if k not in sources and k.endswith(DROPPED_BY_CONVERTERS))
+        return cls(single, "diffusers", sources, infos, assemble, untranslated)
 
     @classmethod
     def as_single_file(cls, folder: Checkpoint, keymap) -> "ConvertedCheckpoint":
@@ -301,8 +305,7 @@ class ConvertedCheckpoint:
             return keymap.from_diffusers(key, lambda p: folder.get(lookup[(p.component, p.key)]),
                                          dtype=infos[key].torch_dtype)
 
-        untranslated = frozenset(k for k in keymap.shapes
-                                 if not keymap.pieces.get(k) and k.endswith(DROPPED_BY_CONVERTERS))
+        untranslated = frozenset(k for k in keymap.shapes if k not in sources and k.endswith(DROPPED_BY_CONVERTERS))
         return cls(folder, "single_file", sources, infos, assemble, untranslated)
 
     def close(self) -> None:
