@@ -765,3 +765,24 @@ def test_a_peft_folder_saved_as_a_pickle_imports_as_peft_loads_it(home, tmp_path
     state, out = imported(home, tmp_path / "peft", "p", "peft", tmp_path / "out")
     assert_same_outputs(applied(pipelines["sd1"], state), outputs(with_peft), base={"unet": outputs(pipelines["sd1"])["unet"]})
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_folder_that_holds_adapters_points_at_them(home, tmp_path, pipelines):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(pipelines["sd1"].unet), LoraConfig(r=2, target_modules=["to_q"]),
+                           adapter_name="style")
+    model.save_pretrained(str(tmp_path / "saved"))  # PEFT puts a non-default adapter in a subfolder
+    assert (tmp_path / "saved" / "style" / "adapter_config.json").is_file()
+    line = _refused_import(home, tmp_path / "saved")
+    assert line == (f"Error: {tmp_path / 'saved'} holds PEFT adapter folders (style), not one adapter; "
+                    f"pass one of them, e.g. {tmp_path / 'saved' / 'style'}")
+
+    repo = tmp_path / "repo"  # a Hub repo as downloaded: the adapter file and a model card
+    _old_diffusers_file(pipelines["sd1"], tmp_path / "w.safetensors", "unet.")
+    repo.mkdir()
+    (tmp_path / "w.safetensors").rename(repo / "pytorch_lora_weights.safetensors")
+    (repo / "README.md").write_text("---\nlibrary_name: diffusers\n---\n")
+    line = _refused_import(home, repo)
+    assert line == (f"Error: {repo} is a folder, not an adapter file or PEFT folder; pass the file in it, "
+                    f"e.g. {repo / 'pytorch_lora_weights.safetensors'}")

@@ -164,12 +164,25 @@ def detect_format(path: Path) -> str:
     if claims:
         return claims[0]
     if found.container == "folder":
-        raise FormatError(f"{path} is a folder but not a PEFT adapter folder (no adapter_config.json)")
+        raise FormatError(_unknown_folder(path))
     if found.container == "safetensors":
         if not found.keys:
             raise FormatError(f"{path} holds no tensors: the adapter is empty")
         raise FormatError(unknown_layout(found))
     raise FormatError(f"{path} is neither a safetensors file nor a torch .pt file")
+
+
+def _unknown_folder(path: Path) -> str:
+    """Why a folder is no adapter, pointing at what in it might be one (PEFT's per-adapter subfolders,
+    a Hub repo's weights file) rather than picking it."""
+    adapters = sorted(p.parent.name for p in path.glob("*/adapter_config.json"))
+    if adapters:
+        return (f"{path} holds PEFT adapter folders ({', '.join(adapters[:4])}), not one adapter; "
+                f"pass one of them, e.g. {path / adapters[0]}")
+    files = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
+    if files:
+        return f"{path} is a folder, not an adapter file or PEFT folder; pass the file in it, e.g. {path / files[0]}"
+    return f"{path} is a folder but not a PEFT adapter folder (no adapter_config.json)"
 
 
 def _claims_key(fmt: AdapterFormat, found: FileProbe, key: str) -> bool:
