@@ -139,6 +139,20 @@ def test_export_to_another_format_carries_loraforge_header(home, tmp_path, kohya
     assert said == "" and "loraforge_manifest" in meta and "ss_network_module" not in meta
 
 
+def test_a_file_with_bytes_after_its_last_tensor_is_not_reproduced_and_export_says_why(home, tmp_path,
+                                                                                      kohya_sd1_file):
+    padded = tmp_path / "padded.safetensors"
+    padded.write_bytes(kohya_sd1_file.read_bytes() + b"\0" * 16)  # bytes no tensor owns
+    run_cli(home, "registry", "import", str(padded), "--name", "padded", "--base", "builtin:tiny-sd")
+    out, said = export(home, "padded", tmp_path / "out.safetensors", "--format", "kohya")
+    assert said == ("could not write the imported file back byte for byte: the imported file has 16 bytes after "
+                    "its last tensor; wrote loraforge's header")
+    assert identical(out, export(home, "padded", tmp_path / "with.safetensors", "--format", "kohya",
+                                 "--with-manifest")[0])
+    got, want = load_file(str(out)), load_file(str(kohya_sd1_file))
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 # -- SDXL kohya files in SGM names -----------------------------------------------------------
 
 @pytest.fixture(scope="module")

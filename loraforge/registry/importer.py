@@ -16,7 +16,10 @@ from loraforge.registry.registry import Registry
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 # An imported adapter file's own safetensors header (its JSON bytes as written, padding included), kept
 # beside the canonical file so that exporting the import to its own format gives the file back byte for
-# byte (`exporter.reproduce_import`). The manifest's provenance records the file's sha256 and size.
+# byte (`exporter.reproduce_import`). The manifest's provenance records the file's sha256 and size. A file
+# of its own rather than an entry in the canonical file's header: the canonical file stays what its
+# tensors and hints make it (hub push rebuilds it from a published kohya or diffusers file), and the
+# artifacts derived from an import, which write their own canonical file, cannot inherit it.
 SOURCE_HEADER = "source-header.json"
 
 
