@@ -121,3 +121,96 @@ def test_a_text_encoder_spelled_both_ways_in_one_file_is_refused(home, tmp_path)
     line = refused(run(home, "registry", "import", str(path), "--name", "m", ok=False))
     assert "text_model_" in line and "one spelling" in line
     assert Registry(home).list() == []
+
+
+# -- 2. norm modules whose layer the base lacks ------------------------------------------------
+
+def _norm_file(path: Path, norm: str, width: int = 32) -> Path:
+    """A LoRA pair on a real layer and LyCORIS norm differences (w_norm/b_norm) for layer `norm`."""
+    g = torch.Generator().manual_seed(5)
+    save_file({
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(2, 32, generator=g),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(32, 2, generator=g),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(2.0),
+        f"lora_unet_{norm.replace('.', '_')}.w_norm": torch.randn(width, generator=g),
+        f"lora_unet_{norm.replace('.', '_')}.b_norm": torch.randn(width, generator=g),
+    }, str(path))
+    return path
+
+
+def test_a_norm_module_for_a_layer_the_base_lacks_is_refused_everywhere(home, tmp_path):
+    missing = "down_blocks.0.resnets.0.norm3"  # ResnetBlock2D has norm1 and norm2 only
+    path = _norm_file(tmp_path / "norm.safetensors", missing)
+    line = refused(run(home, "registry", "import", str(path), "--name", "n", "--base", "builtin:tiny-sd", ok=False))
+    assert f"unet.{missing}" in line or missing.replace(".", "_") in line
+    assert Registry(home).list() == []
+
+    run(home, "registry", "import", str(path), "--name", "n")  # without a base nothing can check it yet
+    before = Registry(home).list()
+    out = tmp_path / "fused"
+    line = refused(run(home, "lora", "fuse", "builtin:tiny-sd", "n:1=1.0", "--dtype", "fp32", "-o", str(out),
+                       ok=False))
+    assert f"unet.{missing}" in line and not out.exists()
+    line = refused(run(home, "generate", "--base", "builtin:tiny-sd", "--lora", "n", "--prompt", "a cat",
+                       "--steps", "1", "-o", str(tmp_path / "image.png"), ok=False))
+    assert f"unet.{missing}" in line and not (tmp_path / "image.png").exists()
+    assert Registry(home).list() == before
+
+
+def test_a_norm_module_of_the_wrong_width_is_refused_and_a_fitting_one_fuses(home, tmp_path, tiny_sd_path):
+    from diffusers import UNet2DConditionModel
+
+    wrong = _norm_file(tmp_path / "wrong.safetensors", "down_blocks.0.resnets.0.norm1", width=7)
+    line = refused(run(home, "registry", "import", str(wrong), "--name", "w", "--base", "builtin:tiny-sd",
+                       ok=False))
+    assert "down_blocks" in line and "(7,)" in line and "(32,)" in line
+
+    right = _norm_file(tmp_path / "right.safetensors", "down_blocks.0.resnets.0.norm1")
+    run(home, "registry", "import", str(right), "--name", "r", "--base", "builtin:tiny-sd")
+    run(home, "lora", "fuse", "builtin:tiny-sd", "r:1=1.0", "--dtype", "fp32", "-o", str(tmp_path / "fused"))
+    fused = UNet2DConditionModel.from_pretrained(tmp_path / "fused" / "unet")
+    plain = UNet2DConditionModel.from_pretrained(tiny_sd_path / "unet")
+    sd = read_safetensors(right)[0]
+    norm = "down_blocks.0.resnets.0.norm1"
+    assert torch.equal(fused.get_submodule(norm).weight, plain.get_submodule(norm).weight + sd[
+        "lora_unet_down_blocks_0_resnets_0_norm1.w_norm"])
+    assert torch.equal(fused.get_submodule(norm).bias, plain.get_submodule(norm).bias + sd[
+        "lora_unet_down_blocks_0_resnets_0_norm1.b_norm"])
+
+
+def test_norm_modules_fuse_into_a_single_file_as_into_its_folder(home, tmp_path, tiny_sd_path):
+    """A single-file base knows its norm layers too: a fitting norm module fuses as into the folder, a missing
+    one is refused naming it by fuse and by generate."""
+    from loraforge.models.single_file import write_single_file
+
+    single = write_single_file(tiny_sd_path, "sd1", tmp_path / "tiny-sd.safetensors")
+    right = _norm_file(tmp_path / "right.safetensors", "down_blocks.0.resnets.0.norm1")
+    run(home, "registry", "import", str(right), "--name", "r")
+    run(home, "lora", "fuse", str(single), "r:1=1.0", "--dtype", "fp32", "-o", str(tmp_path / "fused.safetensors"))
+    run(home, "lora", "fuse", "builtin:tiny-sd", "r:1=1.0", "--dtype", "fp32", "-o", str(tmp_path / "folder"))
+    fused = read_safetensors(tmp_path / "fused.safetensors")[0]
+    folder = read_safetensors(tmp_path / "folder" / "unet" / "diffusion_pytorch_model.safetensors")[0]
+    ldm = "model.diffusion_model.input_blocks.1.0.in_layers.0"  # the single file's name of that norm layer
+    for kind in ("weight", "bias"):
+        assert torch.equal(fused[f"{ldm}.{kind}"], folder[f"down_blocks.0.resnets.0.norm1.{kind}"])
+        assert not torch.equal(fused[f"{ldm}.{kind}"], read_safetensors(single)[0][f"{ldm}.{kind}"])
+
+    missing = _norm_file(tmp_path / "missing.safetensors", "down_blocks.0.resnets.0.norm3")
+    run(home, "registry", "import", str(missing), "--name", "m")
+    line = refused(run(home, "lora", "fuse", str(single), "m:1=1.0", "-o", str(tmp_path / "no.safetensors"), ok=False))
+    assert "unet.down_blocks.0.resnets.0.norm3" in line and not (tmp_path / "no.safetensors").exists()
+
+    line = refused(run(home, "generate", "--base", str(single), "--lora", "m", "--prompt", "a cat", "--steps", "1",
+                       "-o", str(tmp_path / "image.png"), ok=False))
+    assert "unet.down_blocks.0.resnets.0.norm3" in line and not (tmp_path / "image.png").exists()
+
+
+def test_training_targets_naming_only_norm_layers_match_no_lora_layer(home, tmp_path):
+    """The base's targets now list norm layers; a LoRA cannot adapt them, so targeting them alone is refused."""
+    from test_train import RES, pattern_images
+
+    data = pattern_images(tmp_path / "stripes", "stripes", n=2, caption="red stripes")
+    line = refused(run(home, "train", "lora", "--name", "x", "--target-modules", "norm1", "--dataset", str(data),
+                       "--steps", "1", "--resolution", str(RES), ok=False))
+    assert "norm1" in line and "match no Linear or Conv2d module of the unet" in line
+    assert Registry(home).list() == []

@@ -351,7 +351,8 @@ class LoraState(MutableMapping[str, LoraModule]):
 
     def check_against(self, targets: Mapping[str, Mapping[str, tuple[int, ...]]]) -> None:
         """Raise IncompatibleBaseError unless every module exists in `targets`
-        ({component: {module path: weight shape}}) with the shape the adapter expects."""
+        ({component: {module path: weight shape}}, norm layers with their 1-D weights) with the shape the
+        adapter expects. Text-encoder targets may be spelled with or without CLIP's `text_model.` wrapper."""
         for name in sorted(self._modules):
             component, path = name.split(".", 1)
             if component not in targets:
@@ -360,10 +361,11 @@ class LoraState(MutableMapping[str, LoraModule]):
                 )
             shapes = targets[component]
             module = self._modules[name]
+            if path not in shapes and component.startswith("text_encoder"):
+                path = without_text_model(path)
             if path not in shapes:
-                if module.adapts == "norm":
-                    continue  # norm layers have 1-D weights, which base targets do not list; fusing checks them
-                raise IncompatibleBaseError(f"adapter module {name} does not exist in the base model")
+                layer = "norm layer" if module.adapts == "norm" else "module"
+                raise IncompatibleBaseError(f"adapter {layer} {name} does not exist in the base model")
             want = tuple(int(s) for s in shapes[path])
             have = module.weight_shape
             if not module.fits(want):

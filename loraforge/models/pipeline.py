@@ -120,8 +120,10 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in _load_pickle_state_dict(path).items() if isinstance(v, torch.Tensor)}
 
 
-def lora_target_names(pipe) -> dict[str, dict[str, tuple[int, ...]]]:
-    """For unet / text_encoder / text_encoder_2: module path -> weight shape of every Linear and Conv2d."""
+def lora_target_names(pipe, with_norms: bool = False) -> dict[str, dict[str, tuple[int, ...]]]:
+    """For unet / text_encoder / text_encoder_2: module path -> weight shape of every Linear and Conv2d, and with
+    `with_norms` of every GroupNorm/LayerNorm with a weight (1-D), which LyCORIS norm modules adapt."""
+    kinds = (torch.nn.Linear, torch.nn.Conv2d, *((torch.nn.GroupNorm, torch.nn.LayerNorm) if with_norms else ()))
     targets: dict[str, dict[str, tuple[int, ...]]] = {}
     for component in LORA_COMPONENTS:
         module = getattr(pipe, component, None)
@@ -130,7 +132,7 @@ def lora_target_names(pipe) -> dict[str, dict[str, tuple[int, ...]]]:
         targets[component] = {
             name: tuple(sub.weight.shape)
             for name, sub in module.named_modules()
-            if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d))
+            if isinstance(sub, kinds) and getattr(sub, "weight", None) is not None
         }
     return targets
 

@@ -16,8 +16,9 @@ def _component_files(folder: Path, component: str) -> list[Path]:
     return sorted(p for p in sub.glob("*.safetensors"))
 
 
-def module_shapes(folder: Path) -> dict[str, dict[str, tuple[int, ...]]]:
-    """{component: {module path: weight shape}} for every 2-D/4-D `.weight` of a diffusers folder."""
+def module_shapes(folder: Path, with_norms: bool = False) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{component: {module path: weight shape}} for every 2-D/4-D `.weight` of a diffusers folder (the layers
+    a LoRA adapts); `with_norms` adds the 1-D weights of its norm layers, which LyCORIS norm modules adapt."""
     out: dict[str, dict[str, tuple[int, ...]]] = {}
     for component in COMPONENTS:
         shapes: dict[str, tuple[int, ...]] = {}
@@ -26,7 +27,7 @@ def module_shapes(folder: Path) -> dict[str, dict[str, tuple[int, ...]]]:
                 if not key.endswith(".weight"):
                     continue
                 shape = tuple(info["shape"])
-                if len(shape) in (2, 4):
+                if len(shape) in (2, 4) or (with_norms and len(shape) == 1):
                     shapes[key[: -len(".weight")]] = shape
         if shapes:
             out[component] = shapes

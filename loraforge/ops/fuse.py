@@ -101,11 +101,12 @@ def write_fused_single_file(base: Checkpoint, keymap, states_weights, out: Path,
 
 
 def single_file_targets(keymap) -> dict:
-    """{component: {module: weight shape}} of a single file, in diffusers names (what adapters are checked against)."""
+    """{component: {module: weight shape}} of a single file, in diffusers names (what adapters are checked against:
+    Linear and Conv2d layers, and norm layers by their 1-D weights)."""
     out: dict = {}
     for pieces in keymap.pieces.values():
         for p in pieces:
-            if p.key.endswith(".weight") and len(p.shape) in (2, 4):
+            if p.key.endswith(".weight") and len(p.shape) in (1, 2, 4):
                 out.setdefault(p.component, {})[p.key[: -len(".weight")]] = p.shape
     return out
 

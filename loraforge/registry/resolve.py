@@ -58,12 +58,14 @@ def resolve_base(registry: Registry, ref: str | Reference, *, digest: bool = Tru
 
 
 def base_targets(base) -> Optional[dict]:
-    """{component: {module: shape}} for a diffusers-folder base; None when unknown (single files)."""
+    """{component: {module: weight shape}} of what adapters may change in a diffusers-folder base: its Linear
+    and Conv2d layers and its norm layers (1-D weights, for LyCORIS norm modules); None when unknown (single
+    files)."""
     from loraforge.models.targets import module_shapes
 
     if base.layout != "diffusers":
         return None
-    return module_shapes(Path(base.path))
+    return module_shapes(Path(base.path), with_norms=True)
 
 
 def load_adapter(registry: Registry, ref: str | Reference, base=None):

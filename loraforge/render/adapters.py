@@ -16,9 +16,14 @@ from loraforge.registry.refs import parse_weighted
 
 
 def apply_adapters(pipe, adapters: Sequence[tuple[object, float]], prefix: str = "lf") -> list[str]:
-    """Load (LoraState, weight) pairs into `pipe` as named diffusers adapters and activate them."""
+    """Load (LoraState, weight) pairs into `pipe` as named diffusers adapters and activate them; an adapter with
+    a module `pipe` lacks (norm layers included, whatever the base's layout) is refused before anything loads."""
     from loraforge.formats import lora_to_diffusers
+    from loraforge.models.pipeline import lora_target_names
 
+    targets = lora_target_names(pipe, with_norms=True)
+    for state, _weight in adapters:
+        state.check_against(targets)
     names, weights = [], []
     pristine: dict = {}  # base weights as loaded, for DoRA modules of any adapter
     for i, (state, weight) in enumerate(adapters):

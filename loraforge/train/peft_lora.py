@@ -63,7 +63,7 @@ def check_rank(rank: int, shapes: dict[str, tuple[int, ...]], target_modules: It
     config = LoraConfig(r=1, target_modules=targets)
     # A conv LoRA factors the (out, in·kh·kw) matrix, so its rank is bounded by both.
     limits = {name: min(shape[0], math.prod(shape[1:])) for name, shape in shapes.items()
-              if check_target_module_exists(config, name)}
+              if len(shape) in (2, 4) and check_target_module_exists(config, name)}  # norm layers: 1-D, no LoRA
     if not limits:
         raise ConfigError(f"target modules {targets!r} match no Linear or Conv2d module of the {component}; "
                           "give module names such as to_q, to_k, to_v, to_out.0")
