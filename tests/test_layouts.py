@@ -1,7 +1,9 @@
-"""The other real adapter layouts users bring (PEFT patterns, diffusers adapter metadata, the old
-attention-processor keys, ai-toolkit files, kohya files without or with fp16 alphas), each produced by
-its owner's code where the owner is installed and checked against the owner's own loader; and the
-one-line refusals of layouts loraforge does not know or architectures it does not adapt."""
+"""The other real adapter layouts users bring (PEFT folders with rank/alpha patterns or DoRA, diffusers files
+with adapter metadata or DoRA, the old attention-processor keys, pickled `.bin` files, ai-toolkit files, kohya
+files without alphas or with fp16/int64 alphas and mixed dtypes), each produced by its owner's code where the
+owner is installed (PEFT, diffusers, lycoris-lora) and checked against the owner's own forward pass or loader
+(relative error < 1e-4 in fp32); and the one-line refusals of layouts loraforge does not know, of files that
+are no adapter (embeddings, folders holding adapters) and of architectures it does not adapt."""
 
 from __future__ import annotations
 
