@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from loraforge.errors import ConfigError, IntegrityError
@@ -180,26 +180,34 @@ def _unscaled(state):
 def reproduce_import(path: Path, header: bytes, sha256: str, size: int) -> str | None:
     """Rewrite the safetensors file at `path` as the imported file whose header bytes, sha256 and size
     are given: its tensors laid out where that header places them. Returns None when the result is that
-    file (same sha256), else why it cannot be, leaving `path` as written."""
+    file (same sha256), else why it cannot be, leaving `path` as written.
+
+    A text-encoder key the imported file spells without CLIP's `text_model.` wrapper (diffusers under
+    transformers 5) is the written key with it: the same module in the other CLIP layout."""
     from loraforge.formats.safetensors_io import read_header, read_raw_safetensors
 
     entries = json.loads(header)
     entries.pop("__metadata__", None)
     written, _ = read_header(path)
-    extra = sorted(set(written) ^ set(entries))
-    if extra:
-        side = "the export" if extra[0] in written else "the imported file"
-        return f"only {side} has tensor {extra[0]}"
+    spelled = {key: _as_written(key, written) for key in entries}
+    unmatched = sorted([k for k, w in spelled.items() if w is None]
+                       + sorted(set(written) - set(spelled.values())))
+    if unmatched or len(set(spelled.values())) != len(spelled):
+        key = unmatched[0] if unmatched else min(k for k, w in spelled.items()
+                                                 if list(spelled.values()).count(w) > 1)
+        side = "the imported file" if key in entries else "the export"
+        return f"only {side} has tensor {key}"
     for key, entry in entries.items():
-        if (written[key]["dtype"], list(written[key]["shape"])) != (entry["dtype"], list(entry["shape"])):
-            return (f"tensor {key} is {written[key]['dtype']}{written[key]['shape']} in the export, "
+        got = written[spelled[key]]
+        if (got["dtype"], list(got["shape"])) != (entry["dtype"], list(entry["shape"])):
+            return (f"tensor {key} is {got['dtype']}{got['shape']} in the export, "
                     f"{entry['dtype']}{entry['shape']} in the imported file")
     tensors, _ = read_raw_safetensors(path)
     chunks, offset = [len(header).to_bytes(8, "little"), header], 0
     for begin, end, key in sorted((*map(int, e["data_offsets"]), k) for k, e in entries.items()):
         if begin != offset:
             return f"the imported file has {begin - offset} bytes before tensor {key} that belong to no tensor"
-        chunks.append(tensors[key].data)
+        chunks.append(tensors[spelled[key]].data)
         offset = end
     data = b"".join(chunks)
     if len(data) != size:
@@ -208,6 +216,17 @@ def reproduce_import(path: Path, header: bytes, sha256: str, size: int) -> str |
         return VALUES_DIFFER
     path.write_bytes(data)
     return None
+
+
+def _as_written(key: str, written: Mapping[str, object]) -> str | None:
+    """The written key holding imported tensor `key`: the same key, or its `text_model.` spelling."""
+    from loraforge.formats.lora import with_text_model
+
+    if key in written:
+        return key
+    component, dot, rest = key.partition(".")
+    alias = f"{component}.{with_text_model(rest)}" if dot else key
+    return alias if alias in written else None
 
 
 def _kohya_hints(registry: Registry, manifest: Manifest, hints: dict[str, str], naming: str) -> dict[str, str]:
