@@ -108,7 +108,6 @@ def _default_kohya_names(manifest: Manifest, fmt: str | None, consumer: str | No
 def _export_adapter(registry: Registry, manifest: Manifest, fmt: str, out: Path, kohya_names: str | None,
                     with_manifest: bool, report: Callable[[str], None]) -> list[Path]:
     from loraforge.formats import read_adapter, write_adapter
-
     from loraforge.formats.kohya_names import DIFFUSERS, HINT_UNET_NAMES
 
     state, _fmt, _meta = read_adapter(registry.primary_file(manifest))
