@@ -788,3 +788,24 @@ def test_a_folder_that_holds_adapters_points_at_them(home, tmp_path, pipelines):
     line = _refused_import(home, repo)
     assert line == (f"Error: {repo} is a folder, not an adapter file or PEFT folder; pass the file in it, "
                     f"e.g. {repo / 'pytorch_lora_weights.safetensors'}")
+
+
+# ComfyUI and A1111 read a DoRA magnitude in a kohya file as LyCORIS writes it, `.dora_scale` shaped out×1
+# (per output row); the kohya export of a PEFT DoRA keeps PEFT's `.lora_magnitude_vector` (shape (out,)),
+# which they ignore. (diffusers' kohya loader drops `dora_scale` from SD files, so it cannot be the oracle.)
+# Strict: this starts failing once the kohya writer spells PEFT magnitudes as dora_scale.
+@pytest.mark.xfail(strict=True, reason="kohya export writes PEFT's lora_magnitude_vector instead of dora_scale")
+def test_the_kohya_export_of_a_peft_dora_spells_its_magnitudes_as_lycoris_does(home, tmp_path, pipelines):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    config = LoraConfig(r=2, lora_alpha=2, use_dora=True, target_modules=["to_q", "to_v"])
+    produced = randomized(get_peft_model(copy.deepcopy(pipelines["sd1"].unet), config), seed=80)
+    produced.save_pretrained(str(tmp_path / "peft"))
+    _, out = imported(home, tmp_path / "peft", "dora", "kohya", tmp_path / "k.safetensors")
+    sd = load_file(str(out))
+    scales = {k: v for k, v in sd.items() if k.endswith(".dora_scale")}
+    assert scales and not any(k.endswith(".lora_magnitude_vector") for k in sd)
+    for key, scale in scales.items():
+        up = sd[key.replace(".dora_scale", ".lora_up.weight")]
+        assert tuple(scale.shape) == (up.shape[0], 1), key
