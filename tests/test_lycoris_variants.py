@@ -238,7 +238,7 @@ def test_loha_low_rank_is_exact_at_r_squared_and_records_the_svd_error_below(pro
     name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     module = state[name]
     assert module.rank == 4 and module.rank_bound == 16
-    exact, err = to_lora_module(module)
+    exact, err = to_lora_module(module, name=name)  # a to_q: Linear without a base
     assert exact.rank == 16 and err < 1e-5 and _rel(exact.delta(), module.delta()) < 1e-5
 
     run(home, "registry", "import", str(made.path), "--name", "hada", "--base", "builtin:tiny-sd")

@@ -214,3 +214,94 @@ def test_training_targets_naming_only_norm_layers_match_no_lora_layer(home, tmp_
                        "--steps", "1", "--resolution", str(RES), ok=False))
     assert "norm1" in line and "match no Linear or Conv2d module of the unet" in line
     assert Registry(home).list() == []
+
+
+# -- 3. flattened conv kernels turned into LoRA pairs ------------------------------------------
+
+@pytest.fixture(scope="module")
+def conv_loha(tiny_sd_path, tmp_path_factory) -> Path:
+    """A lycoris LoHa (no Tucker: conv kernels stored flattened) over the tiny SD UNet's attention and resnets."""
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path_factory.mktemp("conv-loha")
+    (folder / "preset.toml").write_text(UNET_WITH_CONV)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path / "unet")
+    torch.manual_seed(31)
+    network = lycoris_kohya.create_network(1.0, 2, 2.0, None, None, unet, algo="loha", conv_dim=2, conv_alpha=2.0,
+                                           preset=str(folder / "preset.toml"))
+    network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+    _randomise(network)
+    path = folder / "loha.safetensors"
+    network.save_weights(str(path), torch.float32, {})
+    return path
+
+
+def test_a_loha_without_a_base_is_not_turned_into_flat_conv_pairs(conv_loha, home):
+    sd = read_safetensors(conv_loha)[0]
+    assert sd["lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_b"].dim() == 2  # the kernel is flattened
+    run(home, "registry", "import", str(conv_loha), "--name", "hada")
+    before = Registry(home).list()
+    line = refused(run(home, "lora", "resize", "hada", "--rank", "3", "--name", "small", ok=False))
+    assert "loha" in line and "--base" in line and "conv" in line
+    line = refused(run(home, "merge", "loras", "hada:1=0.5", "--method", "concat", "--name", "m", ok=False))
+    assert "loha" in line and "--base" in line
+    assert Registry(home).list() == before
+
+
+def test_a_loha_imported_with_its_base_resizes_to_conv_pairs_diffusers_loads(conv_loha, home, tmp_path,
+                                                                             tiny_sd_path):
+    from diffusers import StableDiffusionPipeline
+
+    from loraforge.registry.resolve import load_adapter
+
+    run(home, "registry", "import", str(conv_loha), "--name", "hada", "--base", "builtin:tiny-sd")
+    run(home, "lora", "resize", "hada", "--rank", "4", "--name", "pairs")  # r₁·r₂ = 4: exact
+    pairs, _ = load_adapter(Registry(home), "pairs")
+    loha, _, _ = read_adapter(conv_loha)
+    conv = "unet.down_blocks.0.resnets.0.conv1"
+    assert pairs[conv].down.dim() == 4 and pairs[conv].weight_shape == (32, 32, 3, 3)
+    out = tmp_path / "pairs.safetensors"
+    run(home, "registry", "export", "pairs", "--format", "diffusers", "-o", str(out))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, dtype=torch.float32)
+    plain = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    pipe.load_lora_weights(str(out))
+    missing = [n for n in loha if n.startswith("unet.")
+               and not hasattr(pipe.unet.get_submodule(n.split(".", 1)[1]), "lora_A")]
+    assert missing == []
+    pipe.fuse_lora()
+    layer = pipe.unet.get_submodule(conv.split(".", 1)[1])
+    got = layer.base_layer.weight if hasattr(layer, "base_layer") else layer.weight
+    want = plain[conv.split(".", 1)[1] + ".weight"] + loha[conv].delta().reshape(32, 32, 3, 3)
+    assert _rel(got.detach(), want) < 1e-4
+
+
+def test_a_text_encoder_loha_without_a_base_still_converts(tiny_sd_path, home, tmp_path):
+    """CLIP text encoders hold only Linear layers: their LoHa modules need no base shape to become pairs."""
+    made = TextEncoderNetwork(tiny_sd_path, tmp_path / "lyco", "loha")
+    run(home, "registry", "import", str(made.path), "--name", "te")
+    run(home, "lora", "resize", "te", "--rank", "16", "--name", "pairs")
+    from loraforge.registry.resolve import load_adapter
+
+    pairs, _ = load_adapter(Registry(home), "pairs")
+    loha, _, _ = read_adapter(made.path)
+    assert pairs.variants == {"lora": 12}
+    for name in loha:
+        assert _rel(pairs[name].delta(), loha[name].delta()) < 1e-5, name
+
+
+def test_the_modules_named_always_linear_are_linear_in_both_builtin_unets(tiny_sd_path, tiny_sdxl_path):
+    """`always_linear` lets base-less LoHa/LoKr attention modules become 2-D pairs: check its names against the
+    UNets diffusers builds (SD1 with conv proj_in, SDXL with linear ones)."""
+    from diffusers import UNet2DConditionModel
+
+    from loraforge.ops.variant_lowrank import always_linear
+
+    seen = 0
+    for folder in (tiny_sd_path, tiny_sdxl_path):
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+        for path, layer in unet.named_modules():
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and always_linear(f"unet.{path}"):
+                assert isinstance(layer, torch.nn.Linear), path
+                seen += 1
+        assert not always_linear("unet.down_blocks.0.attentions.0.proj_in")  # a 1×1 conv in SD1
+    assert seen > 50

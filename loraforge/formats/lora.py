@@ -64,6 +64,7 @@ class LoraModule:
     variant = "lora"
     needs_base = False
     adapts = "weight"
+    records_kernel = True  # a conv pair's down is 4-D
 
     def __post_init__(self) -> None:
         self.alpha = float(self.alpha)

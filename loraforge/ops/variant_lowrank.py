@@ -16,6 +16,21 @@ from loraforge.formats.lora import LoraModule, LoraState
 from loraforge.ops.lowrank import refactor
 from loraforge.ops.threads import threads_for
 
+# Module names (the last path segment, two for an index) that are nn.Linear wherever diffusers'
+# UNet2DConditionModel has them: attention projections, feed-forward layers, time and added embeddings.
+# CLIP text encoders hold only Linear layers. Any other 2-D variant may be a conv kernel stored flattened.
+LINEAR_LEAVES = frozenset({"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                           "proj", "net.2", "time_emb_proj", "linear_1", "linear_2"})
+
+
+def always_linear(name: str) -> bool:
+    """Whether canonical module `name` adapts a Linear layer in every SD1/SDXL base (LINEAR_LEAVES)."""
+    component, _, path = name.partition(".")
+    if component.startswith("text_encoder"):
+        return True
+    parts = path.split(".")
+    return (".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]) in LINEAR_LEAVES
+
 
 def ordered_factors(module, base_weight: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
                     name: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -31,6 +46,10 @@ def ordered_factors(module, base_weight: torch.Tensor | None = None, shape: tupl
                           "which has no LoRA form; fuse the adapter into a checkpoint instead")
     if base_weight is not None:
         shape = tuple(base_weight.shape)
+    if shape is None and not module.records_kernel and not always_linear(name):
+        raise FormatError(f"module {name} is a {module.variant} module whose file does not say whether it adapts a "
+                          "Linear layer or a conv layer (whose kernel it stores flattened), so its LoRA pair needs the "
+                          "base layer's shape and the adapter records no base: import it again with --base")
     shape = tuple(int(s) for s in (shape or module.weight_shape))
     if hasattr(module, "lora_factors") and not module.needs_base:
         b, a = module.lora_factors()

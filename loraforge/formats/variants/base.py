@@ -62,6 +62,12 @@ class VariantModule:
         raise NotImplementedError
 
     @property
+    def records_kernel(self) -> bool:
+        """Whether the tensors say the adapted layer's kernel: False for a variant whose 2-D form may be a
+        Linear layer or a conv kernel stored flattened (LoHa without Tucker, LoKr with a factored half)."""
+        return True
+
+    @property
     def rank_bound(self) -> int:
         """An upper bound on rank(ΔW.flatten(1)): the low-rank conversion at this rank is exact."""
         raise NotImplementedError

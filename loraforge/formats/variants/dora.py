@@ -58,6 +58,10 @@ class Dora(VariantModule):
         return tuple(self.inner.weight_shape)
 
     @property
+    def records_kernel(self) -> bool:
+        return self.inner.records_kernel
+
+    @property
     def rank(self) -> int:
         return self.inner.rank
 

@@ -26,6 +26,10 @@ class LoHa(VariantModule):
         return "hada_t1" in self.tensors
 
     @property
+    def records_kernel(self) -> bool:
+        return self.tucker  # without Tucker cores lycoris stores a conv kernel flattened into hada_w*_b
+
+    @property
     def rank(self) -> int:
         return int(self.tensors["hada_w1_b"].shape[0])
 

@@ -39,6 +39,12 @@ class LoKr(VariantModule):
         return None
 
     @property
+    def records_kernel(self) -> bool:
+        # A full lokr_w2 keeps the kernel (out×in×k×k), as a Tucker core does; a factored lokr_w2_b without
+        # one holds it flattened (r × in·k·k), which reads like a Linear half.
+        return "lokr_w2" in self.tensors or "lokr_t2" in self.tensors
+
+    @property
     def rank(self) -> int:
         return self.inner_rank or self.rank_bound
 
