@@ -809,3 +809,21 @@ def test_the_kohya_export_of_a_peft_dora_spells_its_magnitudes_as_lycoris_does(h
     for key, scale in scales.items():
         up = sd[key.replace(".dora_scale", ".lora_up.weight")]
         assert tuple(scale.shape) == (up.shape[0], 1), key
+
+
+@pytest.mark.parametrize("extra, says", [
+    (dict(lora_bias=True), r"key base_model\.model\.\S+\.to_q\.lora_B\.bias is a lora_B bias \(PEFT lora_bias=True\), "
+                           r"which loraforge does not import; train the adapter without lora_bias"),
+    (dict(modules_to_save=["conv_out"]), r"key base_model\.model\.conv_out\.(bias|weight) is a whole weight PEFT saved "
+                                         r"for modules_to_save \(conv_out\), which loraforge does not import; only "
+                                         r"LoRA factors are"),
+])
+def test_peft_folders_with_more_than_lora_factors_are_refused_in_one_line(home, tmp_path, pipelines, extra, says):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(pipelines["sd1"].unet), LoraConfig(r=2, target_modules=["to_q"], **extra))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that a 1-D lora_B.bias looks like an unsharded tensor
+        model.save_pretrained(str(tmp_path / "peft"))
+    line = _refused_import(home, tmp_path / "peft")
+    assert re.fullmatch(rf"Error: \S+adapter_model\.safetensors: {says}", line), line

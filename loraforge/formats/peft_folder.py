@@ -65,6 +65,13 @@ def peft_to_lora(sd: Mapping[str, Tensor], config: Mapping[str, Any], component:
             ups[path[: -len(".lora_B.weight")]] = value
         elif path.endswith(MAGNITUDE):
             magnitudes[path[: -len(MAGNITUDE)]] = value
+        elif path.endswith(".lora_B.bias"):
+            raise FormatError(f"key {key} is a lora_B bias (PEFT lora_bias=True), which loraforge does not import; "
+                              "train the adapter without lora_bias")
+        elif config.get("modules_to_save") and not path.rsplit(".", 1)[0].endswith((".lora_A", ".lora_B")):
+            raise FormatError(f"key {key} is a whole weight PEFT saved for modules_to_save "
+                              f"({', '.join(config['modules_to_save'])}), which loraforge does not import; "
+                              "only LoRA factors are")
         else:
             raise FormatError(f"key {key} is not a PEFT LoRA weight (lora_A / lora_B / lora_magnitude_vector)")
     pair_names(downs, ups, {}, ".lora_A.weight", ".lora_B.weight")
