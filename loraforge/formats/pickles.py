@@ -76,9 +76,13 @@ def tensor_state_dict(path: Path) -> dict:
     """{name: tensor} of a pickled checkpoint (`torch.save` of a state dict, optionally under "state_dict"),
     loaded with weights_only=True and memory-mapped when it is a zip archive. Refused in one line naming the
     first entry that is not a tensor (an optimizer state, a step counter, a config object)."""
+    return checked_state_dict(load_weights_only(path, mmap=True), path)
+
+
+def checked_state_dict(data: object, path: Path) -> dict:
+    """`tensor_state_dict` of an object already loaded from `path` by `load_weights_only`."""
     import torch
 
-    data = load_weights_only(path, mmap=True)
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):

@@ -14,6 +14,7 @@ from loraforge.registry.manifest import (
 from loraforge.registry.registry import Registry
 
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # torch.save's files, read weights-only (formats.pickles)
 # An imported adapter file's own safetensors header (its JSON bytes as written, padding included), kept
 # beside the canonical file so that exporting the import to its own format gives the file back byte for
 # byte (`exporter.reproduce_import`). The manifest's provenance records the file's sha256 and size. A file
@@ -33,8 +34,23 @@ def _is_checkpoint_file(path: Path) -> bool:
     return any(k.startswith(CHECKPOINT_PREFIXES) for k in keys)
 
 
+def _pickled_checkpoint(path: Path) -> Optional[object]:
+    """What a pickled single-file checkpoint (`.ckpt`, `.pt` …: torch.save of its state dict, perhaps under
+    "state_dict") unpickles to, loaded with weights_only=True and memory-mapped where torch can; None for a
+    pickle whose keys are not a checkpoint's (an adapter). A pickle torch cannot load safely is refused here,
+    in the one line every pickle reader gives (formats.pickles)."""
+    from loraforge.formats.pickles import load_weights_only
+
+    data = load_weights_only(path, mmap=True)
+    inner = data.get("state_dict") if isinstance(data, dict) and isinstance(data.get("state_dict"), dict) else data
+    if isinstance(inner, dict) and any(isinstance(k, str) and k.startswith(CHECKPOINT_PREFIXES) for k in inner):
+        return data
+    return None
+
+
 def detect_kind(path: Path) -> str:
-    """lora, checkpoint or dataset, judged from what the path holds."""
+    """lora, checkpoint or dataset, judged from what the path holds (a pickle's keys are not read here:
+    `import_artifact` reads them once, with `_pickled_checkpoint`)."""
     path = Path(path)
     if path.is_dir():
         if (path / "model_index.json").is_file():
@@ -90,13 +106,19 @@ def import_artifact(
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"{path} does not exist")
-    detected = detect_kind(path)
+    pickled = None
+    if kind in (None, "checkpoint") and path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+        pickled = _pickled_checkpoint(path)
+    detected = "checkpoint" if pickled is not None else detect_kind(path)
     kind = kind or detected
     if kind in ("lora", "slider"):
         return _import_adapter(registry, path, name, kind, base, slider, input_digest, stamp)
     if kind == "checkpoint":
         if detected != "checkpoint":
-            raise FormatError(f"{path} is not a checkpoint (a diffusers folder or single-file .safetensors model)")
+            raise FormatError(f"{path} is not a checkpoint: neither a diffusers folder nor a single file (.safetensors, "
+                              f".ckpt or .pt) with {', '.join(p + '*' for p in CHECKPOINT_PREFIXES)} keys")
+        if pickled is not None:
+            return _import_pickled_checkpoint(registry, path, pickled, name, input_digest, stamp)
         return _import_checkpoint(registry, path, name, input_digest, stamp)
     if kind == "dataset":
         return import_dataset(registry, path, name, instance_prompt=instance_prompt, input_digest=input_digest,
@@ -206,6 +228,39 @@ def _import_checkpoint(registry: Registry, path: Path, name: str, input_digest: 
         provenance=Provenance(source=str(path.resolve()), method="import"),
     )
     return registry.register(stamp(manifest), files, input_digest=input_digest)
+
+
+def _import_pickled_checkpoint(registry: Registry, path: Path, data: object, name: str, input_digest: Optional[str],
+                               stamp: Callable[[Manifest], Manifest]) -> Manifest:
+    """Register the pickled checkpoint at `path` (unpickled weights-only as `data`) as the single file it holds:
+    a model.safetensors with the same tensor names, order, dtypes and bytes, written one tensor at a time, so
+    nothing that reads the artifact unpickles again. The provenance records that it came from a pickle and the
+    pickle's sha256."""
+    from loraforge.formats.pickles import checked_state_dict
+    from loraforge.formats.safetensors_io import SafetensorsWriter
+    from loraforge.models.base import family_of_keys
+
+    state = checked_state_dict(data, path)  # refuses, in one line, the first entry that is not a tensor
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:
+        raise FormatError(f"{path}: entry {odd!r} is named by a {type(odd).__name__}, not a string; "
+                          "a checkpoint's tensors have names")
+    family = family_of_keys(list(state), source=str(path))
+    source_sha256 = sha256_file(path)
+    params = {"source_format": "pickle", "source_sha256": source_sha256, "source_size": path.stat().st_size}
+    manifest = Manifest(
+        name=name, kind="checkpoint", digest="", files=[], layout="single_file",
+        base=BaseInfo(ref=str(path.resolve()), digest=source_sha256, family=family),
+        provenance=Provenance(source=str(path.resolve()), method="import", params=params),
+    )
+    staged = registry.blobs.staging_path("model.safetensors")
+    try:
+        with SafetensorsWriter(staged, [(k, tuple(t.shape), t.dtype) for k, t in state.items()], fsync=False) as out:
+            for key, tensor in state.items():
+                out.write(key, tensor)
+        return registry.register(stamp(manifest), [(staged, "model.safetensors")], input_digest=input_digest)
+    finally:
+        staged.unlink(missing_ok=True)  # a refused registration leaves no staged file behind
 
 
 def import_dataset(registry: Registry, folder: Path, name: str, instance_prompt: Optional[str] = None,
