@@ -111,6 +111,43 @@ def test_lycoris_text_encoder_files_without_text_model_import_export_and_fuse_ex
     assert _rel(plain, want) > 1e-2, "the adapter must change the output for the test to mean anything"
 
 
+def test_an_sdxl_file_spelling_each_text_encoder_its_own_way_round_trips_and_fuses(tiny_sdxl_path, home, tmp_path):
+    """On SDXL, transformers 5's CLIPTextModel (text_encoder) has no `text_model` wrapper and
+    CLIPTextModelWithProjection (text_encoder_2) keeps it: lycoris writes `lora_te1_encoder_…` beside
+    `lora_te2_text_model_encoder_…`, and each comes back as it was written."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    (tmp_path / "preset.toml").write_text(TEXT_ONLY)
+    encoders = [CLIPTextModel.from_pretrained(tiny_sdxl_path / "text_encoder").eval(),
+                CLIPTextModelWithProjection.from_pretrained(tiny_sdxl_path / "text_encoder_2").eval()]
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path / "unet")
+    torch.manual_seed(22)
+    network = lycoris_kohya.create_network(1.0, 4, 2.0, None, encoders, unet, algo="loha",
+                                           preset=str(tmp_path / "preset.toml"))
+    network.apply_to(encoders, unet, apply_text_encoder=True, apply_unet=False)
+    _randomise(network)
+    path = tmp_path / "xl_te.safetensors"
+    network.save_weights(str(path), torch.float32, {})
+    keys = list(read_safetensors(path)[0])
+    assert any(k.startswith("lora_te1_encoder_") for k in keys)
+    assert any(k.startswith("lora_te2_text_model_encoder_") for k in keys)
+
+    run(home, "registry", "import", str(path), "--name", "xl", "--base", "builtin:tiny-sdxl")
+    out = tmp_path / "back.safetensors"
+    run(home, "registry", "export", "xl", "--format", "kohya", "-o", str(out))
+    assert _entries_and_data(out) == _entries_and_data(path)
+
+    run(home, "lora", "fuse", "builtin:tiny-sdxl", "xl:1=1.0", "--dtype", "fp32", "-o", str(tmp_path / "fused"))
+    for cls, component, lycoris_encoder in zip((CLIPTextModel, CLIPTextModelWithProjection),
+                                               ("text_encoder", "text_encoder_2"), encoders):
+        fused = cls.from_pretrained(tmp_path / "fused" / component).eval()
+        plain = cls.from_pretrained(tiny_sdxl_path / component).eval()
+        want = _text_output(lycoris_encoder)
+        assert _rel(_text_output(fused), want) < 1e-4, component
+        assert _rel(_text_output(plain), want) > 1e-2, component
+
+
 def test_a_text_encoder_spelled_both_ways_in_one_file_is_refused(home, tmp_path):
     path = tmp_path / "mixed.safetensors"
     save_file({"lora_te_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 32),
