@@ -141,3 +141,24 @@ def test_a_pickle_without_checkpoint_keys_is_not_imported_as_a_checkpoint(home, 
     line = refused(run(home, "registry", "import", str(tmp_path / "adapter.pt"), "--name", "x", "--kind", "checkpoint",
                        ok=False))
     assert "is not a checkpoint" in line and "model.diffusion_model." in line
+
+
+def test_fuse_reads_a_ckpt_base_s_tensors_once(home, builtin_home, tmp_path, monkeypatch):
+    """lora fuse of a .ckpt base learns the file's shapes from the tensors it opens to fuse, instead of loading
+    them a second time for that, and fuses as before."""
+    from loraforge.formats import pickles, write_adapter
+    from loraforge.models.targets import module_shapes
+    from loraforge.synthetic import random_lora
+
+    folder, state = _single_file_state(builtin_home)
+    torch.save({"state_dict": state}, tmp_path / "base.ckpt")
+    save_file(state, str(tmp_path / "base.safetensors"))
+    adapter = tmp_path / "style.safetensors"
+    write_adapter(random_lora(module_shapes(folder), rank=2, seed=5), adapter, "kohya")
+    reads, read = [], pickles.tensor_state_dict
+    monkeypatch.setattr(pickles, "tensor_state_dict", lambda path: reads.append(str(path)) or read(path))
+    for name in ("base.ckpt", "base.safetensors"):
+        run(home, "lora", "fuse", str(tmp_path / name), f"{adapter}=0.5", "-o", str(tmp_path / f"{name}.fused"))
+    assert reads == [str(tmp_path / "base.ckpt")]
+    a, b = load_file(tmp_path / "base.ckpt.fused"), load_file(tmp_path / "base.safetensors.fused")
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)

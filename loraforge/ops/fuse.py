@@ -131,18 +131,23 @@ def fuse_loras(registry, spec: FuseSpec, *, name: str | None = None, output: str
     base_model = resolve_base(registry, spec.base)
     keymap = None
     if base_model.layout != "diffusers":
-        from loraforge.ops.checkpoints import single_file_keymap
+        from loraforge.ops.checkpoints import single_file_configs_folder
 
-        keymap = single_file_keymap(base_model, registry.home, config)
-    loaded = load_inputs(registry, spec.adapters, base=base_model)
-    targets = base_targets(base_model) if keymap is None else single_file_targets(keymap)
-    for state, _, ref, _ in loaded:
-        try:
-            state.check_against(targets)
-        except Exception as exc:
-            raise type(exc)(f"{ref}: {exc}") from None
+        configs = single_file_configs_folder(base_model, registry.home, config)
     base = Checkpoint.open(base_model)
     try:
+        if base_model.layout != "diffusers":
+            from loraforge.ops.checkpoints import keymap_of
+
+            # the shapes of the tensors just opened: a pickled base is not unpickled again for them
+            keymap = keymap_of(base, configs)
+        loaded = load_inputs(registry, spec.adapters, base=base_model)
+        targets = base_targets(base_model) if keymap is None else single_file_targets(keymap)
+        for state, _, ref, _ in loaded:
+            try:
+                state.check_against(targets)
+            except Exception as exc:
+                raise type(exc)(f"{ref}: {exc}") from None
         with tempfile.TemporaryDirectory(dir=tmp_dir(registry.home), prefix="fuse-") as tmp:
             states_weights = [(s, a.weight) for (s, *_), a in zip(loaded, spec.adapters)]
             if keymap is None:
