@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,14 +86,19 @@ def family_of_folder(path: Path) -> str:
 
 def checkpoint_keys(path: Path) -> list[str]:
     """Tensor names of a single-file checkpoint, reading only the header of safetensors files."""
+    return sorted(checkpoint_shapes(path))
+
+
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a single-file checkpoint, reading only the header of safetensors files."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        from loraforge.formats.safetensors_io import read_header
+        from loraforge.formats.safetensors_io import tensor_shapes
 
-        return sorted(read_header(path)[0])
+        return tensor_shapes(path)
     if suffix in PICKLE_SUFFIXES:
-        return list(_load_pickle_state_dict(path))
+        return {k: tuple(v.shape) for k, v in _load_pickle_state_dict(path).items()}
     raise FormatError(f"{path}: unknown checkpoint type {suffix!r}; expected .safetensors or .ckpt")
 
 
@@ -118,8 +124,34 @@ def family_of_keys(keys: list[str], source: str = "checkpoint") -> str:
     )
 
 
+# diffusers' names (single_file_utils.infer_diffusers_model_type) of the single files loraforge adapts; it
+# names a file it does not recognise "v1", and the tiny builtins are among those.
+SUPPORTED_MODEL_TYPES = ("v1", "xl_base")
+
+
+def family_of_shapes(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> str:
+    """"sd1" or "sdxl" for a single file's {tensor name: shape}; a checkpoint diffusers recognises as another
+    architecture (SD2, an SDXL refiner, an inpainting model, SD3, Flux, ...) is refused in one line naming it."""
+    model_type = diffusers_model_type(shapes)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise FormatError(
+            f"{source} is a {model_type!r} checkpoint (as diffusers' single-file loader names it), an architecture "
+            "loraforge does not adapt; it adapts SD1.x and SDXL base checkpoints"
+        )
+    return family_of_keys(list(shapes), source=source)
+
+
+def diffusers_model_type(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """diffusers' own architecture name for a single file, judged from its tensor names and shapes (meta
+    tensors: nothing is read or allocated)."""
+    import torch
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    return infer_diffusers_model_type({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+
+
 def family_of_single_file(path: Path) -> str:
-    return family_of_keys(checkpoint_keys(path), source=str(path))
+    return family_of_shapes(checkpoint_shapes(path), source=str(path))
 
 
 def cached_digest(path: Path, home: Path) -> str:

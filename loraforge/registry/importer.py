@@ -238,14 +238,14 @@ def _import_pickled_checkpoint(registry: Registry, path: Path, data: object, nam
     pickle's sha256."""
     from loraforge.formats.pickles import checked_state_dict
     from loraforge.formats.safetensors_io import SafetensorsWriter
-    from loraforge.models.base import family_of_keys
+    from loraforge.models.base import family_of_shapes
 
     state = checked_state_dict(data, path)  # refuses, in one line, the first entry that is not a tensor
     odd = next((k for k in state if not isinstance(k, str)), None)
     if odd is not None:
         raise FormatError(f"{path}: entry {odd!r} is named by a {type(odd).__name__}, not a string; "
                           "a checkpoint's tensors have names")
-    family = family_of_keys(list(state), source=str(path))
+    family = family_of_shapes({k: tuple(t.shape) for k, t in state.items()}, source=str(path))
     source_sha256 = sha256_file(path)
     params = {"source_format": "pickle", "source_sha256": source_sha256, "source_size": path.stat().st_size}
     manifest = Manifest(
