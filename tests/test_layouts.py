@@ -791,10 +791,8 @@ def test_a_folder_that_holds_adapters_points_at_them(home, tmp_path, pipelines):
 
 
 # ComfyUI and A1111 read a DoRA magnitude in a kohya file as LyCORIS writes it, `.dora_scale` shaped out×1
-# (per output row); the kohya export of a PEFT DoRA keeps PEFT's `.lora_magnitude_vector` (shape (out,)),
-# which they ignore. (diffusers' kohya loader drops `dora_scale` from SD files, so it cannot be the oracle.)
-# Strict: this starts failing once the kohya writer spells PEFT magnitudes as dora_scale.
-@pytest.mark.xfail(strict=True, reason="kohya export writes PEFT's lora_magnitude_vector instead of dora_scale")
+# (per output row), not PEFT's `.lora_magnitude_vector` (shape (out,)). (diffusers' kohya loader drops
+# `dora_scale` from SD files, so it cannot be the oracle; tests/test_variant_exports loads the file in lycoris.)
 def test_the_kohya_export_of_a_peft_dora_spells_its_magnitudes_as_lycoris_does(home, tmp_path, pipelines):
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file

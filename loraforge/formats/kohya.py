@@ -13,6 +13,8 @@ diffusers' own converter, and written back in SGM names: the hints remember the 
 After the name comes the suffix, `.lora_down.weight` / `.lora_up.weight` / `.alpha` for a LoRA pair and
 LyCORIS' own for its variants (`.hada_w1_a`, `.lokr_w2`, `.lora_mid.weight`, `.dora_scale`, `.diff`,
 `.w_norm`, ...); a module's tensors are kept under those suffixes, so writing it back gives the same tensors.
+A DoRA read from PEFT or diffusers (`lora_magnitude_vector`) is written with LyCORIS' `.dora_scale`, shaped
+out×1… as lycoris saves it, the only DoRA magnitude ComfyUI, A1111 and lycoris read.
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ def lora_to_kohya(state: LoraState) -> dict[str, Tensor]:
     sd: dict[str, Tensor] = {}
     for name in sorted(state):
         m = state[name]
+        if m.variant == "dora":
+            m = m.as_dora_scale()  # PEFT's lora_magnitude_vector is a key ComfyUI, A1111 and lycoris ignore
         base = names.key_base(name)
         tensors = m.file_tensors()
         for suffix, t in tensors.items():

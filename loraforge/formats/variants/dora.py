@@ -43,6 +43,15 @@ class Dora(VariantModule):
     def file_tensors(self):
         return {**self.inner.file_tensors(), **self.tensors}
 
+    def as_dora_scale(self) -> Dora:
+        """This module with its magnitude spelled as LyCORIS' `dora_scale`, the only DoRA key lycoris, ComfyUI
+        and A1111 read: PEFT's per-row `lora_magnitude_vector` ((out,), 1×out×1×1 for conv) becomes out×1…,
+        the same numbers in lycoris' shape for a norm over output rows. A `dora_scale` module is itself."""
+        if self.magnitude_suffix == "dora_scale":
+            return self
+        shape = self.weight_shape
+        return Dora({"dora_scale": _reshaped(self.magnitude, (shape[0], *[1] * (len(shape) - 1)))}, self.alpha, self.inner)
+
     @property
     def inner_variant(self) -> str:
         return self.inner.variant
@@ -101,3 +110,12 @@ class Dora(VariantModule):
         else:
             shape[1] = w.shape[1]
         return weight_decompose(merged, m.reshape(shape), 1, self.wd_on_out, backend="torch") - w
+
+
+def _reshaped(t, shape: tuple[int, ...]):
+    """`t` in `shape` (same values in the same order), a torch tensor or a file's RawTensor alike."""
+    if hasattr(t, "reshape"):
+        return t.reshape(shape)
+    from loraforge.formats.safetensors_io import RawTensor
+
+    return RawTensor(t.st_dtype, shape, t.data)
