@@ -151,6 +151,30 @@ def strip_text_model(key: str) -> str:
     return key[len(TEXT_MODEL):] if key.startswith(TEXT_MODEL) else key
 
 
+def single_file_targets(base: BaseModel, home: Path | None = None) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{component: {module: weight shape}} of single-file base `base`, in the diffusers paths its configs
+    (single_file_configs) give its tensors through diffusers' own converters: what an adapter is checked against,
+    the same targets its diffusers folder gives (models.targets.module_shapes with norms)."""
+    from loraforge.models import single_file as sf
+
+    configs = sf.configs_from_folder(single_file_configs(base, home), base.family)
+    return keymap_targets(sf.KeyMap.build(file_shapes(base.path), base.family, configs))
+
+
+def keymap_targets(keymap) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{component: {module: weight shape}} of a single file's KeyMap, in diffusers names: the Linear and Conv2d
+    layers of the components adapters change (the UNet and text encoders, as for a folder), and their norm
+    layers by their 1-D weights."""
+    from loraforge.models.targets import COMPONENTS
+
+    out: dict = {}
+    for pieces in keymap.pieces.values():
+        for p in pieces:
+            if p.component in COMPONENTS and p.key.endswith(".weight") and len(p.shape) in (1, 2, 4):
+                out.setdefault(p.component, {})[p.key[: -len(".weight")]] = p.shape
+    return out
+
+
 def file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if Path(path).suffix.lower() == ".safetensors":
         from loraforge.formats.safetensors_io import tensor_shapes

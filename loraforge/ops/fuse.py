@@ -10,6 +10,7 @@ import torch
 
 from loraforge.errors import ConfigError
 from loraforge.formats.safetensors_io import SafetensorsWriter, dtype_from_name
+from loraforge.models.base_config import keymap_targets
 from loraforge.ops.checkpoints import Checkpoint
 from loraforge.ops.merge import _artifact_files, _place_output, copy_folder_extras
 from loraforge.ops.specs import FuseSpec
@@ -100,17 +101,6 @@ def write_fused_single_file(base: Checkpoint, keymap, states_weights, out: Path,
     return out
 
 
-def single_file_targets(keymap) -> dict:
-    """{component: {module: weight shape}} of a single file, in diffusers names (what adapters are checked against:
-    Linear and Conv2d layers, and norm layers by their 1-D weights)."""
-    out: dict = {}
-    for pieces in keymap.pieces.values():
-        for p in pieces:
-            if p.key.endswith(".weight") and len(p.shape) in (1, 2, 4):
-                out.setdefault(p.component, {})[p.key[: -len(".weight")]] = p.shape
-    return out
-
-
 def fuse_loras(registry, spec: FuseSpec, *, name: str | None = None, output: str | Path | None = None,
                recipe=None, input_digest: str | None = None, progress: Callable[..., None] | None = None,
                config: str | Path | None = None):
@@ -142,7 +132,7 @@ def fuse_loras(registry, spec: FuseSpec, *, name: str | None = None, output: str
             # the shapes of the tensors just opened: a pickled base is not unpickled again for them
             keymap = keymap_of(base, configs)
         loaded = load_inputs(registry, spec.adapters, base=base_model)
-        targets = base_targets(base_model) if keymap is None else single_file_targets(keymap)
+        targets = base_targets(base_model) if keymap is None else keymap_targets(keymap)
         for state, _, ref, _ in loaded:
             try:
                 state.check_against(targets)

@@ -133,7 +133,7 @@ def _import_adapter(registry: Registry, path: Path, name: str, kind: str, base_r
     from loraforge.registry.resolve import base_targets, resolve_base
 
     base = resolve_base(registry, base_ref) if base_ref else None
-    targets = base_targets(base) if base is not None else None
+    targets = base_targets(base, registry.home) if base is not None else None
     names = {c: list(s) for c, s in targets.items()} if targets else None
     # Checking and storing need the file's bytes, not torch: the factors stay RawTensors and the
     # canonical file is their bytes under canonical names (the same bytes a torch round trip writes).

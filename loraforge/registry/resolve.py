@@ -57,14 +57,15 @@ def resolve_base(registry: Registry, ref: str | Reference, *, digest: bool = Tru
     return dataclasses.replace(base, digest=manifest.digest)
 
 
-def base_targets(base) -> Optional[dict]:
-    """{component: {module: weight shape}} of what adapters may change in a diffusers-folder base: its Linear
-    and Conv2d layers and its norm layers (1-D weights, for LyCORIS norm modules); None when unknown (single
-    files)."""
+def base_targets(base, home: Optional[Path] = None) -> dict:
+    """{component: {module: weight shape}} of what adapters may change in a base: its Linear and Conv2d layers and
+    its norm layers (1-D weights, for LyCORIS norm modules). A single file's are named in diffusers paths through
+    its configs (`home`: where the builtin configs live), so a module it lacks is refused as with its folder."""
+    from loraforge.models.base_config import single_file_targets
     from loraforge.models.targets import module_shapes
 
     if base.layout != "diffusers":
-        return None
+        return single_file_targets(base, home)
     return module_shapes(Path(base.path), with_norms=True)
 
 

@@ -1,0 +1,84 @@
+"""Gaps between what a user brings and what loraforge checks: a single-file (or .ckpt) base checks an adapter's
+modules exactly as its diffusers folder does (the folder is the oracle); a pickled diffusers LoRA is recorded as
+the diffusers file it is; a PEFT folder without a name hint is placed by its base's shapes, or refused; a .ckpt
+base is unpickled once per command for its shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loraforge.formats import write_adapter
+from loraforge.models.builtin import ensure_builtin
+from loraforge.models.single_file import write_single_file
+from loraforge.models.targets import module_shapes
+from loraforge.synthetic import random_lora
+
+from cli_helpers import refused, run_cli as run
+
+
+def _manifest(home, ref):
+    return json.loads(run(home, "registry", "show", ref, "--json").output)
+
+
+@pytest.fixture(scope="module")
+def sd_bases(tmp_path_factory, builtin_home):
+    """tiny-sd as its diffusers folder, as the single file write_single_file makes of it, and as that file's .ckpt."""
+    from safetensors.torch import load_file
+
+    folder = ensure_builtin("tiny-sd", builtin_home)
+    where = tmp_path_factory.mktemp("sd-bases")
+    single = write_single_file(folder, "sd1", where / "tiny-sd.safetensors")
+    torch.save({"state_dict": load_file(single)}, where / "tiny-sd.ckpt")
+    return {"folder": folder, "single": single, "ckpt": where / "tiny-sd.ckpt"}
+
+
+def _adapters(folder, tmp_path):
+    """A kohya LoRA on the base's attention layers, and diffusers LoRAs with a module the base lacks and with a
+    module of the wrong width."""
+    shapes = module_shapes(folder)
+    good = tmp_path / "good.safetensors"
+    write_adapter(random_lora(shapes, rank=2, seed=1), good, "kohya")
+    missing = {c: dict(s) for c, s in shapes.items()}
+    missing["unet"]["down_blocks.0.attentions.0.transformer_blocks.0.attn9.to_q"] = (32, 32)
+    lacks = tmp_path / "lacks.safetensors"
+    write_adapter(random_lora(missing, rank=2, seed=2, targets=("attn9.to_q",)), lacks, "diffusers")
+    wide = {c: dict(s) for c, s in shapes.items()}
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    out, inp = wide["unet"][name]
+    wide["unet"] = {name: (out, inp + 8)}
+    wrong = tmp_path / "wrong.safetensors"
+    write_adapter(random_lora(wide, rank=2, seed=3, targets=("attn1.to_q",)), wrong, "diffusers")
+    return good, lacks, wrong
+
+
+@pytest.mark.parametrize("kind", ["single", "ckpt"])
+def test_a_single_file_base_checks_an_adapter_as_its_folder_does(home, tmp_path, sd_bases, kind):
+    folder, base = sd_bases["folder"], sd_bases[kind]
+    good, lacks, wrong = _adapters(folder, tmp_path)
+    for i, ref in enumerate((folder, base)):
+        run(home, "registry", "import", str(good), "--name", f"good{i}", "--base", str(ref))
+    a, b = _manifest(home, "good0"), _manifest(home, "good1")
+    assert a["adapter"] == b["adapter"] and a["digest"] == b["digest"]
+    for adapter in (lacks, wrong):
+        lines = [refused(run(home, "registry", "import", str(adapter), "--name", "bad", "--base", str(ref), ok=False))
+                 for ref in (folder, base)]
+        assert lines[0] == lines[1].replace(str(base), str(folder)), lines
+        assert "does not exist in the base" in lines[0] or "has shape" in lines[0]
+    assert "bad" not in run(home, "registry", "ls").output
+
+
+def test_a_single_file_base_has_its_folder_s_targets(home, sd_bases):
+    """Every module the folder offers an adapter, the single file and its .ckpt offer under the same diffusers
+    name and shape (text-encoder names compared without CLIP's text_model. wrapper)."""
+    from loraforge.models.base import base_from_path
+    from loraforge.registry.resolve import base_targets
+
+    def spelled(targets):
+        return {c: {k.removeprefix("text_model."): tuple(s) for k, s in m.items()} for c, m in targets.items()}
+
+    want = spelled(base_targets(base_from_path(sd_bases["folder"], "folder", home, digest=False)))
+    for kind in ("single", "ckpt"):
+        assert spelled(base_targets(base_from_path(sd_bases[kind], kind, home, digest=False), home)) == want
