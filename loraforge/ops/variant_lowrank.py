@@ -1,7 +1,8 @@
 """Variant modules (LoHa, LoKr, Tucker LoCon, DoRA, full differences) as LoRA pairs, for the LoRA algebra,
 resizing and diffusers' loader: the best truncation of the module's exact ΔW, exact when the rank asked for
 reaches the variant's rank bound (LoHa r₁·r₂, LoKr rank(W₁)·rank(W₂)), otherwise the truncated SVD, whose
-relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F is returned so callers can report it and record it in the manifest."""
+relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F is returned so callers can report it and record it in the manifest.
+The pair shapes and the exact pairs exports write come from `formats.variants.pairs`."""
 
 from __future__ import annotations
 
@@ -13,23 +14,11 @@ import torch
 
 from loraforge.errors import ConfigError, FormatError
 from loraforge.formats.lora import LoraModule, LoraState
+from loraforge.formats.variants.pairs import (  # noqa: F401 (LINEAR_LEAVES, always_linear: re-exported)
+    LINEAR_LEAVES, always_linear, dtype_of, pair_from_factors, pair_shape,
+)
 from loraforge.ops.lowrank import refactor
 from loraforge.ops.threads import threads_for
-
-# Module names (the last path segment, two for an index) that are nn.Linear wherever diffusers'
-# UNet2DConditionModel has them: attention projections, feed-forward layers, time and added embeddings.
-# CLIP text encoders hold only Linear layers. Any other 2-D variant may be a conv kernel stored flattened.
-LINEAR_LEAVES = frozenset({"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                           "proj", "net.2", "time_emb_proj", "linear_1", "linear_2"})
-
-
-def always_linear(name: str) -> bool:
-    """Whether canonical module `name` adapts a Linear layer in every SD1/SDXL base (LINEAR_LEAVES)."""
-    component, _, path = name.partition(".")
-    if component.startswith("text_encoder"):
-        return True
-    parts = path.split(".")
-    return (".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]) in LINEAR_LEAVES
 
 
 def ordered_factors(module, base_weight: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
@@ -46,11 +35,7 @@ def ordered_factors(module, base_weight: torch.Tensor | None = None, shape: tupl
                           "which has no LoRA form; fuse the adapter into a checkpoint instead")
     if base_weight is not None:
         shape = tuple(base_weight.shape)
-    if shape is None and not module.records_kernel and not always_linear(name):
-        raise FormatError(f"module {name} is a {module.variant} module whose file does not say whether it adapts a "
-                          "Linear layer or a conv layer (whose kernel it stores flattened), so its LoRA pair needs the "
-                          "base layer's shape and the adapter records no base: import it again with --base")
-    shape = tuple(int(s) for s in (shape or module.weight_shape))
+    shape = pair_shape(module, shape, name)
     if hasattr(module, "lora_factors") and not module.needs_base:
         b, a = module.lora_factors()
         new_b, new_a, s = refactor(b, a, a.shape[0])
@@ -69,17 +54,6 @@ def truncation_error(s: torch.Tensor, r: int) -> float:
     return math.sqrt(float(s[r:].double().square().sum()) / total) if total > 0 else 0.0
 
 
-def pair_from_factors(b: torch.Tensor, a: torch.Tensor, r: int, shape: tuple[int, ...],
-                      dtype: torch.dtype) -> LoraModule:
-    """The LoRA pair (alpha = r, so scale 1) of B[:, :r]·A[:r], linear or conv as `shape` says."""
-    b, a = b[:, :r], a[:r]
-    if len(shape) == 4:
-        down, up = a.reshape(r, *shape[1:]), b.reshape(b.shape[0], r, 1, 1)
-    else:
-        down, up = a, b
-    return LoraModule(down=down.contiguous().to(dtype), up=up.contiguous().to(dtype), alpha=float(r))
-
-
 def to_lora_module(module, rank: Optional[int] = None, base_weight: torch.Tensor | None = None,
                    shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None,
                    name: str = "") -> tuple[LoraModule, float]:
@@ -92,11 +66,6 @@ def to_lora_module(module, rank: Optional[int] = None, base_weight: torch.Tensor
     b, a, s, shape = ordered_factors(module, base_weight, shape, name)
     r = max(1, min(rank if rank is not None else module.rank_bound, s.numel()))
     return pair_from_factors(b, a, r, shape, dtype or dtype_of(module)), truncation_error(s, r)
-
-
-def dtype_of(module) -> torch.dtype:
-    dtypes = [t.dtype for t in module.file_tensors().values() if t.is_floating_point()]
-    return max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32
 
 
 def lowrank_state(state: LoraState, rank: Optional[int] = None,

@@ -114,6 +114,7 @@ def _export_adapter(registry: Registry, manifest: Manifest, fmt: str, out: Path,
     came_in = state.hints.get(HINT_UNET_NAMES, DIFFUSERS)
     if kohya_names is not None:
         state.hints = _kohya_hints(registry, manifest, state.hints, kohya_names)
+    state = _as_exact_pairs(registry, manifest, state, fmt, report)
     metadata = {"loraforge_manifest": manifest.to_json(), "format": "pt"}
     source = None if with_manifest or fmt == "peft" else _imported_file(registry, manifest, fmt)
     if source is not None and kohya_names is not None and kohya_names != came_in:
@@ -150,6 +151,31 @@ def _export_adapter(registry: Registry, manifest: Manifest, fmt: str, out: Path,
     if out.suffix.lower() != SUFFIX:
         out = out.with_name(out.name + SUFFIX)
     return _write_new(out, is_folder=False, write=write_file)
+
+
+def _as_exact_pairs(registry: Registry, manifest: Manifest, state, fmt: str, report: Callable[[str], None]):
+    """`state` with the LoHa, LoKr and Tucker LoCon modules `fmt` cannot spell (diffusers, PEFT) as the LoRA
+    pairs of the same ΔW at their exact rank bound (`formats.variants.pairs`), said in one line; conv kernels
+    those variants store flattened take their shape from the recorded base."""
+    from loraforge.formats.adapter_format import FORMATS
+    from loraforge.formats.variants.pairs import STRUCTURED, always_linear, exact_pairs
+
+    spelled = FORMATS[fmt].writes_variants if fmt in FORMATS else True
+    if spelled is True or not (set(state.variants) & (STRUCTURED - set(spelled or ()))):
+        return state
+    shapes = None
+    if manifest.base is not None and any(state[n].variant in STRUCTURED and not state[n].records_kernel
+                                         and not always_linear(n) for n in state):
+        from loraforge.registry.resolve import base_targets, resolve_base
+
+        targets = base_targets(resolve_base(registry, manifest.base.ref, digest=False)) or {}
+        shapes = {f"{c}.{p}": tuple(shape) for c, paths in targets.items() for p, shape in paths.items()}
+    pairs, converted, ranks = exact_pairs(state, frozenset(spelled or ()), shapes)
+    kinds = ", ".join(f"{n} {v}" for v, n in sorted(converted.items()))
+    rank = str(ranks[0]) if min(ranks) == max(ranks) else f"{min(ranks)} to {max(ranks)}"
+    report(f"wrote the {kinds} modules, which the {fmt} format cannot spell, as LoRA pairs of the same ΔW at their "
+           f"exact rank bound (rank {rank}; no approximation); --format kohya keeps the LyCORIS tensors")
+    return pairs
 
 
 def _imported_file(registry: Registry, manifest: Manifest, fmt: str) -> tuple[bytes, str, int] | None:
