@@ -82,3 +82,37 @@ def test_a_single_file_base_has_its_folder_s_targets(home, sd_bases):
     want = spelled(base_targets(base_from_path(sd_bases["folder"], "folder", home, digest=False)))
     for kind in ("single", "ckpt"):
         assert spelled(base_targets(base_from_path(sd_bases[kind], kind, home, digest=False), home)) == want
+
+
+# -- a pickled diffusers LoRA is a diffusers file in a pickle ------------------------------------------------
+
+def _diffusers_bin(folder, out):
+    """pytorch_lora_weights.bin as diffusers' save_lora_weights writes it without safe_serialization, of a PEFT
+    LoRA on tiny-sd's UNet."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              safe_serialization=False)
+    return out / "pytorch_lora_weights.bin"
+
+
+def test_a_pickled_diffusers_lora_is_recorded_as_a_diffusers_file(home, tmp_path, sd_bases):
+    from diffusers import StableDiffusionPipeline
+
+    path = _diffusers_bin(sd_bases["folder"], tmp_path / "hub")
+    run(home, "registry", "import", str(path), "--name", "bin")
+    manifest = _manifest(home, "bin")
+    assert manifest["kind"] == "lora"
+    assert manifest["adapter"]["format"] == "diffusers"
+    assert manifest["provenance"]["params"]["format"] == "diffusers"
+    assert manifest["provenance"]["params"]["container"] == "pickle"
+    out = tmp_path / "export"
+    result = run(home, "registry", "export", "bin", "-o", str(out))
+    assert "byte for byte" not in result.output.replace("could not write the imported file back byte for byte", "")
+    want = StableDiffusionPipeline.lora_state_dict(str(path.parent), weight_name=path.name)[0]
+    got = StableDiffusionPipeline.lora_state_dict(str(out))[0]
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)

@@ -45,14 +45,32 @@ def write_slider_pt(state: LoraState, path: Path) -> Path:
     return path
 
 
+# What `_read` reports of a pickle's keys in the metadata it returns: "kohya" (a slider .pt) or "diffusers" (the
+# pytorch_lora_weights.bin diffusers saved before safetensors), so an import records what the file is.
+KEY_LAYOUT = "loraforge.pickle_keys"
+
+
+def imported_format(fmt: str, metadata: Mapping[str, str]) -> tuple[str, str | None]:
+    """(format, container) an adapter file read as `fmt` with reader `metadata` is, for its manifest: a pickle of
+    diffusers keys is a diffusers file in a pickle container, not a slider .pt; any other file is its format
+    (container None: the format's own)."""
+    if fmt == "slider_pt" and metadata.get(KEY_LAYOUT) == "diffusers":
+        return "diffusers", "pickle"
+    return fmt, None
+
+
 def _detect(probe: FileProbe) -> bool:
     return probe.container == "pickle"
 
 
 def _read(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, str]]:
+    from loraforge.formats.kohya import is_kohya_key
+
     sd = load_slider_pt(path)
     check_finite_tensors(sd)
-    return diffusers_to_lora(sd, None, module_names), {}  # kohya keys, or diffusers' (pytorch_lora_weights.bin)
+    layout = "kohya" if sd and all(is_kohya_key(k) for k in sd) else "diffusers"
+    # diffusers_to_lora hands kohya keys to kohya and reads diffusers' (pytorch_lora_weights.bin)
+    return diffusers_to_lora(sd, None, module_names), {KEY_LAYOUT: layout}
 
 
 def _write(state: LoraState, path: Path, metadata: Mapping[str, str]) -> list[Path]:

@@ -130,6 +130,7 @@ def _import_adapter(registry: Registry, path: Path, name: str, kind: str, base_r
                     slider: Optional[SliderInfo], input_digest: Optional[str],
                     stamp: Callable[[Manifest], Manifest]) -> Manifest:
     from loraforge.formats import scan_adapter, write_adapter
+    from loraforge.formats.slider_pt import imported_format
     from loraforge.registry.resolve import base_targets, resolve_base
 
     base = resolve_base(registry, base_ref) if base_ref else None
@@ -137,7 +138,8 @@ def _import_adapter(registry: Registry, path: Path, name: str, kind: str, base_r
     names = {c: list(s) for c, s in targets.items()} if targets else None
     # Checking and storing need the file's bytes, not torch: the factors stay RawTensors and the
     # canonical file is their bytes under canonical names (the same bytes a torch round trip writes).
-    state, fmt, _meta = scan_adapter(path, module_names=names)
+    state, read_as, meta = scan_adapter(path, module_names=names)
+    fmt, container = imported_format(read_as, meta)
     state.check_finite()
     try:
         state.check_ranks()
@@ -150,6 +152,8 @@ def _import_adapter(registry: Registry, path: Path, name: str, kind: str, base_r
     if kind == "slider" and slider is None:
         slider = SliderInfo(method="imported")
     params: dict = {"format": fmt}
+    if container is not None:
+        params["container"] = container
     header = _source_header(path)
     if header is not None:
         params.update(source_sha256=sha256_file(path), source_size=path.stat().st_size)
