@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import pytest
 import torch
 
 from loraforge.formats import read_adapter, read_safetensors
-from loraforge.registry import Registry
 
 from cli_helpers import refused, run_cli as run
 
@@ -243,8 +241,7 @@ def test_what_cannot_be_written_exactly_is_refused_in_one_line(lycoris_file, hom
     line = refused(run(home, "registry", "export", "flat", "--for", "diffusers", "-o", str(tmp_path / "a"), ok=False))
     assert re.fullmatch(r"Error: module unet\.\S+ is a loha module whose file does not say whether it adapts a Linear "
                         r"layer or a conv layer .* import it again with --base", line), line
-    dora = Lycoris.__new__(Lycoris)  # a DoRA over LoHa: PEFT's DoRA normalises a LoRA pair only
-    folder = tmp_path / "doha"
+    folder = tmp_path / "doha"  # a DoRA over LoHa: PEFT's DoRA normalises a LoRA pair only
     folder.mkdir()
     (folder / "preset.toml").write_text(UNET_WITH_CONV)
     unet = _unet(tiny_sd_path)
@@ -252,7 +249,6 @@ def test_what_cannot_be_written_exactly_is_refused_in_one_line(lycoris_file, hom
                                            preset=str(folder / "preset.toml"), dora_wd=True)
     network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
     network.save_weights(str(folder / "doha.safetensors"), torch.float32, {})
-    del dora
     run(home, "registry", "import", str(folder / "doha.safetensors"), "--name", "doha", "--base", "builtin:tiny-sd")
     for consumer in ("diffusers", "peft"):
         line = refused(run(home, "registry", "export", "doha", "--for", consumer, "-o", str(tmp_path / consumer),
