@@ -114,9 +114,9 @@ def _load_converted_weights(pipe, path: Path, folder: Path, dtype: torch.dtype) 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if Path(path).suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
+        from loraforge.formats.safetensors_io import read_safetensors
 
-        return load_file(str(path))
+        return read_safetensors(Path(path))[0]
     return {k: v for k, v in _load_pickle_state_dict(path).items() if isinstance(v, torch.Tensor)}
 
 
