@@ -669,7 +669,7 @@ def test_a_textual_inversion_embedding_is_named_as_one(home, tmp_path, tensors, 
 def lycoris_dora(pipelines, tmp_path):
     """A LyCORIS DoRA (`dora_wd`, over LoRA pairs or LoHa, norm per output row or input column) on the tiny SD1
     UNet's attention layers, saved by lycoris' own kohya network; (file, UNet outputs lycoris computes)."""
-    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+    import lycoris.kohya as lycoris_kohya
 
     def make(algo: str = "lora", **kwargs) -> tuple[Path, dict[str, torch.Tensor]]:
         producer = fresh(pipelines["sd1"])

@@ -21,7 +21,7 @@ from loraforge.formats import read_adapter, read_safetensors
 
 from cli_helpers import refused, run_cli as run
 
-lycoris_kohya = pytest.importorskip("lycoris.kohya")
+import lycoris.kohya as lycoris_kohya  # noqa: E402  (a dependency: missing, the tests fail rather than skip)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 UNET_WITH_CONV = """

@@ -19,7 +19,7 @@ from loraforge.registry import Registry
 
 from cli_helpers import refused, run_cli as run
 
-lycoris_kohya = pytest.importorskip("lycoris.kohya")
+import lycoris.kohya as lycoris_kohya  # noqa: E402  (a dependency: missing, the tests fail rather than skip)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # lycoris keeps a preset's targets on its network class: every preset here names all four.
