@@ -15,10 +15,7 @@ the base really has, and converted key by key with diffusers' own kohya conversi
 from __future__ import annotations
 
 import copy
-import logging
 import re
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from cli_helpers import refused, run_cli
+from oracles import loader_messages
 from loraforge.formats import LoraModule, LoraState, write_adapter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -144,32 +142,6 @@ def assert_computes_w_plus_delta(component: str, loaded, base, deltas) -> None:
     err = ((got - want).norm() / want.norm()).item()
     assert err < REL_TOL, f"{component}: relative error {err:.2e}"
     assert ((want - before).norm() / want.norm()).item() > 1e-2, f"{component}: the adapter changes nothing"
-
-
-@contextmanager
-def loader_messages():
-    """Collect what diffusers, PEFT and transformers log or warn while a file loads."""
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    handler = Collect(logging.DEBUG)
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield lines
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.removeHandler(handler)
-            lg.setLevel(level)
-    lines += [str(w.message) for w in caught]
 
 
 def lora_modules(model: torch.nn.Module) -> set[str]:

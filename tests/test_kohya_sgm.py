@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import re
 import struct
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import refused, run_cli
+from oracles import loader_messages
 from loraforge.errors import FormatError
 from loraforge.formats.kohya import kohya_to_lora, lora_to_kohya
 
@@ -110,32 +108,6 @@ def sgm_kohya_file(pipe, path: Path, dtype=torch.float32) -> Path:
         sd[f"{name}.alpha"] = torch.tensor(ALPHA, dtype=dtype)
     save_file(sd, str(path), metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"})
     return path
-
-
-@contextmanager
-def loader_messages():
-    """What diffusers, PEFT and transformers log or warn while a file loads."""
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    handler = Collect(logging.DEBUG)
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield lines
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.removeHandler(handler)
-            lg.setLevel(level)
-    lines += [str(w.message) for w in caught]
 
 
 def outputs(pipe) -> dict[str, torch.Tensor]:

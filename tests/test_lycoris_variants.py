@@ -6,7 +6,6 @@ bound, with the truncation error torch's SVD gives below it recorded in the mani
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from loraforge.registry import Registry
 from loraforge.registry.resolve import load_adapter
 
 from cli_helpers import refused, run_cli as run
+from oracles import entries_and_data as _entries_and_data, rel_err as _rel
 
 import lycoris.kohya as lycoris_kohya  # noqa: E402  (a dependency: missing, the tests fail rather than skip)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -103,18 +103,6 @@ def produced(tiny_sd_path, tmp_path_factory):
         return cache[case]
 
     return get
-
-
-def _entries_and_data(path: Path) -> tuple[dict, bytes]:
-    raw = path.read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8: 8 + size])
-    header.pop("__metadata__", None)
-    return header, raw[8 + size:]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def _layer_output(module, x, weight, bias):

@@ -20,6 +20,7 @@ import torch
 from loraforge.formats import read_adapter, read_safetensors
 
 from cli_helpers import refused, run_cli as run
+from oracles import rel_err as _rel
 
 import lycoris.kohya as lycoris_kohya  # noqa: E402  (a dependency: missing, the tests fail rather than skip)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -47,10 +48,6 @@ def _inputs(seed: int = 0):
 def _out(unet, seed: int = 0) -> torch.Tensor:
     with torch.no_grad():
         return unet(*_inputs(seed)).sample
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 # -- 1. DoRA from PEFT, exported for ComfyUI/A1111, loaded by lycoris -------------------------------

@@ -7,7 +7,6 @@ diffusers' `load_lora_weights` is the consumer of converted pairs."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from loraforge.formats import read_adapter, read_safetensors
 from loraforge.registry import Registry
 
 from cli_helpers import refused, run_cli as run
+from oracles import entries_and_data as _entries_and_data, rel_err as _rel
 
 import lycoris.kohya as lycoris_kohya  # noqa: E402  (a dependency: missing, the tests fail rather than skip)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,19 +36,6 @@ unet_target_name = []
 text_encoder_target_module = []
 text_encoder_target_name = []
 """
-
-
-def _entries_and_data(path: Path) -> tuple[dict, bytes]:
-    """A safetensors file's tensor entries (names, dtypes, shapes, offsets) and data section."""
-    raw = path.read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8: 8 + size])
-    header.pop("__metadata__", None)
-    return header, raw[8 + size:]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def _randomise(network) -> None:
