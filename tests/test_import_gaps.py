@@ -67,7 +67,7 @@ def test_a_single_file_base_checks_an_adapter_as_its_folder_does(home, tmp_path,
                  for ref in (folder, base)]
         assert lines[0] == lines[1].replace(str(base), str(folder)), lines
         assert "does not exist in the base" in lines[0] or "has shape" in lines[0]
-    assert "bad" not in run(home, "registry", "ls").output
+    assert run(home, "registry", "show", "bad", ok=False).exit_code != 0
 
 
 def test_a_single_file_base_has_its_folder_s_targets(home, sd_bases):
@@ -116,3 +116,68 @@ def test_a_pickled_diffusers_lora_is_recorded_as_a_diffusers_file(home, tmp_path
     want = StableDiffusionPipeline.lora_state_dict(str(path.parent), weight_name=path.name)[0]
     got = StableDiffusionPipeline.lora_state_dict(str(out))[0]
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+# -- a PEFT folder for a text encoder with no name hint ------------------------------------------------------
+
+def _wide_sdxl(folder, out):
+    """tiny-sdxl with a wider text_encoder_2 (48 wide, the first stays 32), as real SDXL's second encoder is wider
+    than its first; returns (base folder, that encoder built in memory: PEFT records no path for it)."""
+    import shutil
+
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    shutil.copytree(folder, out, symlinks=True)
+    config = CLIPTextConfig.from_pretrained(out / "text_encoder_2")
+    config.hidden_size, config.intermediate_size = 48, 96
+    torch.manual_seed(0)
+    encoder = CLIPTextModelWithProjection(config)
+    shutil.rmtree(out / "text_encoder_2")
+    encoder.save_pretrained(out / "text_encoder_2")
+    return out, encoder
+
+
+def _peft_text_folder(encoder, out):
+    """A PEFT LoRA on `encoder`'s attention, saved by PEFT's own save_pretrained into `out` (named after no
+    component); its paths keep CLIP's text_model. wrapper, as transformers 4 saved either encoder."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(encoder, LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))
+    model.save_pretrained(out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert not config.get("base_model_name_or_path")  # no hint in the folder, none in its name
+    return out
+
+
+def test_a_peft_text_encoder_folder_without_a_name_is_placed_by_its_base_or_refused(home, tmp_path, builtin_home):
+    from loraforge.formats import read_adapter
+    from loraforge.models.base import base_from_path
+    from loraforge.registry.resolve import base_targets
+
+    sdxl = ensure_builtin("tiny-sdxl", builtin_home)
+    base, wide = _wide_sdxl(sdxl, tmp_path / "wide-sdxl")
+    adapter = _peft_text_folder(wide, tmp_path / "adapter")
+    line = refused(run(home, "registry", "import", str(adapter), "--name", "te", ok=False))
+    assert "text_encoder_2" in line and "--base" in line
+    assert run(home, "registry", "show", "te", ok=False).exit_code != 0
+    run(home, "registry", "import", str(adapter), "--name", "te", "--base", str(base))
+    assert _manifest(home, "te")["adapter"]["components"] == ["text_encoder_2"]
+    # what PEFT saved, module by module, now under text_encoder_2
+    from safetensors.torch import load_file
+
+    saved = load_file(adapter / "adapter_model.safetensors")
+    state = read_adapter(adapter, module_names=base_targets(base_from_path(base, "wide", home, digest=False)))[0]
+    assert sorted(state) == sorted("text_encoder_2." + k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+                                   for k in saved if ".lora_A." in k)
+    for key, tensor in saved.items():
+        name, factor = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        got = state[f"text_encoder_2.{name}"].down if factor.startswith("A") else state[f"text_encoder_2.{name}"].up
+        assert torch.equal(got, tensor)
+    # tiny-sdxl's two encoders are equally wide: its base cannot tell them apart either
+    from transformers import CLIPTextModelWithProjection
+
+    same = _peft_text_folder(CLIPTextModelWithProjection(CLIPTextModelWithProjection.config_class.from_pretrained(
+        sdxl / "text_encoder_2")), tmp_path / "same")
+    line = refused(run(home, "registry", "import", str(same), "--name", "te2", "--base", str(sdxl), ok=False))
+    assert "text_encoder_2" in line and "text_encoder " in line.replace(",", " ")

@@ -9,8 +9,10 @@ are stored untouched with the alphas in `lora_alpha`/`alpha_pattern`, so our own
 trip bit-exactly. Reading accepts both layouts and folders written by PEFT itself, with
 `adapter_model.safetensors` or the older pickled `adapter_model.bin` (loaded weights-only); a folder with
 no recorded component is the component it is named after (its own name, else the last part of PEFT's
-`base_model_name_or_path`), else `text_encoder` when its modules are CLIP text-model modules
-(`text_encoder_2` when they include the projection), else `unet`.
+`base_model_name_or_path`); else, for CLIP text-model modules, `text_encoder_2` when they include the projection,
+`text_encoder` when they lack the `text_model.` wrapper (transformers 5's CLIPTextModel), and for wrapped paths
+(either encoder in transformers 4, `text_encoder_2` in 5) the one encoder of the base whose module shapes they
+fit, refused without a base or when both fit; any other folder is `unet`.
 
 PEFT finds modules and weights by the names the model has in memory, so a text encoder's paths
 are written as the installed transformers names them: CLIPTextModel (`text_encoder`) lost its
@@ -115,9 +117,11 @@ def is_peft_folder(folder: Path) -> bool:
 
 
 def read_peft_folder(folder: Path, load: Callable[[Path], tuple[Mapping[str, Tensor | RawTensor], dict[str, str]]]
-                     = read_safetensors) -> tuple[LoraState, dict[str, str]]:
+                     = read_safetensors, module_names: ModuleNames = None) -> tuple[LoraState, dict[str, str]]:
     """(state, header metadata of the first weights file) of a one- or many-component folder;
-    `load` reads a weights file (`read_raw_safetensors` gives RawTensors, without torch)."""
+    `load` reads a weights file (`read_raw_safetensors` gives RawTensors, without torch); `module_names`: the
+    base's modules per component (a mapping of module → weight shape, where known), which place a text-encoder
+    folder that names no component."""
     folder = Path(folder)
     if (folder / CONFIG_NAME).is_file():
         parts = [(None, folder)]
@@ -142,7 +146,8 @@ def read_peft_folder(folder: Path, load: Callable[[Path], tuple[Mapping[str, Ten
         foreign = foreign_families.refusal(str(weights), sd)
         if foreign:
             raise FormatError(foreign)
-        component = component or meta.get(COMPONENT_KEY) or _named_component(sub, config) or _guess_component(sd)
+        component = component or meta.get(COMPONENT_KEY) or _named_component(sub, config) or _guess_component(sd, weights,
+                                                                                                  module_names)
         if component not in COMPONENTS:
             raise FormatError(f"{weights}: unknown component {component!r} in the {COMPONENT_KEY} header entry")
         try:
@@ -177,13 +182,48 @@ def _named_component(folder: Path, config: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _guess_component(sd: Mapping[str, Tensor | RawTensor]) -> str:
-    """`text_encoder_2` for CLIP text-model modules with the projection SDXL's second encoder has,
-    `text_encoder` for other CLIP text-model modules, else `unet`."""
+def _guess_component(sd: Mapping[str, Tensor | RawTensor], weights: Path, module_names: ModuleNames) -> str:
+    """`text_encoder_2` for CLIP text-model modules with the projection SDXL's second encoder has, `text_encoder`
+    for ones without CLIP's `text_model.` wrapper (transformers 5 dropped it from CLIPTextModel only), the base's
+    one encoder the modules fit for wrapped ones (`_fitting_encoders`), else `unet`."""
     paths = [k.removeprefix(PREFIX) for k in sd]
     if not all(p.startswith((TEXT_MODEL_PREFIX, *TEXT_MODEL_ROOTS, "text_projection")) for p in paths):
         return "unet"
-    return "text_encoder_2" if any(p.startswith("text_projection") for p in paths) else "text_encoder"
+    if any(p.startswith("text_projection") for p in paths):
+        return "text_encoder_2"
+    if not any(p.startswith(TEXT_MODEL_PREFIX) for p in paths):
+        return "text_encoder"
+    hint = "name the folder text_encoder or text_encoder_2 (or put it in one so named)"
+    if module_names is None:
+        raise FormatError(f"{weights}: a PEFT LoRA of CLIP text_model. modules naming no component could adapt "
+                          f"text_encoder or text_encoder_2; {hint}, or import it with --base")
+    fitting = _fitting_encoders(sd, module_names)
+    if len(fitting) == 1:
+        return fitting[0]
+    why = ("both of the base's text encoders have its modules with its shapes" if fitting else
+           "neither of the base's text encoders (text_encoder, text_encoder_2) has all its modules with its shapes")
+    raise FormatError(f"{weights}: a PEFT LoRA of CLIP text_model. modules naming no component, and {why}; {hint}")
+
+
+def _fitting_encoders(sd: Mapping[str, Tensor | RawTensor], module_names: Mapping[str, Any]) -> list[str]:
+    """The text encoders of the base (`module_names`: component → module names, or module → weight shape) that
+    have every module of PEFT state dict `sd`, with the input and output widths its factors have."""
+    widths: dict[str, list] = {}
+    for key, t in sd.items():
+        path = key.removeprefix(PREFIX)
+        for suffix, axis in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
+            if path.endswith(suffix):
+                widths.setdefault(with_text_model(path[: -len(suffix)]), [None, None])[axis] = int(t.shape[axis])
+    fitting = []
+    for component in ("text_encoder", "text_encoder_2"):
+        modules = module_names.get(component)
+        if modules is None:
+            continue
+        known = {with_text_model(m): (modules[m] if isinstance(modules, Mapping) else None) for m in modules}
+        if all(p in known and (known[p] is None or (tuple(known[p][:1]) == (out,) and tuple(known[p][1:2]) == (inp,)))
+               for p, (inp, out) in widths.items()):
+            fitting.append(component)
+    return fitting
 
 
 @functools.cache
@@ -234,11 +274,11 @@ def _detect(probe: FileProbe) -> bool:
 
 
 def _read(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, str]]:
-    return read_peft_folder(path)
+    return read_peft_folder(path, module_names=module_names)
 
 
 def _scan(path: Path, module_names: ModuleNames) -> tuple[LoraState, dict[str, str]]:
-    return read_peft_folder(path, load=read_raw_safetensors)
+    return read_peft_folder(path, load=read_raw_safetensors, module_names=module_names)
 
 
 register_format(AdapterFormat("peft", "PEFT adapter folder(s) (adapter_config.json)", _read, write_peft_folder, _detect,

@@ -135,7 +135,9 @@ def _import_adapter(registry: Registry, path: Path, name: str, kind: str, base_r
 
     base = resolve_base(registry, base_ref) if base_ref else None
     targets = base_targets(base, registry.home) if base is not None else None
-    names = {c: list(s) for c, s in targets.items()} if targets else None
+    # module → weight shape per component: readers match names against it (a PEFT text-encoder folder
+    # naming no component is placed by its shapes)
+    names = {c: dict(s) for c, s in targets.items()} if targets else None
     # Checking and storing need the file's bytes, not torch: the factors stay RawTensors and the
     # canonical file is their bytes under canonical names (the same bytes a torch round trip writes).
     state, read_as, meta = scan_adapter(path, module_names=names)
