@@ -181,3 +181,24 @@ def test_a_peft_text_encoder_folder_without_a_name_is_placed_by_its_base_or_refu
         sdxl / "text_encoder_2")), tmp_path / "same")
     line = refused(run(home, "registry", "import", str(same), "--name", "te2", "--base", str(sdxl), ok=False))
     assert "text_encoder_2" in line and "text_encoder " in line.replace(",", " ")
+
+
+# -- a .ckpt base is unpickled once per command ----------------------------------------------------------------
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_lora_fuse_unpickles_a_ckpt_base_once(home, tmp_path, sd_bases, monkeypatch, legacy):
+    """The family check, the architecture check and the fuse read of a .ckpt base share one torch.load (old
+    non-zip pickles are read in full each time), and the fused file is the .safetensors twin's."""
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "base.ckpt"
+    torch.save({"state_dict": load_file(sd_bases["single"])}, ckpt, _use_new_zipfile_serialization=not legacy)
+    adapter = tmp_path / "style.safetensors"
+    write_adapter(random_lora(module_shapes(sd_bases["folder"]), rank=2, seed=5), adapter, "kohya")
+    loads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[:1]) or load(*a, **k))
+    run(home, "lora", "fuse", str(ckpt), f"{adapter}=0.5", "-o", str(tmp_path / "from-ckpt.safetensors"))
+    assert len(loads) == 1, loads
+    run(home, "lora", "fuse", str(sd_bases["single"]), f"{adapter}=0.5", "-o", str(tmp_path / "from-st.safetensors"))
+    a, b = load_file(tmp_path / "from-ckpt.safetensors"), load_file(tmp_path / "from-st.safetensors")
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)

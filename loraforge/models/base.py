@@ -98,19 +98,54 @@ def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
         return tensor_shapes(path)
     if suffix in PICKLE_SUFFIXES:
-        return {k: tuple(v.shape) for k, v in _load_pickle_state_dict(path).items()}
+        return pickle_shapes(path)
     raise FormatError(f"{path}: unknown checkpoint type {suffix!r}; expected .safetensors or .ckpt")
 
 
-def _load_pickle_state_dict(path: Path) -> dict:
-    from loraforge.formats.pickles import load_weights_only
+# A pickle is unpickled whole to learn its shapes (an old non-zip one read in full), so one load serves a command:
+# its shapes are kept by file version (path, size, mtime), and the state dict last loaded for them is parked until
+# a reader of its tensors takes it (the family check, the architecture check and a fuse read share one torch.load).
+_PICKLE_SHAPES: dict[tuple, dict[str, tuple[int, ...]]] = {}
+_PARKED: dict[tuple, dict] = {}
 
-    data = load_weights_only(path, mmap=True)
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise FormatError(f"{path} does not hold a state dict")
+
+def _file_version(path: Path) -> tuple:
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return str(resolved), stat.st_size, stat.st_mtime_ns
+
+
+def pickle_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a pickled checkpoint (`.ckpt`/`.pt`, optionally under "state_dict"), loaded
+    weights-only once per file version; an entry that is not a tensor is refused in one line."""
+    version = _file_version(path)
+    if version not in _PICKLE_SHAPES:
+        data = _load_checked(path)
+        _PICKLE_SHAPES[version] = {k: tuple(v.shape) for k, v in data.items()}
+        _PARKED.clear()  # one parked state dict at most: a command reads one base at a time
+        _PARKED[version] = data
+    return dict(_PICKLE_SHAPES[version])
+
+
+def pickle_tensors(path: Path) -> dict:
+    """{name: tensor} of a pickled checkpoint for a reader of its tensors: the state dict a shape read of this file
+    version parked (taken, so it is not kept after its reader), else a fresh weights-only load."""
+    version = _file_version(path)
+    data = _PARKED.pop(version, None)
+    if data is None:
+        data = _load_checked(path)
+        _PICKLE_SHAPES[version] = {k: tuple(v.shape) for k, v in data.items()}
     return data
+
+
+def _load_checked(path: Path) -> dict:
+    from loraforge.formats.pickles import tensor_state_dict
+
+    return tensor_state_dict(path)
+
+
+def _load_pickle_state_dict(path: Path) -> dict:
+    return pickle_tensors(path)
 
 
 def family_of_keys(keys: list[str], source: str = "checkpoint") -> str:

@@ -11,7 +11,7 @@ import torch
 
 from loraforge.errors import ConfigError, UnresolvedReference
 from loraforge.home import loraforge_home
-from loraforge.models.base import BaseModel, _load_pickle_state_dict, family_of_folder
+from loraforge.models.base import BaseModel, checkpoint_shapes, family_of_folder
 from loraforge.models.builtin import ensure_builtin
 
 _BUILTIN_OF_FAMILY = {"sd1": "tiny-sd", "sdxl": "tiny-sdxl"}
@@ -180,7 +180,7 @@ def file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         from loraforge.formats.safetensors_io import tensor_shapes
 
         return dict(tensor_shapes(path))
-    return {k: tuple(v.shape) for k, v in _load_pickle_state_dict(path).items() if hasattr(v, "shape")}
+    return checkpoint_shapes(path)
 
 
 def configs_digest(folder: str | Path | None) -> str | None:

@@ -155,10 +155,10 @@ class PickleFile:
     memory-mapped where torch can (zip checkpoints), behind the reads `TensorFile` offers."""
 
     def __init__(self, path: Path):
-        from loraforge.formats.pickles import tensor_state_dict
+        from loraforge.models.base import pickle_tensors
 
         self.path = Path(path)
-        self._tensors = tensor_state_dict(self.path)
+        self._tensors = pickle_tensors(self.path)  # the load the base's family check made, when it made one
         self.entries: dict[str, TensorInfo] = {}
         offset = 0
         for key, t in self._tensors.items():

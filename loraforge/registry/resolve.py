@@ -78,7 +78,7 @@ def load_adapter(registry: Registry, ref: str | Reference, base=None):
         names = None
         if base is not None:
             targets = base_targets(base)
-            names = {c: list(s) for c, s in targets.items()} if targets else None
+            names = {c: dict(s) for c, s in targets.items()} if targets else None
         state, _fmt, _meta = read_adapter(ref.path, module_names=names)
         return state, None
     manifest = resolve_artifact(registry, ref)
