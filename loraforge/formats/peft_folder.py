@@ -146,8 +146,8 @@ def read_peft_folder(folder: Path, load: Callable[[Path], tuple[Mapping[str, Ten
         foreign = foreign_families.refusal(str(weights), sd)
         if foreign:
             raise FormatError(foreign)
-        component = component or meta.get(COMPONENT_KEY) or _named_component(sub, config) or _guess_component(sd, weights,
-                                                                                                  module_names)
+        component = (component or meta.get(COMPONENT_KEY) or _named_component(sub, config)
+                     or _guess_component(sd, weights, module_names))
         if component not in COMPONENTS:
             raise FormatError(f"{weights}: unknown component {component!r} in the {COMPONENT_KEY} header entry")
         try:
