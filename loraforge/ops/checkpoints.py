@@ -3,7 +3,7 @@ folders, read tensor by tensor.
 
 Every tensor has a *checkpoint key*: the key itself in a single file, `component/key` in a folder,
 so two inputs of the same layout are compared and merged key by key. A single file's tensors are tied to
-diffusers names by `single_file_keymap` (diffusers' own converters, see models.single_file).
+diffusers names by `keymap_of` (diffusers' own converters, see models.single_file).
 """
 
 from __future__ import annotations
@@ -196,23 +196,6 @@ def single_file_configs_folder(base, home: Optional[Path] = None, config: Option
         raise ConfigError(f"{base.ref}: the configs of this {base.family} single file's architecture are not known; "
                           "pass --config DIR, a diffusers folder of the same architecture")
     return folder
-
-
-def single_file_keymap(base, home: Optional[Path] = None, config: Optional[Path] = None):
-    """The `models.single_file.KeyMap` of single-file checkpoint `base` (a `BaseModel`), with the configs of
-    `single_file_configs_folder`."""
-    from loraforge.formats.safetensors_io import tensor_shapes
-    from loraforge.models.single_file import KeyMap, configs_from_folder
-
-    folder = single_file_configs_folder(base, home, config)
-    path = Path(base.path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        from loraforge.formats.pickles import tensor_state_dict
-
-        shapes = {k: tuple(v.shape) for k, v in tensor_state_dict(path).items()}
-    else:
-        shapes = tensor_shapes(path)
-    return KeyMap.build(shapes, base.family, configs_from_folder(folder, base.family))
 
 
 def keymap_of(ckpt: Checkpoint, configs: Path):
