@@ -20,9 +20,11 @@ LAYERS: dict[str, int] = {
     "demo": 6,  # the demo script drives the whole library, as the CLI does
     "recipes": 5, "train": 5, "daemon": 5,
     "ops": 4, "hub": 4, "render": 4, "rewards": 4,
+    "evaluators": 4,  # scores images against prompts (the shapes judge), as rewards score them
     "registry": 3,
     "models": 2,
     "synthetic": 2,  # seeded demo inputs: builds LoRA states and checkpoints from formats' types
+    "world": 2,  # the procedural shapes world (generator, captions, styles) and its judge
     "formats": 1,
     # Leaf utilities, imported from anywhere, importing only each other.
     "": 0,  # loraforge/__init__.py: the version
