@@ -246,6 +246,8 @@ MEMORY_CHILD = textwrap.dedent("""
     from loraforge.ops.merge import merge_checkpoints
     from loraforge.ops.specs import CheckpointMergeSpec, ModelInput
     from loraforge.registry import Registry
+    # A single file's architecture is judged by diffusers' single-file code: importing it is setting up, not merging.
+    import diffusers.loaders.single_file_utils
 
     def peak_mb():
         for line in open("/proc/self/status"):
