@@ -10,7 +10,7 @@ OUT ?= out
 # `make test-min`: the same tests on the oldest versions pyproject.toml declares (its `>=` floors).
 MIN_VENV ?= .venv-min
 
-.PHONY: run test test-fast test-min bench install clean
+.PHONY: run test test-fast test-min bench install clean judge
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test-min: $(MIN_VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks
+
+# Retrain the shapes-world judge from its seed (a few minutes on 2 cores); writes loraforge/world/judge.*
+judge: $(VENV)/.installed
+	$(PY) scripts/train_judge.py
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) $(OUT) build *.egg-info
