@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from loraforge.cli import cli
-from loraforge.errors import ConfigError
+from loraforge.errors import ConfigError, IntegrityError
 from loraforge.formats.safetensors_io import read_header
 from loraforge.hashing import sha256_file
 from loraforge.plugins import EVALUATORS
@@ -108,6 +108,18 @@ def test_refusals_are_one_line(evaluator):
         evaluator([image], ["a circle", "a square"])
     with pytest.raises(ConfigError, match="alias target"):
         EVALUATORS.get("shapes")(aliases={"sks": "dog"})
+
+
+def test_a_damaged_or_missing_judge_is_a_one_line_error(tmp_path):
+    weights, provenance = tmp_path / "judge.safetensors", tmp_path / "judge.json"
+    data = bytearray(WEIGHTS_PATH.read_bytes())
+    data[-1] ^= 0x40
+    weights.write_bytes(bytes(data))
+    provenance.write_text(PROVENANCE_PATH.read_text())
+    with pytest.raises(IntegrityError, match="sha256 differs"):
+        load_judge(weights, provenance)
+    with pytest.raises(ConfigError, match="make judge"):
+        load_judge(tmp_path / "absent.safetensors", provenance)
 
 
 def test_the_evaluator_is_listed_by_loraforge_plugins():

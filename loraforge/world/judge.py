@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from loraforge.errors import ConfigError, FormatError
+from loraforge.errors import ConfigError, FormatError, IntegrityError
 from loraforge.world.vocabulary import ATTRIBUTES, GENERATOR_VERSION
 
 INPUT_SIZE = 64
@@ -101,5 +101,10 @@ def _load(weights: Path, provenance: Path) -> Judge:
     if facts.get("generator_version") != GENERATOR_VERSION:
         raise FormatError(f"the shapes judge was trained on {facts.get('generator_version')!r}, not on "
                           f"{GENERATOR_VERSION!r}: retrain it with `make judge`")
+    from loraforge.hashing import sha256_file
+
+    if facts.get("weights_sha256") != sha256_file(weights):
+        raise IntegrityError(f"{weights.name} is not the file {provenance.name} records (sha256 differs): "
+                             "restore it from the repository or retrain with `make judge`")
     state, _ = read_safetensors(weights)
     return Judge(net_from_state(state, facts["architecture"]), facts)
