@@ -107,7 +107,7 @@ class PluginGroup:
             self._loading = False
 
     def _builtin_modules(self) -> list[str]:
-        # Only a package that does not exist at all is an empty group (evaluators has none yet); a
+        # Only a package that does not exist at all is an empty group (a group without built-ins); a
         # package that exists but fails to import would otherwise leave the group silently empty.
         try:
             spec = importlib.util.find_spec(self.builtin_package)
