@@ -132,9 +132,14 @@ def test_the_evaluator_is_listed_by_loraforge_plugins():
 def test_the_first_training_steps_rerun_bit_identically():
     facts = json.loads(PROVENANCE_PATH.read_text())
     kwargs = dict(seed=facts["seed"], batch_size=facts["batch_size"], pool=facts["pool"], lr=facts["lr"],
-                  width=facts["architecture"]["width"], hidden=facts["architecture"]["hidden"])
-    first, run = train_judge(3, schedule_steps=facts["steps"], **kwargs)
-    second, _ = train_judge(3, schedule_steps=facts["steps"], **kwargs)
+                  width=facts["architecture"]["width"], hidden=facts["architecture"]["hidden"], threads=facts["threads"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # a caller's thread count (other tests set 1) must not change the sums: the run pins its own
+    try:
+        first, run = train_judge(3, schedule_steps=facts["steps"], **kwargs)
+        second, _ = train_judge(3, schedule_steps=facts["steps"], **kwargs)
+    finally:
+        torch.set_num_threads(before)
     assert state_digest(first) == state_digest(second)
     assert run["initial_digest"] == facts["initial_digest"]  # the committed run started from these weights
     same_machine = (run["torch"], run["cpu_capability"]) == (facts["torch"], facts["cpu_capability"])

@@ -69,17 +69,18 @@ def state_digest(net: nn.Module) -> str:
 
 def train_judge(steps: int, *, seed: int = 0, batch_size: int = 64, pool: int = 16384, lr: float = 3e-3, width: int = 16,
                 hidden: int = 128, log_every: int = 50, digest_at: tuple[int, ...] = (3,),
-                schedule_steps: int | None = None,
+                schedule_steps: int | None = None, threads: int = 2,
                 progress: Optional[Callable[[int, float], None]] = None) -> tuple[JudgeNet, dict]:
     """A judge trained for `steps` Adam steps (cosine-decayed `lr`) and the facts of the run, among them
     the digest of the weights after each step of `digest_at` (what a reproducibility check re-runs to).
     `schedule_steps` (default `steps`) is the length of the cosine decay: a re-run of a run's first steps
     gives it that run's steps, so every step sees the same learning rate.
 
-    Threads are pinned for the run (to 2) so a re-run on the same machine sums in the same order; the
-    global torch random state is left untouched (the initial weights come from a forked one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, threads))
+    Threads are pinned for the run (to `threads`, whatever the caller had set) so a re-run on the same machine
+    sums in the same order; the global torch random state is left untouched (the initial weights come from a
+    forked one)."""
+    callers_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
             torch.manual_seed(seed)
@@ -117,7 +118,7 @@ def train_judge(steps: int, *, seed: int = 0, batch_size: int = 64, pool: int = 
                  "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
         return net.eval(), facts
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(callers_threads)
 
 
 @torch.no_grad()
