@@ -15,9 +15,19 @@ from typing import Sequence
 from loraforge.registry.refs import parse_weighted
 
 
-def apply_adapters(pipe, adapters: Sequence[tuple[object, float]], prefix: str = "lf") -> list[str]:
+def reweightable(state) -> bool:
+    """Whether every module of `state` loads through diffusers' LoRA loader, so `set_adapters` can change its
+    weight later; full, DoRA, bias and norm differences are added to the weights once, at the weight given."""
+    return state.is_plain_lora or all(
+        (m.variant == "lora" or (hasattr(m, "lora_factors") and not m.needs_base))
+        and (not hasattr(m, "bias_delta") or m.bias_delta() is None)
+        for m in state.values())
+
+
+def apply_adapters(pipe, adapters: Sequence[tuple[object, float]], prefix: str = "lf") -> list[str | None]:
     """Load (LoraState, weight) pairs into `pipe` as named diffusers adapters and activate them; an adapter with
-    a module `pipe` lacks (norm layers included, whatever the base's layout) is refused before anything loads."""
+    a module `pipe` lacks (norm layers included, whatever the base's layout) is refused before anything loads.
+    Gives each adapter's diffusers name, in order: None for one whose every module was added to the weights."""
     from loraforge.formats import lora_to_diffusers
     from loraforge.models.pipeline import lora_target_names
 
@@ -29,7 +39,9 @@ def apply_adapters(pipe, adapters: Sequence[tuple[object, float]], prefix: str =
     for i, (state, weight) in enumerate(adapters):
         name = f"{prefix}{i}"
         state = loadable_state(pipe, state, float(weight), pristine)
+        weights.append(float(weight))
         if not state:
+            names.append(None)
             continue
         state_dict, _meta = lora_to_diffusers(state)
         with warnings.catch_warnings():
@@ -37,9 +49,9 @@ def apply_adapters(pipe, adapters: Sequence[tuple[object, float]], prefix: str =
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             pipe.load_lora_weights(dict(state_dict), adapter_name=name)
         names.append(name)
-        weights.append(float(weight))
-    if names:
-        pipe.set_adapters(names, adapter_weights=weights)
+    if any(n is not None for n in names):
+        pipe.set_adapters([n for n in names if n is not None],
+                          adapter_weights=[w for n, w in zip(names, weights) if n is not None])
     return names
 
 

@@ -12,6 +12,7 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
+from loraforge.errors import ConfigError
 from loraforge.home import tmp_dir
 from loraforge.ops.specs import AdapterInput
 from loraforge.plugins import STEP_KINDS
@@ -128,6 +129,7 @@ def render_grid(registry, spec, progress=None):
     from loraforge.render.grid import image_grid
     from loraforge.registry.resolve import base_targets, load_adapter, resolve_base
     from loraforge.render import apply_adapters
+    from loraforge.render.adapters import reweightable
 
     base = with_config(resolve_base(registry, spec.base), spec.base_config)
     targets = base_targets(base)
@@ -149,6 +151,10 @@ def render_grid(registry, spec, progress=None):
         loaded.append((state, weight))
         parents.append(Parent(ref=manifest.ref if manifest else ref, digest=manifest.digest if manifest else None,
                               role="adapter", weight=None if len(parents) - 1 == sweep_index else weight))
+    if sweep_index is not None and not reweightable(loaded[sweep_index][0]):
+        raise ConfigError(f"render sweep: adapter {adapters[sweep_index][0]} has full-weight, DoRA, bias or norm "
+                          "differences, which are added to the weights once and cannot change weight per column; "
+                          "sweep a LoRA, LoHa, LoKr or Tucker LoCon adapter, or render one grid per weight")
     pipe = load_pipeline(base)
     names = apply_adapters(pipe, loaded)
     rows, col_labels, sweep = grid_labels(spec)
@@ -157,11 +163,12 @@ def render_grid(registry, spec, progress=None):
         cells = _illusion_rows(pipe, rows, spec)
         sweep = []
     for weight in sweep:
-        if names:
+        if any(n is not None for n in names):
             weights = [w for _, w in loaded]
             if weight is not None:
                 weights[sweep_index] = weight
-            pipe.set_adapters(names, adapter_weights=weights)
+            pipe.set_adapters([n for n in names if n is not None],
+                              adapter_weights=[w for n, w in zip(names, weights) if n is not None])
         for i, image in enumerate(_column(pipe, rows, spec)):
             cells[i].append(image)
         if progress:
