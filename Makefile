@@ -10,7 +10,7 @@ OUT ?= out
 # `make test-min`: the same tests on the oldest versions pyproject.toml declares (its `>=` floors).
 MIN_VENV ?= .venv-min
 
-.PHONY: run test test-fast test-min bench install clean judge
+.PHONY: run test test-fast test-min bench install clean judge shapes-vae
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench: $(VENV)/.installed
 # Retrain the shapes-world judge from its seed (a few minutes on 2 cores); writes loraforge/world/judge.*
 judge: $(VENV)/.installed
 	$(PY) scripts/train_judge.py
+
+# Retrain the shapes-world VAE from its seed (7 minutes on 2 idle cores, longer when they are shared); writes loraforge/world/vae/
+shapes-vae: $(VENV)/.installed
+	$(PY) scripts/train_shapes_vae.py
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) $(OUT) build *.egg-info
