@@ -8,7 +8,6 @@ trained and what they score); `scripts/train_judge.py` rebuilds them from a seed
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -18,8 +17,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from loraforge.errors import ConfigError, FormatError, IntegrityError
-from loraforge.world.vocabulary import ATTRIBUTES, GENERATOR_VERSION
+from loraforge.world.provenance import checked_provenance
+from loraforge.world.vocabulary import ATTRIBUTES
 
 INPUT_SIZE = 64
 WEIGHTS_PATH = Path(__file__).with_name("judge.safetensors")
@@ -94,17 +93,6 @@ def load_judge(weights: Path = WEIGHTS_PATH, provenance: Path = PROVENANCE_PATH)
 def _load(weights: Path, provenance: Path) -> Judge:
     from loraforge.formats.safetensors_io import read_safetensors
 
-    if not weights.is_file() or not provenance.is_file():
-        raise ConfigError(f"the shapes judge's weights are missing ({weights.name}, {provenance.name}): "
-                          "rebuild them with `make judge`")
-    facts = json.loads(provenance.read_text(encoding="utf-8"))
-    if facts.get("generator_version") != GENERATOR_VERSION:
-        raise FormatError(f"the shapes judge was trained on {facts.get('generator_version')!r}, not on "
-                          f"{GENERATOR_VERSION!r}: retrain it with `make judge`")
-    from loraforge.hashing import sha256_file
-
-    if facts.get("weights_sha256") != sha256_file(weights):
-        raise IntegrityError(f"{weights.name} is not the file {provenance.name} records (sha256 differs): "
-                             "restore it from the repository or retrain with `make judge`")
+    facts = checked_provenance(weights, provenance, "the shapes judge", "make judge")
     state, _ = read_safetensors(weights)
     return Judge(net_from_state(state, facts["architecture"]), facts)

@@ -9,7 +9,6 @@ diffusion model would have an 8x8 grid to place it on.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -17,8 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from loraforge.errors import ConfigError, FormatError, IntegrityError
-from loraforge.world.vocabulary import GENERATOR_VERSION
+from loraforge.world.provenance import checked_provenance
 
 VAE_DIR = Path(__file__).with_name("vae")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -44,20 +42,8 @@ def load_vae(folder: Path = VAE_DIR):
     that its weights are the file its provenance records."""
     from diffusers import AutoencoderKL
 
-    from loraforge.hashing import sha256_file
-
     folder = Path(folder)
-    weights, provenance = folder / WEIGHTS_NAME, folder / PROVENANCE_NAME
-    if not weights.is_file() or not provenance.is_file():
-        raise ConfigError(f"the shapes VAE is missing from {folder.name}/ ({WEIGHTS_NAME}, {PROVENANCE_NAME}): "
-                          "rebuild it with `make shapes-vae`")
-    facts = json.loads(provenance.read_text(encoding="utf-8"))
-    if facts.get("generator_version") != GENERATOR_VERSION:
-        raise FormatError(f"the shapes VAE was trained on {facts.get('generator_version')!r}, not on "
-                          f"{GENERATOR_VERSION!r}: retrain it with `make shapes-vae`")
-    if facts.get("weights_sha256") != sha256_file(weights):
-        raise IntegrityError(f"{WEIGHTS_NAME} is not the file {PROVENANCE_NAME} records (sha256 differs): "
-                             "restore it from the repository or retrain with `make shapes-vae`")
+    checked_provenance(folder / WEIGHTS_NAME, folder / PROVENANCE_NAME, "the shapes VAE", "make shapes-vae")
     return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
 
 
