@@ -10,7 +10,7 @@ OUT ?= out
 # `make test-min`: the same tests on the oldest versions pyproject.toml declares (its `>=` floors).
 MIN_VENV ?= .venv-min
 
-.PHONY: run test test-fast test-min bench install clean judge shapes-vae
+.PHONY: run test test-fast test-min bench install clean judge shapes-vae pretrain
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,9 +48,14 @@ bench: $(VENV)/.installed
 judge: $(VENV)/.installed
 	$(PY) scripts/train_judge.py
 
-# Retrain the shapes-world VAE from its seed (7 minutes on 2 idle cores, longer when they are shared); writes loraforge/world/vae/
+# Retrain the shapes-world VAE from its seed (about 20 minutes on 2 idle cores); writes loraforge/world/vae/
 shapes-vae: $(VENV)/.installed
 	$(PY) scripts/train_shapes_vae.py
+
+# Pretrain builtin:shapes (UNet + text encoder) from its seed on the committed VAE; writes
+# loraforge/models/builtin/shapes_pipeline/ (wall time in its pretraining.json)
+pretrain: $(VENV)/.installed
+	$(PY) scripts/pretrain_shapes.py
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) $(OUT) build *.egg-info

@@ -30,6 +30,12 @@ def tiny_sdxl_path(builtin_home) -> Path:
     return ensure_builtin("tiny-sdxl", builtin_home)
 
 
+@pytest.fixture(scope="session")
+def shapes_path(builtin_home) -> Path:
+    """builtin:shapes installed (copied from the committed, trained weights)."""
+    return ensure_builtin("shapes", builtin_home)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module's tests: on a shared 2-core box, two spinning threads per process run
@@ -41,7 +47,7 @@ def one_torch_thread():
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch, tiny_sd_path, tiny_sdxl_path) -> Path:
+def home(tmp_path, monkeypatch, tiny_sd_path, tiny_sdxl_path, shapes_path) -> Path:
     """An empty loraforge home set as `$LORAFORGE_HOME`, with the session's builtin models linked in.
 
     The links point at shared folders: a test must not write into `home/models/builtin/*`.
@@ -49,7 +55,7 @@ def home(tmp_path, monkeypatch, tiny_sd_path, tiny_sdxl_path) -> Path:
     path = tmp_path / "home"
     builtin = models_dir(path) / "builtin"
     builtin.mkdir(parents=True)
-    for name, built in zip(BUILTIN_NAMES, (tiny_sd_path, tiny_sdxl_path)):
+    for name, built in zip(BUILTIN_NAMES, (tiny_sd_path, tiny_sdxl_path, shapes_path)):
         (builtin / name).symlink_to(built, target_is_directory=True)
     monkeypatch.setenv("LORAFORGE_HOME", str(path))
     return path

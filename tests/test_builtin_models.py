@@ -39,8 +39,8 @@ PIPELINES = [
 
 
 @pytest.fixture
-def builtin_paths(tiny_sd_path, tiny_sdxl_path) -> dict[str, Path]:
-    return {"tiny-sd": tiny_sd_path, "tiny-sdxl": tiny_sdxl_path}
+def builtin_paths(tiny_sd_path, tiny_sdxl_path, shapes_path) -> dict[str, Path]:
+    return {"tiny-sd": tiny_sd_path, "tiny-sdxl": tiny_sdxl_path, "shapes": shapes_path}
 
 
 def _pixels(image) -> np.ndarray:

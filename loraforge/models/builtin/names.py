@@ -5,8 +5,10 @@ from __future__ import annotations
 from loraforge.errors import UnresolvedReference
 from loraforge.reference import BUILTIN_PREFIX
 
-BUILTIN_NAMES = ("tiny-sd", "tiny-sdxl")
-BUILTIN_FAMILIES = {"tiny-sd": "sd1", "tiny-sdxl": "sdxl"}
+BUILTIN_NAMES = ("tiny-sd", "tiny-sdxl", "shapes")
+BUILTIN_FAMILIES = {"tiny-sd": "sd1", "tiny-sdxl": "sdxl", "shapes": "sd1"}
+# Builtins whose weights were trained and ship in the package (the others are built in code from seeds).
+TRAINED_BUILTINS = ("shapes",)
 
 
 def check_builtin_name(name: str) -> str:

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from loraforge.home import models_dir, tmp_dir
-from loraforge.models.builtin.names import check_builtin_name
+from loraforge.models.builtin.names import TRAINED_BUILTINS, check_builtin_name
 from loraforge.models.builtin.tokenizer import write_vocab_files
 
 # A finished build is marked by this file, written last; a folder without it is not trusted.
@@ -17,19 +17,24 @@ _COMPLETE_MARKER = "model_index.json"
 
 
 def save_tiny_pipeline(name: str, folder: Path) -> Path:
-    """Write a builtin pipeline in diffusers format (safetensors) into `folder`."""
+    """Write a builtin pipeline in diffusers format (safetensors) into `folder`: a trained one copied from
+    the files the package ships (after checking them against their provenance), the others built in code."""
+    folder = Path(folder)
+    if check_builtin_name(name) in TRAINED_BUILTINS:
+        from loraforge.models.builtin.shapes import copy_shapes_pipeline
+
+        return copy_shapes_pipeline(folder)
     from loraforge.models.builtin.components import build_tiny_pipeline  # torch, diffusers: only to build
 
-    folder = Path(folder)
     pipe = build_tiny_pipeline(name)
     with quiet_progress_bars():
         pipe.save_pretrained(folder, safe_serialization=True)
-    _restore_text_model_prefix(folder)
+    restore_text_model_prefix(folder)
     write_vocab_files(folder)
     return folder
 
 
-def _restore_text_model_prefix(folder: Path) -> None:
+def restore_text_model_prefix(folder: Path) -> None:
     """Store CLIPTextModel weights under their classic `text_model.` names, as every SD repository does.
 
     transformers 5 dropped the `text_model` wrapper of CLIPTextModel and strips the prefix on load, so a

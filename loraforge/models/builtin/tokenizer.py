@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 # Words that get a whole-word token, so usual prompts tokenize into words rather than letters.
 _WORDS = """
@@ -49,9 +50,9 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return symbols
 
 
-def tiny_clip_vocab() -> tuple[dict[str, int], list[str]]:
+def tiny_clip_vocab(extra_words: Sequence[str] = ()) -> tuple[dict[str, int], list[str]]:
     """A small CLIP BPE vocabulary: every byte (bare and word-final), merges that make each of
-    `_WORDS` one token, and the two special tokens.
+    `_WORDS` (then each of `extra_words`) one token, and the two special tokens.
 
     A merge is only ever appended after the merges a word already uses, so adding a word never
     changes how an earlier word is split.
@@ -60,7 +61,7 @@ def tiny_clip_vocab() -> tuple[dict[str, int], list[str]]:
     tokens: list[str] = byte_chars + [c + "</w>" for c in byte_chars]
     seen_tokens = set(tokens)
     ranks: dict[tuple[str, str], int] = {}
-    for word in dict.fromkeys(_WORDS):
+    for word in dict.fromkeys([*_WORDS, *extra_words]):
         while len(parts := _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
             ranks[(parts[0], parts[1])] = len(ranks)
             merged = parts[0] + parts[1]
@@ -72,17 +73,17 @@ def tiny_clip_vocab() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def tiny_clip_tokenizer():
+def tiny_clip_tokenizer(extra_words: Sequence[str] = ()):
     from transformers import CLIPTokenizer
 
-    vocab, merges = tiny_clip_vocab()
+    vocab, merges = tiny_clip_vocab(extra_words)
     pairs = [tuple(m.split(" ")) for m in merges]
     return CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=77)
 
 
-def write_vocab_files(folder: Path) -> None:
+def write_vocab_files(folder: Path, extra_words: Sequence[str] = ()) -> None:
     """Add the classic vocab.json + merges.txt next to tokenizer.json, for tools that read only those."""
-    vocab, merges = tiny_clip_vocab()
+    vocab, merges = tiny_clip_vocab(extra_words)
     for sub in ("tokenizer", "tokenizer_2"):
         if (folder / sub).is_dir():
             (folder / sub / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
