@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from loraforge.hashing import sha256_file  # noqa: E402
-from loraforge.models.builtin.shapes import (MODEL_DIR, PROVENANCE_NAME, UNET_WEIGHTS, WORLD_WORDS,  # noqa: E402
-                                             shipped_files)
+from loraforge.models.builtin.shapes import WORLD_WORDS  # noqa: E402
+from loraforge.models.builtin.shapes_files import MODEL_DIR, PROVENANCE_NAME, UNET_WEIGHTS, shipped_files  # noqa: E402
 from loraforge.models.builtin.store import quiet_progress_bars, restore_text_model_prefix  # noqa: E402
 from loraforge.models.builtin.tokenizer import write_vocab_files  # noqa: E402
 from loraforge.world.vocabulary import GENERATOR_VERSION  # noqa: E402
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     from diffusers import StableDiffusionPipeline
 
     from loraforge.evaluators.shapes_adherence import adherence
-    from loraforge.models.builtin.shapes import copy_shapes_pipeline
+    from loraforge.models.builtin.shapes_files import copy_shapes_pipeline
     from loraforge.world.judge import load_judge
 
     judge = load_judge()

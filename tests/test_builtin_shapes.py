@@ -15,7 +15,8 @@ import torch
 
 from loraforge.errors import IntegrityError
 from loraforge.models.builtin import ensure_builtin
-from loraforge.models.builtin.shapes import MODEL_DIR, PROVENANCE_NAME, UNET_WEIGHTS, WORLD_WORDS, check_shipped
+from loraforge.models.builtin.shapes import WORLD_WORDS
+from loraforge.models.builtin.shapes_files import MODEL_DIR, PROVENANCE_NAME, UNET_WEIGHTS, check_shipped
 from loraforge.world.judge_training import state_digest
 
 FACTS = json.loads((MODEL_DIR / PROVENANCE_NAME).read_text())

@@ -120,12 +120,12 @@ def test_an_illusion_recipe_validates_without_torch(built):
 
 
 def test_quickstart_validates_and_plans_without_torch(built):
-    # Merges, stacks and renders validate their methods, params and sizes; nothing is built here.
+    # Trainings and renders validate their methods, params and sizes; nothing is built here.
     home, _ = built
     out = run_light(home, "recipe", "validate", str(QUICKSTART)).stdout
-    assert "valid recipe 'quickstart' with 6 steps" in out
+    assert "valid recipe 'quickstart' with 2 steps" in out
     plan = json.loads(run_light(home, "recipe", "plan", str(QUICKSTART), "--json").stdout)
-    assert [s["kind"] for s in plan["steps"]] == ["synthetic", "merge", "synthetic", "synthetic", "stack", "render"]
+    assert [s["kind"] for s in plan["steps"]] == ["train", "render"]
     assert {s["status"] for s in plan["steps"]} == {"stale"}
 
 

@@ -9,6 +9,12 @@ from pathlib import Path
 from loraforge.errors import ConfigError, FormatError, IntegrityError
 from loraforge.world.vocabulary import GENERATOR_VERSION
 
+# Where the shapes VAE ships (a diffusers folder); here, not in `shapes_vae`, so checking and copying the files
+# needs no torch.
+VAE_DIR = Path(__file__).with_name("vae")
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+VAE_PROVENANCE = "vae.json"
+
 
 def checked_provenance(weights: Path, provenance: Path, what: str, rebuild: str) -> dict:
     """The provenance facts of `weights`, after the checks; `what` names the model in errors ("the shapes judge")

@@ -17,11 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from loraforge.world.provenance import checked_provenance
-
-VAE_DIR = Path(__file__).with_name("vae")
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-PROVENANCE_NAME = "vae.json"
+from loraforge.world.provenance import VAE_DIR, checked_provenance
+from loraforge.world.provenance import VAE_PROVENANCE as PROVENANCE_NAME
+from loraforge.world.provenance import VAE_WEIGHTS as WEIGHTS_NAME
 
 ARCHITECTURE = {
     "in_channels": 3, "out_channels": 3,

@@ -2,10 +2,11 @@
 
 A `StableDiffusionPipeline` of a small `UNet2DConditionModel` (SD1 block names, so kohya `lora_unet_...`
 keys, PEFT targets, merges and fuse work on it unchanged), the world's VAE (`shapes_vae`), a small
-`CLIPTextModel` whose tokenizer has every word of the world as one token, and SD's DDIM schedule.
+`CLIPTextModel` whose tokenizer has every word of the world as one token, and DDIM on SD's betas rescaled to
+zero terminal SNR (v-prediction).
 `loraforge/train/shapes_pretraining.py` trains the UNet and the text encoder from `new_components`; the
 result ships in `shapes_pipeline/` beside this module as a diffusers folder (without the VAE, which ships in
-`loraforge/world/vae/`) with `pretraining.json`, its provenance. Installing the builtin copies both.
+`loraforge/world/vae/`) with `pretraining.json`, its provenance; `shapes_files.py` checks and installs both.
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ import torch
 from loraforge.world.shapes_vae import ARCHITECTURE as VAE_ARCHITECTURE
 from loraforge.world.vocabulary import ATTRIBUTES, POSITION_SYNONYMS
 
-MODEL_DIR = Path(__file__).with_name("shapes_pipeline")
-PROVENANCE_NAME = "pretraining.json"
-UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
 
 # Every word a caption or a parsed prompt uses becomes one token (after the builtin tokenizer's own words).
 WORLD_WORDS = tuple(dict.fromkeys(
@@ -50,47 +48,6 @@ SCHEDULER = {
     "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "v_prediction",
     "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
 }
-
-
-def shipped_files(folder: Path = MODEL_DIR) -> list[Path]:
-    """The files of the committed pipeline folder, relative to it, in sorted order (provenance excluded)."""
-    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.name != PROVENANCE_NAME)
-
-
-def check_shipped(folder: Path = MODEL_DIR) -> dict:
-    """The pretraining facts of the pipeline in `folder`, after checking that it exists, was trained on this
-    generator version, and that every file is the one the provenance records."""
-    from loraforge.errors import IntegrityError
-    from loraforge.hashing import sha256_file
-    from loraforge.world.provenance import checked_provenance
-
-    facts = checked_provenance(folder / UNET_WEIGHTS, folder / PROVENANCE_NAME, "builtin:shapes", "make pretrain")
-    recorded = facts.get("files_sha256", {})
-    present = [str(p) for p in shipped_files(folder)]
-    if sorted(recorded) != present:
-        raise IntegrityError(f"builtin:shapes holds {present}, not the files {PROVENANCE_NAME} records "
-                             f"({sorted(recorded)}): restore {folder.name}/ from the repository or run `make pretrain`")
-    for name, digest in recorded.items():
-        if sha256_file(folder / name) != digest:
-            raise IntegrityError(f"builtin:shapes file {name} is not the one {PROVENANCE_NAME} records (sha256 "
-                                 "differs): restore it from the repository or run `make pretrain`")
-    return facts
-
-
-def copy_shapes_pipeline(target: Path, folder: Path = MODEL_DIR) -> Path:
-    """The pipeline in `folder` (the committed one; checked) and the committed VAE, copied into `target` as one
-    diffusers folder."""
-    import shutil
-
-    from loraforge.world.shapes_vae import VAE_DIR, WEIGHTS_NAME, load_vae
-
-    check_shipped(folder)
-    load_vae()  # checks the VAE's weights against its provenance
-    shutil.copytree(folder, target)
-    (target / "vae").mkdir()
-    for name in ("config.json", WEIGHTS_NAME):
-        shutil.copyfile(VAE_DIR / name, target / "vae" / name)
-    return target
 
 
 def shapes_tokenizer():

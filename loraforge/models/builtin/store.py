@@ -21,7 +21,7 @@ def save_tiny_pipeline(name: str, folder: Path) -> Path:
     the files the package ships (after checking them against their provenance), the others built in code."""
     folder = Path(folder)
     if check_builtin_name(name) in TRAINED_BUILTINS:
-        from loraforge.models.builtin.shapes import copy_shapes_pipeline
+        from loraforge.models.builtin.shapes_files import copy_shapes_pipeline
 
         return copy_shapes_pipeline(folder)
     from loraforge.models.builtin.components import build_tiny_pipeline  # torch, diffusers: only to build
