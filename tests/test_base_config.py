@@ -180,6 +180,18 @@ def test_generate_from_a_single_file_makes_the_folders_image(home, tmp_path, sin
     assert not images_equal(tmp_path / "variant.png", tmp_path / "folder.png")  # the config's schedule was used
 
 
+def test_a_single_file_of_builtin_shapes_is_read_with_its_configs_offline(home, tmp_path, shapes_path, monkeypatch):
+    # Not tiny-sd's architecture: without the shapes configs it would need the Hub, which is offline here.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    path = as_single_file(shapes_path, "sd1", tmp_path / "shapes.safetensors")
+    args = ("--prompt", "a big red circle on a black background", "--steps", "4", "--size", "64")
+    run_cli(home, "generate", "--base", "builtin:shapes", *args, "-o", str(tmp_path / "folder.png"))
+    run_cli(home, "generate", "--base", str(path), *args, "-o", str(tmp_path / "file.png"))
+    assert images_equal(tmp_path / "file.png", tmp_path / "folder.png")
+
+
 def test_a_file_with_a_tensor_the_configs_do_not_place_is_not_given_the_builtins_configs(home, tmp_path, single,
                                                                                           monkeypatch):
     import huggingface_hub.constants

@@ -14,7 +14,7 @@ from loraforge.home import loraforge_home
 from loraforge.models.base import BaseModel, checkpoint_shapes, family_of_folder
 from loraforge.models.builtin import ensure_builtin
 
-_BUILTIN_OF_FAMILY = {"sd1": "tiny-sd", "sdxl": "tiny-sdxl"}
+_BUILTINS_OF_FAMILY = {"sd1": ("tiny-sd", "shapes"), "sdxl": ("tiny-sdxl",)}
 TEXT_MODEL = "text_model."
 # Tensors diffusers' conversion leaves out on purpose: CLIP's position ids (rebuilt), open-clip's logit scale.
 DROPPED_KEYS = ("position_ids", "logit_scale")
@@ -48,14 +48,15 @@ def with_config(base: BaseModel, config: str | Path | None) -> BaseModel:
 
 def single_file_configs(base: BaseModel, home: Path | None = None) -> Path:
     """The diffusers folder whose configs and tokenizers single file `base` loads with: its --config; else the
-    builtin of its family when the file has exactly that architecture; else the configs (no weights) of the
+    builtin of its family whose architecture the file has exactly (tiny-sd or shapes for sd1); else the configs (no weights) of the
     standard pipeline diffusers names for the file's model type, from the Hub or its local cache, checked
     against the file like a --config. Refused in one line when none fits."""
     if base.config is not None:
         return base.config
-    builtin = ensure_builtin(_BUILTIN_OF_FAMILY[base.family], loraforge_home(home))
-    if architecture_problem(base.path, builtin) is None:
-        return builtin
+    for name in _BUILTINS_OF_FAMILY[base.family]:
+        builtin = ensure_builtin(name, loraforge_home(home))
+        if architecture_problem(base.path, builtin) is None:
+            return builtin
     return _hub_configs(base)
 
 
