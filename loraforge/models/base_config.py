@@ -48,9 +48,9 @@ def with_config(base: BaseModel, config: str | Path | None) -> BaseModel:
 
 def single_file_configs(base: BaseModel, home: Path | None = None) -> Path:
     """The diffusers folder whose configs and tokenizers single file `base` loads with: its --config; else the
-    builtin of its family whose architecture the file has exactly (tiny-sd or shapes for sd1); else the configs (no weights) of the
-    standard pipeline diffusers names for the file's model type, from the Hub or its local cache, checked
-    against the file like a --config. Refused in one line when none fits."""
+    builtin of its family whose architecture the file has exactly (tiny-sd or shapes for sd1); else the configs
+    (no weights) of the standard pipeline diffusers names for the file's model type, from the Hub or its local
+    cache, checked against the file like a --config. Refused in one line when none fits."""
     if base.config is not None:
         return base.config
     for name in _BUILTINS_OF_FAMILY[base.family]:
