@@ -131,14 +131,15 @@ def test_a_weighted_sum_merge_shows_the_style_in_proportion_to_alpha(home, tmp_p
     # that is striped: 29.6, plain: 0.19): the fine-tune's stripes are faint, but they grow with alpha.
     data = Path(__file__).resolve().parent.parent / "recipes" / "data" / "shapes-striped"
     run_cli(home, "train", "lora", "-n", "stripes", "--base", "builtin:shapes", "--dataset", str(data), "--steps", "80",
-            "--resolution", "64", "--batch-size", "2", "--learning-rate", "2e-3", "--rank", "4", "--validation-steps", "2")
+            "--resolution", "64", "--batch-size", "2", "--learning-rate", "2e-3", "--rank", "4",
+            "--validation-steps", "2")
     run_cli(home, "lora", "fuse", str(shapes_path), "stripes=1", "--name", "striped-model", "--dtype", "fp32")
     prompts = [f"a big {COLOURS[i % 8]} {SEEN_SHAPES[i % 5]}" for i in range(32)]
     amplitudes = []
     for alpha in (0.0, 0.5, 1.0):
         out = tmp_path / f"merged-{alpha}"
-        run_cli(home, "merge", "checkpoints", "builtin:shapes", "striped-model", "--alpha", str(alpha), "--dtype", "fp32",
-                "-o", str(out))
+        run_cli(home, "merge", "checkpoints", "builtin:shapes", "striped-model", "--alpha", str(alpha),
+                "--dtype", "fp32", "-o", str(out))
         amplitudes.append(float(np.mean([_stripe_amplitude(im) for im in _draw(_pipe(out), prompts, range(500, 532))])))
     low, middle, high = amplitudes
     assert high >= 2 * low and low < middle < high, amplitudes
