@@ -144,3 +144,27 @@ def test_a_weighted_sum_merge_shows_the_style_in_proportion_to_alpha(home, tmp_p
     low, middle, high = amplitudes
     assert high >= 2 * low and low < middle < high, amplitudes
     assert abs(middle - (low + high) / 2) <= 0.25 * (high - low), amplitudes  # in proportion: half way at 0.5
+
+
+def test_reward_fine_tuning_for_red_makes_more_red_shapes(home, tmp_path, shapes_path):
+    # Measured on 32 fixed-seed images of "a big circle|square|cross|ring": mean `shapes` reward (P(red)) .081 ->
+    # .160, judged red 6% -> 19%, mean pixel change 10.1. The same run with --kl-weight 10 stays at .081 and 6%
+    # (pixel change 0.15, ε drift 7e-6 against 9e-3): the KL weight holds the base.
+    from loraforge.rewards.base import load_reward
+
+    shapes = ("circle", "square", "cross", "ring")
+    run_cli(home, "train", "reward", "-n", "red", "--base", "builtin:shapes", "--reward", "shapes",
+            "--reward-options", '{"want": {"colour": "red"}}',
+            *[arg for shape in shapes for arg in ("--prompts", f"a big {shape}")],
+            "--iterations", "24", "--sample-batch-size", "8", "--batch-size", "8", "--sample-steps", "20",
+            "--resolution", "64", "--learning-rate", "3e-3", "--timestep-fraction", "0.5", "--guidance", "4",
+            "--validation-steps", "2")
+    reward = load_reward("shapes", {"want": {"colour": "red"}})
+    prompts = [f"a big {shapes[i % 4]}" for i in range(32)]
+    pipe = _pipe(shapes_path)
+    before = _draw(pipe, prompts, range(400, 432))
+    pipe.load_lora_weights(str(_adapter(home, tmp_path, "red")), adapter_name="red")
+    after = _draw(pipe, prompts, range(400, 432))
+    rewards = [float(np.mean(reward(images, prompts))) for images in (before, after)]
+    red = [sum(read["colour"] == "red" for read in reward.evaluator.judge.labels(images)) for images in (before, after)]
+    assert rewards[1] >= 1.4 * rewards[0] and red[1] > red[0], (rewards, red)
