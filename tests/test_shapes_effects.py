@@ -45,10 +45,6 @@ def _draw(pipe, prompts, seeds):
     return images
 
 
-def _shape_rate(judge, images, shapes) -> float:
-    return float(np.mean([read["shape"] == want for read, want in zip(judge.labels(images), shapes)]))
-
-
 def _area(image) -> float:
     """The fraction of pixels that differ clearly from the image's corner (the background)."""
     pixels = np.asarray(image).astype(int)
@@ -69,7 +65,7 @@ def test_base_model_draws_what_its_captions_ask(shapes_path, judge):
 
     measured = adherence(_pipe(shapes_path), judge, split="pretrain")["accuracy"]
     assert measured["background"] >= 0.85 and measured["size"] >= 0.8, measured
-    assert measured["colour"] >= 0.55 and measured["shape"] >= 0.33, measured  # chance: 12.5% and 20%
+    assert measured["colour"] >= 0.55 and measured["shape"] >= 0.33, measured  # chance: 12.5% and 14%
 
 
 def _size_sweep(pipe, judge, adapter) -> list[tuple[float, float]]:
