@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cli_helpers import run_cli
+from loraforge.evaluators.shapes_adherence import adherence, draw  # draw: 20 DDIM steps, guidance 4, 64 px
 from loraforge.world.generator import generate, with_labels
 from loraforge.world.judge import load_judge
 
@@ -36,15 +37,6 @@ def _pipe(folder):
     return pipe
 
 
-@torch.no_grad()
-def _draw(pipe, prompts, seeds):
-    images = []
-    for begin in range(0, len(prompts), 16):
-        images += pipe(list(prompts[begin:begin + 16]), num_inference_steps=20, guidance_scale=4.0, height=64,
-                       width=64, generator=[torch.Generator().manual_seed(s) for s in seeds[begin:begin + 16]]).images
-    return images
-
-
 def _area(image) -> float:
     """The fraction of pixels that differ clearly from the image's corner (the background)."""
     pixels = np.asarray(image).astype(int)
@@ -61,8 +53,6 @@ def _adapter(home, tmp_path, name):
 def test_base_model_draws_what_its_captions_ask(shapes_path, judge):
     # Committed model, 64 fresh pretrain-split captions: background 94%, size 89%, colour 67%, shape 44%,
     # position 30% (chance is 33%: it puts every shape near the centre, so position is not asserted).
-    from loraforge.evaluators.shapes_adherence import adherence
-
     measured = adherence(_pipe(shapes_path), judge, split="pretrain")["accuracy"]
     assert measured["background"] >= 0.85 and measured["size"] >= 0.8, measured
     assert measured["colour"] >= 0.55 and measured["shape"] >= 0.33, measured  # chance: 12.5% and 14%
@@ -76,7 +66,7 @@ def _size_sweep(pipe, judge, adapter) -> list[tuple[float, float]]:
     out = []
     for scale in (-2, -1, 0, 1, 2):
         pipe.set_adapters(["size"], [scale])
-        images = _draw(pipe, prompts, seeds)
+        images = draw(pipe, prompts, seeds)
         out.append((float(np.mean([_area(im) for im in images])),
                     float(np.mean([read["size"] == "big" for read in judge.labels(images)]))))
     return out
@@ -136,7 +126,7 @@ def test_a_weighted_sum_merge_shows_the_style_in_proportion_to_alpha(home, tmp_p
         out = tmp_path / f"merged-{alpha}"
         run_cli(home, "merge", "checkpoints", "builtin:shapes", "striped-model", "--alpha", str(alpha),
                 "--dtype", "fp32", "-o", str(out))
-        amplitudes.append(float(np.mean([_stripe_amplitude(im) for im in _draw(_pipe(out), prompts, range(500, 532))])))
+        amplitudes.append(float(np.mean([_stripe_amplitude(im) for im in draw(_pipe(out), prompts, range(500, 532))])))
     low, middle, high = amplitudes
     assert high >= 2 * low and low < middle < high, amplitudes
     assert abs(middle - (low + high) / 2) <= 0.25 * (high - low), amplitudes  # in proportion: half way at 0.5
@@ -158,9 +148,9 @@ def test_reward_fine_tuning_for_red_makes_more_red_shapes(home, tmp_path, shapes
     reward = load_reward("shapes", {"want": {"colour": "red"}})
     prompts = [f"a big {shapes[i % 4]}" for i in range(32)]
     pipe = _pipe(shapes_path)
-    before = _draw(pipe, prompts, range(400, 432))
+    before = draw(pipe, prompts, range(400, 432))
     pipe.load_lora_weights(str(_adapter(home, tmp_path, "red")), adapter_name="red")
-    after = _draw(pipe, prompts, range(400, 432))
+    after = draw(pipe, prompts, range(400, 432))
     rewards = [float(np.mean(reward(images, prompts))) for images in (before, after)]
     red = [sum(read["colour"] == "red" for read in reward.evaluator.judge.labels(images)) for images in (before, after)]
     assert rewards[1] >= 1.4 * rewards[0] and red[1] > red[0], (rewards, red)
