@@ -18,6 +18,7 @@ def image_grid(
 ) -> Image.Image:
     """A labelled grid: one row per `row_labels`, one column per `col_labels`, optional title on top.
 
+    A column label may have several lines ("age=+1.5\nsmile=-0.5"); each is shortened to the cell's width.
     Small images are scaled up (nearest neighbour) to cells of at least 128 px so the labels stay readable.
     """
     if len(images) != len(row_labels):
@@ -41,18 +42,22 @@ def image_grid(
     line_h = max(text_size("Ag")[1], 10) + 2 * pad
     label_w = max([text_size(t)[0] for t in row_labels] + [0]) + 2 * pad
     title_h = line_h if title else 0
+    text_h = line_h - 2 * pad
+    header_lines = max([len(label.split("\n")) for label in col_labels] + [1])
+    header_h = line_h + (header_lines - 1) * text_h
     width = label_w + (cell_w + GRID_GAP) * len(col_labels) - GRID_GAP
-    height = title_h + line_h + (cell_h + GRID_GAP) * len(row_labels) - GRID_GAP
+    height = title_h + header_h + (cell_h + GRID_GAP) * len(row_labels) - GRID_GAP
 
     grid = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(grid)
     if title:
         draw.text((pad, pad), title, fill="black", font=font)
     for j, label in enumerate(col_labels):
-        draw.text((label_w + j * (cell_w + GRID_GAP) + pad, title_h + pad), _fit(label, cell_w - 2 * pad, text_size),
-                  fill="black", font=font)
+        for k, line in enumerate(label.split("\n")):
+            draw.text((label_w + j * (cell_w + GRID_GAP) + pad, title_h + pad + k * text_h),
+                      _fit(line, cell_w - 2 * pad, text_size), fill="black", font=font)
     for i, (label, row) in enumerate(zip(row_labels, images)):
-        top = title_h + line_h + i * (cell_h + GRID_GAP)
+        top = title_h + header_h + i * (cell_h + GRID_GAP)
         draw.text((pad, top + cell_h // 2 - line_h // 2 + pad), label, fill="black", font=font)
         for j, im in enumerate(row):
             cell = im.convert("RGB").resize((im.width * scale, im.height * scale), Image.NEAREST)
