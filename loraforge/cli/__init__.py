@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "hub": "loraforge.cli.hub:hub",
     "daemon": "loraforge.cli.daemon:daemon",
     "jobs": "loraforge.cli.jobs:jobs",
+    "eval": "loraforge.cli.eval:eval_",
 }
 
 COMMAND_HELP: dict[str, str] = {
@@ -40,6 +41,7 @@ COMMAND_HELP: dict[str, str] = {
     "hub": "Push artifacts to and pull them from the Hugging Face Hub.",
     "daemon": "Watch recipes and datasets and rebuild what changed.",
     "jobs": "Inspect and control daemon jobs.",
+    "eval": "Score artifacts on the same prompts and seeds with evaluators; record, tabulate and chart the metrics.",
 }
 
 

@@ -1,0 +1,120 @@
+"""The Evaluator protocol, what is being scored (`Subject`), and the factory that builds an evaluator from a metric name.
+
+A metric is named as the user writes it in `--metric` or `metrics:` — a registered evaluator (`clip_score`,
+`image_similarity`, `shapes`, …) or `python:module:function` — and that name is the key its scores are recorded
+under. An evaluator scores images against the prompts they were drawn from, one float per image; one that needs
+to know whose images it scores (image_similarity's default reference: the artifact's training images) has a
+`for_subject` method that gives the evaluator to use for that subject.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+
+from loraforge.errors import ConfigError, PluginError
+
+PYTHON_PREFIX = "python:"
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """Scores images (one float each); `name` is the metric name, `version` is recorded with every score."""
+
+    name: str
+    version: str
+
+    def __call__(self, images: Sequence, prompts: Sequence[str]) -> list[float]:
+        ...
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One thing `eval` renders and scores: a registry artifact, or a bare base model (no adapter).
+
+    `label` is the reference as the user wrote it (the table's row name); `ref` the exact `name:version` of a
+    registry artifact (None for a bare base); `base` the model it is rendered on; `adapters` the exact
+    references loaded into that model; `manifest` the artifact's manifest (None for a bare base)."""
+
+    label: str
+    kind: str
+    base: str
+    ref: Optional[str] = None
+    adapters: tuple[str, ...] = ()
+    manifest: Any = field(default=None, compare=False, repr=False)
+
+
+def metric_plugin(metric: str) -> str:
+    """The EVALUATORS plugin name a metric runs (`python` for `python:module:function`)."""
+    return "python" if metric.strip().startswith(PYTHON_PREFIX) else metric.strip()
+
+
+def unknown_metric(metric: str, installed: list[str]) -> ConfigError:
+    names = ", ".join(n for n in installed if n != "python") or "none installed"
+    return ConfigError(f"unknown metric {metric!r}: installed evaluators are {names}, or python:module:function")
+
+
+def load_evaluator(metric: str, options: dict[str, Any] | None = None, *, registry=None) -> Evaluator:
+    """The evaluator of `metric` configured with `options`; evaluators that read the registry (a reference
+    dataset) take `registry`. Construction checks what can be checked up front (model folders, functions), so a
+    bad metric fails before anything is rendered."""
+    from loraforge.plugins import EVALUATORS
+
+    metric = metric.strip()
+    options = dict(options or {})
+    name = metric_plugin(metric)
+    if name == "python":
+        function = metric[len(PYTHON_PREFIX):] if metric.startswith(PYTHON_PREFIX) else None
+        if function is None:
+            raise ConfigError("metric 'python' needs its function: write python:module:function")
+        options["function"] = function
+    try:
+        info = EVALUATORS.info(name)
+    except PluginError:
+        raise unknown_metric(metric, EVALUATORS.names()) from None
+    obj = info.obj
+    if not inspect.isclass(obj):  # an entry-point plugin may be a plain function (images, prompts) -> scores
+        if options:
+            raise ConfigError(f"metric {metric!r} is a plain function and takes no options; got {sorted(options)}")
+        return FunctionEvaluator(obj, metric, info.version)
+    params = inspect.signature(obj.__init__).parameters
+    accepted = {p for p in params if p not in ("self", "registry")}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        shown = sorted(accepted - {"function"}) if name == "python" else sorted(accepted)
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for metric {metric!r}; "
+                          f"it accepts: {', '.join(shown) or 'none'}")
+    if "registry" in params:
+        options["registry"] = registry
+    evaluator = obj(**options)
+    evaluator.name = metric
+    evaluator.version = str(getattr(evaluator, "version", None) or info.version)
+    return evaluator
+
+
+def for_subject(evaluator: Evaluator, subject: Subject) -> Evaluator:
+    """The evaluator that scores `subject`'s images (the evaluator itself unless it depends on the subject)."""
+    bind = getattr(evaluator, "for_subject", None)
+    return bind(subject) if callable(bind) else evaluator
+
+
+class FunctionEvaluator:
+    """A plain `fn(images, prompts) -> list[float]` (an entry-point plugin) as an Evaluator."""
+
+    def __init__(self, fn, name: str, version: str):
+        self.fn, self.name, self.version = fn, name, version
+
+    def __call__(self, images: Sequence, prompts: Sequence[str]) -> list[float]:
+        return check_scores(self.name, self.fn(list(images), list(prompts)), len(images))
+
+
+def check_scores(metric: str, scores, n: int) -> list[float]:
+    """`scores` as n finite floats, or a ConfigError naming the metric."""
+    from loraforge.errors import RewardError
+    from loraforge.rewards.base import check_scores as check_reward_scores
+
+    try:
+        return check_reward_scores(metric, scores, n)
+    except RewardError as exc:
+        raise ConfigError(f"metric {str(exc).removeprefix('reward ')}") from None
