@@ -1,4 +1,4 @@
-"""The step DAG of a recipe: dependencies from `${step}` references and `after:`, cycles, order."""
+"""The step DAG of a recipe: dependencies from `${step}` references, `after:` and a kind's `runs_after`, cycles, order."""
 
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ def step_dependencies(recipe: Recipe, step: Step) -> tuple[str, ...]:
         if target not in recipe.steps:
             raise source.error(("steps", step.id, "after", i), f"after: no step named {target!r}")
         if target not in deps:
+            deps.append(target)
+    for target in step.definition.runs_after(recipe, step):
+        if target not in deps and target != step.id:
             deps.append(target)
     return tuple(deps)
 

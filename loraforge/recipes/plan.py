@@ -5,7 +5,8 @@ one JSON object on stdout and exits 0:
 
     {"recipe": "<absolute path>", "name": "<recipe name>", "digest": "<recipe digest>", "valid": true,
      "steps": [{"id", "kind", "status": "stale" | "up-to-date", "reason", "input_digest",
-                "output": "<registry name or null>", "depends_on": [step ids]}, ...],
+                "output": "<registry name or null>", "depends_on": [step ids],
+                "sweep": {KEY: value} (only for the points of a swept step)}, ...],
      "watch": ["<absolute path of every local file or folder the recipe reads>", ...],
      "recomputed": {"<absolute path of a file or folder whose digest was computed>": <files hashed>}}
 
@@ -43,15 +44,19 @@ class PlanStep:
     output: Optional[str]
     depends_on: tuple[str, ...]
     existing: Optional[Manifest] = None
+    sweep: dict = field(default_factory=dict)  # a sweep point's values (empty for other steps)
 
     @property
     def input_digest(self) -> str:
         return self.inputs.input_digest
 
     def to_json(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "status": self.status, "reason": self.reason,
-                "input_digest": self.input_digest, "output": self.output,
-                "existing": self.existing.ref if self.existing else None, "depends_on": list(self.depends_on)}
+        out = {"id": self.id, "kind": self.kind, "status": self.status, "reason": self.reason,
+               "input_digest": self.input_digest, "output": self.output,
+               "existing": self.existing.ref if self.existing else None, "depends_on": list(self.depends_on)}
+        if self.sweep:
+            out["sweep"] = dict(self.sweep)
+        return out
 
 
 @dataclass
@@ -86,7 +91,7 @@ def recipe_digest(recipe: Recipe) -> str:
 def make_plan(recipe: Recipe, registry, *, force: Iterable[str] = (), locked: bool = False) -> Plan:
     """Resolve every reference, compute input digests in dependency order and judge each step."""
     graph = build_graph(recipe)
-    force = list(force)
+    force = [p for sid in force for p in recipe.sweeps.get(sid, (sid,))]  # a swept step: all its points
     for sid in force:
         if sid not in recipe.steps:
             raise RecipeError(f"--force {sid}: the recipe has no step {sid!r} (steps: {', '.join(recipe.steps)})")
@@ -117,7 +122,8 @@ def make_plan(recipe: Recipe, registry, *, force: Iterable[str] = (), locked: bo
         if sid in forced:
             status = STALE
             reason = "forced (--force)" if sid in force else "an upstream step is forced"
-        steps.append(PlanStep(sid, step.kind, status, reason, inputs, output, graph.deps[sid], existing))
+        steps.append(PlanStep(sid, step.kind, status, reason, inputs, output, graph.deps[sid], existing,
+                              sweep=dict(step.sweep_values)))
     watch = sorted({r.path for r in resolver.cache.values() if r.path})
     resolver.digests.save()
     return Plan(recipe, graph, recipe_digest(recipe), steps, resolver, previous, watch,

@@ -2,7 +2,8 @@
 
 A recipe names a default `base`, `vars`, and `steps` — a mapping of step id to a step. A step holds
 exactly one kind key (a registered step kind: see `loraforge.recipes.step_kind`) whose value is that
-kind's spec, plus the common keys `output`, `after` and `description`.
+kind's spec, plus the common keys `output`, `after`, `description`, and `sweep` / `sweep_overrides`, which
+expand one step into several (see `loraforge.recipes.sweep`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SkipValidation, ValidationErr
 from loraforge.errors import LoraforgeError, PluginError, RecipeError
 from loraforge.plugins import STEP_KINDS
 from loraforge.recipes.loader import RecipeSource, load_source
+from loraforge.recipes.sweep import check_point_keys, expand_sweeps
 
 STEP_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 DEFAULT_BASE = "builtin:tiny-sd"
@@ -28,6 +30,10 @@ class StepCommon(BaseModel):
     output: Optional[str] = Field(None, description="Registry name of the output (default: RECIPE-STEP).")
     after: list[str] = Field(default_factory=list, description="Extra step ids this step waits for.")
     description: Optional[str] = None
+    sweep: Optional[dict[str, list[Any]]] = Field(
+        None, description="KEY: [values]: one step per point of the product of the lists (see docs/recipes.md).")
+    sweep_overrides: Optional[dict[str, dict[str, Any]]] = Field(
+        None, description="METHOD: {KEY: value}: keys set for the sweep points of one swept method.")
 
 
 COMMON_KEYS = set(StepCommon.model_fields)
@@ -58,6 +64,8 @@ class Step(BaseModel):
     output: Optional[str] = None
     after: tuple[str, ...] = ()
     description: Optional[str] = None
+    swept_from: Optional[str] = None  # a sweep point: the id of the step as written
+    sweep_values: tuple[tuple[str, Any], ...] = ()  # a sweep point: its values, in sweep order
 
     @property
     def definition(self):
@@ -83,6 +91,7 @@ class Recipe(BaseModel):
     base: str = DEFAULT_BASE
     vars: dict[str, Any] = Field(default_factory=dict)
     steps: dict[str, Step]
+    sweeps: dict[str, tuple[str, ...]] = Field(default_factory=dict)  # swept step id → its point ids
 
     def output_name(self, step: Step) -> str:
         return step.output or f"{self.name}-{step.id}"
@@ -123,11 +132,19 @@ def parse_recipe(source: RecipeSource) -> Recipe:
     name = top.name or source.path.stem.split(".")[0]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}", name):
         raise source.error(("name",), f"invalid recipe name {name!r}: use letters, digits, '.', '_', '-'")
+    expanded = expand_sweeps(source, top.steps, top.publish, STEP_KINDS.names())
     steps: dict[str, Step] = {}
-    for step_id, raw in top.steps.items():
-        steps[str(step_id)] = parse_step(source, str(step_id), raw)
+    for step_id, raw in expanded.steps.items():
+        point = expanded.points.get(step_id)
+        step = parse_step(source, step_id, raw, generated=point is not None)
+        if point is not None:
+            step = step.model_copy(update={"swept_from": point.step, "sweep_values": point.values})
+        steps[step_id] = step
+    for swept_id, point_ids in expanded.sweeps.items():
+        check_point_keys(source, swept_id, [steps[p] for p in point_ids],
+                         {p: expanded.steps[p][steps[p].kind] for p in point_ids}, expanded.origins)
     publish = _kind_class("publish")
-    for i, raw in enumerate(top.publish):
+    for i, raw in enumerate(expanded.publish):
         step_id = f"publish-{i + 1}"
         loc = ("publish", i)
         if step_id in steps:
@@ -139,7 +156,7 @@ def parse_recipe(source: RecipeSource) -> Recipe:
         steps[step_id] = Step(id=step_id, kind="publish", spec=spec)
     steps = {sid: _with_defaults(step, StepDefaults(top.base, name, sid)) for sid, step in steps.items()}
     recipe = Recipe(source=source, name=name, description=top.description, base=top.base,
-                    vars=top.vars, steps=steps)
+                    vars=top.vars, steps=steps, sweeps=expanded.sweeps)
     check_output_names(recipe)
     for step in recipe.steps.values():
         kind = step.definition
@@ -162,10 +179,11 @@ def _with_defaults(step: Step, defaults: StepDefaults) -> Step:
     return step.model_copy(update={"spec": step.definition.with_defaults(step.spec, defaults)})
 
 
-def parse_step(source: RecipeSource, step_id: str, raw: Any) -> Step:
+def parse_step(source: RecipeSource, step_id: str, raw: Any, generated: bool = False) -> Step:
+    """Validate one step; `generated`: a sweep point, whose id is made of its step's id and values."""
     loc = ("steps", step_id)
     names = STEP_KINDS.names()
-    if not STEP_ID_RE.match(step_id):
+    if not generated and not STEP_ID_RE.match(step_id):
         raise source.error(loc, f"invalid step id {step_id!r}: start with a letter; use letters, digits, '_', '-'")
     if not isinstance(raw, dict):
         raise source.error(loc, f"a step is a mapping with one of {', '.join(names)} (got {type(raw).__name__})")

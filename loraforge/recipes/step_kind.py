@@ -96,6 +96,17 @@ class StepKind:
     def check(self, recipe: Recipe, step: Step) -> None:
         """Checks beyond the spec model that need the recipe or installed plugins (after `plugins`)."""
 
+    def spec_keys(self, spec: Any) -> Optional[set[str]]:
+        """The top-level keys a spec of this kind takes (None: any key): what a `sweep:` may vary."""
+        cls = type(spec)
+        if cls.model_config.get("extra") == "allow":
+            return None
+        return set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+
+    def runs_after(self, recipe: Recipe, step: Step) -> list[str]:
+        """Steps this one waits for beyond those it reads (a gated publish waits for the evals scoring it)."""
+        return []
+
     def run(self, ctx: StepContext) -> Optional[Manifest]:
         """Build the step; return the manifest it registered (None for a kind that makes no artifact)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement run()")

@@ -55,6 +55,12 @@ class TrainStep(StepKind):
             found.append((REWARDS, "python" if name.startswith("python:") else name))
         return found
 
+    def spec_keys(self, spec: TrainSpec):
+        if spec.method not in TRAINERS:
+            return None  # an unknown method is reported by name, with the installed ones
+        fields = TRAINERS.get(spec.method).config_class.model_fields
+        return {"method"} | set(fields) | {f.alias for f in fields.values() if f.alias}
+
     def check(self, recipe: Recipe, step: Step) -> None:
         """The trainer's config accepts the step's keys (step references left as written)."""
         fields = train_fields(step.spec)
