@@ -11,7 +11,7 @@ from loraforge.cli.output import (
 )
 from loraforge.registry.consumers import CONSUMERS, consumers_help
 
-KINDS = ["lora", "slider", "checkpoint", "dataset", "image"]
+KINDS = ["lora", "slider", "checkpoint", "dataset", "image", "report"]
 
 # `ls`, `show`, `lineage` and `tag` read the catalog through loraforge.registry.rows (plain sqlite3 and
 # the stored manifest JSON): they start without pydantic or sqlite-utils.
@@ -81,16 +81,25 @@ def ls(ctx, kind, name, limit, offset, as_json):
 @click.pass_context
 def show(ctx, ref, as_json):
     """Show the manifest of REF (name, name:3, name:alias, sha256:prefix)."""
+    from loraforge.registry.evaluations import metrics_of
     from loraforge.registry.rows import aliases, resolve
 
     catalog = catalog_from_ctx(ctx)
     row = resolve(catalog, ref)
     manifest = row.manifest()
+    evaluations = metrics_of(catalog, row.ref)
     if as_json:
-        echo_json(manifest)
+        echo_json({**manifest, "evaluations": evaluations} if evaluations else manifest)
         return
     click.echo("\n".join(_manifest_lines(manifest, [a for a, v in aliases(catalog, row.name).items()
                                                      if v == row.version])))
+    if evaluations:
+        click.echo("evaluations (latest of each metric):")
+        for metric, e in evaluations.items():
+            settings = e["settings"]
+            click.echo(f"  {metric} = {e['value']:.4f}  (evaluator {e['evaluator_version']}; "
+                       f"{len(e['prompts'])} prompt(s) x {len(e['seeds'])} seed(s), {settings.get('steps')} steps, "
+                       f"guidance {settings.get('guidance')}; {e['created_at']})")
 
 
 def _manifest_lines(m: dict, aliases: list[str]) -> list[str]:

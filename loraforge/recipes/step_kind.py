@@ -25,8 +25,8 @@ from loraforge.registry.manifest import Manifest, Parent, RecipeInfo
 ROLE_ACCEPTS: dict[str, set[str]] = {
     "model": {"checkpoint"},
     "adapter": {"lora", "slider", "adapter"},
-    "artifact": {"checkpoint", "lora", "slider", "adapter", "image", "dataset"},
-    "any": {"checkpoint", "lora", "slider", "adapter", "image", "dataset"},
+    "artifact": {"checkpoint", "lora", "slider", "adapter", "image", "dataset", "report"},
+    "any": {"checkpoint", "lora", "slider", "adapter", "image", "dataset", "report"},
     "path": set(),
 }
 

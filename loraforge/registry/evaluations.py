@@ -42,19 +42,31 @@ def m001_evaluations(db) -> None:
     db[TABLE].create_index(["name", "version"])
 
 
-def _table(holder):
-    """The evaluations table of a Registry or an open Catalog (both know their home and whether it is read-only)."""
+def _catalog(holder):
+    """The open Catalog of a Registry, or the Catalog itself."""
+    return getattr(holder, "db", holder)
+
+
+def _write_table(registry):
+    """The evaluations table, its migrations applied (a Registry or a Catalog: both know their home)."""
     from loraforge.registry.tables import open_table
 
-    return open_table(holder.home, "evaluations", TABLE, read_only=holder.read_only)
+    return open_table(registry.home, "evaluations", TABLE, read_only=registry.read_only)
+
+
+def _read_table(holder):
+    """The evaluations table on the caller's own connection, read only: a catalog that was never scored has no
+    table yet and reads as empty, without applying migrations (so `registry show` stays a plain-sqlite3 read)."""
+    from loraforge.registry.tables import CatalogTable
+
+    return CatalogTable(_catalog(holder), TABLE, read_only=True)
 
 
 def _row(holder, ref: str):
     """The catalog row of `ref`; a Registry is read through its own catalog."""
     from loraforge.registry.rows import resolve
 
-    catalog = getattr(holder, "db", holder)
-    return resolve(catalog, ref)
+    return resolve(_catalog(holder), ref)
 
 
 def record_metrics(registry, ref: str, metrics: dict[str, float], *, evaluators: dict[str, str],
@@ -68,7 +80,7 @@ def record_metrics(registry, ref: str, metrics: dict[str, float], *, evaluators:
     if missing:
         raise ConfigError(f"no evaluator version given for metric(s) {', '.join(missing)} of {ref}")
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    table = _table(registry)
+    table = _write_table(registry)
     with table.transaction():
         for metric, value in metrics.items():
             table.insert({"name": row.name, "version": row.version, "digest": row.digest, "metric": metric,
@@ -85,7 +97,7 @@ def metrics_of(registry, ref: str) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     # The digest too: a removed latest version's number is given again to the next registration.
     where = {"name": row.name, "version": row.version, "digest": row.digest}
-    for r in _table(registry).rows(where, order_by="id"):
+    for r in _read_table(registry).rows(where, order_by="id"):
         out[r["metric"]] = {"value": r["value"], "evaluator_version": r["evaluator_version"],
                             "prompts": json.loads(r["prompts"] or "[]"), "seeds": json.loads(r["seeds"] or "[]"),
                             "settings": json.loads(r["settings"] or "{}"), "created_at": r["created_at"]}

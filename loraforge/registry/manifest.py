@@ -15,8 +15,8 @@ from loraforge import __version__
 
 SCHEMA_VERSION = 1
 
-ArtifactKind = Literal["lora", "slider", "checkpoint", "dataset", "image"]
-ARTIFACT_KINDS: tuple[str, ...] = ("lora", "slider", "checkpoint", "dataset", "image")
+ArtifactKind = Literal["lora", "slider", "checkpoint", "dataset", "image", "report"]
+ARTIFACT_KINDS: tuple[str, ...] = ("lora", "slider", "checkpoint", "dataset", "image", "report")
 
 
 class Schema(BaseModel):

@@ -56,9 +56,10 @@ def bar_chart(labels: Sequence[str], metrics: Sequence[str], values: Sequence[Se
             return plot_top + round((high - v) / span * plot_h)
 
         zero = y_of(0.0)
+        offset = (panel_w - (len(labels) * (BAR_W + BAR_GAP) + BAR_GAP)) // 2  # bars centred under the title
         draw.rectangle([left, plot_top, left + panel_w - 1, plot_top + plot_h], outline="#cccccc")
         for i, value in enumerate(column):
-            x0 = left + BAR_GAP + i * (BAR_W + BAR_GAP)
+            x0 = left + offset + BAR_GAP + i * (BAR_W + BAR_GAP)
             y = y_of(value)
             draw.rectangle([x0, min(y, zero), x0 + BAR_W, max(y, zero)], fill=PALETTE[i % len(PALETTE)])
             text = f"{value:.3g}"
