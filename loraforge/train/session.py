@@ -20,7 +20,7 @@ from loraforge.registry.manifest import Manifest, RecipeInfo, SliderInfo
 from loraforge.registry.registry import Registry
 from loraforge.train.base import TrainConfig
 from loraforge.train.checkpoint import run_key, runs_dir
-from loraforge.train.model import TrainingModel, load_training_model
+from loraforge.train.model import TrainingModel, load_training_model, precision
 from loraforge.train.peft_lora import check_rank, inject_lora, lora_parameters, module_shapes_of
 
 
@@ -118,13 +118,19 @@ class Session:
             self._base = check_family(base, self.families, self.method)
         return self._base
 
-    def load_model(self) -> TrainingModel:
-        """The frozen base, loaded once per session."""
+    def load_model(self, full_precision: bool = False) -> TrainingModel:
+        """The frozen base, loaded once per session. On CUDA its weights are stored in the autocast dtype (half
+        the memory, right for adapters); `full_precision` keeps them fp32 and only computes under autocast: a
+        full fine-tune needs fp32 master weights, and the frozen parts it saves must come back unrounded."""
         if self.model is None:
             torch.manual_seed(self.config.seed)
-            self.model = load_training_model(self.registry, self.config.base, self.config.mixed_precision,
-                                             self.config.gradient_checkpointing, config=self.config.base_config,
-                                             families=self.families, method=self.method)
+            mixed = "no" if full_precision else self.config.mixed_precision
+            model = load_training_model(self.registry, self.config.base, mixed,
+                                        self.config.gradient_checkpointing, config=self.config.base_config,
+                                        families=self.families, method=self.method)
+            if full_precision:
+                model.autocast_dtype = precision(self.config.mixed_precision, model.device)
+            self.model = model
         return self.model
 
     def forward_unet(self):
@@ -185,6 +191,50 @@ class Session:
             for out, manifest, files in staged:
                 registered.append(register_adapter(self.registry, out.state, manifest, input_digest=self.input_digest,
                                                    extra_files=files))
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        shutil.rmtree(self._scratch, ignore_errors=True)
+        return registered
+
+    def finish_checkpoint(self, name: str, *, datasets: Sequence[Manifest], metrics: dict,
+                          validation_prompts: Sequence[str] = (), dtype: torch.dtype = torch.float32) -> Manifest:
+        """Register the trained pipeline as a `checkpoint`: the whole diffusers folder written by save_pretrained
+        in safetensors (in `dtype`), with the validation grid, parents base and datasets, and the run's config.
+        Registration is one registry transaction: a failure before it leaves nothing registered."""
+        from loraforge.models.builtin import quiet_progress_bars
+        from loraforge.registry.manifest import BaseInfo, Parent, Provenance
+        from loraforge.train.validation import save_grid, validation_grid
+
+        c, model = self.config, self.model
+        base = model.base
+        with tempfile.TemporaryDirectory(dir=tmp_dir(self.registry.home), prefix="checkpoint-") as tmp:
+            files = list(self._periodic_files.get("default", []))
+            prompts = list(c.validation_prompts) or list(validation_prompts)
+            if prompts:  # a checkpoint has no adapter to scale: one column, the trained model
+                grid = validation_grid(model.pipe, prompts, (1.0,), seed=c.seed, steps=c.validation_steps,
+                                       resolution=c.resolution, title=f"{name} ({self.method})")
+                files.append((save_grid(grid, Path(tmp) / "grid"), "validation.png"))
+            folder = Path(tmp) / "pipeline"
+            for part in (getattr(model.pipe, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")):
+                if part is not None and part.dtype != dtype:
+                    part.to(dtype)
+            with quiet_progress_bars():
+                model.pipe.save_pretrained(folder, safe_serialization=True)
+            files = [(p, p.relative_to(folder).as_posix()) for p in sorted(folder.rglob("*")) if p.is_file()] + files
+            params = c.model_dump(mode="json")
+            parents = [Parent(ref=base.ref, digest=base.digest, role="base")]
+            parents += [Parent(ref=d.ref, digest=d.digest, role="dataset") for d in datasets]
+            facts = {k: params[k] for k in ("steps", "learning_rate", "lr_scheduler", "batch_size",
+                                            "gradient_accumulation", "resolution", "seed") if k in params}
+            facts["dtype"] = str(dtype).replace("torch.", "")
+            manifest = Manifest(
+                name=name, kind="checkpoint", digest="", files=[], layout="diffusers",
+                base=BaseInfo(ref=base.ref, digest=base.digest, family=base.family),
+                provenance=Provenance(source=f"train:{self.method}", method=f"train:{self.method}", params=params,
+                                      parents=parents, recipe=self.recipe, training=facts, run_id=self.run_id,
+                                      dataset_digest=datasets[0].digest if datasets else None),
+                metrics=metrics,
+            )
+            registered = self.registry.register(manifest, files, input_digest=self.input_digest)
         shutil.rmtree(self.run_dir, ignore_errors=True)
         shutil.rmtree(self._scratch, ignore_errors=True)
         return registered

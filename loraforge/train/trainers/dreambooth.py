@@ -1,0 +1,119 @@
+"""Full DreamBooth: the UNet's own weights (and optionally the text encoders') fine-tuned on a subject bound to a
+trigger token, with optional prior preservation; the result is a `checkpoint` artifact, a whole diffusers folder."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, Optional
+
+import torch
+from pydantic import Field, model_validator
+
+from loraforge.plugins import TRAINERS
+from loraforge.registry.manifest import Manifest
+from loraforge.train.dreambooth_data import DreamBoothData, DreamBoothDataConfig
+from loraforge.train.trainers.lora import LoraTrainer, text_encoder_components
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loraforge.train.session import Session
+
+LORA_ONLY = ("rank", "alpha", "target_modules")  # TrainConfig fields a full fine-tune has no use for
+_LORA_ONLY_HELP = "LoRA only: a full fine-tune trains every weight and refuses a value other than the default."
+
+
+class DreamBoothConfig(DreamBoothDataConfig):
+    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate of AdamW (a full fine-tune moves every "
+                                                           "weight: far lower than a LoRA's).")
+    train_text_encoder: bool = Field(False, description="Also fine-tune the text encoders' own weights (SDXL: both).")
+    save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="dtype of the saved checkpoint's weights (fp32 keeps untrained parts bit-identical to an "
+                            "fp32 base; choose the base's own dtype to keep its size).")
+    rank: int = Field(8, ge=1, description=_LORA_ONLY_HELP)
+    alpha: Optional[float] = Field(None, gt=0, description=_LORA_ONLY_HELP)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+                                      description=_LORA_ONLY_HELP)
+
+    @model_validator(mode="after")
+    def _refuse_lora_options(self) -> "DreamBoothConfig":
+        fields = type(self).model_fields
+        given = [f"{n}={getattr(self, n)!r}" for n in LORA_ONLY
+                 if getattr(self, n) != fields[n].get_default(call_default_factory=True)]
+        if given:
+            what, it = ("is a LoRA option", "it") if len(given) == 1 else ("are LoRA options", "them")
+            raise ValueError(f"{', '.join(given)} {what}, which a full DreamBooth fine-tune (every UNet weight) has no "
+                             f"use for; drop {it}, or train dreambooth_lora for a LoRA")
+        return self
+
+
+@TRAINERS.register("dreambooth", reference_url="https://arxiv.org/abs/2208.12242", version="1")
+class DreamBoothTrainer(DreamBoothData, LoraTrainer):
+    """Full DreamBooth: fine-tune the UNet (and optionally the text encoders) into a checkpoint."""
+
+    # LoraTrainer supplies the caption dataset's batches (`_source`); `run` trains full weights, not a LoRA.
+    config_class = DreamBoothConfig
+    method = "dreambooth"
+    families = ("sd1", "sdxl")
+
+    def run(self, session: Session) -> list[Manifest]:
+        from loraforge.formats.safetensors_io import dtype_from_name
+        from loraforge.train.data import batch_indices, prepare_dataset, step_generator
+        from loraforge.train.loop import run_loop
+        from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
+
+        config, registry, output = session.config, session.registry, session.output
+        data = prepare_dataset(registry, config.dataset, output=output, instance_prompt=config.instance_prompt)
+        datasets = [data.manifest]
+        prior = self.prior_data(session)  # the class images, with prior preservation
+        if prior is not None:
+            datasets.append(prior.manifest)
+        model = session.load_model(full_precision=True)
+        sources = [self._source(session, d) for d in [data] + ([prior] if prior else [])]
+        components = ["unet", *text_encoder_components(session)]
+        params = unfreeze(session, components)
+        unet = session.forward_unet()
+        prompts = list(dict.fromkeys(data.captions))[:2]
+        session.periodic = [("default", prompts, (1.0,))]
+        n_timesteps = model.noise_scheduler.config.num_train_timesteps
+
+        def step_fn(step: int, micro: int):
+            total = 0.0
+            for k, source in enumerate(sources):
+                idx = batch_indices(len(source.data), config.batch_size, step, micro, config.seed + k,
+                                    config.gradient_accumulation)
+                latents, text = source.batch(idx)
+                if text is None:
+                    text = encode_prompts(model, source.prompts(idx), grad=True)
+                noise, t = sample_noise(latents, step_generator(config.seed, step, micro, stream=k), n_timesteps)
+                weight = 1.0 if k == 0 else self.prior_weight(config)
+                total = total + weight * denoising_loss(model, unet, latents, text, noise, t)
+            return total
+
+        try:
+            result = run_loop(title=f"train {self.method} {output}", params=params, step_fn=step_fn,
+                              samples_per_step=config.batch_size * len(sources), **session.loop_kwargs())
+        finally:
+            freeze(session, components)
+        return [session.finish_checkpoint(output, datasets=datasets, metrics=result.metrics, validation_prompts=prompts,
+                                          dtype=dtype_from_name(config.save_dtype))]
+
+
+def unfreeze(session: Session, components: list[str]) -> dict[str, torch.nn.Parameter]:
+    """Make every weight of `components` trainable (in train mode, as the reference DreamBooth script does; with
+    gradient checkpointing also in the text encoders, whose checkpointing runs only in train mode); returns them
+    named `<component>.<parameter>`, the names checkpoints and optimisers use."""
+    params: dict[str, torch.nn.Parameter] = {}
+    for component in components:
+        module = getattr(session.model.pipe, component)
+        module.requires_grad_(True)
+        module.train()
+        if component != "unet" and session.config.gradient_checkpointing:
+            module.gradient_checkpointing_enable()
+        params.update({f"{component}.{n}": p for n, p in module.named_parameters()})
+    return params
+
+
+def freeze(session: Session, components: list[str]) -> None:
+    """Back to frozen inference mode, for the validation images and the save."""
+    for component in components:
+        module = getattr(session.model.pipe, component)
+        module.requires_grad_(False)
+        module.eval()
