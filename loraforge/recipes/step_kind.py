@@ -103,6 +103,17 @@ class StepKind:
             return None
         return set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
 
+    def scores(self, spec: Any) -> list[tuple[str, list[str]]]:
+        """(reference as written, metric names) of each artifact a step scores; gated publishes wait for it.
+
+        By default a spec with `refs` and `metrics` lists (the `eval` step's) scores every ref with every metric.
+        """
+        refs, metrics = getattr(spec, "refs", None), getattr(spec, "metrics", None)
+        if not isinstance(refs, (list, tuple)) or not isinstance(metrics, (list, tuple)):
+            return []
+        names = [m if isinstance(m, str) else str(getattr(m, "name", m)) for m in metrics]
+        return [(ref, names) for ref in refs if isinstance(ref, str)]
+
     def runs_after(self, recipe: Recipe, step: Step) -> list[str]:
         """Steps this one waits for beyond those it reads (a gated publish waits for the evals scoring it)."""
         return []

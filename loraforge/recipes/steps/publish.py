@@ -1,4 +1,8 @@
-"""`publish:` entries: push an artifact to the Hugging Face Hub once the step that makes it succeeded."""
+"""`publish:` entries: push an artifact to the Hugging Face Hub once the step that makes it succeeded.
+
+With `gates:` the entry first checks the artifact's recorded metrics (see `loraforge.recipes.gates`)
+and waits for the recipe's steps that score it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loraforge.errors import HubError, LoraforgeError
 from loraforge.plugins import STEP_KINDS
+from loraforge.recipes.gates import Gate, check_gates, scoring_steps
+from loraforge.recipes.loader import step_ref
+from loraforge.recipes.schema import Recipe, Step
 from loraforge.recipes.step_kind import SpecReference, StepContext, StepKind
 
 
@@ -16,6 +23,9 @@ class PublishSpec(BaseModel):
     artifact: str = Field(description="Artifact to push: `${step}` or a registry reference.")
     repo: str = Field(description="Hub repository, org/name.")
     private: bool = False
+    gates: dict[str, Gate] = Field(
+        default_factory=dict, description="METRIC: {min, max, no_regression_vs: previous, tolerance, better}: "
+                                          "scores the artifact needs before it is pushed.")
 
     @model_validator(mode="after")
     def _push_accepts_it(self) -> "PublishSpec":
@@ -44,6 +54,26 @@ class PublishStep(StepKind):
     def references(self, spec: PublishSpec) -> list[SpecReference]:
         return [SpecReference(("artifact",), "artifact", spec.artifact)]
 
+    def check(self, recipe: Recipe, step: Step) -> None:
+        """A gate on an artifact the recipe builds needs a step of the recipe that computes its metric."""
+        spec = step.spec
+        if not spec.gates or step_ref(spec.artifact) is None:
+            return  # a registry artifact may have been scored before (`loraforge eval`)
+        scored = scoring_steps(recipe, spec.artifact)
+        computed = set().union(*scored.values()) if scored else set()
+        index = int(step.id.split("-")[1]) - 1
+        for metric in spec.gates:
+            if metric in computed:
+                continue
+            have = (f"; the eval steps scoring it ({', '.join(scored)}) compute {', '.join(sorted(computed))}"
+                    if scored else "")
+            raise recipe.source.error(("publish", index, "gates", metric),
+                                      f"gate on {metric!r}, which no step computes for {spec.artifact}{have}: add an "
+                                      f"eval step with refs: [{spec.artifact}] and metrics: [{metric}]")
+
+    def runs_after(self, recipe: Recipe, step: Step) -> list[str]:
+        return list(scoring_steps(recipe, step.spec.artifact)) if step.spec.gates else []
+
     def run(self, ctx: StepContext) -> None:
         try:
             from loraforge.hub.push import publish
@@ -54,6 +84,8 @@ class PublishStep(StepKind):
                            f"(loraforge.hub.push) does not import ({exc}); reinstall loraforge with its "
                            "dependencies (pip install loraforge)") from None
         spec = ctx.spec
+        if spec.gates:  # before anything is sent: a blocked version leaves the repo as it was
+            check_gates(ctx.registry, spec.artifact, spec.gates, echo=ctx.echo)
         options = {"private": spec.private, **(spec.model_extra or {})}
         result = publish(ctx.registry, spec.artifact, spec.repo, **options)
         ctx.echo(f"published {spec.artifact} to {spec.repo}" + (f" ({result})" if result else ""))
