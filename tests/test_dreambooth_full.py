@@ -159,6 +159,39 @@ def test_save_dtype_fp16_writes_half_weights(shared_home, subject):
     assert m.provenance.training["dtype"] == "float16"
 
 
+# ---- memory options -----------------------------------------------------------------------------
+
+def test_gradient_checkpointing_recomputes_and_trains_the_same_weights(home, tmp_path, monkeypatch):
+    import torch.utils.checkpoint
+
+    data = checks(tmp_path / "d")
+    values = dict(dataset=str(data), instance_prompt=SUBJECT, steps=2, train_text_encoder=True, validation_prompts=[])
+    [plain] = train(home, "plain", **values)
+    real, calls = torch.utils.checkpoint.checkpoint, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)  # what diffusers' UNet blocks call
+    [recomputed] = train(home, "recomputed", gradient_checkpointing=True, **values)
+    assert calls, "gradient_checkpointing did not reach the UNet"
+    for component in ("unet", "text_encoder"):
+        a, b = (weights(Registry(home).checkout(m), component) for m in (plain, recomputed))
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), component
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+@pytest.mark.parametrize("flags, named", [(["--mixed-precision", "bf16"], "mixed_precision bf16 needs a CUDA GPU"),
+                                          (["--use-8bit-adam"], "use_8bit_adam needs a CUDA GPU")])
+def test_cuda_memory_options_are_refused_on_cpu_in_one_line(home, tmp_path, flags, named):
+    result = cli_run(home, "train", "dreambooth", "--name", "db", "--dataset", str(checks(tmp_path / "d")),
+                     "--instance-prompt", SUBJECT, "--steps", "1", *flags)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and named in lines[0], result.output
+    assert Registry(home).list() == []
+
+
 # ---- resume and failures ------------------------------------------------------------------------
 
 class Killed(Exception):
@@ -303,6 +336,16 @@ def test_checkpoint_serves_as_base_of_generate(shared_home, tuned, tmp_path):
         return np.asarray(Image.open(out), dtype=np.float32)
 
     assert np.abs(image(m.ref) - image("builtin:tiny-sd")).mean() > 1.0
+
+
+def test_checkpoint_serves_as_base_of_a_lora_run(shared_home, tuned, subject):
+    m, _ = tuned
+    result = cli_run(shared_home, "train", "lora", "--name", "on-db", "--base", m.ref, "--dataset", str(subject),
+                     "--instance-prompt", SUBJECT, "--steps", "1", "--resolution", str(RES), "--rank", "2",
+                     "--validation-steps", "2", "--json")
+    assert result.exit_code == 0, result.output
+    [lora] = json.loads(result.output)
+    assert lora["base"]["ref"] == m.ref and lora["base"]["digest"] == m.digest
 
 
 # ---- SDXL --------------------------------------------------------------------------------------------

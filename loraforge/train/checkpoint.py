@@ -1,4 +1,5 @@
-"""Resumable training checkpoints under `<home>/runs/<run key>/`: LoRA weights, optimiser, RNG states, step."""
+"""Resumable training checkpoints under `<home>/runs/<run key>/`: the trained weights (LoRA layers, or a full
+fine-tune's every weight), optimiser, RNG states, step."""
 
 from __future__ import annotations
 
@@ -89,8 +90,8 @@ def load_checkpoint(path: Path) -> TrainState:
 def restore_checkpoint(ckpt: TrainState, params: dict[str, torch.nn.Parameter], optimizer) -> None:
     """Copy weights, optimiser and RNG states back; names must match the run's parameters exactly."""
     if set(ckpt.params) != set(params):
-        raise TrainingError("the checkpoint's LoRA layers differ from this run's: the configuration changed; "
-                            "delete the run folder or train without resume")
+        raise TrainingError("the checkpoint's trained parameters (LoRA layers or full weights) differ from this "
+                            "run's: the configuration changed; delete the run folder or train without resume")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(ckpt.params[name].to(p.device, p.dtype))
