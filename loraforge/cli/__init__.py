@@ -17,6 +17,7 @@ from loraforge.quiet import quiet_library_logs
 COMMANDS: dict[str, str] = {
     "registry": "loraforge.cli.registry:registry",
     "generate": "loraforge.cli.generate:generate",
+    "render": "loraforge.cli.render:render",
     "merge": "loraforge.cli.merge:merge",
     "lora": "loraforge.cli.lora:lora",
     "methods": "loraforge.cli.plugins:methods",
@@ -32,6 +33,7 @@ COMMANDS: dict[str, str] = {
 COMMAND_HELP: dict[str, str] = {
     "registry": "Version, inspect, export and clean the local artifact registry.",
     "generate": "Generate one image from a base model with adapters.",
+    "render": "Render prompts with several artifacts side by side in one grid.",
     "merge": "Merge checkpoints or LoRA adapters.",
     "lora": "Fuse, extract and resize LoRA adapters.",
     "methods": "List merge methods, LoRA algebra methods and trainers.",

@@ -38,3 +38,16 @@ def generate_image(registry, base_ref: str, lora_specs: Sequence[str], prompt: s
     pipe, _base, _loaded = load_pipeline_with_adapters(registry, base_ref, lora_specs, config=config)
     return generate(pipe, prompt, seed=seed, steps=steps, guidance=guidance, height=size, width=size,
                     negative_prompt=negative_prompt)
+
+
+def render_rows(pipe, rows: Sequence[tuple[str, int]], *, steps: int, guidance: float, size: Optional[int] = None,
+                negative_prompt: Optional[str] = None) -> list:
+    """One image per (prompt, seed) row in one batched call: one generator per row, so each row's noise is exactly
+    what a single-image call with that seed draws (small models run far faster batched)."""
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in rows]
+    negative = [negative_prompt] * len(rows) if negative_prompt else None
+    result = pipe([p for p, _ in rows], num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                  negative_prompt=negative, generator=generators, output_type="pil")
+    return list(result.images)

@@ -82,20 +82,28 @@ def split_view_prompts(prompt: str, n_views: int) -> list[str]:
 
 
 def illusion_eps(unet, x: torch.Tensor, t, views: Sequence[View], conds: Sequence[torch.Tensor],
-                 uncond: torch.Tensor, guidance: float, adapters: Sequence[str] | None = None,
-                 per_view: bool = False):
+                 uncond: torch.Tensor | Sequence[torch.Tensor], guidance: float, adapters: Sequence[str] | None = None,
+                 per_view: bool = False, activate: Callable[[int], None] | None = None):
     """The averaged noise estimate ε = mean_i vᵢ⁻¹(ε_CFG(vᵢ(x), pᵢ)) for latents `x` (B, C, H, W).
 
     `conds[i]` are the text embeddings (B, tokens, dim) of view i's prompt, `uncond` the negative prompt's.
-    With `adapters`, adapter `adapters[i]` is made active for view i (one LoRA per view, joint-style);
-    otherwise all views go through the UNet in one batch. `per_view` also returns the list of εᵢ.
+    With `adapters`, adapter `adapters[i]` is made active for view i (one LoRA per view, joint-style); with
+    `activate`, `activate(i)` is called before view i's UNet call (a set of weighted adapters per view), and
+    `uncond` may then be one embedding per view; otherwise all views go through the UNet in one batch.
+    `per_view` also returns the list of εᵢ.
     """
     n = x.shape[0]
     for v in views:
         if v.square and x.shape[-1] != x.shape[-2]:
             raise ConfigError(f"view {v.name} needs a square image; got latents {x.shape[-2]}x{x.shape[-1]}")
     t = torch.as_tensor(t, device=x.device)
-    if adapters is None:
+    if adapters is not None:
+        from loraforge.models.peft_layers import activate_adapter
+
+        activate = (lambda i: activate_adapter(unet, adapters[i]))  # noqa: E731
+    unconds = list(uncond) if isinstance(uncond, (list, tuple)) else [uncond] * len(views)
+    if activate is None:
+        uncond = unconds[0]
         xs = torch.cat([v.apply(x) for v in views])
         inputs = torch.cat([xs, xs])
         text = torch.cat([uncond.expand(n * len(views), -1, -1), torch.cat(list(conds))])
@@ -104,11 +112,9 @@ def illusion_eps(unet, x: torch.Tensor, t, views: Sequence[View], conds: Sequenc
         e_uncond, e_cond = out[: n * len(views)], out[n * len(views):]
         guided = (e_uncond + guidance * (e_cond - e_uncond)).split(n)
     else:
-        from loraforge.models.peft_layers import activate_adapter
-
         guided = []
-        for v, cond, name in zip(views, conds, adapters):
-            activate_adapter(unet, name)
+        for i, (v, cond, uncond) in enumerate(zip(views, conds, unconds)):
+            activate(i)
             xi = v.apply(x)
             out = unet(torch.cat([xi, xi]), t.repeat(2) if t.dim() else t, encoder_hidden_states=torch.cat([uncond.expand(n, -1, -1), cond])).sample
             e_uncond, e_cond = out.float()[:n], out.float()[n:]
@@ -116,6 +122,29 @@ def illusion_eps(unet, x: torch.Tensor, t, views: Sequence[View], conds: Sequenc
     eps = [v.inverse(e) for v, e in zip(views, guided)]
     mean = torch.stack(eps).mean(dim=0)
     return (mean, eps) if per_view else mean
+
+
+def use_adapters(model, pairs: Sequence[tuple[str, float]]) -> None:
+    """Make exactly `pairs` ((diffusers adapter name, weight)) active in `model` — a pipeline (UNet and text
+    encoders) or one UNet — and every other loaded adapter inactive; no pair is the base alone."""
+    from diffusers import DiffusionPipeline
+
+    if isinstance(model, DiffusionPipeline):
+        if not pairs:
+            model.disable_lora()
+            return
+        model.enable_lora()
+        model.set_adapters([n for n, _ in pairs], adapter_weights=[w for _, w in pairs])
+        return
+    present = getattr(model, "peft_config", None) or {}
+    pairs = [(n, w) for n, w in pairs if n in present]  # a text-encoder-only adapter is not in the UNet
+    if not present:
+        return
+    if not pairs:
+        model.disable_adapters()
+        return
+    model.enable_adapters()
+    model.set_adapters([n for n, _ in pairs], weights=[w for _, w in pairs])
 
 
 def encode_text(pipe, prompts: Sequence[str]) -> torch.Tensor:
@@ -152,10 +181,13 @@ def initial_latents(pipe, seed: int, height: int | None, width: int | None, batc
 def illusion_sample(pipe, prompts: Sequence[str], views: Sequence[str | View], seed: int = 0, steps: int = 30,
                     guidance: float = 7.5, *, height: int | None = None, width: int | None = None,
                     negative_prompt: str = "", eta: float = 0.0, latents: torch.Tensor | None = None,
-                    adapters: Sequence[str] | None = None, return_views: bool = False, output: str = "pil"):
+                    adapters: Sequence[str] | None = None, return_views: bool = False, output: str = "pil",
+                    view_adapters: Sequence[Sequence[tuple[str, float]]] | None = None):
     """Sample one visual anagram with a DDIM sampler on an SD1 pipeline.
 
-    `prompts[i]` is what the image should show under `views[i]`. Returns the PIL image; with
+    `prompts[i]` is what the image should show under `views[i]`. `view_adapters[i]`: the (diffusers adapter
+    name, weight) pairs active while view i is denoised and its prompt encoded — what a joint run trained for
+    that view — and no other loaded adapter (an empty set is the base alone). Returns the PIL image; with
     `return_views` also the list of per-view images (the image as view i sees it: decode(vᵢ(x₀))).
     `output="latent"` returns the final latents instead of images (for tests and further processing).
     """
@@ -169,12 +201,25 @@ def illusion_sample(pipe, prompts: Sequence[str], views: Sequence[str | View], s
     dtype = pipe.unet.dtype
     scheduler = ddim_scheduler(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
-    conds = [c[None].to(dtype) for c in encode_text(pipe, prompts)]
-    uncond = encode_text(pipe, [negative_prompt])[:1].to(dtype)
+    activate = None
+    if view_adapters is not None:
+        if len(view_adapters) != len(views):
+            raise ConfigError(f"an illusion needs one adapter set per view: got {len(view_adapters)} for "
+                              f"{len(views)} view(s)")
+        conds, uncond = [], []
+        for i, prompt in enumerate(prompts):  # the text encoder's adapters, too, are the view's own
+            use_adapters(pipe, view_adapters[i])
+            conds.append(encode_text(pipe, [prompt]).to(dtype))
+            uncond.append(encode_text(pipe, [negative_prompt]).to(dtype))
+        activate = (lambda i: use_adapters(pipe.unet, view_adapters[i]))  # noqa: E731
+    else:
+        conds = [c[None].to(dtype) for c in encode_text(pipe, prompts)]
+        uncond = encode_text(pipe, [negative_prompt])[:1].to(dtype)
     x = (initial_latents(pipe, seed, height, width) if latents is None else latents.float().clone()).to(device)
     generator = torch.Generator("cpu").manual_seed(seed + 1)
     for t in scheduler.timesteps:
-        eps = illusion_eps(pipe.unet, x.to(dtype), t, views, conds, uncond, guidance, adapters=adapters)
+        eps = illusion_eps(pipe.unet, x.to(dtype), t, views, conds, uncond, guidance, adapters=adapters,
+                           activate=activate)
         x = scheduler.step(eps.float(), t, x.float(), eta=eta, generator=generator if eta > 0 else None).prev_sample
     if output == "latent":
         return x

@@ -1,14 +1,17 @@
-"""`render:` steps: a labelled image grid — prompts × seeds down, one adapter's weight sweep across.
+"""`render:` steps: a labelled image grid — prompts × seeds down; across, one adapter's weight sweep, the
+artifacts of a comparison (`compare:`, see `loraforge.render.compare`) or the views of an illusion.
 
 The adapters are loaded into the pipeline once; each column only changes their weights with
 `set_adapters`, and every row uses the same seed in every column, so columns differ by the sweep alone.
+A slider used outside its recorded scale range is rendered, with a one-line warning on stderr.
 """
 
 from __future__ import annotations
 
 import tempfile
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Union
 
 from pydantic import Field, model_validator
 
@@ -27,23 +30,100 @@ class SweepSpec(Spec):
     label: Optional[str] = Field(None, description="Column label prefix (default: the adapter's reference).")
 
 
+def _adapter_inputs(value: Any) -> Any:
+    """`[REF, {ref, weight}]` as adapter inputs: a bare reference is that adapter at weight 1."""
+    if isinstance(value, list):
+        return [{"ref": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+class CompareColumn(Spec):
+    artifacts: list[AdapterInput] = Field(
+        default_factory=list, description="What the column renders with: at most one checkpoint (rendered in its own "
+                                          "pipeline) and any adapters at their weights; none is the base alone.")
+    label: Optional[str] = Field(None, description="Column label (default: each artifact's ref, with its weight "
+                                                   "when it is a slider or not 1).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_forms(cls, data: Any) -> Any:
+        """`base`, `REF`, `{ref: REF, weight: W}` or a list of those: the column's artifacts."""
+        if isinstance(data, str):
+            from loraforge.render.compare import BASE_COLUMN
+
+            return {"artifacts": [] if data.strip() == BASE_COLUMN else [{"ref": data}]}
+        if isinstance(data, list):
+            return {"artifacts": _adapter_inputs(data)}
+        if isinstance(data, dict) and "ref" in data:
+            return {"artifacts": [{k: v for k, v in data.items() if k != "label"}],
+                    **({"label": data["label"]} if "label" in data else {})}
+        if isinstance(data, dict) and "artifacts" in data:
+            return {**data, "artifacts": _adapter_inputs(data["artifacts"])}
+        return data
+
+
+class ViewInput(Spec):
+    view: str = Field(description="identity, vflip, hflip, rot90, rot180, rot270, negate or jigsaw[:GRID[:SEED]].")
+    adapters: list[AdapterInput] = Field(
+        default_factory=list, description="Adapters active only while this view is denoised (with the step's "
+                                          "`adapters`), e.g. the view's adapter of a joint run.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_refs(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "adapters" in data:
+            return {**data, "adapters": _adapter_inputs(data["adapters"])}
+        return data
+
+
+def view_name(view: Union[str, ViewInput]) -> str:
+    return view.view if isinstance(view, ViewInput) else view
+
+
 class RenderSpec(Spec):
     base: Optional[str] = Field(None, description="Checkpoint to render with (default: the recipe's base).")
     base_config: Optional[str] = Field(None, description="Diffusers folder of the base's architecture whose configs "
                                                          "and tokenizers a single-file base is read with.")
     adapters: list[AdapterInput] = Field(default_factory=list, description="Adapters applied at fixed weights.")
     prompts: list[str] = Field(min_length=1, description="One grid row per prompt and seed.")
-    seeds: list[int] = Field([0], min_length=1, description="Seeds; the same seed gives the same noise in every column.")
+    seeds: list[int] = Field([0], min_length=1, description="Seeds; the same seed gives the same noise in every "
+                                                            "column (`seed: N` is `seeds: [N]`).")
     sweep: Optional[SweepSpec] = Field(None, description="Vary one adapter's weight across columns.")
+    compare: Optional[list[CompareColumn]] = Field(
+        None, min_length=1, description="Compare artifacts side by side, one column each: `base` (no adapter), a LoRA, "
+                                        "a slider or an embedding at weight 1, a checkpoint (its own pipeline), "
+                                        "{ref, weight}, or a list of those composed in one column (sliders at "
+                                        "fixed scales).")
     steps: int = Field(10, ge=1, description="Denoising steps per image.")
     guidance: float = Field(5.0, description="Classifier-free guidance scale.")
     size: Optional[int] = Field(None, ge=8, description="Image size in pixels (default: the model's).")
     negative_prompt: Optional[str] = None
     title: Optional[str] = Field(None, description="Grid title (default: recipe name and step id).")
-    views: Optional[list[str]] = Field(
+    views: Optional[list[Union[str, ViewInput]]] = Field(
         None, description="Render visual-anagram illusions: one view per '|'-separated part of each prompt "
-                          "(identity, vflip, hflip, rot90, rot180, rot270, negate, jigsaw); the columns show "
-                          "the image as each view sees it.")
+                          "(identity, vflip, hflip, rot90, rot180, rot270, negate, jigsaw), or {view, adapters} "
+                          "to denoise that view with its own adapters; the columns show the image as each view "
+                          "sees it.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_seed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "seed" in data:
+            if "seeds" in data:
+                raise ValueError("give seed or seeds, not both")
+            data = {**{k: v for k, v in data.items() if k != "seed"}, "seeds": [data["seed"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "RenderSpec":
+        if self.compare is not None:
+            for other in ("sweep", "views"):
+                if getattr(self, other):
+                    raise ValueError(f"a comparison (compare) cannot also have {other}; use two render steps")
+            if self.adapters:
+                raise ValueError("a comparison (compare) applies no step-wide adapters: list them in each "
+                                 "column, e.g. compare: [[${lora}, ${slider}], ...]")
+        return self
 
     @model_validator(mode="after")
     def _size_in_latent_blocks(self) -> "RenderSpec":
@@ -60,7 +140,7 @@ class RenderSpec(Spec):
             from loraforge.render.views import parse_view
 
             for view in self.views:
-                parse_view(view)
+                parse_view(view_name(view))
             if self.sweep is not None:
                 raise ValueError("an illusion render (views) cannot also sweep an adapter; use two render steps")
             for prompt in self.prompts:
@@ -84,6 +164,14 @@ class RenderStep(StepKind):
         refs = [SpecReference(("base",), "model", spec.base), *adapter_references(spec.adapters)]
         if spec.sweep is not None:
             refs.append(SpecReference(("sweep", "adapter"), "adapter", spec.sweep.adapter))
+        for i, column in enumerate(spec.compare or []):
+            # A column's artifact is an adapter or a checkpoint: which one is known when it resolves.
+            refs += [SpecReference(("compare", i, "artifacts", j, "ref"), "artifact", a.ref)
+                     for j, a in enumerate(column.artifacts)]
+        for i, view in enumerate(spec.views or []):
+            if isinstance(view, ViewInput):
+                refs += [SpecReference(("views", i, "adapters", j, "ref"), "adapter", a.ref)
+                         for j, a in enumerate(view.adapters)]
         return refs
 
     def with_defaults(self, spec: RenderSpec, defaults: StepDefaults) -> RenderSpec:
@@ -94,14 +182,17 @@ class RenderStep(StepKind):
 
     def run(self, ctx: StepContext) -> Manifest:
         spec = ctx.spec
-        grid, cells, parents, base = render_grid(ctx.registry, spec)
-        rows, cols, _ = grid_labels(spec)
+        if spec.compare is not None:
+            grid, cells, parents, base = compare_grid(ctx.registry, spec)
+            method = "render:compare"
+        else:
+            grid, cells, parents, base = render_grid(ctx.registry, spec)
+            method = "render:illusion" if spec.views else "render:grid"
         manifest = Manifest(
             name=ctx.output, kind="image", digest="", files=[],
             base=BaseInfo(ref=base.ref, digest=base.digest, family=base.family),
-            provenance=Provenance(method="render:illusion" if spec.views else "render:grid",
-                                  params=spec.model_dump(mode="json")),
-            metrics={"rows": len(rows), "columns": len(cols), "cell_size": list(cells[0][0].size),
+            provenance=Provenance(method=method, params=spec.model_dump(mode="json")),
+            metrics={"rows": len(cells), "columns": len(cells[0]), "cell_size": list(cells[0][0].size),
                      "grid_size": list(grid.size)},
         )
         manifest = ctx.stamp(manifest, parents=parents)
@@ -111,21 +202,43 @@ class RenderStep(StepKind):
             return ctx.registry.register(manifest, [(path, "grid.png")], input_digest=ctx.input_digest)
 
 
+def warn_on_stderr(message: str) -> None:
+    print(f"Warning: {message}", file=sys.stderr)
+
+
+def compare_grid(registry, spec, progress=None, warn=warn_on_stderr):
+    """(grid image, [[cell images]], parents, base) of a `compare:` render spec."""
+    from loraforge.render.compare import Column, render_comparison
+
+    columns = [Column(tuple((a.ref, a.weight) for a in c.artifacts), c.label) for c in spec.compare]
+    result = render_comparison(registry, spec.base, columns, spec.prompts, seeds=spec.seeds, steps=spec.steps,
+                               guidance=spec.guidance, size=spec.size, negative_prompt=spec.negative_prompt,
+                               title=spec.title, config=spec.base_config, warn=warn, progress=progress)
+    return result.grid, result.cells, result.parents, result.base
+
+
 def grid_labels(spec) -> tuple[list[tuple[str, int]], list[str], list[float | None]]:
     """(rows as (prompt, seed), column labels, the sweep weight of each column or None)."""
+    from loraforge.render.compare import weighted_label
+
     rows = [(p, s) for p in spec.prompts for s in spec.seeds]
     if spec.views:
-        return rows, [f"view {v}" for v in spec.views], [None] * len(spec.views)
+        labels = ["\n".join([f"view {view_name(v)}"] + [weighted_label(a.ref, a.weight, a.weight != 1.0)
+                                                          for a in getattr(v, "adapters", [])])
+                  for v in spec.views]
+        return rows, labels, [None] * len(spec.views)
     if spec.sweep is None:
-        return rows, ["as stacked"], [None]
+        stacked = [weighted_label(a.ref, a.weight) for a in spec.adapters]
+        return rows, ["\n".join(stacked) or "base"], [None]
     label = spec.sweep.label or spec.sweep.adapter
     return rows, [f"{label} = {w:g}" for w in spec.sweep.scales], list(spec.sweep.scales)
 
 
-def render_grid(registry, spec, progress=None):
-    """(grid image, [[cell images]], parents) for a concrete render spec."""
+def render_grid(registry, spec, progress=None, warn=warn_on_stderr):
+    """(grid image, [[cell images]], parents, base) for a concrete render spec (a sweep, a stack or an illusion)."""
     from loraforge.models.base_config import with_config
     from loraforge.models.pipeline import load_pipeline
+    from loraforge.render.compare import slider_range_problem
     from loraforge.render.grid import image_grid
     from loraforge.registry.resolve import base_targets, load_adapter, resolve_base
     from loraforge.render import apply_adapters
@@ -142,25 +255,43 @@ def render_grid(registry, spec, progress=None):
         else:
             adapters.append((spec.sweep.adapter, 0.0))
             sweep_index = len(adapters) - 1
+    view_indices = []  # per view: the indices into `adapters` of the adapters only that view uses
+    for view in spec.views or []:
+        own = list(getattr(view, "adapters", []))
+        view_indices.append(list(range(len(adapters), len(adapters) + len(own))))
+        adapters += [(a.ref, a.weight) for a in own]
     parents = [Parent(ref=base.ref, digest=base.digest, role="base")]
     loaded = []
-    for ref, weight in adapters:
+    for index, (ref, weight) in enumerate(adapters):
         state, manifest = load_adapter(registry, ref, base=base)
         if targets is not None:
             state.check_against(targets)
         loaded.append((state, weight))
+        for scale in spec.sweep.scales if index == sweep_index else [weight]:
+            problem = slider_range_problem(manifest, ref, scale)
+            if problem:
+                warn(problem)
         parents.append(Parent(ref=manifest.ref if manifest else ref, digest=manifest.digest if manifest else None,
-                              role="adapter", weight=None if len(parents) - 1 == sweep_index else weight))
+                              role="adapter", weight=None if index == sweep_index else weight))
     if sweep_index is not None and not reweightable(loaded[sweep_index][0]):
         raise ConfigError(f"render sweep: adapter {adapters[sweep_index][0]} has full-weight, DoRA, bias or norm "
                           "differences, which are added to the weights once and cannot change weight per column; "
                           "sweep a LoRA, LoHa, LoKr or Tucker LoCon adapter, or render one grid per weight")
+    for index in (i for own in view_indices for i in own):
+        if not reweightable(loaded[index][0]):
+            raise ConfigError(f"illusion view adapter {adapters[index][0]} has full-weight, DoRA, bias or norm "
+                              "differences, which are added to the weights of every view; apply it to all views "
+                              "(the step's adapters) or give the view a LoRA, LoHa, LoKr or Tucker LoCon adapter")
     pipe = load_pipeline(base)
     names = apply_adapters(pipe, loaded)
     rows, col_labels, sweep = grid_labels(spec)
     cells: list[list] = [[] for _ in rows]
     if spec.views:
-        cells = _illusion_rows(pipe, rows, spec)
+        view_sets = None
+        if any(view_indices):
+            shared = [i for i in range(len(spec.adapters)) if names[i] is not None]
+            view_sets = [[(names[i], adapters[i][1]) for i in shared + own] for own in view_indices]
+        cells = _illusion_rows(pipe, rows, spec, view_sets)
         sweep = []
     for weight in sweep:
         if any(n is not None for n in names):
@@ -178,28 +309,25 @@ def render_grid(registry, spec, progress=None):
     return grid, cells, parents, base
 
 
-def _illusion_rows(pipe, rows: list[tuple[str, int]], spec) -> list[list]:
-    """One row per (prompt, seed): the illusion as each view sees it (see `loraforge.render.illusion`)."""
+def _illusion_rows(pipe, rows: list[tuple[str, int]], spec, view_sets=None) -> list[list]:
+    """One row per (prompt, seed): the illusion as each view sees it (see `loraforge.render.illusion`);
+    `view_sets[i]`: the (adapter name, weight) pairs view i is denoised with."""
     from loraforge.render.illusion import illusion_sample, split_view_prompts
 
+    views = [view_name(v) for v in spec.views]
     out = []
     for prompt, seed in rows:
         _image, per_view = illusion_sample(
-            pipe, split_view_prompts(prompt, len(spec.views)), spec.views, seed, spec.steps, spec.guidance,
-            height=spec.size, width=spec.size, negative_prompt=spec.negative_prompt or "", return_views=True)
+            pipe, split_view_prompts(prompt, len(views)), views, seed, spec.steps, spec.guidance,
+            height=spec.size, width=spec.size, negative_prompt=spec.negative_prompt or "", return_views=True,
+            view_adapters=view_sets)
         out.append(list(per_view))
     return out
 
 
 def _column(pipe, rows: list[tuple[str, int]], spec) -> list:
-    """All rows of one column in one batched call: one generator per row, so each row's noise is
-    exactly what a single-image call with that seed draws (small models run far faster batched)."""
-    import torch
+    """All rows of one column in one batched call (`loraforge.render.generate.render_rows`)."""
+    from loraforge.render.generate import render_rows
 
-    generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in rows]
-    negative = [spec.negative_prompt] * len(rows) if spec.negative_prompt else None
-    result = pipe([p for p, _ in rows], num_inference_steps=spec.steps, guidance_scale=spec.guidance,
-                  height=spec.size, width=spec.size, negative_prompt=negative, generator=generators,
-                  output_type="pil")
-    return list(result.images)
-
+    return render_rows(pipe, rows, steps=spec.steps, guidance=spec.guidance, size=spec.size,
+                       negative_prompt=spec.negative_prompt)
