@@ -66,8 +66,9 @@ def test_a_regression_blocks_the_push_and_within_tolerance_it_goes(home, hub, ti
     assert "v1" in before[0]
 
     score(registry, "style:2", clip_score=0.25)
-    assert apply_refused(home, publish_recipe(tmp_path, "style:2", gates)) == ("Error: step 'publish-1' failed: publish blocked: clip_score 0.25 < 0.29 "
-                                "(style:1 scored 0.3, tolerance 0.01) for style:2")
+    line = apply_refused(home, publish_recipe(tmp_path, "style:2", gates))
+    assert line == ("Error: step 'publish-1' failed: publish blocked: clip_score 0.25 < 0.29 "
+                    "(style:1 scored 0.3, tolerance 0.01) for style:2")
     assert repo_state(hub) == before  # nothing was pushed
 
     score(registry, "style:2", clip_score=0.295)  # scored again: the latest record counts

@@ -123,8 +123,8 @@ steps:
 def test_methods_sweep_with_per_method_overrides(home, recipe):
     path = recipe(METHODS)
     message = refused(run_cli(home, "recipe", "validate", str(path), ok=False))
-    assert message == (f"Error: {path.resolve()}:5:13: steps.personalise.train.prior_loss_weight: method 'recipe_fake' takes no "
-                       "'prior_loss_weight' (sweep point personalise-1e-4-recipe_fake): leave it out for that "
+    assert message == (f"Error: {path.resolve()}:5:13: steps.personalise.train.prior_loss_weight: method "
+                       "'recipe_fake' takes no 'prior_loss_weight' (sweep point personalise-1e-4-recipe_fake): leave it out for that "
                        "method with sweep_overrides: {recipe_fake: {prior_loss_weight: null}}")
     fixed = METHODS.replace("    output: pers\n", "    output: pers\n    sweep_overrides: {recipe_fake: "
                             "{prior_loss_weight: null}, dreambooth_lora: {learning_rate: [5.0e-3]}}\n")

@@ -73,7 +73,8 @@ def check_gates(registry, ref: str, gates: dict[str, Gate], echo: Callable[[str]
         if gate.no_regression_vs == "previous":
             failures += _no_regression(registry, manifest, metric, value, gate, echo)
     if failures:
-        more = f" (and {len(failures) - 1} more failing gate{'s' if len(failures) > 2 else ''})" if len(failures) > 1 else ""
+        others = len(failures) - 1
+        more = f" (and {others} more failing gate{'s' if others > 1 else ''})" if others else ""
         raise GateFailed(f"publish blocked: {failures[0]}{more}")
 
 

@@ -1,4 +1,4 @@
-"""The step DAG of a recipe: dependencies from `${step}` references, `after:` and a kind's `runs_after`, cycles, order."""
+"""The step DAG of a recipe: dependencies from `${step}` references, `after:` and a kind's `runs_after`; order."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from loraforge.recipes.loader import RecipeSource, step_ref
 
