@@ -13,6 +13,8 @@ from loraforge.registry.consumers import CONSUMERS, consumers_help
 
 KINDS = ["lora", "slider", "checkpoint", "dataset", "image", "report"]
 
+VALIDATION_GRID = "validation.png"  # the grid a training run renders and stores with its artifact
+
 # `ls`, `show`, `lineage` and `tag` read the catalog through loraforge.registry.rows (plain sqlite3 and
 # the stored manifest JSON): they start without pydantic or sqlite-utils.
 
@@ -78,8 +80,11 @@ def ls(ctx, kind, name, limit, offset, as_json):
 @registry.command()
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+@click.option("--validation-grid", "validation_grid", type=click.Path(dir_okay=False, path_type=Path),
+              metavar="OUT.png", help="Also write the artifact's validation grid (the validation.png a training "
+                                      "run stores with what it trained) to OUT.png.")
 @click.pass_context
-def show(ctx, ref, as_json):
+def show(ctx, ref, as_json, validation_grid):
     """Show the manifest of REF (name, name:3, name:alias, sha256:prefix)."""
     from loraforge.registry.evaluations import metrics_of
     from loraforge.registry.rows import aliases, resolve
@@ -87,6 +92,9 @@ def show(ctx, ref, as_json):
     catalog = catalog_from_ctx(ctx)
     row = resolve(catalog, ref)
     manifest = row.manifest()
+    if validation_grid is not None:
+        _write_validation_grid(ctx, row.ref, manifest, validation_grid)
+        click.echo(f"validation grid: wrote {validation_grid}", err=as_json)
     evaluations = metrics_of(catalog, row.ref)
     if as_json:
         echo_json({**manifest, "evaluations": evaluations} if evaluations else manifest)
@@ -100,6 +108,26 @@ def show(ctx, ref, as_json):
             click.echo(f"  {metric} = {e['value']:.4f}  (evaluator {e['evaluator_version']}; "
                        f"{len(e['prompts'])} prompt(s) x {len(e['seeds'])} seed(s), {settings.get('steps')} steps, "
                        f"guidance {settings.get('guidance')}; {e['created_at']})")
+
+
+def _write_validation_grid(ctx, ref: str, manifest: dict, output: Path) -> None:
+    """Copy the artifact's validation.png out of the blob store, checked against its recorded digest."""
+    import shutil
+
+    from loraforge.errors import ConfigError, IntegrityError
+    from loraforge.hashing import sha256_file
+
+    entry = next((f for f in manifest["files"] if f["path"] == VALIDATION_GRID), None)
+    if entry is None:
+        raise ConfigError(f"{ref} ({manifest['kind']}) has no {VALIDATION_GRID}: only artifacts a training run made "
+                          "carry one (`loraforge registry show` lists an artifact's files)")
+    blob = registry_from_ctx(ctx).blobs.path(entry["sha256"])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(blob, output)
+    if sha256_file(output) != entry["sha256"]:
+        output.unlink()
+        raise IntegrityError(f"the stored {VALIDATION_GRID} of {ref} does not match its digest "
+                             f"{entry['sha256'][:12]}: run `loraforge registry verify`")
 
 
 def _manifest_lines(m: dict, aliases: list[str]) -> list[str]:
