@@ -219,6 +219,7 @@ class Session:
                     part.to(dtype)
             with quiet_progress_bars():
                 model.pipe.save_pretrained(folder, safe_serialization=True)
+            _drop_load_paths(folder)
             files = [(p, p.relative_to(folder).as_posix()) for p in sorted(folder.rglob("*")) if p.is_file()] + files
             params = c.model_dump(mode="json")
             parents = [Parent(ref=base.ref, digest=base.digest, role="base")]
@@ -238,3 +239,15 @@ class Session:
         shutil.rmtree(self.run_dir, ignore_errors=True)
         shutil.rmtree(self._scratch, ignore_errors=True)
         return registered
+
+
+def _drop_load_paths(folder: Path) -> None:
+    """Remove the `_name_or_path` save_pretrained writes into diffusers configs: where the base was loaded from,
+    a path of this machine, which would leak into the artifact and make its digest depend on where the base sits."""
+    import json
+
+    for path in folder.rglob("*.json"):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(config, dict) and "_name_or_path" in config:
+            del config["_name_or_path"]
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
