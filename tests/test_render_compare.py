@@ -95,6 +95,16 @@ def test_composed_sliders_are_labelled_with_their_scales_and_warned_outside_thei
                       "images may fall apart there"]
 
 
+def test_a_local_adapter_file_is_a_column_like_its_registry_artifact(home, adapters, tmp_path):
+    from loraforge.render.compare import parse_column, render_comparison
+
+    path = str(tmp_path / "style.safetensors")
+    result = render_comparison(Registry(home), "builtin:tiny-sd", [parse_column("style:1"), parse_column(path)],
+                               PROMPTS[:1], steps=2, size=16)
+    assert result.column_labels == ["style:1", path]
+    assert np.array_equal(pixels(result.cells[0][0]), pixels(result.cells[0][1]))
+
+
 def test_the_out_of_range_warning_is_one_line_on_stderr(home, adapters, tmp_path):
     result = CliRunner().invoke(cli, [
         "render", "--base", "builtin:tiny-sd", "--prompt", "x", "--steps", "1", "--size", "16",

@@ -92,7 +92,9 @@ def _is_model(registry, ref: str):
     if parsed.kind in ("builtin", "hub_model"):
         return True, None
     if parsed.kind == "path":
-        return (parsed.path / "model_index.json").is_file(), None
+        from loraforge.registry.importer import detect_kind
+
+        return detect_kind(parsed.path) == "checkpoint", None  # what `registry import` would call it
     manifest = resolve_artifact(registry, parsed)
     return manifest.kind == "checkpoint", manifest
 
