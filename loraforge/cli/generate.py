@@ -14,7 +14,9 @@ from loraforge.cli.output import registry_from_ctx
 @click.option("--config", "config", metavar="DIR",
               help="Diffusers folder of the base's architecture whose configs and tokenizers a single-file base "
                    "is read with (needed offline for a single file that is not a builtin's).")
-@click.option("--lora", "loras", multiple=True, metavar="REF[=WEIGHT]", help="Adapter with an optional weight; repeatable.")
+@click.option("--lora", "loras", multiple=True, metavar="REF[=WEIGHT]",
+              help="Adapter with an optional weight; repeatable. A textual-inversion embedding goes here too, without "
+                   "a weight: write its token in --prompt.")
 @click.option("--prompt", required=True, help="Text prompt.")
 @click.option("--negative-prompt", help="Negative prompt.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -32,7 +32,7 @@ def hub_base_id(ref: Optional[str]) -> Optional[str]:
 
 
 def base_model_relation(manifest: Manifest) -> Optional[str]:
-    if manifest.kind in ("lora", "slider"):
+    if manifest.kind in ("lora", "slider", "embedding"):
         return "adapter"
     if manifest.kind == "checkpoint":
         method = manifest.provenance.method or ""
@@ -59,7 +59,9 @@ def base_models(manifest: Manifest) -> list[str]:
 
 
 def instance_prompt(manifest: Manifest, registry=None) -> Optional[str]:
-    """The trigger words: from the training facts, the parameters, or the dataset parent."""
+    """The trigger words: an embedding's token; else from the training facts, the parameters, or the dataset parent."""
+    if manifest.embedding is not None:
+        return manifest.embedding.token
     for source in (manifest.provenance.training or {}, manifest.provenance.params):
         for key in ("instance_prompt", "trigger", "trigger_words"):
             if isinstance(source.get(key), str) and source[key]:
@@ -95,6 +97,8 @@ def card_metadata(manifest: Manifest, license: Optional[str] = None, registry=No
         tags.insert(0, "lora")
     if manifest.kind == "slider":
         tags.append("slider")
+    if manifest.kind == "embedding":
+        tags[:0] = ["textual_inversion", "embedding"]
     if relation == "merge":
         tags.append("merge")
     family = manifest.base.family if manifest.base else None
@@ -135,6 +139,7 @@ def render_card(manifest: Manifest, *, weight_name: Optional[str], repo: str, fi
     out = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
     out += [f"# {manifest.name} v{manifest.version}", ""]
     kind_text = {"lora": "A LoRA adapter", "slider": "A Concept Slider (LoRA)",
+                 "embedding": "A textual-inversion embedding",
                  "checkpoint": "A checkpoint", "dataset": "A dataset"}.get(manifest.kind, manifest.kind)
     out.append(f"{kind_text} versioned and published with loraforge "
                f"(`{manifest.ref}`, digest `{manifest.digest[:16]}`).")
@@ -142,7 +147,9 @@ def render_card(manifest: Manifest, *, weight_name: Optional[str], repo: str, fi
     grids = [f for f in files if f.lower().endswith(".png")]
     if grids:
         out += ["## Validation images", ""] + [f"![{f}]({f})" for f in grids] + [""]
-    if "instance_prompt" in meta:
+    if manifest.embedding is not None:
+        out += embedding_lines(manifest, meta, repo, files)
+    elif "instance_prompt" in meta:
         out += ["## Trigger words", "", f"Use `{meta['instance_prompt']}` in the prompt.", ""]
     if weight_name:
         base = meta.get("base_model")
@@ -185,6 +192,32 @@ def render_card(manifest: Manifest, *, weight_name: Optional[str], repo: str, fi
     out += ["## Files", ""] + [f"- `{f}`" for f in files] + [
         "- `loraforge.json`: the loraforge manifest and the sha256 of every file", ""]
     return "\n".join(out)
+
+
+def embedding_lines(manifest: Manifest, meta: dict[str, Any], repo: str, files: list[str]) -> list[str]:
+    """The card's token and how-to-load sections of an embedding: diffusers' load_textual_inversion, once per
+    text encoder for SDXL (clip_l into text_encoder, clip_g into text_encoder_2), as diffusers documents."""
+    e = manifest.embedding
+    weights = next((f for f in files if f.endswith((".safetensors", ".bin"))), "learned_embeds.safetensors")
+    vectors = f"{e.num_vectors} vector{'s' if e.num_vectors != 1 else ''}"
+    out = ["## Token", "", f"Put `{e.token}` in the prompt, e.g. `a photo of {e.token}` ({vectors} per text encoder"
+           + (f", started from `{e.initializer}`" if e.initializer else "") + ").", ""]
+    base = meta.get("base_model")
+    base_id = base if isinstance(base, str) and "/" in base else "BASE_MODEL_REPO"
+    out += ["## Use it", "", "```python", "from diffusers import AutoPipelineForText2Image", "",
+            f'pipe = AutoPipelineForText2Image.from_pretrained("{base_id}")']
+    if "text_encoder_2" in e.components:
+        out += ["from huggingface_hub import hf_hub_download", "from safetensors.torch import load_file", "",
+                f'state = load_file(hf_hub_download("{repo}", "{weights}"))',
+                f'pipe.load_textual_inversion(state["clip_l"], token="{e.token}", text_encoder=pipe.text_encoder, '
+                'tokenizer=pipe.tokenizer)',
+                f'pipe.load_textual_inversion(state["clip_g"], token="{e.token}", text_encoder=pipe.text_encoder_2, '
+                'tokenizer=pipe.tokenizer_2)']
+    else:
+        out.append(f'pipe.load_textual_inversion("{repo}", weight_name="{weights}", token="{e.token}")')
+    out += [f'image = pipe("a photo of {e.token}").images[0]', "```", "",
+            f"Or pull it with its provenance: `loraforge hub pull {repo}@v{manifest.version}`.", ""]
+    return out
 
 
 def parse_front_matter(text: str) -> dict[str, Any]:

@@ -104,9 +104,15 @@ def load_inputs(registry, adapters: list[AdapterInput], base=None):
     """[(state, manifest or None, parent ref, digest)] for each adapter input."""
     from loraforge.registry.resolve import load_adapter
 
+    from loraforge.formats.embeddings import Embedding
+
     loaded = []
     for item in adapters:
         state, manifest = load_adapter(registry, item.ref, base=base)
+        if isinstance(state, Embedding):
+            raise ConfigError(f"{item.ref} is an embedding (token {state.token}): LoRA algebra cannot fold a token "
+                              "embedding into a LoRA or a checkpoint; stack the LoRAs and give the embedding to the "
+                              "render or generate step beside them")
         if manifest is not None:
             loaded.append((state, manifest, manifest.ref, manifest.digest))
         else:

@@ -20,13 +20,14 @@ from loraforge.recipes.schema import Recipe, Step, StepDefaults
 from loraforge.registry import Registry
 from loraforge.registry.manifest import Manifest, Parent, RecipeInfo
 
-# Which artifact kinds a reference role accepts ("adapter" output of a train step fits both); a role
-# with an empty set (a path) is never a `${step}` and is not checked against what a step makes.
+# Which artifact kinds a reference role accepts ("adapter" output of a train step fits all three: a LoRA,
+# a slider or a textual-inversion embedding); a role with an empty set (a path) is never a `${step}` and is
+# not checked against what a step makes.
 ROLE_ACCEPTS: dict[str, set[str]] = {
     "model": {"checkpoint"},
-    "adapter": {"lora", "slider", "adapter"},
-    "artifact": {"checkpoint", "lora", "slider", "adapter", "image", "dataset", "report"},
-    "any": {"checkpoint", "lora", "slider", "adapter", "image", "dataset", "report"},
+    "adapter": {"lora", "slider", "embedding", "adapter"},
+    "artifact": {"checkpoint", "lora", "slider", "embedding", "adapter", "image", "dataset", "report"},
+    "any": {"checkpoint", "lora", "slider", "embedding", "adapter", "image", "dataset", "report"},
     "path": set(),
 }
 

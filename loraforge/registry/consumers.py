@@ -22,13 +22,15 @@ class Consumer:
     tool: str  # how users know the program
     adapter_format: str  # a registered adapter format name
     checkpoint_layout: str | None  # "single_file" or "diffusers"; None: it loads no checkpoints
+    embedding_format: str | None = None  # "diffusers" or "a1111" (formats.embeddings); None: it loads none
 
 
 CONSUMERS: dict[str, Consumer] = {c.name: c for c in (
-    Consumer("comfyui", "ComfyUI (LoraLoader, checkpoint loaders)", "kohya", "single_file"),
-    Consumer("a1111", "AUTOMATIC1111 / Forge WebUI", "kohya", "single_file"),
-    Consumer("kohya", "kohya sd-scripts", "kohya", "single_file"),
-    Consumer("diffusers", "diffusers (load_lora_weights, from_pretrained)", "diffusers", "diffusers"),
+    Consumer("comfyui", "ComfyUI (LoraLoader, checkpoint loaders)", "kohya", "single_file", "a1111"),
+    Consumer("a1111", "AUTOMATIC1111 / Forge WebUI", "kohya", "single_file", "a1111"),
+    Consumer("kohya", "kohya sd-scripts", "kohya", "single_file", "a1111"),
+    Consumer("diffusers", "diffusers (load_lora_weights, load_textual_inversion, from_pretrained)", "diffusers",
+             "diffusers", "diffusers"),
     Consumer("peft", "PEFT (PeftModel.from_pretrained, one folder per model)", "peft", None),
 )}
 
@@ -41,16 +43,17 @@ def consumers_help() -> str:
     return "Program that will load the file; picks the format: " + "; ".join(
         f"{c.name}: {c.adapter_format}" + (f" (checkpoints: {c.checkpoint_layout.replace('_', '-')})"
                                            if c.checkpoint_layout else "")
-        for c in CONSUMERS.values()) + "."
+        for c in CONSUMERS.values()) + "; embeddings: " + ", ".join(
+        f"{c.name} {c.embedding_format}" for c in CONSUMERS.values() if c.embedding_format) + "."
 
 
 def export_format(kind: str, fmt: str | None, consumer: str | None) -> str | None:
     """The format to export an artifact of `kind` in, from `--format` and `--for` as given (None: not given).
 
-    An adapter with neither gets diffusers; a checkpoint or dataset with neither gets None (as stored).
+    An adapter or embedding with neither gets diffusers; a checkpoint or dataset with neither gets None (as stored).
     A `--for` whose format contradicts `--format` is refused, naming both."""
     if consumer is None:
-        return fmt if fmt is not None else (DEFAULT_ADAPTER_FORMAT if kind in ADAPTER_KINDS else None)
+        return fmt if fmt is not None else (DEFAULT_ADAPTER_FORMAT if kind in ADAPTER_KINDS + ("embedding",) else None)
     if consumer not in CONSUMERS:
         raise ConfigError(f"unknown --for {consumer!r}; known: {', '.join(CONSUMERS)}")
     c = CONSUMERS[consumer]
@@ -61,6 +64,11 @@ def export_format(kind: str, fmt: str | None, consumer: str | None) -> str | Non
             loaders = ", ".join(n for n, other in CONSUMERS.items() if other.checkpoint_layout)
             raise ConfigError(f"{c.tool} loads adapters, not checkpoints; use --for with one of {loaders}")
         needed = c.checkpoint_layout
+    elif kind == "embedding":
+        if c.embedding_format is None:
+            loaders = ", ".join(n for n, other in CONSUMERS.items() if other.embedding_format)
+            raise ConfigError(f"{c.tool} loads adapters of modules, not token embeddings; use --for with one of {loaders}")
+        needed = c.embedding_format
     else:
         raise ConfigError(f"a {kind} is exported as stored; drop --for {consumer}")
     given = fmt.replace("-", "_") if fmt is not None else None

@@ -69,6 +69,8 @@ def export_artifact(registry: Registry, ref: str, fmt: str | None, out: Path,
                                    and (fmt or "").replace("-", "_") == "diffusers"):
         raise ConfigError(f"--config names the configs a single-file checkpoint is converted with (--format "
                           f"diffusers); {manifest.ref} is not exported that way: drop --config")
+    if manifest.kind == "embedding":
+        return _export_embedding(registry, manifest, fmt, out)
     if manifest.kind in ("lora", "slider"):
         return _export_adapter(registry, manifest, fmt, out, kohya_names or _default_kohya_names(manifest, fmt, consumer),
                                with_manifest, report or (lambda line: None))
@@ -91,6 +93,30 @@ def export_artifact(registry: Registry, ref: str, fmt: str | None, out: Path,
         return written
 
     return _write_new(out, is_folder=True, write=copy_files)
+
+
+def _export_embedding(registry: Registry, manifest: Manifest, fmt: str, out: Path) -> list[Path]:
+    """An embedding as diffusers (`out` ending .safetensors/.bin is the file, anything else a folder holding
+    learned_embeds.safetensors, what load_textual_inversion looks for) or a1111 (`.pt` is the pickle A1111 writes,
+    else emb_params safetensors, .safetensors added when missing); SDXL files hold clip_l/clip_g either way."""
+    from loraforge.formats.embeddings import CANONICAL_NAME, EXPORT_FORMATS, write_embedding
+    from loraforge.registry.resolve import load_embedding
+
+    fmt = "diffusers" if fmt == "native" else fmt
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"{manifest.ref} is an embedding: export it with --format diffusers or a1111 "
+                          f"(or --for diffusers|a1111|comfyui), not {fmt}")
+    emb = load_embedding(registry, manifest)
+    suffix = out.suffix.lower()
+    if fmt == "diffusers" and suffix not in (SUFFIX, ".bin"):
+        def write_folder(dest: Path) -> list[Path]:
+            Path(dest).mkdir(parents=True, exist_ok=True)
+            return [write_embedding(emb, Path(dest) / CANONICAL_NAME)]
+
+        return _write_new(out, is_folder=True, write=write_folder)
+    if suffix not in (SUFFIX, ".pt", ".bin"):
+        out = out.with_name(out.name + SUFFIX)
+    return _write_new(out, is_folder=False, write=lambda dest: [write_embedding(emb, dest, fmt)])
 
 
 def _default_kohya_names(manifest: Manifest, fmt: str | None, consumer: str | None) -> str | None:

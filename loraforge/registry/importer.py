@@ -9,7 +9,7 @@ from loraforge.errors import ConfigError, FormatError
 from loraforge.hashing import iter_folder_files, sha256_file
 from loraforge.registry.dataset import IMAGE_SUFFIXES, dataset_files, scan_dataset
 from loraforge.registry.manifest import (
-    AdapterInfo, BaseInfo, DatasetInfo, Manifest, Parent, Provenance, SliderInfo,
+    AdapterInfo, BaseInfo, DatasetInfo, EmbeddingInfo, Manifest, Parent, Provenance, SliderInfo,
 )
 from loraforge.registry.registry import Registry
 
@@ -34,14 +34,14 @@ def _is_checkpoint_file(path: Path) -> bool:
     return any(k.startswith(CHECKPOINT_PREFIXES) for k in keys)
 
 
-def _pickled_checkpoint(path: Path) -> Optional[object]:
+def _pickled_checkpoint(path: Path, data: object = None) -> Optional[object]:
     """What a pickled single-file checkpoint (`.ckpt`, `.pt` …: torch.save of its state dict, perhaps under
     "state_dict") unpickles to, loaded with weights_only=True and memory-mapped where torch can; None for a
     pickle whose keys are not a checkpoint's (an adapter). A pickle torch cannot load safely is refused here,
     in the one line every pickle reader gives (formats.pickles)."""
     from loraforge.formats.pickles import load_weights_only
 
-    data = load_weights_only(path, mmap=True)
+    data = load_weights_only(path, mmap=True) if data is None else data
     inner = data.get("state_dict") if isinstance(data, dict) and isinstance(data.get("state_dict"), dict) else data
     if isinstance(inner, dict) and any(isinstance(k, str) and k.startswith(CHECKPOINT_PREFIXES) for k in inner):
         return data
@@ -96,8 +96,12 @@ def import_artifact(
     instance_prompt: Optional[str] = None,
     input_digest: Optional[str] = None,
     stamp: Optional[Callable[[Manifest], Manifest]] = None,
+    token: Optional[str] = None,
 ) -> Manifest:
     """Import `path` as the next version of `name`. Nothing is registered when a check fails.
+
+    An embedding file (diffusers, A1111 or SDXL clip_l/clip_g; see formats.embeddings) is recognised by its
+    keys; its token is the file's own where it names one (A1111's `name`), else `token`, else the file stem.
 
     `stamp` adds provenance to the manifest before it is registered (a recipe step's facts), and
     `input_digest` is stored with the version: a version is never patched once committed.
@@ -106,9 +110,23 @@ def import_artifact(
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"{path} does not exist")
+    from loraforge.formats.embeddings import is_embedding_file, is_embedding_pickle
+
     pickled = None
-    if kind in (None, "checkpoint") and path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
-        pickled = _pickled_checkpoint(path)
+    if token is not None and kind not in (None, "embedding"):
+        raise ConfigError(f"--token names the token of an embedding; {path} is imported as a {kind}: drop --token")
+    if kind in (None, "embedding") and is_embedding_file(path):
+        return _import_embedding(registry, path, name, None, token, base, input_digest, stamp)
+    if kind in (None, "checkpoint", "embedding") and path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+        from loraforge.formats.pickles import load_weights_only
+
+        data = load_weights_only(path, mmap=True)
+        if kind != "checkpoint" and is_embedding_pickle(data):
+            return _import_embedding(registry, path, name, data, token, base, input_digest, stamp)
+        pickled = _pickled_checkpoint(path, data) if kind != "embedding" else None
+    if kind == "embedding":
+        raise FormatError(f"{path} is not an embedding file: expected a .safetensors or .pt/.bin holding "
+                          "{token: tensor}, string_to_param (A1111), emb_params or clip_l/clip_g")
     detected = "checkpoint" if pickled is not None else detect_kind(path)
     kind = kind or detected
     if kind in ("lora", "slider"):
@@ -124,6 +142,53 @@ def import_artifact(
         return import_dataset(registry, path, name, instance_prompt=instance_prompt, input_digest=input_digest,
                               stamp=stamp)
     raise ConfigError(f"cannot import {path} as kind {kind!r}")
+
+
+def _import_embedding(registry: Registry, path: Path, name: str, data: object, token: Optional[str],
+                      base_ref: Optional[str], input_digest: Optional[str],
+                      stamp: Callable[[Manifest], Manifest]) -> Manifest:
+    """Register an embedding file as its canonical learned_embeds.safetensors; with `base_ref`, refused in one line
+    when the base's text encoders differ in width or its tokenizers already hold the token."""
+    from loraforge.formats.embeddings import embedding_from_state_dict, read_embedding
+    from loraforge.registry.resolve import resolve_base
+
+    if data is None:
+        emb, fmt = read_embedding(path, token)
+    else:
+        emb, fmt = embedding_from_state_dict(data, path, token)
+    base = resolve_base(registry, base_ref) if base_ref else None
+    if base is not None:
+        from loraforge.models.text_encoders import base_text_encoders, check_embedding_fits
+
+        check_embedding_fits(emb, base_text_encoders(base, registry.home), base.ref)
+    params: dict = {"format": fmt, "token": emb.token, "source_sha256": sha256_file(path),
+                    "source_size": path.stat().st_size}
+    manifest = Manifest(
+        name=name, kind="embedding", digest="", files=[], embedding=embedding_info(emb, fmt),
+        base=BaseInfo(ref=base.ref, digest=base.digest, family=base.family) if base else None,
+        provenance=Provenance(source=str(path.resolve()), method="import", params=params),
+    )
+    return register_embedding(registry, emb, stamp(manifest), input_digest)
+
+
+def embedding_info(emb, fmt: str) -> EmbeddingInfo:
+    return EmbeddingInfo(token=emb.token, tokens=emb.tokens, num_vectors=emb.num_vectors, components=emb.components,
+                         dims=emb.dims, initializer=emb.initializer, format=fmt)
+
+
+def register_embedding(registry: Registry, emb, manifest: Manifest, input_digest: str | None = None,
+                       extra_files: list[tuple[Path, str]] | None = None) -> Manifest:
+    """Register `emb` (a formats.embeddings.Embedding) under `manifest` as the diffusers learned_embeds.safetensors
+    (SDXL: clip_l/clip_g) with its token in the header; `extra_files` as for `register_adapter`."""
+    from loraforge.formats.embeddings import CANONICAL_NAME, write_embedding
+
+    manifest = manifest.model_copy(update={"embedding": manifest.embedding or embedding_info(emb, "loraforge")})
+    out = registry.blobs.staging_path(CANONICAL_NAME)
+    try:
+        write_embedding(emb, out, "diffusers")
+        return registry.register(manifest, [(out, CANONICAL_NAME), *(extra_files or [])], input_digest=input_digest)
+    finally:
+        out.unlink(missing_ok=True)
 
 
 def _import_adapter(registry: Registry, path: Path, name: str, kind: str, base_ref: Optional[str],

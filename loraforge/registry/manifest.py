@@ -15,8 +15,8 @@ from loraforge import __version__
 
 SCHEMA_VERSION = 1
 
-ArtifactKind = Literal["lora", "slider", "checkpoint", "dataset", "image", "report"]
-ARTIFACT_KINDS: tuple[str, ...] = ("lora", "slider", "checkpoint", "dataset", "image", "report")
+ArtifactKind = Literal["lora", "slider", "embedding", "checkpoint", "dataset", "image", "report"]
+ARTIFACT_KINDS: tuple[str, ...] = ("lora", "slider", "embedding", "checkpoint", "dataset", "image", "report")
 
 
 class Schema(BaseModel):
@@ -78,6 +78,19 @@ class SliderInfo(Schema):
     neutral: Optional[str] = Field(None, description="Anchor prompt.")
     target: Optional[str] = None
     scale_range: tuple[float, float] = Field((-3.0, 3.0), description="Recommended scale range.")
+
+
+class EmbeddingInfo(Schema):
+    """A textual-inversion embedding: the placeholder token people put in prompts and what it adds."""
+
+    token: str = Field(description="The placeholder token to write in prompts, e.g. '<sks>'.")
+    tokens: list[str] = Field(default_factory=list, description=(
+        "Tokenizer entries it adds: the token, then token_1 ... for a multi-vector embedding (diffusers' spelling)."))
+    num_vectors: int = Field(1, ge=1, description="Learned vectors per text encoder.")
+    components: list[str] = Field(default_factory=list, description="text_encoder (SD1); SDXL also text_encoder_2.")
+    dims: dict[str, int] = Field(default_factory=dict, description="Width of each encoder's vectors.")
+    initializer: Optional[str] = Field(None, description="The word whose embedding training started from.")
+    format: Optional[str] = Field(None, description="File format it was imported from or made in.")
 
 
 class DatasetInfo(Schema):
@@ -147,6 +160,7 @@ class Manifest(Schema):
     base: Optional[BaseInfo] = None
     adapter: Optional[AdapterInfo] = None
     slider: Optional[SliderInfo] = None
+    embedding: Optional[EmbeddingInfo] = None
     dataset: Optional[DatasetInfo] = None
     layout: Optional[str] = Field(None, description="For checkpoints: single_file or diffusers.")
     provenance: Provenance = Field(default_factory=Provenance)
@@ -160,6 +174,8 @@ class Manifest(Schema):
             self.slider = SliderInfo()
         if self.kind in ("lora", "slider") and self.adapter is None:
             raise ValueError(f"a {self.kind} manifest needs adapter facts")
+        if self.kind == "embedding" and self.embedding is None:
+            raise ValueError("an embedding manifest needs embedding facts (its token)")
         if self.schema_version > SCHEMA_VERSION:
             warnings.warn(
                 f"manifest {self.name}:{self.version} has schema_version {self.schema_version}, "

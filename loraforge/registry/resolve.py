@@ -70,10 +70,16 @@ def base_targets(base, home: Optional[Path] = None) -> dict:
 
 
 def load_adapter(registry: Registry, ref: str | Reference, base=None):
-    """(LoraState, Manifest or None) for a registry/hf reference or a local adapter file/folder."""
+    """(LoraState, Manifest or None) for a registry/hf reference or a local adapter file/folder; an embedding
+    (a registry `embedding` or an embedding file) comes back as a formats.embeddings.Embedding instead, which
+    the pipeline loaders take beside LoRAs and LoRA algebra refuses."""
     from loraforge.formats import read_adapter
 
     ref = _parsed(ref)
+    if ref.kind == "path" and _is_embedding_path(ref.path):
+        from loraforge.formats.embeddings import read_embedding
+
+        return read_embedding(ref.path)[0], None
     if ref.kind == "path":
         names = None
         if base is not None:
@@ -82,7 +88,28 @@ def load_adapter(registry: Registry, ref: str | Reference, base=None):
         state, _fmt, _meta = read_adapter(ref.path, module_names=names)
         return state, None
     manifest = resolve_artifact(registry, ref)
+    if manifest.kind == "embedding":
+        return load_embedding(registry, manifest), manifest
     if manifest.kind not in ("lora", "slider"):
         raise ConfigError(f"{ref.text} is a {manifest.kind}, not an adapter")
     state, _fmt, _meta = read_adapter(registry.primary_file(manifest))
     return state, manifest
+
+
+def _is_embedding_path(path: Path) -> bool:
+    from loraforge.formats.embeddings import PICKLE_SUFFIXES, is_embedding_file, is_embedding_pickle
+    from loraforge.formats.pickles import load_weights_only
+
+    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+        return is_embedding_pickle(load_weights_only(path))
+    return is_embedding_file(path)
+
+
+def load_embedding(registry: Registry, manifest: Manifest):
+    """The formats.embeddings.Embedding a registry `embedding` artifact holds, under its recorded token."""
+    from loraforge.formats.embeddings import CANONICAL_NAME, read_embedding
+
+    folder = registry.checkout(manifest)
+    emb, _fmt = read_embedding(folder / CANONICAL_NAME, manifest.embedding.token)
+    emb.initializer = manifest.embedding.initializer
+    return emb

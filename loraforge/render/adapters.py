@@ -5,6 +5,10 @@ pair of its exact ΔW (its own low-rank factors at the variant's rank bound), so
 any LoRA. Modules without a low-rank form that small — full differences, DoRA (whose ΔW = W' − W comes from
 the pipeline's own base weight), bias and norm-layer differences — are added to the pipeline's weights once,
 scaled by the adapter's weight: exact, and cheaper than a full-rank LoRA pair.
+
+Textual-inversion embeddings (formats.embeddings.Embedding) ride in the same adapter lists: they are loaded
+with diffusers' own `load_textual_inversion` (SDXL: once per text encoder, clip_l and clip_g), and take no
+weight — a token is in the prompt or not.
 """
 
 from __future__ import annotations
@@ -16,28 +20,42 @@ from loraforge.registry.refs import parse_weighted
 
 
 def reweightable(state) -> bool:
-    """Whether every module of `state` loads through diffusers' LoRA loader, so `set_adapters` can change its
+    """Whether an embedding (whose weight is refused anyway) or every module of `state` loads through diffusers' LoRA loader, so `set_adapters` can change its
     weight later; full, DoRA, bias and norm differences are added to the weights once, at the weight given."""
+    from loraforge.formats.embeddings import Embedding
+
+    if isinstance(state, Embedding):
+        return True
     return state.is_plain_lora or all(
         (m.variant == "lora" or (hasattr(m, "lora_factors") and not m.needs_base))
         and (not hasattr(m, "bias_delta") or m.bias_delta() is None)
         for m in state.values())
 
 
-def apply_adapters(pipe, adapters: Sequence[tuple[object, float]], prefix: str = "lf") -> list[str | None]:
+def apply_adapters(pipe, adapters: Sequence[tuple[object, float]], prefix: str = "lf",
+                   base_ref: str = "the base") -> list[str | None]:
     """Load (LoraState, weight) pairs into `pipe` as named diffusers adapters and activate them; an adapter with
     a module `pipe` lacks (norm layers included, whatever the base's layout) is refused before anything loads.
-    Gives each adapter's diffusers name, in order: None for one whose every module was added to the weights."""
+    Gives each adapter's diffusers name, in order: None for one whose every module was added to the weights,
+    and for an embedding (loaded with `load_embedding`; a weight other than 1 is refused before anything loads)."""
     from loraforge.formats import lora_to_diffusers
+    from loraforge.formats.embeddings import Embedding
     from loraforge.models.pipeline import lora_target_names
 
     targets = lora_target_names(pipe, with_norms=True)
-    for state, _weight in adapters:
+    for state, weight in adapters:
         state.check_against(targets)
+        if isinstance(state, Embedding):
+            check_embedding_weight(state, weight)
     names, weights = [], []
     pristine: dict = {}  # base weights as loaded, for DoRA modules of any adapter
     for i, (state, weight) in enumerate(adapters):
         name = f"{prefix}{i}"
+        if isinstance(state, Embedding):
+            load_embedding(pipe, state, base_ref)
+            names.append(None)
+            weights.append(1.0)
+            continue
         state = loadable_state(pipe, state, float(weight), pristine)
         weights.append(float(weight))
         if not state:
@@ -53,6 +71,31 @@ def apply_adapters(pipe, adapters: Sequence[tuple[object, float]], prefix: str =
         pipe.set_adapters([n for n in names if n is not None],
                           adapter_weights=[w for n, w in zip(names, weights) if n is not None])
     return names
+
+
+def check_embedding_weight(embedding, weight: float) -> None:
+    """An embedding adds a token to the prompt vocabulary; it has no strength to scale: refuse any weight but 1."""
+    from loraforge.errors import ConfigError
+
+    if float(weight) != 1.0:
+        raise ConfigError(f"embedding '{embedding.token}' was given weight {float(weight):g}: an embedding adds the "
+                          f"token {embedding.token} to prompts and has no weight (nor a sweep); give it without =W "
+                          "and write the token in the prompt")
+
+
+def load_embedding(pipe, embedding, base_ref: str = "the base") -> None:
+    """Load `embedding` into `pipe` with diffusers' `load_textual_inversion`: SD1 as a {token: vectors} state dict,
+    SDXL once per encoder with its tokenizer and text encoder (clip_l rows into text_encoder, clip_g rows into
+    text_encoder_2), as diffusers documents. Refused first, in one line, when it does not fit the pipeline."""
+    from loraforge.models.text_encoders import check_embedding_fits, pipeline_text_encoders
+
+    check_embedding_fits(embedding, pipeline_text_encoders(pipe), base_ref)
+    if embedding.family == "sd1":
+        pipe.load_textual_inversion({embedding.token: embedding.vectors["text_encoder"]}, token=embedding.token)
+        return
+    for component, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        pipe.load_textual_inversion(embedding.vectors[component], token=embedding.token,
+                                    text_encoder=getattr(pipe, component), tokenizer=getattr(pipe, tok))
 
 
 def _layer(pipe, name: str):
@@ -117,5 +160,5 @@ def load_pipeline_with_adapters(registry, base_ref: str, lora_specs: Sequence[st
             state.check_against(targets)
         loaded.append((state, weight, manifest))
     pipe = load_pipeline(base, device=device)
-    apply_adapters(pipe, [(s, w) for s, w, _ in loaded])
+    apply_adapters(pipe, [(s, w) for s, w, _ in loaded], base_ref=base.ref)
     return pipe, base, loaded

@@ -1,0 +1,319 @@
+"""Textual inversion: the trainer learns only the new token's rows and lowers the loss; embeddings import and
+export in the diffusers, A1111 and SDXL layouts and load in diffusers' own `load_textual_inversion` with the
+text-encoder output loraforge's loading gives; they render beside LoRAs and go to the Hub with their token."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from loraforge.formats.embeddings import read_embedding
+from loraforge.home import models_dir
+from loraforge.models.builtin import BUILTIN_NAMES
+from loraforge.plugins import TRAINERS
+from loraforge.registry import Registry
+
+from cli_helpers import refused, run_cli
+
+RES = 32
+TOKEN = "<sks>"
+FAST = {"resolution": RES, "validation_steps": 2, "batch_size": 2, "learning_rate": 5e-2, "seed": 0}
+PROMPT = f"a photo of {TOKEN} on grass"
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def ti_home(tmp_path_factory, tiny_sd_path, tiny_sdxl_path) -> Path:
+    path = tmp_path_factory.mktemp("ti-home")
+    builtin = models_dir(path) / "builtin"
+    builtin.mkdir(parents=True)
+    for name, built in zip(BUILTIN_NAMES, (tiny_sd_path, tiny_sdxl_path)):
+        (builtin / name).symlink_to(built, target_is_directory=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Four red-striped images (the concept), captioned with the token."""
+    folder = tmp_path_factory.mktemp("ti-data")
+    for i in range(4):
+        arr = np.full((40, 40, 3), 30, np.uint8)
+        arr[::4, :, 0] = 230
+        arr[1::4, :, 0] = 230
+        Image.fromarray(np.roll(arr, i, axis=0)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a photo of {TOKEN}")
+    return folder
+
+
+class SpyTrainer(TRAINERS.get("textual_inversion")):
+    """The built-in trainer, keeping the pipeline it trained so a test can read every weight after the run."""
+
+    def run(self, session):
+        out = super().run(session)
+        type(self).pipe = session.model.pipe
+        return out
+
+
+def train(home: Path, output: str, dataset: Path, trainer=None, **values):
+    trainer = trainer or TRAINERS.get("textual_inversion")
+    config = trainer.config_class.model_validate({**FAST, "dataset": str(dataset), "token": TOKEN,
+                                                  "initializer": "dog", **values})
+    return trainer().train(config, registry=Registry(home), output=output, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(ti_home, images):
+    """A two-vector embedding trained for 60 steps on tiny-sd, and the pipeline it was trained in."""
+    (manifest,) = train(ti_home, "sks-ti", images, trainer=SpyTrainer, steps=60, num_vectors=2, learning_rate=0.2)
+    return manifest, SpyTrainer.pipe
+
+
+def fresh_sd(path: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prompt_embeds(pipe, prompt: str = PROMPT) -> torch.Tensor:
+    """The text conditioning the pipeline itself computes for `prompt` (multi-vector tokens spelled out by it)."""
+    with torch.no_grad():
+        out = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return out[0]
+
+
+def ours(home: Path, base: str, ref: str):
+    from loraforge.render.adapters import load_pipeline_with_adapters
+
+    pipe, _base, _loaded = load_pipeline_with_adapters(Registry(home), base, [ref], device="cpu")
+    return pipe
+
+
+# ---- the trainer ------------------------------------------------------------------------------
+
+def test_training_changes_only_the_new_token_rows(trained, ti_home, tiny_sd_path):
+    manifest, pipe = trained
+    base = fresh_sd(tiny_sd_path)
+    vocab = base.text_encoder.get_input_embeddings().weight.shape[0]
+    trained_te = pipe.text_encoder.state_dict()
+    for key, value in base.text_encoder.state_dict().items():
+        if key.endswith("token_embedding.weight"):
+            assert torch.equal(trained_te[key][:vocab], value), "a row of the base vocabulary changed"
+            assert trained_te[key].shape[0] == vocab + 2
+        else:
+            assert torch.equal(trained_te[key], value), key
+    for key, value in base.unet.state_dict().items():
+        assert torch.equal(pipe.unet.state_dict()[key], value), key
+    emb = manifest.embedding
+    assert (emb.token, emb.tokens, emb.num_vectors, emb.components, emb.initializer) == (
+        TOKEN, [TOKEN, f"{TOKEN}_1"], 2, ["text_encoder"], "dog")
+    learned = read_embedding(Registry(ti_home).checkout(manifest) / "learned_embeds.safetensors")[0]
+    new_rows = pipe.text_encoder.get_input_embeddings().weight.detach()[vocab:]
+    assert torch.equal(learned.vectors["text_encoder"], new_rows.float())
+    start = base.text_encoder.get_input_embeddings().weight[base.tokenizer.encode("dog", add_special_tokens=False)[0]]
+    assert (new_rows - start).abs().max() > 1e-3  # they moved away from the initializer's row
+
+
+def test_training_lowers_the_denoising_loss_on_fixed_noise(trained, ti_home, images, tiny_sd_path):
+    """The loss on the concept's images with fixed noise and timesteps: learned rows vs the initializer's rows."""
+    from loraforge.train.data import image_tensor
+    from loraforge.train.model import encode_images, load_training_model
+
+    manifest, pipe = trained
+    assert manifest.metrics["loss_first"] is not None and manifest.metrics["loss_last"] is not None
+    model = load_training_model(Registry(ti_home), "builtin:tiny-sd", device="cpu")
+    model.pipe.text_encoder, model.pipe.tokenizer = pipe.text_encoder, pipe.tokenizer
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    vocab = weight.shape[0] - 2
+    learned = weight[vocab:].detach().clone()
+    init = weight[pipe.tokenizer.encode("dog", add_special_tokens=False)[0]].detach().clone()
+    pixels = torch.stack([image_tensor(images / f"img{i}.png", RES) for i in range(4)])
+    latents = encode_images(model, pixels)
+    g = torch.Generator().manual_seed(123)
+    noise = torch.randn((8, *latents.shape), generator=g)
+    steps = torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (8, 4), generator=g)
+    ids = pipe.tokenizer([pipe.maybe_convert_prompt(f"a photo of {TOKEN}", pipe.tokenizer)] * 4, padding="max_length",
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+
+    def loss(rows) -> float:
+        with torch.no_grad():
+            weight[vocab:] = rows
+            text = pipe.text_encoder(ids)[0]
+            total = 0.0
+            for n, t in zip(noise, steps):
+                noisy = model.noise_scheduler.add_noise(latents, n, t)
+                pred = model.unet(noisy, t, encoder_hidden_states=text).sample
+                total += float(torch.nn.functional.mse_loss(pred, n))
+        return total / len(noise)
+
+    before, after = loss(init.repeat(2, 1)), loss(learned)
+    weight.data[vocab:] = learned
+    # measured 1.107 -> 1.088: tiny-sd's UNet is random, so text moves its prediction only a little
+    assert after < before * 0.99, (before, after)
+
+
+# ---- formats: diffusers' own loader is the oracle ----------------------------------------------
+
+@pytest.mark.parametrize("fmt, name, token", [("diffusers", "learned_embeds.safetensors", None),
+                                              ("a1111", "sks.pt", None),
+                                              ("a1111", "sks.safetensors", TOKEN)])
+def test_exports_load_in_diffusers_with_the_text_encoder_output_of_loraforge(trained, ti_home, tiny_sd_path,
+                                                                              tmp_path, fmt, name, token):
+    manifest, _pipe = trained
+    out = tmp_path / name
+    run_cli(ti_home, "registry", "export", manifest.ref, "--format", fmt, "-o", str(out))
+    theirs = fresh_sd(tiny_sd_path)
+    theirs.load_textual_inversion(str(out), token=token)  # an emb_params file names no token: the user gives it
+    expected = prompt_embeds(ours(ti_home, "builtin:tiny-sd", manifest.ref))
+    assert torch.equal(prompt_embeds(theirs), expected)
+    base = prompt_embeds(fresh_sd(tiny_sd_path), PROMPT.replace(TOKEN, "dog"))
+    assert (expected - base).abs().max() > 1e-4  # the token means something of its own
+
+
+def test_a1111_pt_import_round_trip(ti_home, tmp_path):
+    rows = torch.randn(3, 32, generator=torch.Generator().manual_seed(4))
+    source = tmp_path / "whatever.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": rows}, "name": "<mychar>", "step": 1200,
+                "sd_checkpoint": "abc123", "sd_checkpoint_name": "model"}, source)
+    result = run_cli(ti_home, "registry", "import", str(source), "--name", "mychar", "--base", "builtin:tiny-sd", "--json")
+    manifest = json.loads(result.output)
+    assert manifest["kind"] == "embedding"
+    assert (manifest["embedding"]["token"], manifest["embedding"]["num_vectors"], manifest["embedding"]["format"]) == (
+        "<mychar>", 3, "a1111")
+    out = tmp_path / "back.pt"
+    run_cli(ti_home, "registry", "export", "mychar", "--for", "a1111", "-o", str(out))
+    back = torch.load(out, weights_only=True)
+    assert back["name"] == "<mychar>" and torch.equal(back["string_to_param"]["*"], rows)
+    shown = run_cli(ti_home, "registry", "show", "mychar").output
+    assert "token <mychar> (3 vectors on text_encoder" in shown
+
+
+def test_an_embedding_file_that_pickles_code_is_refused(ti_home, tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    bad = tmp_path / "evil.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"string_to_param": {"*": Payload()}}, f, protocol=2)
+    line = refused(run_cli(ti_home, "registry", "import", str(bad), "--name", "evil", "--kind", "embedding", ok=False))
+    assert "refusing to unpickle" in line
+
+
+# ---- SDXL: both encoders ------------------------------------------------------------------------
+
+def test_sdxl_learns_clip_l_and_clip_g_rows_and_both_load(ti_home, images, tiny_sdxl_path, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    (manifest,) = train(ti_home, "sks-xl", images, base="builtin:tiny-sdxl", steps=3)
+    assert manifest.embedding.components == ["text_encoder", "text_encoder_2"]
+    out = tmp_path / "xl.safetensors"
+    run_cli(ti_home, "registry", "export", manifest.ref, "--for", "diffusers", "-o", str(out))
+    state = load_file(out)
+    assert sorted(state) == ["clip_g", "clip_l"]
+    theirs = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_path))
+    theirs.load_textual_inversion(state["clip_l"], token=TOKEN, text_encoder=theirs.text_encoder,
+                                  tokenizer=theirs.tokenizer)
+    theirs.load_textual_inversion(state["clip_g"], token=TOKEN, text_encoder=theirs.text_encoder_2,
+                                  tokenizer=theirs.tokenizer_2)
+    mine = ours(ti_home, "builtin:tiny-sdxl", manifest.ref)
+    assert TOKEN in mine.tokenizer.get_vocab() and TOKEN in mine.tokenizer_2.get_vocab()
+    with torch.no_grad():
+        a = mine.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
+        b = theirs.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])  # per-token embeddings and pooled text
+
+
+# ---- refusals -----------------------------------------------------------------------------------
+
+def _artifacts(home: Path) -> list:
+    return [(r["name"], r["version"]) for r in Registry(home).list()]
+
+
+def test_a_token_the_tokenizer_has_is_refused_in_one_line_and_nothing_is_registered(ti_home, images, tmp_path):
+    before = _artifacts(ti_home)
+    line = refused(run_cli(ti_home, "train", "textual_inversion", "--name", "dog-ti", "--dataset", str(images),
+                           "--token", "dog", "--initializer", "cat", "--steps", "1", "--resolution", "32", ok=False))
+    assert line == "Error: token 'dog' is already in the tokenizer of builtin:tiny-sd: choose another"
+    path = tmp_path / "learned_embeds.safetensors"
+    from loraforge.formats.embeddings import Embedding, write_embedding
+
+    write_embedding(Embedding("dog", {"text_encoder": torch.zeros(1, 32)}), path)
+    line = refused(run_cli(ti_home, "registry", "import", str(path), "--name", "dog-emb", "--base", "builtin:tiny-sd",
+                           ok=False))
+    assert line == "Error: token 'dog' is already in the tokenizer of builtin:tiny-sd: choose another"
+    assert _artifacts(ti_home) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--initializer", "a photo"], "initializer 'a photo' is 2 tokens in the text_encoder tokenizer of builtin:tiny-sd"),
+    (["--initializer", "dog", "--rank", "4"], "rank shape a LoRA, and textual inversion trains no LoRA"),
+    (["--initializer", "dog", "--template", "a photo"], "template 'a photo' has no {} where the token goes"),
+])
+def test_bad_options_are_refused_in_one_line(ti_home, images, args, message):
+    before = _artifacts(ti_home)
+    line = refused(run_cli(ti_home, "train", "textual_inversion", "--name", "bad-ti", "--dataset", str(images),
+                           "--token", "<new>", "--steps", "1", "--resolution", "32", *args, ok=False))
+    assert message in line
+    assert _artifacts(ti_home) == before
+
+
+# ---- use: generate with a LoRA, refusals of weights and LoRA algebra, the Hub ------------------
+
+def test_generate_with_a_lora_and_an_embedding_in_one_render(trained, ti_home, adapter_file, tmp_path):
+    manifest, _pipe = trained
+    run_cli(ti_home, "registry", "import", str(adapter_file), "--name", "style", "--base", "builtin:tiny-sd")
+    common = ["generate", "--base", "builtin:tiny-sd", "--prompt", PROMPT, "--steps", "2", "--size", "32"]
+    both, lora_only = tmp_path / "both.png", tmp_path / "lora.png"
+    run_cli(ti_home, *common, "--lora", "style=0.8", "--lora", manifest.ref, "-o", str(both))
+    run_cli(ti_home, *common, "--lora", "style=0.8", "-o", str(lora_only))
+    a, b = np.asarray(Image.open(both), np.float32), np.asarray(Image.open(lora_only), np.float32)
+    assert a.shape == (32, 32, 3) and np.abs(a - b).mean() > 0.5  # the token is read as the learned vectors
+    line = refused(run_cli(ti_home, *common, "--lora", f"{manifest.ref}=0.5", "-o", str(tmp_path / "x.png"), ok=False))
+    assert "has no weight" in line and "0.5" in line
+
+
+def test_lora_algebra_refuses_an_embedding_in_one_line(trained, ti_home):
+    manifest, _pipe = trained
+    line = refused(run_cli(ti_home, "lora", "fuse", "builtin:tiny-sd", manifest.ref, "--name", "fused", ok=False))
+    assert "is an embedding (token <sks>): LoRA algebra cannot fold a token embedding" in line
+
+
+def test_hub_push_names_the_token_and_pull_gives_the_same_embedding(trained, ti_home, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    import loraforge.hub.client as client
+    from hub_server import HubServer
+
+    manifest, _pipe = trained
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setenv("HF_TOKEN", "hf_testTOKENdoNotLeak1234567890")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        monkeypatch.setattr(client, "RETRY_BASE_WAIT", 0.01)
+        run_cli(ti_home, "hub", "push", manifest.ref, "--repo", "me/sks-ti")
+        other = tmp_path / "home2"
+        (other / "models").mkdir(parents=True)
+        (other / "models" / "builtin").symlink_to(ti_home / "models" / "builtin", target_is_directory=True)
+        run_cli(other, "hub", "pull", "me/sks-ti")
+        from huggingface_hub import hf_hub_download
+
+        card = Path(hf_hub_download("me/sks-ti", "README.md", endpoint=server.endpoint,
+                                    cache_dir=tmp_path / "dl")).read_text()
+    pulled = Registry(other).resolve("sks-ti")
+    assert pulled.kind == "embedding" and pulled.digest == manifest.digest
+    assert pulled.embedding.token == TOKEN
+    assert "instance_prompt: <sks>" in card and "textual_inversion" in card
+    assert f"Put `{TOKEN}` in the prompt" in card and 'load_textual_inversion("me/sks-ti"' in card
