@@ -11,7 +11,8 @@ from loraforge.cli.output import (
 )
 from loraforge.registry.consumers import CONSUMERS, consumers_help
 
-KINDS = ["lora", "slider", "checkpoint", "dataset", "image", "report"]
+KINDS = ["lora", "slider", "embedding", "checkpoint", "dataset", "image", "report"]
+IMPORT_KINDS = ["lora", "slider", "embedding", "checkpoint", "dataset"]
 
 VALIDATION_GRID = "validation.png"  # the grid a training run renders and stores with its artifact
 
@@ -27,15 +28,21 @@ def registry() -> None:
 @registry.command("import")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--name", required=True, help="Artifact name; each import adds the next version.")
-@click.option("--kind", type=click.Choice(KINDS[:4]), help="Artifact kind (detected when omitted).")
+@click.option("--kind", type=click.Choice(IMPORT_KINDS), help="Artifact kind (detected when omitted).")
 @click.option("--base", help="Base model to check the adapter against (builtin:tiny-sd, a path, a registry ref).")
 @click.option("--concept", help="For sliders: what the slider moves.")
 @click.option("--scale-range", nargs=2, type=float, help="For sliders: recommended scale range LOW HIGH.")
 @click.option("--instance-prompt", help="For datasets: prompt used for images without a caption.")
+@click.option("--token", help="For embeddings: the token to write in prompts, e.g. '<sks>' (default: the file's own "
+                              "name where it has one, as A1111 .pt files do, else the file name without suffix).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
-def import_(ctx, path, name, kind, base, concept, scale_range, instance_prompt, as_json):
-    """Import an adapter, checkpoint or dataset folder as a new version of NAME."""
+def import_(ctx, path, name, kind, base, concept, scale_range, instance_prompt, token, as_json):
+    """Import an adapter, embedding, checkpoint or dataset folder as a new version of NAME.
+
+    Textual-inversion embeddings (diffusers learned_embeds, A1111 .pt/.safetensors, SDXL clip_l/clip_g)
+    are recognised by their keys; with --base, one whose token the base's tokenizer already has is refused.
+    """
     from loraforge.registry.importer import import_artifact
     from loraforge.registry.manifest import SliderInfo
 
@@ -43,7 +50,7 @@ def import_(ctx, path, name, kind, base, concept, scale_range, instance_prompt, 
     if kind == "slider" or concept or scale_range:
         slider = SliderInfo(concept=concept, method="imported", scale_range=tuple(scale_range or (-3.0, 3.0)))
     manifest = import_artifact(registry_from_ctx(ctx), path, name, kind=kind, base=base, slider=slider,
-                               instance_prompt=instance_prompt)
+                               instance_prompt=instance_prompt, token=token)
     if as_json:
         echo_json(manifest.model_dump())
     else:
@@ -151,6 +158,11 @@ def _manifest_lines(m: dict, aliases: list[str]) -> list[str]:
         low, high = s.get("scale_range", (-3.0, 3.0))
         lines.append(f"slider:   concept {s.get('concept')!r}, scales {low} … {high}, "
                      f"+ {s.get('positive')!r} / − {s.get('negative')!r}")
+    if m.get("embedding"):
+        e = m["embedding"]
+        lines.append(f"embedding: token {e['token']} ({e.get('num_vectors', 1)} vectors on "
+                     f"{', '.join(e.get('components', []))}" + (f", from {e['initializer']!r}" if e.get("initializer") else "")
+                     + "); write the token in the prompt")
     if m.get("dataset"):
         lines.append(f"dataset:  {m['dataset'].get('num_images', 0)} images")
     method, source = p.get("method"), p.get("source")
@@ -172,9 +184,12 @@ def _manifest_lines(m: dict, aliases: list[str]) -> list[str]:
 @registry.command()
 @click.argument("ref")
 @click.option("--for", "consumer", type=click.Choice(list(CONSUMERS)), help=consumers_help())
-@click.option("--format", "fmt", type=click.Choice(["diffusers", "peft", "kohya", "loraforge", "native", "single-file"]),
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "peft", "kohya", "loraforge", "a1111", "native",
+                                                    "single-file"]),
               help="File format, when not picked by --for; adapters default to diffusers (checkpoints and "
-                   "datasets: native, as stored; a checkpoint is converted to single-file or diffusers).")
+                   "datasets: native, as stored; a checkpoint is converted to single-file or diffusers). "
+                   "Embeddings: diffusers (learned_embeds) or a1111 (.pt or emb_params .safetensors; SDXL: "
+                   "clip_l/clip_g in both).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="New file or folder to write (never overwritten). diffusers: a path without .safetensors "
                    "becomes a folder with pytorch_lora_weights.safetensors; kohya/loraforge: .safetensors is "
