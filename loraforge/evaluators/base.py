@@ -109,12 +109,14 @@ class FunctionEvaluator:
         return check_scores(self.name, self.fn(list(images), list(prompts)), len(images))
 
 
-def check_scores(metric: str, scores, n: int) -> list[float]:
-    """`scores` as n finite floats, or a ConfigError naming the metric."""
-    from loraforge.errors import RewardError
-    from loraforge.rewards.base import check_scores as check_reward_scores
-
+def check_scores(name: str, scores, n: int, noun: str = "metric", error: type[Exception] = ConfigError) -> list[float]:
+    """`scores` as n finite floats, or `error` naming the `noun` (metric, reward) and its name."""
     try:
-        return check_reward_scores(metric, scores, n)
-    except RewardError as exc:
-        raise ConfigError(f"metric {str(exc).removeprefix('reward ')}") from None
+        values = [float(s) for s in scores]
+    except (TypeError, ValueError):
+        raise error(f"{noun} {name!r} returned {type(scores).__name__}, not a list of numbers") from None
+    if len(values) != n:
+        raise error(f"{noun} {name!r} returned {len(values)} scores for {n} images")
+    if any(v != v or v in (float("inf"), float("-inf")) for v in values):
+        raise error(f"{noun} {name!r} returned a non-finite score: {values}")
+    return values

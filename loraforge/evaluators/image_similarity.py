@@ -37,10 +37,10 @@ class ImageSimilarityEvaluator:
         self.registry, self.reference, self.features = registry, reference, features
         self.clip = None
         if features == "clip":
-            from loraforge.rewards.clip_score import ClipScoreReward
+            from loraforge.evaluators.clip_score import DEFAULT_MODEL, load_clip
 
-            self.clip = ClipScoreReward(**({"model": model} if model else {}), device=device)
-            self.version = f"{VERSION}:clip:{self.clip.model_id}"
+            self.clip = load_clip(model or DEFAULT_MODEL, device)
+            self.version = f"{VERSION}:clip:{model or DEFAULT_MODEL}"
         else:
             self.version = f"{VERSION}:pixels{PIXEL_SIDE}"
         self._references: dict[str, object] = {}  # reference → its features
@@ -73,16 +73,9 @@ class ImageSimilarityEvaluator:
                                                .reshape(-1) for im in images]))
             feats = feats - feats.mean(dim=1, keepdim=True)
         else:
-            from loraforge.rewards.clip_score import _tensor
+            from loraforge.evaluators.clip_score import image_features
 
-            out = []
-            with torch.no_grad():
-                for lo in range(0, len(images), self.clip.batch_size):
-                    batch = [im.convert("RGB") for im in images[lo:lo + self.clip.batch_size]]
-                    pixels = self.clip.processor(images=batch, return_tensors="pt")["pixel_values"]
-                    out.append(_tensor(self.clip.model.get_image_features(
-                        pixel_values=pixels.to(self.clip.device))).double().cpu())
-            feats = torch.cat(out)
+            feats = image_features(self.clip, images)
         return torch.nn.functional.normalize(feats, dim=1)
 
     def _reference_features(self, reference: str):

@@ -1,30 +1,51 @@
 """User metrics given as `python:module:function`: a function (images, prompts) -> list[float], such as OCR or a
-detector. The function is imported and versioned exactly as a `python:` reward is (rewards.python_fn)."""
+detector. `import_function` is also how a `python:` reward finds its function (rewards.python_fn)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import importlib
+import inspect
+from typing import Callable, Sequence
 
-from loraforge.errors import ConfigError, RewardError
+from loraforge.errors import ConfigError
 from loraforge.evaluators.base import check_scores
+from loraforge.hashing import sha256_bytes
 from loraforge.plugins import EVALUATORS
+
+
+def import_function(function: str, noun: str = "metric",
+                    error: type[Exception] = ConfigError) -> tuple[Callable, str]:
+    """(the function `module:function` names, its version): its `version` attribute if it has one, else a digest
+    of its source, so an edited function is recorded as another version. Failures raise `error` naming the
+    python `noun` (metric, reward)."""
+    module_name, _, attr = function.partition(":")
+    if not module_name or not attr:
+        raise error(f"bad python {noun} {function!r}: use python:module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise error(f"cannot import module {module_name!r} of python {noun} {function!r}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise error(f"module {module_name!r} has no function {attr!r} (python {noun} {function!r})")
+    version = getattr(fn, "version", None)
+    if version is None:
+        try:
+            version = "src-" + sha256_bytes(inspect.getsource(fn).encode())[:12]
+        except (OSError, TypeError):
+            version = "1"
+    return fn, str(version)
 
 
 @EVALUATORS.register("python", version="1", description="A user function f(images, prompts) -> list[float], "
                                                         "given as python:module:function.")
 class PythonFunctionEvaluator:
     """Calls `module.function(images, prompts)`; its version is the function's `version` attribute, else a
-    digest of its source, so an edited function is recorded as another evaluator version."""
+    digest of its source."""
 
     def __init__(self, function: str):
-        from loraforge.rewards.python_fn import PythonFunctionReward
-
-        try:
-            self.function = PythonFunctionReward(function)
-        except RewardError as exc:
-            raise ConfigError(f"metric python:{function}: {exc}") from None
+        self.fn, self.version = import_function(function)
         self.name = f"python:{function}"
-        self.version = self.function.version
 
     def __call__(self, images: Sequence, prompts: Sequence[str]) -> list[float]:
-        return check_scores(self.name, self.function.fn(list(images), list(prompts)), len(images))
+        return check_scores(self.name, self.fn(list(images), list(prompts)), len(images))

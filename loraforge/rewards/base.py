@@ -6,6 +6,7 @@ import inspect
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from loraforge.errors import PluginError, RewardError
+from loraforge.evaluators.base import check_scores as check_finite_scores
 from loraforge.hashing import sha256_bytes
 
 
@@ -31,16 +32,8 @@ class FunctionReward:
 
 
 def check_scores(name: str, scores, n: int) -> list[float]:
-    """`scores` as n finite floats, or a RewardError naming the reward."""
-    try:
-        values = [float(s) for s in scores]
-    except (TypeError, ValueError):
-        raise RewardError(f"reward {name!r} returned {type(scores).__name__}, not a list of numbers") from None
-    if len(values) != n:
-        raise RewardError(f"reward {name!r} returned {len(values)} scores for {n} images")
-    if any(v != v or v in (float("inf"), float("-inf")) for v in values):
-        raise RewardError(f"reward {name!r} returned a non-finite score: {values}")
-    return values
+    """`scores` as n finite floats, or a RewardError naming the reward (the evaluators' check)."""
+    return check_finite_scores(name, scores, n, noun="reward", error=RewardError)
 
 
 def image_digest(image) -> str:

@@ -1,12 +1,15 @@
-"""CLIP image-text similarity as a reward, with a configurable CLIP model (a local folder offline)."""
+"""CLIP image-text similarity as a reward, with a configurable CLIP model (a local folder offline).
+
+The computation is the `clip_score` evaluator's (evaluators.clip_score), so what a reward fine-tune raises is
+what `loraforge eval --metric clip_score` measures.
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from loraforge.errors import RewardError
+from loraforge.evaluators.clip_score import DEFAULT_MODEL, Clip, load_clip, text_image_cosines
 from loraforge.plugins import REWARDS
 
 VERSION = "1"
@@ -19,43 +22,12 @@ class ClipScoreReward:
 
     name = "clip_score"
 
-    def __init__(self, model: str = "openai/clip-vit-base-patch32", scale: float = 1.0, device: str | None = None,
+    def __init__(self, model: str = DEFAULT_MODEL, scale: float = 1.0, device: str | None = None,
                  batch_size: int = 16):
-        from transformers import CLIPModel, CLIPProcessor
-
-        try:
-            self.model = CLIPModel.from_pretrained(model, local_files_only=True).eval()
-            self.processor = CLIPProcessor.from_pretrained(model, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise RewardError(f"cannot load CLIP model {model!r} ({first}); give a local folder with a CLIPModel "
-                              "and its processor as the model option") from None
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(self.device)
+        self.model, self.processor, self.device = load_clip(model, device, error=RewardError)
         self.model_id, self.scale, self.batch_size = model, float(scale), int(batch_size)
         self.version = f"{VERSION}:{model}"  # another CLIP model is another reward
 
-    @torch.no_grad()
     def __call__(self, images: Sequence, prompts: Sequence[str]) -> list[float]:
-        scores: list[float] = []
-        for lo in range(0, len(images), self.batch_size):
-            ims = [im.convert("RGB") for im in images[lo:lo + self.batch_size]]
-            texts = list(prompts[lo:lo + self.batch_size])
-            inputs = self.processor(text=texts, images=ims, return_tensors="pt", padding="max_length", truncation=True)
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            img = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-            txt = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
-            img, txt = _tensor(img), _tensor(txt)
-            cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
-            scores += (self.scale * cos).tolist()
-        return scores
-
-
-def _tensor(out):
-    """transformers 5 may return a model output instead of a tensor from get_*_features."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for attr in ("pooler_output", "image_embeds", "text_embeds"):
-        if getattr(out, attr, None) is not None:
-            return getattr(out, attr)
-    raise RewardError("unexpected output of the CLIP model's feature functions")
+        cosines = text_image_cosines(Clip(self.model, self.processor, self.device), images, prompts, self.batch_size)
+        return [self.scale * c for c in cosines]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from typing import Sequence
 
 from loraforge.errors import RewardError
-from loraforge.hashing import sha256_bytes
+from loraforge.evaluators.python_fn import import_function
 from loraforge.plugins import REWARDS
 from loraforge.rewards.base import check_scores
 
@@ -18,25 +16,8 @@ class PythonFunctionReward:
     has one, else a digest of its source, so editing the function changes the provenance."""
 
     def __init__(self, function: str):
-        module_name, _, attr = function.partition(":")
-        if not module_name or not attr:
-            raise RewardError(f"bad python reward {function!r}: use python:module:function")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise RewardError(f"cannot import module {module_name!r} of python reward {function!r}: {exc}") from None
-        fn = getattr(module, attr, None)
-        if not callable(fn):
-            raise RewardError(f"module {module_name!r} has no function {attr!r} (python reward {function!r})")
-        self.fn = fn
+        self.fn, self.version = import_function(function, noun="reward", error=RewardError)
         self.name = f"python:{function}"
-        version = getattr(fn, "version", None)
-        if version is None:
-            try:
-                version = "src-" + sha256_bytes(inspect.getsource(fn).encode())[:12]
-            except (OSError, TypeError):
-                version = "1"
-        self.version = str(version)
 
     def __call__(self, images: Sequence, prompts: Sequence[str]) -> list[float]:
         return check_scores(self.name, self.fn(list(images), list(prompts)), len(images))
