@@ -105,6 +105,24 @@ def test_a_local_adapter_file_is_a_column_like_its_registry_artifact(home, adapt
     assert np.array_equal(pixels(result.cells[0][0]), pixels(result.cells[0][1]))
 
 
+def test_an_adapter_added_to_the_weights_gets_a_pipeline_of_its_own(home, adapters, tmp_path, tiny_sd_path):
+    """A full-difference adapter cannot be switched off by set_adapters: the base and LoRA columns beside it stay
+    exactly what generate draws without it."""
+    from loraforge.render.compare import parse_column, render_comparison
+    from loraforge.render.generate import generate_image
+    from test_render_variants import _full_diff_adapter
+
+    run_cli(home, "registry", "import", str(_full_diff_adapter(tmp_path, tiny_sd_path)), "--name", "full",
+            "--base", "builtin:tiny-sd")
+    registry = Registry(home)
+    result = render_comparison(registry, "builtin:tiny-sd", [parse_column(c) for c in ("full:1", "base", "style:1")],
+                               PROMPTS[:1], steps=2, size=16)
+    for cell, loras in zip(result.cells[0], (["full:1"], [], ["style:1"])):
+        assert np.array_equal(pixels(cell), pixels(generate_image(registry, "builtin:tiny-sd", loras, PROMPTS[0],
+                                                                  steps=2, size=16)))
+    assert np.abs(pixels(result.cells[0][0]) - pixels(result.cells[0][1])).mean() > 2.0
+
+
 def test_the_out_of_range_warning_is_one_line_on_stderr(home, adapters, tmp_path):
     result = CliRunner().invoke(cli, [
         "render", "--base", "builtin:tiny-sd", "--prompt", "x", "--steps", "1", "--size", "16",
