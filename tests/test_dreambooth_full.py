@@ -179,19 +179,25 @@ def test_same_seed_and_data_give_the_same_checkpoint_anywhere(tmp_path, tiny_sd_
 
 def test_gradient_checkpointing_recomputes_and_trains_the_same_weights(home, tmp_path, monkeypatch):
     import torch.utils.checkpoint
+    import transformers.modeling_utils
 
     data = checks(tmp_path / "d")
     values = dict(dataset=str(data), instance_prompt=SUBJECT, steps=2, train_text_encoder=True, validation_prompts=[])
     [plain] = train(home, "plain", **values)
-    real, calls = torch.utils.checkpoint.checkpoint, []
+    calls = {"unet": 0, "text_encoder": 0}
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def counting(component, real):
+        def checkpoint(*args, **kwargs):
+            calls[component] += 1
+            return real(*args, **kwargs)
+        return checkpoint
 
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)  # what diffusers' UNet blocks call
+    # What diffusers' UNet blocks call at each step, and what transformers binds when checkpointing is enabled.
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting("unet", torch.utils.checkpoint.checkpoint))
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint",
+                        counting("text_encoder", transformers.modeling_utils.checkpoint))
     [recomputed] = train(home, "recomputed", gradient_checkpointing=True, **values)
-    assert calls, "gradient_checkpointing did not reach the UNet"
+    assert calls["unet"] and calls["text_encoder"], calls
     for component in ("unet", "text_encoder"):
         a, b = (weights(Registry(home).checkout(m), component) for m in (plain, recomputed))
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), component

@@ -106,7 +106,9 @@ def unfreeze(session: Session, components: list[str]) -> dict[str, torch.nn.Para
         module.requires_grad_(True)
         module.train()
         if component != "unet" and session.config.gradient_checkpointing:
-            module.gradient_checkpointing_enable()
+            # transformers renamed it (the old name warns); older releases of our range have only the old one
+            enable = getattr(module, "activation_checkpointing_enable", None) or module.gradient_checkpointing_enable
+            enable()
         params.update({f"{component}.{n}": p for n, p in module.named_parameters()})
     return params
 
