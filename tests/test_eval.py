@@ -354,3 +354,20 @@ def test_shapes_judge_scores_what_builtin_shapes_draws(home):
     # What the judge reads follows the prompt: each image scores higher on its own prompt than on the other's.
     swapped = ShapesEvaluator()(images, prompts[::-1])
     assert all(own > other for own, other in zip(want, swapped))
+
+
+def test_an_embedding_is_rendered_with_its_token_like_an_adapter(home, tmp_path, metrics_module):
+    from loraforge.formats.embeddings import Embedding, write_embedding
+
+    path = tmp_path / "learned_embeds.safetensors"
+    write_embedding(Embedding("<sks>", {"text_encoder": torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
+                                        * 5}), path)
+    run_cli(home, "registry", "import", str(path), "--name", "sks", "--kind", "embedding", "--base", "builtin:tiny-sd")
+    prompts = ["a photo of <sks>"]
+    out = eval_json(home, "sks", "base", *prompt_args(prompts), "--seed", "0", *FAST, "--metric", BRIGHTNESS)
+    assert [(r["ref"], r["kind"], r["artifact"]) for r in out["results"]] == [("sks", "embedding", "sks:1"),
+                                                                             ("base", "base", None)]
+    for row, adapters in zip(out["results"], (["sks:1"], [])):
+        [image] = direct_images(home, adapters, prompts=prompts, seeds=(0,))
+        assert row["scores"][BRIGHTNESS] == [np.asarray(image, dtype=np.float64).mean() / 255]
+    assert out["results"][0]["scores"] != out["results"][1]["scores"]  # the learned token changes the image
