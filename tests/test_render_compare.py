@@ -123,6 +123,27 @@ def test_an_adapter_added_to_the_weights_gets_a_pipeline_of_its_own(home, adapte
     assert np.abs(pixels(result.cells[0][0]) - pixels(result.cells[0][1])).mean() > 2.0
 
 
+def test_an_embedding_column_and_an_embedding_composed_with_a_lora(home, adapters, tmp_path):
+    """The embedding's token reads as its vectors in its columns only: the base column, same prompt, is the base's."""
+    from loraforge.render.compare import parse_column, render_comparison
+    from loraforge.render.generate import generate_image
+
+    source = tmp_path / "mychar.pt"
+    rows = torch.randn(2, 32, generator=torch.Generator().manual_seed(4)) * 3
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": rows}, "name": "<mychar>"}, source)
+    run_cli(home, "registry", "import", str(source), "--name", "mychar", "--base", "builtin:tiny-sd")
+    registry = Registry(home)
+    prompt = "a photo of <mychar>"
+    result = render_comparison(registry, "builtin:tiny-sd",
+                               [parse_column(c) for c in ("base", "mychar:1", "style:1,mychar:1")], [prompt],
+                               steps=2, size=16)
+    assert result.column_labels == ["base", "mychar:1", "style:1\nmychar:1"]
+    for cell, loras in zip(result.cells[0], ([], ["mychar:1"], ["style:1", "mychar:1"])):
+        assert np.array_equal(pixels(cell), pixels(generate_image(registry, "builtin:tiny-sd", loras, prompt,
+                                                                  steps=2, size=16)))
+    assert np.abs(pixels(result.cells[0][1]) - pixels(result.cells[0][0])).mean() > 1.0
+
+
 def test_the_out_of_range_warning_is_one_line_on_stderr(home, adapters, tmp_path):
     result = CliRunner().invoke(cli, [
         "render", "--base", "builtin:tiny-sd", "--prompt", "x", "--steps", "1", "--size", "16",

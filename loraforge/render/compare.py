@@ -235,7 +235,7 @@ def _render_plans(plans: list[_Plan], rows, *, size=None, progress=None, **gener
         pipe = load_pipeline(plans[members[0]].base)
         if not plans[members[0]].shared:
             (j,) = members
-            apply_adapters(pipe, [(a.state, a.weight) for a in plans[j].adapters])
+            apply_adapters(pipe, [(a.state, a.weight) for a in plans[j].adapters], base_ref=plans[j].base.ref)
             render(j, pipe)
             continue
         # The base alone first, before any adapter is loaded into the pipeline: exactly the base's images.
@@ -247,7 +247,8 @@ def _render_plans(plans: list[_Plan], rows, *, size=None, progress=None, **gener
                 distinct.setdefault(a.ref, a.state)
         if not distinct:
             continue
-        names = dict(zip(distinct, apply_adapters(pipe, [(s, 1.0) for s in distinct.values()])))
+        names = dict(zip(distinct, apply_adapters(pipe, [(s, 1.0) for s in distinct.values()],
+                                                  base_ref=plans[members[0]].base.ref)))
         for j in [j for j in members if plans[j].adapters]:
             pipe.set_adapters([names[a.ref] for a in plans[j].adapters],
                               adapter_weights=[a.weight for a in plans[j].adapters])

@@ -283,14 +283,17 @@ def render_grid(registry, spec, progress=None, warn=warn_on_stderr):
                               "differences, which are added to the weights of every view; apply it to all views "
                               "(the step's adapters) or give the view a LoRA, LoHa, LoKr or Tucker LoCon adapter")
     pipe = load_pipeline(base)
-    names = apply_adapters(pipe, loaded)
+    names = apply_adapters(pipe, loaded, base_ref=base.ref)
     rows, col_labels, sweep = grid_labels(spec)
     cells: list[list] = [[] for _ in rows]
     if spec.views:
         view_sets = None
         if any(view_indices):
             shared = [i for i in range(len(spec.adapters)) if names[i] is not None]
-            view_sets = [[(names[i], adapters[i][1]) for i in shared + own] for own in view_indices]
+            # An embedding (no diffusers adapter name) is in the tokenizer for every view; only a prompt with its
+            # token reads it, so it is as view-specific as the prompts are.
+            view_sets = [[(names[i], adapters[i][1]) for i in shared + own if names[i] is not None]
+                         for own in view_indices]
         cells = _illusion_rows(pipe, rows, spec, view_sets)
         sweep = []
     for weight in sweep:
