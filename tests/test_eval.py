@@ -317,6 +317,18 @@ def test_eval_step_records_metrics_registers_a_report_and_reruns_nothing(home, t
     assert [r.action for r in again.results] == ["reused", "reused"]
     assert len(Registry(home).list(kind="report")) == 1
 
+    # A user function's version is part of the step's inputs: a new one re-scores.
+    from loraforge.recipes.plan import make_plan
+    from loraforge.recipes.schema import load_recipe
+
+    import eval_metrics
+
+    eval_metrics.brightness.version = "2"
+    step = make_plan(load_recipe(recipe), Registry(home)).step("score")
+    assert step.status == "stale" and "python:eval_metrics:brightness version changed (src-" in step.reason
+    assert step.reason.endswith(" -> 2)")
+    del eval_metrics.brightness.version
+
     # Another seed is another input: the step runs again and registers the next report.
     recipe.write_text(RECIPE.replace("seeds: [0]", "seeds: [0, 1]"))
     third = apply_recipe(recipe, Registry(home))

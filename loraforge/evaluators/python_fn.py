@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 from loraforge.errors import ConfigError
 from loraforge.evaluators.base import check_scores
 from loraforge.hashing import sha256_bytes
-from loraforge.plugins import EVALUATORS
+from loraforge.plugins import EVALUATORS, PluginGroup, PluginInfo
 
 
 def import_function(function: str, noun: str = "metric",
@@ -35,6 +35,23 @@ def import_function(function: str, noun: str = "metric",
         except (OSError, TypeError):
             version = "1"
     return fn, str(version)
+
+
+class UserFunctions(PluginGroup):
+    """The `python:module:function` metrics a recipe names, as a plugin group: each is imported when first asked
+    for, and its version is the function's own (see `import_function`), so a recipe step's input digest changes
+    when the function is edited, as it does when a built-in evaluator's version is bumped."""
+
+    def info(self, name: str) -> PluginInfo:
+        # Looked up on every call (the module is imported once per process): the version is the function's now.
+        fn, version = import_function(name.removeprefix("python:"))
+        self._plugins[name] = PluginInfo(name, self.name, fn, registered_version=version,
+                                         description="a user function", source=getattr(fn, "__module__", ""))
+        return self._plugins[name]
+
+
+# Nothing is built in or installed here: the group holds the functions recipes have named in this process.
+USER_FUNCTIONS = UserFunctions("python_metrics", "loraforge.evaluators.user_functions", "python metric")
 
 
 @EVALUATORS.register("python", version="1", description="A user function f(images, prompts) -> list[float], "

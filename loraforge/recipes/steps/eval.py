@@ -84,10 +84,22 @@ class EvalStep(StepKind):
         return refs
 
     def plugins(self, spec: EvalSpec):
-        from loraforge.evaluators.base import metric_plugin
+        """Every metric's evaluator; a python:module:function also as itself, whose version is the function's."""
+        from loraforge.evaluators.base import PYTHON_PREFIX, metric_plugin
+        from loraforge.evaluators.python_fn import USER_FUNCTIONS
 
-        # Unknown names are left to `check`, which names the metric as written and where it is.
-        return [(EVALUATORS, metric_plugin(m)) for m in spec.metrics if metric_plugin(m) in EVALUATORS]
+        found = []
+        for metric in (m.strip() for m in spec.metrics):
+            if metric_plugin(metric) not in EVALUATORS:
+                continue  # left to `check`, which names the metric as written and where it is
+            found.append((EVALUATORS, metric_plugin(metric)))
+            if metric.startswith(PYTHON_PREFIX):
+                try:
+                    USER_FUNCTIONS.info(metric)
+                except LoraforgeError:
+                    continue  # `check` refuses it with its position
+                found.append((USER_FUNCTIONS, metric))
+        return found
 
     def check(self, recipe: Recipe, step: Step) -> None:
         """Every metric is an installed evaluator, and a python:module:function imports."""
