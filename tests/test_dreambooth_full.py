@@ -144,13 +144,14 @@ def test_unet_learns_the_subject_and_vae_and_text_encoder_stay_bit_identical(tun
 
 def test_train_text_encoder_changes_it_and_still_not_the_vae(shared_home, tiny_sd_path, subject):
     [m] = train(shared_home, "sks-db-te", dataset=str(subject), instance_prompt=SUBJECT, steps=3,
-                train_text_encoder=True, validation_prompts=[])
+                train_text_encoder=True, validation_prompts=[], validation_every=2)
     folder = Registry(shared_home).checkout(m)
     base, mine = weights(tiny_sd_path, "text_encoder"), weights(folder, "text_encoder")
     assert any(not torch.equal(base[k], mine[k]) for k in base)
     base, mine = weights(tiny_sd_path, "vae"), weights(folder, "vae")
     assert all(torch.equal(base[k], mine[k]) for k in base)
-    assert "validation.png" in {f.path for f in m.files}  # the instance prompt is the default validation prompt
+    # The instance prompt is the default validation prompt, rendered at the end and every validation_every steps.
+    assert {"validation.png", "validation/step-00000002.png"} <= {f.path for f in m.files}
 
 
 def test_save_dtype_fp16_writes_half_weights(shared_home, subject):
