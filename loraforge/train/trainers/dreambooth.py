@@ -39,8 +39,8 @@ class DreamBoothConfig(DreamBoothDataConfig):
                  if getattr(self, n) != fields[n].get_default(call_default_factory=True)]
         if given:
             what, it = ("is a LoRA option", "it") if len(given) == 1 else ("are LoRA options", "them")
-            raise ValueError(f"{', '.join(given)} {what}, which a full DreamBooth fine-tune (every UNet weight) has no "
-                             f"use for; drop {it}, or train dreambooth_lora for a LoRA")
+            raise ValueError(f"{', '.join(given)} {what}, of no use to a full DreamBooth fine-tune, which trains the "
+                             f"weights themselves; drop {it}, or train dreambooth_lora for a LoRA")
         return self
 
 
