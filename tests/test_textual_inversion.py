@@ -317,3 +317,105 @@ def test_hub_push_names_the_token_and_pull_gives_the_same_embedding(trained, ti_
     assert pulled.embedding.token == TOKEN
     assert "instance_prompt: <sks>" in card and "textual_inversion" in card
     assert f"Put `{TOKEN}` in the prompt" in card and 'load_textual_inversion("me/sks-ti"' in card
+
+
+# ---- recipes: a train step makes an embedding, a render step uses it beside a LoRA --------------
+
+TI_RECIPE = """\
+name: ti
+base: builtin:tiny-sd
+steps:
+  concept:
+    train: {method: textual_inversion, dataset: ./data, token: "<sks>", initializer: dog, steps: 2, resolution: 32,
+            validation_steps: 1}
+  style:
+    synthetic: {kind: lora, seed: 1, rank: 2}
+  grid:
+    render: {adapters: [{ref: "${style}", weight: 0.8}, {ref: "${concept}"}], prompts: ["a photo of <sks>"],
+             seeds: [1], steps: 2, size: 32}
+"""
+
+
+def test_a_recipe_trains_an_embedding_and_renders_it_beside_a_lora_and_stack_refuses_it(ti_home, images, tmp_path):
+    import shutil
+
+    shutil.copytree(images, tmp_path / "data")
+    recipe = tmp_path / "ti.yaml"
+    recipe.write_text(TI_RECIPE)
+    run_cli(ti_home, "recipe", "apply", str(recipe))
+    registry = Registry(ti_home)
+    assert registry.resolve("ti-concept").kind == "embedding"
+    grid = registry.resolve("ti-grid")
+    assert [(p.ref, p.role) for p in grid.provenance.parents][1:] == [("ti-style:1", "adapter"),
+                                                                       ("ti-concept:1", "adapter")]
+    stacked = recipe.with_name("stack.yaml")
+    stacked.write_text(TI_RECIPE.split("  grid:")[0] + '  both:\n    stack: {adapters: [{ref: "${style}"}, '
+                       '{ref: "${concept}"}]}\n')
+    result = run_cli(ti_home, "recipe", "apply", str(stacked), ok=False)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: step 'both' failed: ti-concept:1 is an embedding (token <sks>): LoRA algebra cannot fold a token "
+        "embedding into a LoRA or a checkpoint; stack the LoRAs and give the embedding to the render or generate "
+        "step beside them")
+    assert not registry.exists("ti-both")
+
+
+# ---- more formats and refusals -------------------------------------------------------------------
+
+def _write_file(kind: str, path: Path, rows: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    if kind == "diffusers-bin":
+        torch.save({"<cat-toy>": rows}, path)
+    elif kind == "diffusers-1d":
+        save_file({"<cat-toy>": rows[0].contiguous()}, str(path))
+    elif kind == "a1111-safetensors":
+        save_file({"emb_params": rows}, str(path))
+    else:  # sdxl
+        save_file({"clip_l": rows, "clip_g": rows.flip(0).contiguous()}, str(path))
+
+
+@pytest.mark.parametrize("kind, file, token, want_token, want_vectors", [
+    ("diffusers-bin", "learned_embeds.bin", None, "<cat-toy>", 2),
+    ("diffusers-1d", "learned_embeds.safetensors", None, "<cat-toy>", 1),
+    ("a1111-safetensors", "charturner.safetensors", None, "charturner", 2),
+    ("a1111-safetensors", "x.safetensors", "<ct>", "<ct>", 2),
+    ("sdxl", "xl.safetensors", "<xl>", "<xl>", 2),
+])
+def test_embedding_files_are_detected_with_their_token(ti_home, tmp_path, kind, file, token, want_token, want_vectors):
+    rows = torch.randn(2, 32, generator=torch.Generator().manual_seed(9))
+    path = tmp_path / file
+    _write_file(kind, path, rows)
+    name = f"e-{kind}-{token is not None}"
+    args = ["--token", token] if token else []
+    result = run_cli(ti_home, "registry", "import", str(path), "--name", name, "--json", *args)
+    info = json.loads(result.output)["embedding"]
+    assert (info["token"], info["num_vectors"]) == (want_token, want_vectors)
+    assert info["components"] == (["text_encoder", "text_encoder_2"] if kind == "sdxl" else ["text_encoder"])
+    back = read_embedding(Registry(ti_home).checkout(Registry(ti_home).resolve(name)) / "learned_embeds.safetensors")[0]
+    assert torch.equal(back.vectors["text_encoder"], rows[:want_vectors])
+
+
+def test_an_sdxl_embedding_is_refused_on_an_sd1_base(ti_home, tmp_path):
+    path = tmp_path / "xl.safetensors"
+    _write_file("sdxl", path, torch.zeros(1, 32))
+    line = refused(run_cli(ti_home, "registry", "import", str(path), "--name", "xl-on-sd1", "--base",
+                           "builtin:tiny-sd", ok=False))
+    assert line == ("Error: embedding 'xl' is a sdxl embedding (text_encoder, text_encoder_2) but builtin:tiny-sd "
+                    "is sd1 (one text encoder): use it with a base of its family")
+
+
+def test_template_replaces_captions_and_a_caption_without_the_token_is_refused(ti_home, images, tmp_path):
+    (manifest,) = train(ti_home, "templated", images, steps=1, template="a striped photo of {}")
+    assert manifest.provenance.params["template"] == "a striped photo of {}"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(2):
+        (plain / f"img{i}.png").write_bytes((images / f"img{i}.png").read_bytes())
+        (plain / f"img{i}.txt").write_text("a striped photo")
+    before = _artifacts(ti_home)
+    line = refused(run_cli(ti_home, "train", "textual_inversion", "--name", "no-token", "--dataset", str(plain),
+                           "--token", TOKEN, "--initializer", "dog", "--steps", "1", "--resolution", "32", ok=False))
+    assert line == ("Error: caption 'a striped photo' of img0.png does not contain the token <sks>: put it in the "
+                    "captions, or give --template 'a photo of {}' or --instance-prompt")
+    assert _artifacts(ti_home) == before

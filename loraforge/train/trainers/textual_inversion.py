@@ -108,15 +108,14 @@ class TextualInversionTrainer(SessionTrainer):
             if len(init) != 1:
                 raise ConfigError(f"initializer {c.initializer!r} is {len(init)} tokens in the {component} tokenizer "
                                   f"of {base_ref}, not one: choose a word the tokenizer reads as one token")
+        if not c.template:  # a folder's captions are checked before its snapshot is registered
+            check_captions(folder_captions(c.dataset, c.instance_prompt), c.token)
         data = prepare_dataset(registry, c.dataset, output=output, instance_prompt=c.instance_prompt)
         model = session.load_model()
         pipe = model.pipe
         encoders = pipeline_text_encoders(pipe)
         captions = [c.template.format(c.token) for _ in data.captions] if c.template else list(data.captions)
-        for image, caption in zip(data.images, captions):
-            if c.token not in caption:
-                raise DatasetError(f"caption {caption!r} of {image} does not contain the token {c.token}: put it in "
-                                   f"the captions, or give --template 'a photo of {{}}' or --instance-prompt")
+        check_captions(list(zip(data.images, captions)), c.token)
         learned = {}
         for component, encoder in encoders.items():
             init = encoder.tokenizer.encode(c.initializer, add_special_tokens=False)
@@ -146,6 +145,29 @@ class TextualInversionTrainer(SessionTrainer):
         embedding = Embedding(c.token, {component: rows.rows.detach().float().cpu().clone()
                                         for component, rows in learned.items()}, initializer=c.initializer)
         return [finish_embedding(session, embedding, [data.manifest], result.metrics, prompts)]
+
+
+def folder_captions(source: str, instance_prompt: str | None) -> list[tuple[str, str]]:
+    """(image, caption) of a dataset folder as a run would snapshot it; empty for a registry dataset (its
+    captions are checked once resolved, and nothing new is registered for it)."""
+    from loraforge.reference import Reference
+    from loraforge.registry.dataset import complete_captions, scan_dataset
+
+    ref = Reference.parse(source)
+    if ref.kind != "path" or not ref.path.is_dir():
+        return []
+    images, captions = scan_dataset(ref.path)
+    rels = [p.relative_to(ref.path).as_posix() for p in images]
+    done = complete_captions(dict(captions), rels, instance_prompt, folder=source)
+    return [(rel, done[rel]) for rel in rels]
+
+
+def check_captions(captions: list[tuple[str, str]], token: str) -> None:
+    """Refuse a caption without the token: its image would teach the token nothing."""
+    for image, caption in captions:
+        if token not in caption:
+            raise DatasetError(f"caption {caption!r} of {image} does not contain the token {token}: put it in "
+                               f"the captions, or give --template 'a photo of {{}}' or --instance-prompt")
 
 
 def _add_tokens(encoder, tokenizer, tokens: list[str], init_id: int) -> LearnedRows:
