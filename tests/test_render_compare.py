@@ -5,6 +5,8 @@ of a trained artifact written out of the registry."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -147,10 +149,13 @@ def test_an_embedding_column_and_an_embedding_composed_with_a_lora(home, adapter
 def test_the_out_of_range_warning_is_one_line_on_stderr(home, adapters, tmp_path):
     result = CliRunner().invoke(cli, [
         "render", "--base", "builtin:tiny-sd", "--prompt", "x", "--steps", "1", "--size", "16",
-        "--compare", "age:1=3", "-o", str(tmp_path / "g.png")])
+        "--compare", "age:1=3", "--compare", "base", "-o", str(tmp_path / "g.png"), "--json"])
     assert result.exit_code == 0, result.output + result.stderr
     assert result.stderr == ("Warning: slider age:1 at scale 3 is outside its recorded scale range -2 .. 2; "
                              "images may fall apart there\n")
+    printed = json.loads(result.stdout)
+    assert (printed["rows"], printed["columns"]) == (["x | seed 0"], ["age:1=+3", "base"])
+    assert printed["size"] == list(Image.open(tmp_path / "g.png").size)
 
 
 @pytest.mark.parametrize("column, message", [

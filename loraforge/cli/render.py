@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from loraforge.cli.output import registry_from_ctx
+from loraforge.cli.output import echo_json, progress, registry_from_ctx
 
 COLUMN_HELP = ("One column (repeatable, in order): base (no adapter); an adapter (LoRA, DreamBooth-LoRA, slider, "
                "embedding) as REF or REF=WEIGHT; a checkpoint REF (rendered in its own pipeline); or several "
@@ -30,8 +30,9 @@ COLUMN_HELP = ("One column (repeatable, in order): base (no adapter); an adapter
 @click.option("--title", help="Title written above the grid.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="PNG file to write the grid to.")
+@click.option("--json", "as_json", is_flag=True, help="Print the file, its size and the row and column labels as JSON.")
 @click.pass_context
-def render(ctx, base, config, columns, prompts, seeds, negative_prompt, steps, guidance, size, title, output):
+def render(ctx, base, config, columns, prompts, seeds, negative_prompt, steps, guidance, size, title, output, as_json):
     """Render PROMPTs with each --compare column side by side in one labelled grid.
 
     Every cell of a row uses the same seed, so columns differ only by what they render with. A slider used
@@ -42,12 +43,17 @@ def render(ctx, base, config, columns, prompts, seeds, negative_prompt, steps, g
 
     check_generation(steps, size, steps_name="--steps", size_name="--size")  # before the slow model load
     parsed = [parse_column(c) for c in columns]
-    result = render_comparison(
-        registry_from_ctx(ctx), base, parsed, list(prompts), seeds=list(seeds), steps=steps, guidance=guidance,
-        size=size, negative_prompt=negative_prompt, title=title, config=config,
-        warn=lambda message: click.echo(f"Warning: {message}", err=True),
-    )
+    with progress("rendering columns", len(parsed)) as advance:
+        result = render_comparison(
+            registry_from_ctx(ctx), base, parsed, list(prompts), seeds=list(seeds), steps=steps, guidance=guidance,
+            size=size, negative_prompt=negative_prompt, title=title, config=config,
+            warn=lambda message: click.echo(f"Warning: {message}", err=True), progress=advance,
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     result.grid.save(output, format="PNG")
+    if as_json:
+        echo_json({"output": str(output), "size": list(result.grid.size), "rows": result.row_labels,
+                   "columns": result.column_labels})
+        return
     click.echo(f"wrote {output} ({result.grid.width}x{result.grid.height}; {len(result.row_labels)} rows x "
                f"{len(result.column_labels)} columns)")
