@@ -174,3 +174,45 @@ def test_a_gate_on_a_step_output_with_no_eval_step_is_refused(home, tmp_path):
     line = refused(run_cli(home, "recipe", "validate", str(path), ok=False))
     assert line.endswith("publish.0.gates.clip_score: gate on 'clip_score', which no step computes for ${style}: "
                          "add an eval step with refs: [${style}] and metrics: [clip_score]")
+
+
+E2E = """\
+name: e2e
+steps:
+  style:
+    synthetic: {kind: lora, rank: 2, seed: 3}
+  variant:
+    synthetic: {kind: lora, rank: 2, seed: 3}
+    sweep: {seed: [4, 5]}
+  score:
+    eval: {refs: ["${style}", "${variant}"], metrics: ["python:gate_metrics:brightness"], prompts: [a red circle],
+           seeds: [0], steps: 2, size: 32}
+publish:
+  - {artifact: "${style}", repo: me/style, gates: {"python:gate_metrics:brightness": {max: MAX}}}
+"""
+
+
+def test_the_eval_step_scores_every_point_and_the_gate_reads_what_it_recorded(home, hub, tmp_path,  # noqa: F811
+                                                                              monkeypatch):
+    from loraforge.registry.evaluations import metrics_of
+
+    (tmp_path / "gate_metrics.py").write_text(
+        "import numpy as np\n\n\ndef brightness(images, prompts):\n"
+        "    return [float(np.asarray(im.convert('RGB'), dtype=np.float64).mean() / 255) for im in images]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    metric = "python:gate_metrics:brightness"
+    path = tmp_path / "e2e.yaml"
+    path.write_text(E2E.replace("MAX", "0"))
+    line = apply_refused(home, str(path))
+    registry = Registry(home)
+    scored = {ref: metrics_of(registry, ref) for ref in ("e2e-style:1", "e2e-variant-4:1", "e2e-variant-5:1")}
+    assert all(metric in m for m in scored.values())  # the list `${variant}` reached the eval step as both points
+    value = scored["e2e-style:1"][metric]["value"]
+    assert line == f"Error: step 'publish-1' failed: publish blocked: {metric} {value:.4g} > max 0 for e2e-style:1"
+    assert "me/style" not in hub.state.repos
+
+    path.write_text(E2E.replace("MAX", "1"))
+    out = run_cli(home, "recipe", "apply", str(path)).output
+    assert "1 step(s) run, 4 up to date" in out  # only the publish: the scores are reused
+    assert f"gate {metric}: {value:.4g} <= max 1 for e2e-style:1" in out
+    assert "v1" in hub.state.repos["me/style"].tags
