@@ -6,7 +6,7 @@ and waits for the recipe's steps that score it.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from loraforge.errors import HubError, LoraforgeError
 from loraforge.plugins import STEP_KINDS
@@ -26,6 +26,14 @@ class PublishSpec(BaseModel):
     gates: dict[str, Gate] = Field(
         default_factory=dict, description="METRIC: {min, max, no_regression_vs: previous, tolerance, better}: "
                                           "scores the artifact needs before it is pushed.")
+
+    @model_serializer(mode="wrap")
+    def _without_empty_gates(self, handler):
+        # Left out when empty, so a publish entry written before gates existed keeps its input digest.
+        data = handler(self)
+        if not self.gates and isinstance(data, dict):
+            data.pop("gates", None)
+        return data
 
     @model_validator(mode="after")
     def _push_accepts_it(self) -> "PublishSpec":
