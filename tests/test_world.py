@@ -118,6 +118,10 @@ def test_captions_parse_back_to_their_labels():
     assert parse_prompt("two white hearts in the middle, on a blue background") == {
         "colour": "white", "shape": "heart", "position": "centre", "background": "blue"}
     assert parse_prompt("a photo of sks", {"sks": "star"}) == {"shape": "star"}
+    # A textual-inversion token is one word, brackets included: it is aliased whole, never read as "sks".
+    assert parse_prompt("a big <sks> on a black background", {"<sks>": "star"}) == {
+        "size": "big", "shape": "star", "background": "black"}
+    assert parse_prompt("a <sks>", {"sks": "star"}) == {}
     assert caption(Labels("ring", "green", "black", "small", "right", "striped")) == (
         "a small green ring on the right of a black background, striped")
 

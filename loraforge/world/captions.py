@@ -12,7 +12,7 @@ import re
 from loraforge.world.vocabulary import (BACKGROUNDS, COLOURS, POSITION_PHRASES, POSITION_SYNONYMS, SHAPES, SIZES,
                                         STYLES)
 
-_WORD = re.compile(r"[a-z]+")
+_WORD = re.compile(r"<[^<>\s]+>|[a-z]+")  # a word, or a textual-inversion token such as <sks>
 
 
 def caption(labels) -> str:
