@@ -124,8 +124,8 @@ def test_methods_sweep_with_per_method_overrides(home, recipe):
     path = recipe(METHODS)
     message = refused(run_cli(home, "recipe", "validate", str(path), ok=False))
     assert message == (f"Error: {path.resolve()}:5:13: steps.personalise.train.prior_loss_weight: method "
-                       "'recipe_fake' takes no 'prior_loss_weight' (sweep point personalise-1e-4-recipe_fake): leave it out for that "
-                       "method with sweep_overrides: {recipe_fake: {prior_loss_weight: null}}")
+                       "'recipe_fake' takes no 'prior_loss_weight' (sweep point personalise-1e-4-recipe_fake): "
+                       "leave it out for that method with sweep_overrides: {recipe_fake: {prior_loss_weight: null}}")
     fixed = METHODS.replace("    output: pers\n", "    output: pers\n    sweep_overrides: {recipe_fake: "
                             "{prior_loss_weight: null}, dreambooth_lora: {learning_rate: [5.0e-3]}}\n")
     plan = plan_json(home, recipe(fixed))
@@ -138,7 +138,8 @@ def test_methods_sweep_with_per_method_overrides(home, recipe):
 
 
 @pytest.mark.parametrize("sweep, where, message", [
-    ("{rank: []}", "5:13", "steps.personalise.sweep.rank: sweep key 'rank' has an empty list: give at least one value"),
+    ("{rank: []}", "5:13",
+     "steps.personalise.sweep.rank: sweep key 'rank' has an empty list: give at least one value"),
     ("{rnak: [2, 4]}", "5:13", "steps.personalise.sweep.rnak: sweep key 'rnak': this train step has no key 'rnak'"),
     ("{rank: [1, 2, 3, 4, 5, 6, 7, 8, 9], seed: [1, 2, 3, 4, 5, 6, 7, 8]}", "5:5",
      "steps.personalise.sweep: sweep of 'personalise' makes 72 points, more than 64: sweep fewer values or split "
