@@ -158,6 +158,14 @@ def test_the_out_of_range_warning_is_one_line_on_stderr(home, adapters, tmp_path
     assert printed["size"] == list(Image.open(tmp_path / "g.png").size)
 
 
+def test_generate_warns_too_naming_the_version(home, adapters, tmp_path):
+    result = CliRunner().invoke(cli, ["generate", "--base", "builtin:tiny-sd", "--prompt", "x", "--steps", "1",
+                                      "--size", "16", "--lora", "smile=-1.5", "-o", str(tmp_path / "g.png")])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert result.stderr == ("Warning: slider smile:1 at scale -1.5 is outside its recorded scale range -1 .. 1; "
+                             "images may fall apart there\n")
+
+
 @pytest.mark.parametrize("column, message", [
     ("style:1=abc", "Error: invalid weight in 'style:1=abc': write REF=NUMBER, e.g. asuka:3=0.8"),
     ("builtin:shapes,builtin:tiny-sd", "Error: column 'builtin:shapes=1,builtin:tiny-sd=1' names two models "

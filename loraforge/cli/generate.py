@@ -33,6 +33,7 @@ def generate(ctx, base, config, loras, prompt, negative_prompt, seed, steps, gui
     image = generate_image(
         registry_from_ctx(ctx), base, list(loras), prompt, seed=seed, steps=steps, guidance=guidance,
         negative_prompt=negative_prompt, size=size, config=config,
+        warn=lambda message: click.echo(f"Warning: {message}", err=True),
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     image.save(output)

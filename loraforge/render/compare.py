@@ -10,12 +10,12 @@ bias or norm differences) or that is not a LoRA (an embedding changes the tokeni
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from loraforge.errors import ConfigError
 from loraforge.registry.refs import parse_weighted
+from loraforge.render.sliders import default_warn, slider_range_problem
 
 BASE_COLUMN = "base"  # a column of the base alone, no adapter
 
@@ -44,22 +44,6 @@ def parse_column(text: str) -> Column:
 def weighted_label(ref: str, weight: float, show_weight: bool = True) -> str:
     """`age:1=+1.5`: a ref with its signed weight (a slider's scale), or the ref alone when the weight says nothing."""
     return f"{ref}={weight:+g}" if show_weight else ref
-
-
-def slider_range_problem(manifest, ref: str, scale: float) -> Optional[str]:
-    """Why `scale` is outside the slider's recorded `scale_range` (None inside it, or for other kinds)."""
-    slider = getattr(manifest, "slider", None) if manifest is not None else None
-    if manifest is None or manifest.kind != "slider" or slider is None:
-        return None
-    low, high = slider.scale_range
-    if low <= scale <= high:
-        return None
-    return (f"slider {ref} at scale {scale:g} is outside its recorded scale range {low:g} .. {high:g}; "
-            "images may fall apart there")
-
-
-def default_warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 @dataclass
@@ -136,7 +120,7 @@ def _plan_column(registry, base, column: Column, warn: Callable[[str], None]) ->
         state, manifest = load_adapter(registry, ref, base=base)
         if targets is not None and hasattr(state, "check_against"):
             state.check_against(targets)
-        problem = slider_range_problem(manifest, ref, weight)
+        problem = slider_range_problem(manifest, manifest.ref if manifest else ref, weight)
         if problem:
             warn(problem)
         loaded.append(_Adapter(ref, weight, state, manifest))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from loraforge.errors import ConfigError
 
@@ -30,12 +30,19 @@ def check_generation(steps: int, size: Optional[int], *, steps_name: str = "step
 
 def generate_image(registry, base_ref: str, lora_specs: Sequence[str], prompt: str, *, seed: int = 0,
                    steps: int = 20, guidance: float = 5.0, negative_prompt: Optional[str] = None,
-                   size: Optional[int] = None, config: Optional[str] = None):
+                   size: Optional[int] = None, config: Optional[str] = None,
+                   warn: Optional[Callable[[str], None]] = None):
+    """One image; `warn` (default: a UserWarning) hears of each slider used outside its recorded scale range."""
     from loraforge.models.pipeline import generate
     from loraforge.render.adapters import load_pipeline_with_adapters
+    from loraforge.render.sliders import default_warn, slider_range_problem
 
     check_generation(steps, size)
-    pipe, _base, _loaded = load_pipeline_with_adapters(registry, base_ref, lora_specs, config=config)
+    pipe, _base, loaded = load_pipeline_with_adapters(registry, base_ref, lora_specs, config=config)
+    for (_state, weight, manifest), spec in zip(loaded, lora_specs):
+        problem = slider_range_problem(manifest, manifest.ref if manifest else spec, weight)
+        if problem:
+            (warn or default_warn)(problem)
     return generate(pipe, prompt, seed=seed, steps=steps, guidance=guidance, height=size, width=size,
                     negative_prompt=negative_prompt)
 

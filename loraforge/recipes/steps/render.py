@@ -238,7 +238,7 @@ def render_grid(registry, spec, progress=None, warn=warn_on_stderr):
     """(grid image, [[cell images]], parents, base) for a concrete render spec (a sweep, a stack or an illusion)."""
     from loraforge.models.base_config import with_config
     from loraforge.models.pipeline import load_pipeline
-    from loraforge.render.compare import slider_range_problem
+    from loraforge.render.sliders import slider_range_problem
     from loraforge.render.grid import image_grid
     from loraforge.registry.resolve import base_targets, load_adapter, resolve_base
     from loraforge.render import apply_adapters
