@@ -119,6 +119,10 @@ def test_training_changes_only_the_new_token_rows(trained, ti_home, tiny_sd_path
     assert torch.equal(learned.vectors["text_encoder"], new_rows.float())
     start = base.text_encoder.get_input_embeddings().weight[base.tokenizer.encode("dog", add_special_tokens=False)[0]]
     assert (new_rows - start).abs().max() > 1e-3  # they moved away from the initializer's row
+    assert sorted(f.path for f in manifest.files) == ["learned_embeds.safetensors", "validation.png"]
+    listed = Registry(ti_home).list(kind="embedding")
+    assert "sks-ti" in [r["name"] for r in listed] and {r["kind"] for r in listed} == {"embedding"}
+    assert "rank" not in manifest.provenance.params and manifest.provenance.params["token"] == TOKEN
 
 
 def test_training_lowers_the_denoising_loss_on_fixed_noise(trained, ti_home, images, tiny_sd_path):

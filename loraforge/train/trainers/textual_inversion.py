@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # TrainConfig fields that shape a LoRA; textual inversion trains no LoRA and refuses them when set.
 LORA_ONLY = ("rank", "alpha", "target_modules", "train_text_encoder")
+NO_LORA = "textual inversion trains no LoRA, only the token's vectors (refused when given)"
 
 
 class TextualInversionConfig(TrainConfig):
@@ -43,6 +44,12 @@ class TextualInversionConfig(TrainConfig):
     instance_prompt: Optional[str] = Field(None, description="Caption for images that have none; must contain the token.")
     crop: Literal["center", "random"] = Field("center", description="How images are cropped to the square resolution.")
     learning_rate: float = Field(5e-3, gt=0, description="Peak learning rate of AdamW on the new vectors.")
+    # TrainConfig's LoRA fields, kept for the shared schema; their help says they are refused here.
+    rank: int = Field(8, ge=1, description=f"Not used: {NO_LORA}.")
+    alpha: Optional[float] = Field(None, gt=0, description=f"Not used: {NO_LORA}.")
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+                                      description=f"Not used: {NO_LORA}.")
+    train_text_encoder: bool = Field(False, description=f"Not used: {NO_LORA}.")
 
     @model_validator(mode="after")
     def _refuse_lora_options(self) -> "TextualInversionConfig":
@@ -197,7 +204,7 @@ def finish_embedding(session: Session, embedding, datasets: list[Manifest], metr
 
     c, model = session.config, session.model
     base = model.base
-    params = c.model_dump(mode="json")
+    params = c.model_dump(mode="json", exclude=set(LORA_ONLY))
     parents = [Parent(ref=base.ref, digest=base.digest, role="base")]
     parents += [Parent(ref=d.ref, digest=d.digest, role="dataset") for d in datasets]
     facts = {k: params[k] for k in ("steps", "learning_rate", "lr_scheduler", "batch_size", "gradient_accumulation",
