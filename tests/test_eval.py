@@ -383,3 +383,10 @@ def test_an_embedding_is_rendered_with_its_token_like_an_adapter(home, tmp_path,
         [image] = direct_images(home, adapters, prompts=prompts, seeds=(0,))
         assert row["scores"][BRIGHTNESS] == [np.asarray(image, dtype=np.float64).mean() / 255]
     assert out["results"][0]["scores"] != out["results"][1]["scores"]  # the learned token changes the image
+
+
+def test_a_prompt_the_judge_cannot_read_is_refused_before_anything_renders(home):
+    error = refused(run_cli(home, "eval", "builtin:shapes", "--prompt", "a cat", "--metric", "shapes", ok=False))
+    assert error == ("Error: prompt 'a cat' names no shapes-world attribute (a shape, colour, background, size, "
+                     "position or style): score it with another evaluator, or give aliases")
+    assert not (home / "cache" / "eval-images").exists()

@@ -2,9 +2,10 @@
 
 A metric is named as the user writes it in `--metric` or `metrics:` — a registered evaluator (`clip_score`,
 `image_similarity`, `shapes`, …) or `python:module:function` — and that name is the key its scores are recorded
-under. An evaluator scores images against the prompts they were drawn from, one float per image; one that needs
-to know whose images it scores (image_similarity's default reference: the artifact's training images) has a
-`for_subject` method that gives the evaluator to use for that subject.
+under. An evaluator scores images against the prompts they were drawn from, one float per image. Two methods are
+optional: `check_prompts(prompts)` refuses prompts it cannot score before anything is rendered (the shapes judge
+reads only its world's words), and `for_subject(subject)` gives the evaluator to use for one subject's images
+(image_similarity's default reference is the artifact's training images).
 """
 
 from __future__ import annotations
@@ -91,6 +92,13 @@ def load_evaluator(metric: str, options: dict[str, Any] | None = None, *, regist
     evaluator.name = metric
     evaluator.version = str(getattr(evaluator, "version", None) or info.version)
     return evaluator
+
+
+def check_prompts(evaluator: Evaluator, prompts: Sequence[str]) -> None:
+    """Let an evaluator refuse prompts it cannot score (its optional `check_prompts`) before anything renders."""
+    check = getattr(evaluator, "check_prompts", None)
+    if callable(check):
+        check(list(prompts))
 
 
 def for_subject(evaluator: Evaluator, subject: Subject) -> Evaluator:

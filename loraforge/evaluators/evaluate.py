@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from loraforge.errors import ConfigError
-from loraforge.evaluators.base import Subject, for_subject, load_evaluator
+from loraforge.evaluators.base import Subject, check_prompts, for_subject, load_evaluator
 from loraforge.hashing import sha256_json
 from loraforge.home import cache_dir
 
@@ -169,6 +169,8 @@ def evaluate(registry, refs: Sequence[str], *, prompts: Sequence[str], seeds: Se
         raise ConfigError(f"options are given for {', '.join(unused)}, which is not among the metrics "
                           f"({', '.join(metrics)}): add it with --metric or drop its options")
     evaluators = {m: load_evaluator(m, options.get(m), registry=registry) for m in metrics}
+    for evaluator in evaluators.values():
+        check_prompts(evaluator, prompts)
     subjects = resolve_subjects(registry, refs, base)
     scorers = {s.label: {m: for_subject(e, s) for m, e in evaluators.items()} for s in subjects}
     report = EvalReport(subjects, metrics, prompts, seeds, settings, {m: e.version for m, e in evaluators.items()},

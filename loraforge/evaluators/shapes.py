@@ -61,6 +61,11 @@ class ShapesEvaluator:
                               "size, position or style): score it with another evaluator, or give aliases")
         return found
 
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Refuse a prompt the judge cannot score before any image is drawn for it."""
+        for prompt in prompts:
+            self.expected(prompt)
+
     def evaluate(self, images: Sequence, prompts: Sequence[str]) -> list[ShapesScore]:
         if len(images) != len(prompts):
             raise ConfigError(f"{len(images)} images for {len(prompts)} prompts: give one prompt per image")
