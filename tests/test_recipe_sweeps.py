@@ -80,6 +80,11 @@ def test_plan_lists_every_point_with_its_values_and_a_list_reads_them_in_order(h
     table = run_cli(home, "recipe", "plan", str(recipe())).output
     assert "5 of 5 steps to run" in table and "personalise-4-2" in table
 
+    # `after:` a swept step waits for every point.
+    later = RECIPE + "  later:\n    synthetic: {kind: lora, rank: 2, seed: 3}\n    after: [personalise]\n"
+    step = plan_json(home, recipe(later))["steps"][-1]
+    assert step["id"] == "later" and step["depends_on"] == [s["id"] for s in points]
+
 
 def test_apply_twice_builds_nothing_and_a_new_value_builds_only_its_points(home, recipe):
     recipe_fake_trainer.FakeTrainer.calls.clear()
