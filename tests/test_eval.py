@@ -36,6 +36,9 @@ def brightness(images, prompts):
 
 def too_few(images, prompts):
     return [0.5]
+
+def broken(images, prompts):
+    return {}["missing"]
 '''
 
 
@@ -217,6 +220,8 @@ def test_csv_chart_and_grid_files(loras, metrics_module, tmp_path):
 
 
 def test_python_metric_and_unknown_metric_errors(loras, metrics_module):
+    from loraforge.registry.evaluations import metrics_of
+
     before = Registry(loras).list()
     error = refused(run_cli(loras, "eval", "style", "--prompt", "x", "--metric", "sharpness", ok=False))
     assert error == ("Error: unknown metric 'sharpness': installed evaluators are clip_score, image_similarity, "
@@ -225,6 +230,10 @@ def test_python_metric_and_unknown_metric_errors(loras, metrics_module):
     error = refused(run_cli(loras, "eval", "style", "--prompt", "x", *SEEDS, *FAST, "--metric",
                             "python:eval_metrics:too_few", ok=False))
     assert error == "Error: metric 'python:eval_metrics:too_few' returned 1 scores for 2 images"
+    error = refused(run_cli(loras, "eval", "style", "--prompt", "x", *FAST, "--metric", BRIGHTNESS, "--metric",
+                            "python:eval_metrics:broken", ok=False))
+    assert error == "Error: metric 'python:eval_metrics:broken' failed: KeyError: 'missing'"
+    assert metrics_of(Registry(loras), "style:1") == {}  # the brightness of that run is not recorded either
     error = refused(run_cli(loras, "eval", "style", "--prompt", "x", "--metric", "python:eval_metrics:nothing",
                             ok=False))
     assert error == ("Error: module 'eval_metrics' has no function 'nothing' (python metric "

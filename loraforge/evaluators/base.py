@@ -114,7 +114,16 @@ class FunctionEvaluator:
         self.fn, self.name, self.version = fn, name, version
 
     def __call__(self, images: Sequence, prompts: Sequence[str]) -> list[float]:
-        return check_scores(self.name, self.fn(list(images), list(prompts)), len(images))
+        return check_scores(self.name, call_user_function(self.name, self.fn, images, prompts), len(images))
+
+
+def call_user_function(name: str, fn, images: Sequence, prompts: Sequence[str]):
+    """`fn(images, prompts)`; a failure of someone else's code is one line naming the metric (--debug: its
+    traceback), and no metric of the run is recorded."""
+    try:
+        return fn(list(images), list(prompts))
+    except Exception as exc:
+        raise ConfigError(f"metric {name!r} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def check_scores(name: str, scores, n: int, noun: str = "metric", error: type[Exception] = ConfigError) -> list[float]:

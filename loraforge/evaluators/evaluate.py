@@ -2,7 +2,8 @@
 
 Used by `loraforge eval` and the recipe `eval` step. Rendered images are cached on disk under the home's cache,
 keyed by what decides their pixels (the base's and adapters' digests, prompt, seed, steps, guidance, size, device
-and dtype), so scoring again — with another metric, or after adding an artifact — renders only what is new.
+and dtype), so scoring again — with another metric, or after adding an artifact — renders only what is new. Each
+image is drawn alone from its own seed, as `loraforge generate` draws it, so a score can be checked image by image.
 """
 
 from __future__ import annotations
@@ -133,8 +134,9 @@ def resolve_subjects(registry, refs: Sequence[str], base: Optional[str] = None) 
             subjects.append(Subject(label=text, kind="checkpoint", base=manifest.ref, ref=manifest.ref,
                                     manifest=manifest))
         else:
-            raise ConfigError(f"{text} is a {manifest.kind}, which does not render: give a lora, slider, embedding "
-                              "or checkpoint, `base` or builtin:NAME")
+            article = "an" if manifest.kind[0] in "aeiou" else "a"
+            raise ConfigError(f"{text} is {article} {manifest.kind}, which does not render: give a lora, slider, "
+                              "embedding or checkpoint, `base` or builtin:NAME")
     if None in subjects:
         bases = sorted({s.base for s in subjects if s is not None and s.adapters})
         on = base or (bases[0] if len(bases) == 1 else None)

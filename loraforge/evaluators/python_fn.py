@@ -8,7 +8,7 @@ import inspect
 from typing import Callable, Sequence
 
 from loraforge.errors import ConfigError
-from loraforge.evaluators.base import check_scores
+from loraforge.evaluators.base import call_user_function, check_scores
 from loraforge.hashing import sha256_bytes
 from loraforge.plugins import EVALUATORS, PluginGroup, PluginInfo
 
@@ -65,4 +65,4 @@ class PythonFunctionEvaluator:
         self.name = f"python:{function}"
 
     def __call__(self, images: Sequence, prompts: Sequence[str]) -> list[float]:
-        return check_scores(self.name, self.fn(list(images), list(prompts)), len(images))
+        return check_scores(self.name, call_user_function(self.name, self.fn, images, prompts), len(images))
