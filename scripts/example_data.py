@@ -21,7 +21,12 @@ DATASETS = {
     "shapes-striped": (9000, "all", {"style": "striped"}, True),
     "shapes-dotted": (9100, "all", {"style": "dotted"}, True),
     "shapes-star": (9200, "holdout", {"shape": "star", "style": "plain"}, False),
+    "shapes-sks": (9200, "holdout", {"shape": "star", "style": "plain"}, False),
 }
+# Datasets whose captions name their concept by a trigger token instead of its word: the same star images,
+# "a big green <sks> in the centre of a black background", for recipes/personalise-compare.yaml (textual
+# inversion needs a token the tokenizer does not have; the other methods learn the same trigger).
+TRIGGERS = {"shapes-sks": ("star", "<sks>")}
 
 
 def write(name: str, count: int = 10) -> Path:
@@ -33,7 +38,9 @@ def write(name: str, count: int = 10) -> Path:
         shape = {"shape": SEEN_SHAPES[i % len(SEEN_SHAPES)]} if cycle else {}
         sample = generate(first + i, 64, split=split, **fixed, **shape)
         sample.image.save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(sample.caption + "\n")
+        word, trigger = TRIGGERS.get(name, ("", ""))
+        text = sample.caption.replace(word, trigger) if word else sample.caption
+        (folder / f"{i}.txt").write_text(text + "\n")
     return folder
 
 
