@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from loraforge.plugins import TRAINERS
 from loraforge.registry.manifest import Manifest
+from loraforge.train.base import TrainConfig
 from loraforge.train.dreambooth_data import DreamBoothData, DreamBoothDataConfig
 from loraforge.train.trainers.lora import LoraTrainer, text_encoder_components
 
@@ -21,15 +22,19 @@ _LORA_ONLY_HELP = "LoRA only: a full fine-tune trains every weight and refuses a
 
 
 class DreamBoothConfig(DreamBoothDataConfig):
+    """DreamBooth's data and the fields of every trainer; the LoRA-only ones are refused when changed."""
+
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate of AdamW (a full fine-tune moves every "
                                                            "weight: far lower than a LoRA's).")
     train_text_encoder: bool = Field(False, description="Also fine-tune the text encoders' own weights (SDXL: both).")
     save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="dtype of the saved checkpoint's weights (fp32 keeps untrained parts bit-identical to an "
                             "fp32 base; choose the base's own dtype to keep its size).")
-    rank: int = Field(8, ge=1, description=_LORA_ONLY_HELP)
-    alpha: Optional[float] = Field(None, gt=0, description=_LORA_ONLY_HELP)
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+    # The LoRA fields keep TrainConfig's defaults (a recipe sharing them across methods still validates) and say
+    # in --help that other values are refused.
+    rank: int = Field(TrainConfig.model_fields["rank"].default, ge=1, description=_LORA_ONLY_HELP)
+    alpha: Optional[float] = Field(TrainConfig.model_fields["alpha"].default, gt=0, description=_LORA_ONLY_HELP)
+    target_modules: list[str] = Field(default_factory=TrainConfig.model_fields["target_modules"].default_factory,
                                       description=_LORA_ONLY_HELP)
 
     @model_validator(mode="after")
