@@ -160,6 +160,10 @@ def test_second_run_renders_nothing_and_metrics_are_stored_and_shown(loras, metr
     assert (second["rendered"], second["cached"]) == (0, 12)
     assert sorted((loras / "cache" / "eval-images").rglob("*.png")) == cached
     assert [r["metrics"] for r in second["results"]] == [r["metrics"] for r in first["results"]]
+    prompt_file = loras.parent / "prompts.txt"
+    prompt_file.write_text("# the same prompts, from a file\n" + "\n".join(PROMPTS) + "\n\n")
+    from_file = eval_json(loras, "style", "--prompt-file", str(prompt_file), *SEEDS, *FAST, "--metric", BRIGHTNESS)
+    assert from_file["prompts"] == PROMPTS and from_file["rendered"] == 0
     # Another seed is new work for the pipeline only for that seed.
     with pytest.raises(AssertionError, match="a pipeline was loaded"):
         run_cli(loras, "eval", "style", *prompt_args(), "--seed", "7", *FAST, "--metric", BRIGHTNESS, ok=False)
