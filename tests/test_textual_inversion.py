@@ -219,8 +219,9 @@ def test_sdxl_learns_clip_l_and_clip_g_rows_and_both_load(ti_home, images, tiny_
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    (manifest,) = train(ti_home, "sks-xl", images, base="builtin:tiny-sdxl", steps=3)
+    (manifest,) = train(ti_home, "sks-xl", images, base="builtin:tiny-sdxl", steps=3, num_vectors=2)
     assert manifest.embedding.components == ["text_encoder", "text_encoder_2"]
+    assert manifest.embedding.dims == {"text_encoder": 32, "text_encoder_2": 32}
     out = tmp_path / "xl.safetensors"
     run_cli(ti_home, "registry", "export", manifest.ref, "--for", "diffusers", "-o", str(out))
     state = load_file(out)
@@ -231,7 +232,10 @@ def test_sdxl_learns_clip_l_and_clip_g_rows_and_both_load(ti_home, images, tiny_
     theirs.load_textual_inversion(state["clip_g"], token=TOKEN, text_encoder=theirs.text_encoder_2,
                                   tokenizer=theirs.tokenizer_2)
     mine = ours(ti_home, "builtin:tiny-sdxl", manifest.ref)
-    assert TOKEN in mine.tokenizer.get_vocab() and TOKEN in mine.tokenizer_2.get_vocab()
+    for tokenizer in (mine.tokenizer, mine.tokenizer_2):
+        assert {TOKEN, f"{TOKEN}_1"} <= set(tokenizer.get_vocab())
+    assert sorted(state) == ["clip_g", "clip_l"] and state["clip_l"].shape == state["clip_g"].shape == (2, 32)
+    assert not torch.equal(state["clip_l"], state["clip_g"])  # each encoder learned its own rows
     with torch.no_grad():
         a = mine.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
         b = theirs.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
@@ -274,13 +278,22 @@ def test_bad_options_are_refused_in_one_line(ti_home, images, args, message):
 
 # ---- use: generate with a LoRA, refusals of weights and LoRA algebra, the Hub ------------------
 
-def test_generate_with_a_lora_and_an_embedding_in_one_render(trained, ti_home, adapter_file, tmp_path):
+def test_generate_with_a_lora_a_slider_and_an_embedding_in_one_render(trained, ti_home, adapter_file, tmp_path,
+                                                                      tiny_sd_path):
+    from loraforge.formats import write_adapter
+    from loraforge.models.targets import module_shapes
+    from loraforge.synthetic import random_lora
+
     manifest, _pipe = trained
     run_cli(ti_home, "registry", "import", str(adapter_file), "--name", "style", "--base", "builtin:tiny-sd")
-    common = ["generate", "--base", "builtin:tiny-sd", "--prompt", PROMPT, "--steps", "2", "--size", "32"]
+    slider = tmp_path / "size.safetensors"
+    write_adapter(random_lora(module_shapes(tiny_sd_path), rank=2, seed=8), slider, "kohya")
+    run_cli(ti_home, "registry", "import", str(slider), "--name", "size", "--kind", "slider", "--concept", "size")
+    common = ["generate", "--base", "builtin:tiny-sd", "--prompt", PROMPT, "--steps", "2", "--size", "32",
+              "--lora", "style=0.8", "--lora", "size=1.5"]
     both, lora_only = tmp_path / "both.png", tmp_path / "lora.png"
-    run_cli(ti_home, *common, "--lora", "style=0.8", "--lora", manifest.ref, "-o", str(both))
-    run_cli(ti_home, *common, "--lora", "style=0.8", "-o", str(lora_only))
+    run_cli(ti_home, *common, "--lora", manifest.ref, "-o", str(both))
+    run_cli(ti_home, *common, "-o", str(lora_only))
     a, b = np.asarray(Image.open(both), np.float32), np.asarray(Image.open(lora_only), np.float32)
     assert a.shape == (32, 32, 3) and np.abs(a - b).mean() > 0.5  # the token is read as the learned vectors
     line = refused(run_cli(ti_home, *common, "--lora", f"{manifest.ref}=0.5", "-o", str(tmp_path / "x.png"), ok=False))

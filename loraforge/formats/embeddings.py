@@ -199,6 +199,7 @@ def write_embedding(embedding: Embedding, path: Path, fmt: str = "diffusers") ->
             raise ConfigError(f"an SDXL embedding is shared as clip_l/clip_g safetensors, not an A1111 .pt: "
                               f"write {path.with_suffix('.safetensors').name}")
         rows = embedding.vectors["text_encoder"].contiguous()
+        # 265 is the id of "*" in CLIP's vocabulary, the placeholder A1111 records every embedding under.
         torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": rows}, "name": embedding.token,
                     "step": 0, "sd_checkpoint": None, "sd_checkpoint_name": None}, path)
         return path
