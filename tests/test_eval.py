@@ -186,7 +186,8 @@ def test_second_run_renders_nothing_and_metrics_are_stored_and_shown(loras, metr
 
 
 def test_csv_chart_and_grid_files(loras, metrics_module, tmp_path):
-    csv_path, chart, grid = tmp_path / "out" / "table.csv", tmp_path / "out" / "chart.png", tmp_path / "out" / "grid.png"
+    out_dir = tmp_path / "out"
+    csv_path, chart, grid = out_dir / "table.csv", out_dir / "chart.png", out_dir / "grid.png"
     out = eval_json(loras, "style", "other", "base", *prompt_args(), "--seed", "0", *FAST, "--metric", BRIGHTNESS,
                     "--csv", str(csv_path), "--chart", str(chart), "--grid", str(grid))
     rows = list(csv.DictReader(csv_path.open()))

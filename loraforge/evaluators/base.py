@@ -1,4 +1,4 @@
-"""The Evaluator protocol, what is being scored (`Subject`), and the factory that builds an evaluator from a metric name.
+"""The Evaluator protocol, what is scored (`Subject`), and the factory that builds an evaluator from a metric name.
 
 A metric is named as the user writes it in `--metric` or `metrics:` — a registered evaluator (`clip_score`,
 `image_similarity`, `shapes`, …) or `python:module:function` — and that name is the key its scores are recorded

@@ -183,7 +183,8 @@ def evaluate(registry, refs: Sequence[str], *, prompts: Sequence[str], seeds: Se
         report.rendered += made
         report.cached += len(images) - made
         image_prompts = [p for p, _ in report.rows]
-        report.scores[subject.label] = {m: scorer(images, image_prompts) for m, scorer in scorers[subject.label].items()}
+        report.scores[subject.label] = {m: scorer(images, image_prompts)
+                                        for m, scorer in scorers[subject.label].items()}
         report.means[subject.label] = {m: sum(v) / len(v) for m, v in report.scores[subject.label].items()}
         if progress:
             progress()

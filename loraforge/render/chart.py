@@ -22,7 +22,8 @@ def bar_chart(labels: Sequence[str], metrics: Sequence[str], values: Sequence[Se
               title: str | None = None) -> Image.Image:
     """`values[i][j]` is artifact `labels[i]`'s value of `metrics[j]`: a panel per metric, a bar per artifact."""
     if len(values) != len(labels) or any(len(row) != len(metrics) for row in values):
-        raise ConfigError(f"bar_chart: {len(values)} rows of values for {len(labels)} labels and {len(metrics)} metrics")
+        raise ConfigError(f"bar_chart: {len(values)} rows of values for {len(labels)} labels and "
+                          f"{len(metrics)} metrics")
     if not labels or not metrics:
         raise ConfigError("bar_chart: nothing to draw (no artifacts or no metrics)")
     font = ImageFont.load_default()
