@@ -436,3 +436,21 @@ def test_template_replaces_captions_and_a_caption_without_the_token_is_refused(t
     assert line == ("Error: caption 'a striped photo' of img0.png does not contain the token <sks>: put it in the "
                     "captions, or give --template 'a photo of {}' or --instance-prompt")
     assert _artifacts(ti_home) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--for", "peft"], "Error: PEFT (PeftModel.from_pretrained, one folder per model) loads adapters of modules, not "
+                        "token embeddings; use --for with one of comfyui, a1111, kohya, diffusers"),
+    (["--format", "kohya"], "Error: xl-export:1 is an embedding: export it with --format diffusers or a1111 (or "
+                            "--for diffusers|a1111|comfyui), not kohya"),
+    (["--format", "a1111"], "Error: an SDXL embedding is shared as clip_l/clip_g safetensors, not an A1111 .pt: "
+                            "write out.safetensors"),
+])
+def test_exports_an_embedding_cannot_take_are_refused_in_one_line(ti_home, tmp_path, args, message):
+    path = tmp_path / "xl.safetensors"
+    _write_file("sdxl", path, torch.zeros(1, 32))
+    if not Registry(ti_home).exists("xl-export"):
+        run_cli(ti_home, "registry", "import", str(path), "--name", "xl-export")
+    out = tmp_path / "out.pt"
+    assert refused(run_cli(ti_home, "registry", "export", "xl-export", *args, "-o", str(out), ok=False)) == message
+    assert not out.exists()
