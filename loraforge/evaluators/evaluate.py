@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from loraforge.errors import ConfigError
-from loraforge.evaluators.base import Subject, check_prompts, for_subject, load_evaluator
+from loraforge.evaluators.base import Subject, check_prompts, check_scores, for_subject, load_evaluator
 from loraforge.hashing import sha256_json
 from loraforge.home import cache_dir
 
@@ -183,7 +183,7 @@ def evaluate(registry, refs: Sequence[str], *, prompts: Sequence[str], seeds: Se
         report.rendered += made
         report.cached += len(images) - made
         image_prompts = [p for p, _ in report.rows]
-        report.scores[subject.label] = {m: scorer(images, image_prompts)
+        report.scores[subject.label] = {m: check_scores(m, scorer(images, image_prompts), len(images))
                                         for m, scorer in scorers[subject.label].items()}
         report.means[subject.label] = {m: sum(v) / len(v) for m, v in report.scores[subject.label].items()}
         if progress:
