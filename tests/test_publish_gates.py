@@ -216,3 +216,19 @@ def test_the_eval_step_scores_every_point_and_the_gate_reads_what_it_recorded(ho
     assert "1 step(s) run, 4 up to date" in out  # only the publish: the scores are reused
     assert f"gate {metric}: {value:.4g} <= max 1 for e2e-style:1" in out
     assert "v1" in hub.state.repos["me/style"].tags
+
+
+def test_a_gate_on_one_sweep_point_scored_through_the_swept_list(home, tmp_path):
+    path = tmp_path / "point.yaml"
+    path.write_text(E2E.replace('artifact: "${style}"', 'artifact: "${variant-5}"').replace("MAX", "1"))
+    plan = json.loads(run_cli(home, "recipe", "plan", str(path), "--json").output)
+    assert plan["steps"][-1]["depends_on"] == ["variant-5", "score"]
+
+
+def test_a_publish_of_an_output_by_its_registry_name_is_refused(home, tmp_path):
+    path = tmp_path / "gated.yaml"
+    path.write_text(GATED.replace('"${style}", repo', '"gated-style", repo').replace("GATES", "{}"))
+    line = refused(run_cli(home, "recipe", "validate", str(path), ok=False))
+    assert line == (f"Error: {path.resolve()}:10:6: publish.0.artifact: gated-style is the output of step 'style': "
+                    "write artifact: ${style}, so the publish waits for that step and pushes the version this apply "
+                    "builds")

@@ -166,3 +166,14 @@ def test_a_swept_step_in_a_scalar_place_is_refused(home, recipe):
     assert line == (f"Error: {path.resolve()}:9:46: steps.mix.lora_merge.adapters.0.ref: ${{personalise}} is a swept "
                     "step (4 points): use it inside a list, e.g. refs: [${personalise}], which reads every point; "
                     "a single value cannot hold them all")
+
+
+def test_one_point_is_named_by_its_id_and_a_missing_point_is_refused(home, recipe):
+    one = RECIPE + "  best:\n    lora_merge: {method: concat, adapters: [{ref: \"${personalise-4-2}\"}]}\n"
+    step = plan_json(home, recipe(one))["steps"][-1]
+    assert step["id"] == "best" and step["depends_on"] == ["personalise-4-2"]
+    path = recipe(one.replace("personalise-4-2", "personalise-8-2"))
+    line = refused(run_cli(home, "recipe", "validate", str(path), ok=False))
+    assert line == (f"Error: {path.resolve()}:9:46: steps.best.lora_merge.adapters.0.ref: ${{personalise-8-2}}: "
+                    "sweep 'personalise' has no point 'personalise-8-2' (its points: personalise-2-1, "
+                    "personalise-2-2, personalise-4-1, personalise-4-2)")

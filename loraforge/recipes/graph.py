@@ -36,6 +36,10 @@ def step_dependencies(recipe: Recipe, step: Step) -> tuple[str, ...]:
             continue
         full = ("steps", step.id, *loc) if not step.id.startswith("publish-") else _publish_loc(step, loc)
         if target not in recipe.steps:
+            swept = next((sid for sid in recipe.sweeps if target.startswith(f"{sid}-")), None)
+            if swept is not None:
+                raise source.error(full, f"${{{target}}}: sweep {swept!r} has no point {target!r} "
+                                         f"(its points: {', '.join(recipe.sweeps[swept])})")
             raise source.error(full, f"dangling reference ${{{target}}}: no step named {target!r}")
         if target == step.id:
             raise source.error(full, f"step {step.id!r} refers to itself")

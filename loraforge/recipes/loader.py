@@ -151,8 +151,8 @@ def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
 def load_source(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RecipeSource:
     """Read `path`, apply `vars:` (with `overrides`) everywhere and check every `${name}` resolves.
 
-    `${name}` is a variable when `vars:` has it, else a step id (kept as written, resolved at run
-    time to the step's output). A variable alone in a value keeps its type (`weight: ${alpha}` is a
+    `${name}` is a variable when `vars:` has it, else a step id or a swept step's point (kept as written,
+    resolved at run time to the step's output). A variable alone in a value keeps its type (`weight: ${alpha}` is a
     number); inside a longer string it is interpolated.
     """
     path = Path(path).expanduser()
@@ -176,15 +176,22 @@ def load_source(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     data["vars"] = variables
     for key in list(data):
         if key != "vars":
-            data[key] = _substitute(data[key], (key,), variables, set(steps), source)
+            data[key] = _substitute(data[key], (key,), variables, set(steps), source, _swept_prefixes(steps))
     return source
 
 
-def _substitute(value: Any, loc: tuple, variables: dict, steps: set, source: RecipeSource) -> Any:
+def _swept_prefixes(steps: dict) -> tuple[str, ...]:
+    """`ID-` of every swept step: `${ID-…}` may name one of its points, which exist only once the sweep is
+    expanded (the graph checks that the point does)."""
+    return tuple(f"{sid}-" for sid, raw in steps.items() if isinstance(raw, dict) and "sweep" in raw)
+
+
+def _substitute(value: Any, loc: tuple, variables: dict, steps: set, source: RecipeSource,
+                swept: tuple[str, ...] = ()) -> Any:
     if isinstance(value, dict):
-        return {k: _substitute(v, loc + (k,), variables, steps, source) for k, v in value.items()}
+        return {k: _substitute(v, loc + (k,), variables, steps, source, swept) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute(v, loc + (i,), variables, steps, source) for i, v in enumerate(value)]
+        return [_substitute(v, loc + (i,), variables, steps, source, swept) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
     whole = REF_RE.fullmatch(value)
@@ -193,7 +200,7 @@ def _substitute(value: Any, loc: tuple, variables: dict, steps: set, source: Rec
         name = name[len(VAR_PREFIX):] if name.startswith(VAR_PREFIX) else name
         if name in variables:
             return variables[name]
-        if name in steps:
+        if name in steps or (swept and name.startswith(swept)):
             return value
         raise source.error(loc, f"dangling reference ${{{name}}}: no step or variable named {name!r} "
                                 f"(steps: {', '.join(sorted(steps)) or 'none'}; vars: {', '.join(sorted(variables)) or 'none'})")

@@ -52,6 +52,22 @@ class PublishSpec(BaseModel):
         return self
 
 
+def check_not_own_output(recipe: Recipe, artifact: str, loc: tuple) -> None:
+    """The latest version of a name a step of this recipe outputs is written as that step's `${step}`.
+
+    As a registry reference it would resolve when the plan is made, before the step builds its new
+    version, and the publish would neither wait for the step nor push what the apply built.
+    """
+    name, _, version = artifact.partition(":")
+    if version not in ("", "latest"):
+        return
+    for other in recipe.steps.values():
+        if other.definition.makes_artifact and recipe.output_name(other) == name:
+            raise recipe.source.error(loc, f"{artifact} is the output of step {other.id!r}: write "
+                                           f"artifact: ${{{other.id}}}, so the publish waits for that step and "
+                                           "pushes the version this apply builds")
+
+
 @STEP_KINDS.register("publish")
 class PublishStep(StepKind):
     """Push an artifact to the Hugging Face Hub."""
@@ -65,11 +81,13 @@ class PublishStep(StepKind):
     def check(self, recipe: Recipe, step: Step) -> None:
         """A gate on an artifact the recipe builds needs a step of the recipe that computes its metric."""
         spec = step.spec
+        index = int(step.id.split("-")[1]) - 1
+        if step_ref(spec.artifact) is None:
+            check_not_own_output(recipe, spec.artifact, ("publish", index, "artifact"))
         if not spec.gates or step_ref(spec.artifact) is None:
             return  # a registry artifact may have been scored before (`loraforge eval`)
         scored = scoring_steps(recipe, spec.artifact)
         computed = set().union(*scored.values()) if scored else set()
-        index = int(step.id.split("-")[1]) - 1
         for metric in spec.gates:
             if metric in computed:
                 continue
