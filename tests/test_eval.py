@@ -243,6 +243,10 @@ def test_python_metric_and_unknown_metric_errors(loras, metrics_module):
                             ok=False))
     assert error == ("Error: module 'eval_metrics' has no function 'nothing' (python metric "
                      "'eval_metrics:nothing')")
+    error = refused(run_cli(loras, "eval", str(loras.parent / "style.safetensors"), "--prompt", "x", "--metric",
+                            BRIGHTNESS, ok=False))
+    assert error.startswith(f"Error: {loras.parent / 'style.safetensors'} is a local file or folder, not a model: "
+                            "import it first")
     assert Registry(loras).list() == before
 
 

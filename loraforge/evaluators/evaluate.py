@@ -106,6 +106,7 @@ def resolve_subjects(registry, refs: Sequence[str], base: Optional[str] = None) 
     """What each reference renders as: an adapter on its manifest's base (or `base`), a checkpoint as the base
     itself, and the literal `base` or a `builtin:NAME` / model path as a base with no adapter."""
     from loraforge.reference import Reference
+    from loraforge.registry.importer import detect_kind
     from loraforge.registry.resolve import resolve_artifact
 
     if not refs:
@@ -120,6 +121,9 @@ def resolve_subjects(registry, refs: Sequence[str], base: Optional[str] = None) 
             subjects.append(None)  # filled below, once the adapters' bases are known
             continue
         ref = Reference.parse(text)
+        if ref.kind == "path" and detect_kind(ref.path) != "checkpoint":
+            raise ConfigError(f"{text} is a local file or folder, not a model: import it first (`loraforge registry "
+                              f"import {text} --name NAME`, or an import: step), so its scores belong to a version")
         if ref.kind in ("builtin", "path", "hub_model"):
             subjects.append(Subject(label=text, kind="base", base=text))
             continue
