@@ -164,8 +164,8 @@ def test_a_swept_step_in_a_scalar_place_is_refused(home, recipe):
     path = recipe(RECIPE + "  mix:\n    lora_merge: {method: concat, adapters: [{ref: \"${personalise}\"}]}\n")
     line = refused(run_cli(home, "recipe", "validate", str(path), ok=False))
     assert line == (f"Error: {path.resolve()}:9:46: steps.mix.lora_merge.adapters.0.ref: ${{personalise}} is a swept "
-                    "step (4 points): use it inside a list, e.g. refs: [${personalise}], which reads every point; "
-                    "a single value cannot hold them all")
+                    "step (4 points): use it inside a list, e.g. refs: [${personalise}], which reads every point, "
+                    "or name one point, e.g. ${personalise-2-1}")
 
 
 def test_one_point_is_named_by_its_id_and_a_missing_point_is_refused(home, recipe):

@@ -262,8 +262,8 @@ def _expand_refs(source: RecipeSource, snapshot: dict, loc: tuple, value: Any, s
     target = step_ref(value)
     if target in sweeps:
         raise source.error(loc, f"${{{target}}} is a swept step ({len(sweeps[target])} points): use it inside a "
-                                f"list, e.g. refs: [${{{target}}}], which reads every point; a single value "
-                                "cannot hold them all")
+                                f"list, e.g. refs: [${{{target}}}], which reads every point, or name one point, "
+                                f"e.g. ${{{sweeps[target][0]}}}")
     return value
 
 
