@@ -306,13 +306,14 @@ def test_lora_algebra_refuses_an_embedding_in_one_line(trained, ti_home):
     assert "is an embedding (token <sks>): LoRA algebra cannot fold a token embedding" in line
 
 
-def test_hub_push_names_the_token_and_pull_gives_the_same_embedding(trained, ti_home, tmp_path, monkeypatch):
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A local Hub the real client talks to (as in test_hub.py)."""
     import huggingface_hub.constants as hf_constants
 
     import loraforge.hub.client as client
     from hub_server import HubServer
 
-    manifest, _pipe = trained
     with HubServer() as server:
         monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
         monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
@@ -320,15 +321,24 @@ def test_hub_push_names_the_token_and_pull_gives_the_same_embedding(trained, ti_
         monkeypatch.setenv("HF_TOKEN", "hf_testTOKENdoNotLeak1234567890")
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
         monkeypatch.setattr(client, "RETRY_BASE_WAIT", 0.01)
-        run_cli(ti_home, "hub", "push", manifest.ref, "--repo", "me/sks-ti")
-        other = tmp_path / "home2"
-        (other / "models").mkdir(parents=True)
-        (other / "models" / "builtin").symlink_to(ti_home / "models" / "builtin", target_is_directory=True)
-        run_cli(other, "hub", "pull", "me/sks-ti")
-        from huggingface_hub import hf_hub_download
+        yield server
 
-        card = Path(hf_hub_download("me/sks-ti", "README.md", endpoint=server.endpoint,
-                                    cache_dir=tmp_path / "dl")).read_text()
+
+def other_home(tmp_path: Path, ti_home: Path) -> Path:
+    other = tmp_path / "home2"
+    (other / "models").mkdir(parents=True)
+    (other / "models" / "builtin").symlink_to(ti_home / "models" / "builtin", target_is_directory=True)
+    return other
+
+
+def test_hub_push_names_the_token_and_pull_gives_the_same_embedding(trained, ti_home, tmp_path, hub):
+    from huggingface_hub import hf_hub_download
+
+    manifest, _pipe = trained
+    run_cli(ti_home, "hub", "push", manifest.ref, "--repo", "me/sks-ti")
+    other = other_home(tmp_path, ti_home)
+    run_cli(other, "hub", "pull", "me/sks-ti")
+    card = Path(hf_hub_download("me/sks-ti", "README.md", endpoint=hub.endpoint, cache_dir=tmp_path / "dl")).read_text()
     pulled = Registry(other).resolve("sks-ti")
     assert pulled.kind == "embedding" and pulled.digest == manifest.digest
     assert pulled.embedding.token == TOKEN
@@ -454,3 +464,22 @@ def test_exports_an_embedding_cannot_take_are_refused_in_one_line(ti_home, tmp_p
     out = tmp_path / "out.pt"
     assert refused(run_cli(ti_home, "registry", "export", "xl-export", *args, "-o", str(out), ok=False)) == message
     assert not out.exists()
+
+
+def test_a_textual_inversion_repo_made_elsewhere_pulls_as_an_embedding(ti_home, tmp_path, hub):
+    """A repo as diffusers' textual_inversion example and sd-concepts-library publish it: learned_embeds.bin (a
+    pickle, read weights-only) and token_identifier.txt."""
+    import io
+
+    rows = torch.randn(1, 32, generator=torch.Generator().manual_seed(2))
+    buffer = io.BytesIO()
+    torch.save({"<cat-toy>": rows}, buffer)
+    hub.state.seed("concepts/cat-toy", {"learned_embeds.bin": buffer.getvalue(), "token_identifier.txt": b"<cat-toy>\n"})
+    other = other_home(tmp_path, ti_home)
+    run_cli(other, "hub", "pull", "concepts/cat-toy")
+    pulled = Registry(other).resolve("cat-toy")
+    assert (pulled.kind, pulled.embedding.token, pulled.provenance.params["file"]) == (
+        "embedding", "<cat-toy>", "learned_embeds.bin")
+    pipe = ours(other, "builtin:tiny-sd", "cat-toy")
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<cat-toy>")],
+                       rows[0])

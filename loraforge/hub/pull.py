@@ -29,6 +29,9 @@ from loraforge.registry.resolve import HUB_RESOLVERS
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 WEIGHT_SUFFIXES = (".safetensors",)
+# What a textual-inversion repo holds (diffusers' training script, sd-concepts-library), safetensors first.
+EMBEDDING_WEIGHTS = ("learned_embeds.safetensors", "learned_embeds.bin")
+TOKEN_FILE = "token_identifier.txt"
 # What a diffusers pipeline repo needs; fp16/ema variants and pickles are skipped.
 PIPELINE_ALLOW = ("model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors")
 PIPELINE_IGNORE = ("*.fp16.*", "*ema*", "safety_checker/*", "feature_extractor/*")
@@ -193,6 +196,9 @@ def _pull_foreign_repo(registry: Registry, repo: str, sha: str, tree: dict, down
     for key in ("license", "instance_prompt"):
         if isinstance(card.get(key), str):
             params[key] = card[key]
+    embeds = next((p for p in EMBEDDING_WEIGHTS if p in tree), None)
+    if embeds is not None:
+        return _register_foreign_embedding(registry, download, tree, embeds, name, repo, sha, params, base_ref)
     with tempfile.TemporaryDirectory(dir=tmp_dir(registry.home), prefix="pull-") as tmp:
         if "adapter_config.json" in tree and "adapter_model.safetensors" in tree:
             folder = Path(tmp) / "peft"
@@ -204,6 +210,26 @@ def _pull_foreign_repo(registry: Registry, repo: str, sha: str, tree: dict, down
             weights_name = _pick_weights(repo, sha, tree)
             weights, params["file"] = download(weights_name), weights_name
         return _register_foreign_adapter(registry, weights, name, repo, sha, params, base_ref)
+
+
+def _register_foreign_embedding(registry: Registry, download, tree: dict, weights_name: str, name: str, repo: str,
+                                sha: str, params: dict, base_ref: Optional[str]) -> Manifest:
+    """A textual-inversion repo (diffusers' textual_inversion example, sd-concepts-library): its learned_embeds
+    file (a .bin unpickled weights-only) as an `embedding`, the token from the file or its token_identifier.txt."""
+    from loraforge.formats.embeddings import read_embedding
+    from loraforge.registry.importer import embedding_info, register_embedding
+
+    token = None
+    if TOKEN_FILE in tree:
+        token = download(TOKEN_FILE).read_text(encoding="utf-8", errors="replace").strip() or None
+    emb, fmt = read_embedding(download(weights_name), token)
+    params.update(file=weights_name, format=fmt, token=emb.token)
+    manifest = Manifest(
+        name=name, kind="embedding", digest="", files=[], embedding=embedding_info(emb, fmt),
+        base=BaseInfo(ref=base_ref) if base_ref else None,
+        provenance=Provenance(source=source_of(repo, sha), method="pull", params=params),
+    )
+    return register_embedding(registry, emb, manifest)
 
 
 def _pick_weights(repo: str, sha: str, tree: dict) -> str:
