@@ -335,6 +335,10 @@ def test_eval_step_records_metrics_registers_a_report_and_reruns_nothing(home, t
     assert [r.action for r in again.results] == ["reused", "reused"]
     assert len(Registry(home).list(kind="report")) == 1
 
+    # Forced, it scores again from the cached images and registers the same report bytes.
+    forced = apply_recipe(recipe, Registry(home), force=["score"])
+    assert forced.outputs["score"].ref == "compare-score:2" and forced.outputs["score"].digest == report.digest
+
     # A user function's version is part of the step's inputs: a new one re-scores.
     from loraforge.recipes.plan import make_plan
     from loraforge.recipes.schema import load_recipe

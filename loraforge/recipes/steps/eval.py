@@ -130,16 +130,17 @@ class EvalStep(StepKind):
         manifest = Manifest(
             name=ctx.output, kind="report", digest="", files=[],
             provenance=Provenance(method="eval", params=spec.model_dump(mode="json")),
-            metrics={"artifacts": len(report.subjects), "images": len(report.subjects) * len(report.rows),
-                     "rendered": report.rendered},
+            metrics={"artifacts": len(report.subjects), "images": len(report.subjects) * len(report.rows)},
         )
         manifest = ctx.stamp(manifest, parents=parents)
         ctx.echo("\n".join(f"  {s.label}: " + ", ".join(f"{m}={report.means[s.label][m]:.4f}" for m in report.metrics)
-                           for s in report.subjects))
+                           for s in report.subjects) + f"\n  {report.rendered} image(s) rendered, {report.cached} cached")
         with tempfile.TemporaryDirectory(dir=tmp_dir(ctx.registry.home), prefix="eval-") as tmp:
             folder = Path(tmp)
             (folder / "table.csv").write_text(report.csv_text(), encoding="utf-8")
-            (folder / "table.json").write_text(json.dumps(report.to_json(), indent=2, sort_keys=True), encoding="utf-8")
+            # What the cache held is no part of the result: the same scores give the same report bytes.
+            table = {k: v for k, v in report.to_json().items() if k not in ("rendered", "cached")}
+            (folder / "table.json").write_text(json.dumps(table, indent=2, sort_keys=True), encoding="utf-8")
             report.chart(title=title).save(folder / "chart.png", format="PNG")
             report.grid(title=title).save(folder / "grid.png", format="PNG")
             files = [(folder / n, n) for n in ("table.csv", "table.json", "chart.png", "grid.png")]
