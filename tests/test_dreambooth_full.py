@@ -309,7 +309,7 @@ def test_lora_extract_from_the_checkpoint_reproduces_the_tuned_unet(shared_home,
 
     m, folder = tuned
     tuned_w, base_w = weights(folder, "unet"), weights(tiny_sd_path, "unet")
-    for rank, name in ((4, "sks-lora"), (64, "sks-lora-full")):
+    for rank, name in ((4, "sks-lora"), (128, "sks-lora-full")):
         result = cli_run(shared_home, "lora", "extract", m.ref, "--base", "builtin:tiny-sd", "--rank", str(rank),
                          "--name", name)
         assert result.exit_code == 0, result.output
@@ -321,7 +321,8 @@ def test_lora_extract_from_the_checkpoint_reproduces_the_tuned_unet(shared_home,
         pipe.unload_lora_weights()
         fused = pipe.unet.state_dict()
         extracted = extracted_unet_modules(shared_home, name)
-        assert extracted == linear_weights(tuned_w) - TIME_EMBEDDING  # every changed linear layer but those
+        assert extracted == linear_weights(tuned_w)  # every changed linear layer, the time embedding's included
+        assert TIME_EMBEDDING <= extracted
         err = ref = best = 0.0
         n_modules = 0
         for key in extracted:
@@ -336,16 +337,8 @@ def test_lora_extract_from_the_checkpoint_reproduces_the_tuned_unet(shared_home,
         rel, optimal = (err / ref) ** 0.5, (best / ref) ** 0.5
         print(f"rank {rank}: relative error of ΔW {rel:.4f} (optimal {optimal:.4f})")
         assert rel <= optimal + 1e-3, (rank, rel, optimal)
-        if rank == 64:
+        if rank == 128:  # the full rank of every layer: exact
             assert rel < 1e-3
-
-
-@pytest.mark.xfail(strict=True, reason="lora extract skips the time embedding's Linear layers (named *embedding*)")
-def test_lora_extract_covers_the_time_embedding(shared_home, tuned):
-    m, folder = tuned
-    assert cli_run(shared_home, "lora", "extract", m.ref, "--base", "builtin:tiny-sd", "--rank", "4",
-                   "--name", "sks-lora-time").exit_code == 0
-    assert TIME_EMBEDDING <= extracted_unet_modules(shared_home, "sks-lora-time")
 
 
 def test_checkpoint_serves_as_base_of_generate(shared_home, tuned, tmp_path):

@@ -19,12 +19,14 @@ from loraforge.ops.lowrank import check_rank_bound, choose_rank, dense_factors, 
 from loraforge.ops.threads import threads_for
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-SKIP_WORDS = ("embedding",)  # token / position embeddings are not linear layers a LoRA adapts
+# Token and position embedding tables are lookups, not linear layers a LoRA adapts; the UNet's time and
+# class embeddings (`time_embedding.linear_1`) are Linear layers and are extracted like any other.
+SKIP_SUFFIXES = ("token_embedding.weight", "position_embedding.weight")
 
 
 def _extractable(ckey: str, shape, conv: bool) -> bool:
     folder, _, key = ckey.partition("/")
-    if folder not in LORA_COMPONENTS or not key.endswith(".weight") or any(w in key for w in SKIP_WORDS):
+    if folder not in LORA_COMPONENTS or not key.endswith(".weight") or key.endswith(SKIP_SUFFIXES):
         return False
     return len(shape) == 2 or (conv and len(shape) == 4)
 
