@@ -377,3 +377,20 @@ def test_sdxl_fine_tune_changes_the_unet_only(shared_home, tiny_sdxl_path, subje
         assert all(torch.equal(base[k], mine[k]) for k in base), part
     base, mine = weights(tiny_sdxl_path, "unet"), weights(folder, "unet")
     assert any(not torch.equal(base[k], mine[k]) for k in base)
+
+
+def test_a_recipe_trains_on_top_of_its_dreambooth_checkpoint(shared_home, subject, tmp_path):
+    """`base: ${db}` names the checkpoint a dreambooth step makes: the recipe validates and the LoRA's base is it."""
+    recipe = tmp_path / "db.yaml"
+    recipe.write_text(
+        "name: dbr\nbase: builtin:tiny-sd\nsteps:\n"
+        f"  db: {{train: {{method: dreambooth, dataset: {subject}, instance_prompt: {SUBJECT!r}, steps: 2, "
+        f"resolution: {RES}, learning_rate: 1.0e-4, validation_steps: 1}}}}\n"
+        f"  style: {{train: {{method: lora, base: '${{db}}', dataset: {subject}, instance_prompt: {SUBJECT!r}, "
+        f"steps: 1, resolution: {RES}, validation_steps: 1}}}}\n")
+    result = cli_run(shared_home, "recipe", "apply", str(recipe))
+    assert result.exit_code == 0, result.output
+    registry = Registry(shared_home)
+    db, style = registry.resolve("dbr-db"), registry.resolve("dbr-style")
+    assert db.kind == "checkpoint" and style.kind == "lora"
+    assert style.base.digest == db.digest

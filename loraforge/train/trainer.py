@@ -24,6 +24,9 @@ class SessionTrainer:
     method: ClassVar[str]  # recorded in manifests and the run key; the name the trainer is registered under
     # Model families whose conditioning the trainer's objective computes; other bases are refused in one line.
     families: ClassVar[tuple[str, ...]] = ("sd1",)
+    # The registry kind of the run's main output as recipes see it before it runs: "adapter" (a LoRA or a
+    # slider), "checkpoint" or "embedding".
+    artifact_kind: ClassVar[str] = "adapter"
 
     def train(self, config: TrainConfig, *, registry: Registry, output: str, recipe: RecipeInfo | None = None,
               input_digest: str | None = None, resume: bool = False, progress: bool | None = None) -> list[Manifest]:

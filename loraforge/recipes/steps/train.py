@@ -31,6 +31,10 @@ class TrainStep(StepKind):
     spec_class = TrainSpec
 
     def output_kind(self, spec: TrainSpec) -> str:
+        # What the trainer registers: "adapter" (a LoRA or a slider, known once it ran) unless the trainer says
+        # (full DreamBooth makes a checkpoint, so `base: ${step}` may name it; textual inversion an embedding).
+        if spec.method in TRAINERS:
+            return getattr(TRAINERS.get(spec.method), "artifact_kind", "adapter")
         return "adapter"
 
     def references(self, spec: TrainSpec) -> list[SpecReference]:

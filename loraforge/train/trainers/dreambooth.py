@@ -57,6 +57,7 @@ class DreamBoothTrainer(DreamBoothData, LoraTrainer):
     config_class = DreamBoothConfig
     method = "dreambooth"
     families = ("sd1", "sdxl")
+    artifact_kind = "checkpoint"
 
     def run(self, session: Session) -> list[Manifest]:
         from loraforge.formats.safetensors_io import dtype_from_name

@@ -96,6 +96,7 @@ class TextualInversionTrainer(SessionTrainer):
     config_class = TextualInversionConfig
     method = "textual_inversion"
     families = ("sd1", "sdxl")
+    artifact_kind = "embedding"
 
     def run(self, session: Session) -> list[Manifest]:
         from loraforge.formats.embeddings import Embedding, multi_vector_tokens
