@@ -483,3 +483,18 @@ def test_a_textual_inversion_repo_made_elsewhere_pulls_as_an_embedding(ti_home, 
     pipe = ours(other, "builtin:tiny-sd", "cat-toy")
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<cat-toy>")],
                        rows[0])
+
+
+def test_a_recipe_renders_a_registry_embedding_named_in_its_adapters(ti_home, tmp_path):
+    from loraforge.formats.embeddings import Embedding, write_embedding
+
+    path = tmp_path / "learned_embeds.safetensors"
+    write_embedding(Embedding("<rnd>", {"text_encoder": torch.randn(1, 32, generator=torch.Generator().manual_seed(5))}),
+                    path)
+    run_cli(ti_home, "registry", "import", str(path), "--name", "rnd-emb")
+    recipe = tmp_path / "named.yaml"
+    recipe.write_text("name: named\nbase: builtin:tiny-sd\nsteps:\n  grid:\n    render: {adapters: [{ref: rnd-emb}], "
+                      "prompts: [\"a photo of <rnd>\"], seeds: [1], steps: 2, size: 32}\n")
+    run_cli(ti_home, "recipe", "apply", str(recipe))
+    grid = Registry(ti_home).resolve("named-grid")
+    assert [(p.ref, p.role) for p in grid.provenance.parents][1:] == [("rnd-emb:1", "adapter")]

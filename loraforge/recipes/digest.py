@@ -137,7 +137,7 @@ def compute_inputs(step: Step, resolver: Resolver, step_digests: dict[str, str],
         else:
             where = ("steps", step.id, *loc)
             resolved = resolver.resolve(value, where)
-            if role == "adapter" and resolved.artifact_kind not in (None, "lora", "slider"):
+            if role == "adapter" and resolved.artifact_kind not in (None, "lora", "slider", "embedding"):
                 raise resolver.recipe.source.error(where, f"{value} is a {resolved.artifact_kind}, not an adapter")
             if role == "model" and resolved.artifact_kind not in (None, "checkpoint"):
                 raise resolver.recipe.source.error(where, f"{value} is a {resolved.artifact_kind}, not a checkpoint")
