@@ -494,7 +494,9 @@ def test_a_recipe_renders_a_registry_embedding_named_in_its_adapters(ti_home, tm
     run_cli(ti_home, "registry", "import", str(path), "--name", "rnd-emb")
     recipe = tmp_path / "named.yaml"
     recipe.write_text("name: named\nbase: builtin:tiny-sd\nsteps:\n  grid:\n    render: {adapters: [{ref: rnd-emb}], "
-                      "prompts: [\"a photo of <rnd>\"], seeds: [1], steps: 2, size: 32}\n")
+                      "prompts: [\"a photo of <rnd>\"], seeds: [1], steps: 2, size: 32}\n"
+                      "  imported:\n    import: {path: ./learned_embeds.safetensors, kind: embedding, token: <imp>}\n")
     run_cli(ti_home, "recipe", "apply", str(recipe))
     grid = Registry(ti_home).resolve("named-grid")
     assert [(p.ref, p.role) for p in grid.provenance.parents][1:] == [("rnd-emb:1", "adapter")]
+    assert Registry(ti_home).resolve("named-imported").embedding.token == "<imp>"  # a recipe's --token

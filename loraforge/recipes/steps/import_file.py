@@ -13,8 +13,11 @@ from loraforge.recipes.step_kind import Spec, SpecReference, StepContext, StepKi
 
 class ImportSpec(Spec):
     path: str = Field(description="Local file or folder to import (its content digest is tracked).")
-    kind: Optional[Literal["lora", "slider", "checkpoint", "dataset"]] = Field(None, description="Default: detected.")
-    base: Optional[str] = Field(None, description="Base model an adapter is checked against.")
+    kind: Optional[Literal["lora", "slider", "embedding", "checkpoint", "dataset"]] = Field(
+        None, description="Default: detected.")
+    base: Optional[str] = Field(None, description="Base model an adapter or embedding is checked against.")
+    token: Optional[str] = Field(None, description=(
+        "An embedding's prompt token (default: the file's own name, else the file name without suffix)."))
 
 
 @STEP_KINDS.register("import")
@@ -38,4 +41,4 @@ class ImportStep(StepKind):
         spec = ctx.spec
         # Recipe provenance and the input digest go in with the version: a version is never patched.
         return import_artifact(ctx.registry, Path(spec.path), ctx.output, kind=spec.kind, base=spec.base,
-                               input_digest=ctx.input_digest, stamp=ctx.stamp)
+                               input_digest=ctx.input_digest, stamp=ctx.stamp, token=spec.token)
