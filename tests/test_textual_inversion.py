@@ -500,3 +500,35 @@ def test_a_recipe_renders_a_registry_embedding_named_in_its_adapters(ti_home, tm
     grid = Registry(ti_home).resolve("named-grid")
     assert [(p.ref, p.role) for p in grid.provenance.parents][1:] == [("rnd-emb:1", "adapter")]
     assert Registry(ti_home).resolve("named-imported").embedding.token == "<imp>"  # a recipe's --token
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_gives_identical_vectors(ti_home, images, monkeypatch):
+    import loraforge.train.loop as loop_module
+
+    values = dict(steps=6, checkpoint_every=2, validation_prompts=[PROMPT])
+    (whole,) = train(ti_home, "ti-whole", images, **values)
+    real_loop = loop_module.run_loop
+
+    def dying_loop(**kwargs):
+        def on_step(step):
+            if step == 5:  # killed after step 5: the newest checkpoint is step 4
+                raise Killed()
+        return real_loop(**{**kwargs, "on_step": on_step})
+
+    monkeypatch.setattr(loop_module, "run_loop", dying_loop)
+    with pytest.raises(Killed):
+        train(ti_home, "ti-resumed", images, **values)
+    monkeypatch.setattr(loop_module, "run_loop", real_loop)
+    trainer = TRAINERS.get("textual_inversion")
+    config = trainer.config_class.model_validate({**FAST, "dataset": str(images), "token": TOKEN, "initializer": "dog",
+                                                  **values})
+    (resumed,) = trainer().train(config, registry=Registry(ti_home), output="ti-resumed", resume=True, progress=False)
+    assert resumed.metrics["resumed_from_step"] == 4
+    registry = Registry(ti_home)
+    a, b = (read_embedding(registry.checkout(m) / "learned_embeds.safetensors")[0] for m in (whole, resumed))
+    assert torch.equal(a.vectors["text_encoder"], b.vectors["text_encoder"])
+    assert resumed.metrics["loss_last"] == whole.metrics["loss_last"]
