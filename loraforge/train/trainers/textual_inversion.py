@@ -110,8 +110,9 @@ class TextualInversionTrainer(SessionTrainer):
         base_ref = session.base().ref
         tokens = multi_vector_tokens(c.token, c.num_vectors)
         # Refused from the base's tokenizers before anything (the dataset snapshot included) is registered.
-        check_new_token(tokens, base_text_encoders(session.base(), registry.home), base_ref)
-        for component, encoder in base_text_encoders(session.base(), registry.home).items():
+        base_encoders = base_text_encoders(session.base(), registry.home)
+        check_new_token(tokens, base_encoders, base_ref)
+        for component, encoder in base_encoders.items():
             init = encoder.tokenizer.encode(c.initializer, add_special_tokens=False)
             if len(init) != 1:
                 raise ConfigError(f"initializer {c.initializer!r} is {len(init)} tokens in the {component} tokenizer "
