@@ -378,13 +378,19 @@ def test_a_recipe_trains_an_embedding_and_renders_it_beside_a_lora_and_stack_ref
     stacked = recipe.with_name("stack.yaml")
     stacked.write_text(TI_RECIPE.split("  grid:")[0] + '  both:\n    stack: {adapters: [{ref: "${style}"}, '
                        '{ref: "${concept}"}]}\n')
-    result = run_cli(ti_home, "recipe", "apply", str(stacked), ok=False)
-    assert result.exit_code == 1
-    assert result.output.strip().splitlines()[-1] == (
-        "Error: step 'both' failed: ti-concept:1 is an embedding (token <sks>): LoRA algebra cannot fold a token "
-        "embedding into a LoRA or a checkpoint; stack the LoRAs and give the embedding to the render or generate "
-        "step beside them")
-    assert not registry.exists("ti-both")
+    before = _artifacts(ti_home)
+    for command in ("validate", "apply"):  # refused when planned, before anything runs
+        line = refused(run_cli(ti_home, "recipe", command, str(stacked), ok=False))
+        assert line.endswith("steps.both.stack.adapters.1.ref: ${concept} makes an embedding, which LoRA algebra "
+                             "cannot fold into a LoRA: combine LoRAs and sliders here, and give the embedding to a "
+                             "render step"), line
+    named = recipe.with_name("named-stack.yaml")  # the same for a registry embedding named in the recipe
+    named.write_text(TI_RECIPE.split("  grid:")[0] + '  both:\n    stack: {adapters: [{ref: "${style}"}, '
+                     '{ref: ti-concept}]}\n')
+    line = refused(run_cli(ti_home, "recipe", "apply", str(named), ok=False))
+    assert line.endswith("steps.both.stack.adapters.1.ref: ti-concept is an embedding, which LoRA algebra cannot "
+                         "fold into a LoRA: combine LoRAs and sliders here, and give the embedding to a render step"), line
+    assert _artifacts(ti_home) == before
 
 
 # ---- more formats and refusals -------------------------------------------------------------------

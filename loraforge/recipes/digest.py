@@ -139,6 +139,12 @@ def compute_inputs(step: Step, resolver: Resolver, step_digests: dict[str, str],
             resolved = resolver.resolve(value, where)
             if role == "adapter" and resolved.artifact_kind not in (None, "lora", "slider", "embedding"):
                 raise resolver.recipe.source.error(where, f"{value} is a {resolved.artifact_kind}, not an adapter")
+            if role == "lora" and resolved.artifact_kind == "embedding":
+                raise resolver.recipe.source.error(where, f"{value} is an embedding, which LoRA algebra cannot fold into "
+                                                          "a LoRA: combine LoRAs and sliders here, and give the "
+                                                          "embedding to a render step")
+            if role == "lora" and resolved.artifact_kind not in (None, "lora", "slider"):
+                raise resolver.recipe.source.error(where, f"{value} is a {resolved.artifact_kind}, not a LoRA or slider")
             if role == "model" and resolved.artifact_kind not in (None, "checkpoint"):
                 raise resolver.recipe.source.error(where, f"{value} is a {resolved.artifact_kind}, not a checkpoint")
             identity = f"{resolved.kind}:{resolved.digest}"

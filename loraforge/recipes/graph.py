@@ -48,7 +48,10 @@ def step_dependencies(recipe: Recipe, step: Step) -> tuple[str, ...]:
             raise source.error(full, f"${{{target}}} is a {read.kind} step: it makes no artifact to use")
         produced = read.output_kind()
         if produced is not None and ROLE_ACCEPTS.get(role) and produced not in ROLE_ACCEPTS[role]:
-            wanted = "a checkpoint" if role == "model" else "an adapter" if role == "adapter" else "an artifact"
+            if role == "lora" and produced == "embedding":
+                raise source.error(full, f"${{{target}}} makes an embedding, which LoRA algebra cannot fold into a "
+                                         "LoRA: combine LoRAs and sliders here, and give the embedding to a render step")
+            wanted = {"model": "a checkpoint", "adapter": "an adapter", "lora": "a LoRA or slider"}.get(role, "an artifact")
             raise source.error(full, f"${{{target}}} makes a {produced}, but {wanted} is needed here")
         if target not in deps:
             deps.append(target)

@@ -26,6 +26,8 @@ from loraforge.registry.manifest import Manifest, Parent, RecipeInfo
 ROLE_ACCEPTS: dict[str, set[str]] = {
     "model": {"checkpoint"},
     "adapter": {"lora", "slider", "embedding", "adapter"},
+    # LoRA algebra's inputs (stack, lora_merge): an embedding has no ΔW to combine, so it is not one.
+    "lora": {"lora", "slider", "adapter"},
     "artifact": {"checkpoint", "lora", "slider", "embedding", "adapter", "image", "dataset", "report"},
     "any": {"checkpoint", "lora", "slider", "embedding", "adapter", "image", "dataset", "report"},
     "path": set(),
@@ -36,7 +38,7 @@ class SpecReference(NamedTuple):
     """A reference inside a spec: where it sits (keys below the spec), its role and the value written."""
 
     loc: tuple
-    role: str  # model | adapter | artifact | path | any (see ROLE_ACCEPTS)
+    role: str  # model | adapter | lora | artifact | path | any (see ROLE_ACCEPTS)
     value: Optional[str]
 
 
@@ -129,8 +131,9 @@ def fill_base(spec: Any, defaults: StepDefaults) -> Any:
     return spec.model_copy(update={"base": defaults.base}) if spec.base is None else spec
 
 
-def adapter_references(adapters) -> list[SpecReference]:
-    return [SpecReference(("adapters", i, "ref"), "adapter", a.ref) for i, a in enumerate(adapters)]
+def adapter_references(adapters, role: str = "adapter") -> list[SpecReference]:
+    """The `adapters[i].ref` references of a spec; `role` "lora" where LoRA algebra combines them."""
+    return [SpecReference(("adapters", i, "ref"), role, a.ref) for i, a in enumerate(adapters)]
 
 
 def check_method_params(recipe: Recipe, step: Step, group: PluginGroup) -> None:

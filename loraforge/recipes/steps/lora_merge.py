@@ -18,7 +18,7 @@ class LoraMergeStep(StepKind):
         return "lora"
 
     def references(self, spec: LoraMergeSpec) -> list[SpecReference]:
-        return adapter_references(spec.adapters)
+        return adapter_references(spec.adapters, "lora")
 
     def plugins(self, spec: LoraMergeSpec):
         return [(LORA_METHODS, spec.method)]

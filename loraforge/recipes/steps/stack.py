@@ -31,7 +31,7 @@ class StackStep(StepKind):
         return "checkpoint" if spec.fuse else "lora"
 
     def references(self, spec: StackSpec) -> list[SpecReference]:
-        return [SpecReference(("base",), "model", spec.base), *adapter_references(spec.adapters)]
+        return [SpecReference(("base",), "model", spec.base), *adapter_references(spec.adapters, "lora")]
 
     def with_defaults(self, spec: StackSpec, defaults: StepDefaults) -> StackSpec:
         return fill_base(spec, defaults)
