@@ -461,6 +461,9 @@ def test_template_replaces_captions_and_a_caption_without_the_token_is_refused(t
                             "--for diffusers|a1111|comfyui), not kohya"),
     (["--format", "a1111"], "Error: an SDXL embedding is shared as clip_l/clip_g safetensors, not an A1111 .pt: "
                             "write out.safetensors"),
+    (["--with-manifest"], "Error: --with-manifest writes an adapter file's loraforge header; xl-export:1 is an "
+                          "embedding, written in the layout its loaders read (its token in the header): drop "
+                          "--with-manifest"),
 ])
 def test_exports_an_embedding_cannot_take_are_refused_in_one_line(ti_home, tmp_path, args, message):
     path = tmp_path / "xl.safetensors"

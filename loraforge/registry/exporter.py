@@ -70,6 +70,9 @@ def export_artifact(registry: Registry, ref: str, fmt: str | None, out: Path,
         raise ConfigError(f"--config names the configs a single-file checkpoint is converted with (--format "
                           f"diffusers); {manifest.ref} is not exported that way: drop --config")
     if manifest.kind == "embedding":
+        if with_manifest:
+            raise ConfigError(f"--with-manifest writes an adapter file's loraforge header; {manifest.ref} is an embedding, "
+                              "written in the layout its loaders read (its token in the header): drop --with-manifest")
         return _export_embedding(registry, manifest, fmt, out)
     if manifest.kind in ("lora", "slider"):
         return _export_adapter(registry, manifest, fmt, out, kohya_names or _default_kohya_names(manifest, fmt, consumer),
