@@ -100,6 +100,20 @@ def test_size_and_alias_are_judged(evaluator):
     assert evaluator([small.image], ["a big star"])[0] < 0.1
 
 
+def test_attributes_limit_the_score_to_what_is_named(evaluator):
+    sample = generate(FRESH_SEEDS.start + 7, 64, "all", shape="star", colour="red", size="big")
+    prompt = f"a big blue <sks> on a {sample.labels.background} background"  # right shape, wrong colour
+    everything = EVALUATORS.get("shapes")(aliases={"<sks>": "star"})
+    shape_only = EVALUATORS.get("shapes")(aliases={"<sks>": "star"}, attributes=["shape"])
+    [all_of_it], [shape] = everything.evaluate([sample.image], [prompt]), shape_only.evaluate([sample.image], [prompt])
+    assert all_of_it.score < 0.1 and shape.score > 0.9 and shape.expected == {"shape": "star"}
+    assert shape.score == pytest.approx(all_of_it.probabilities["shape"])
+    with pytest.raises(ConfigError, match="names none of the scored attributes"):
+        shape_only([sample.image], ["a big blue thing"])
+    with pytest.raises(ConfigError, match="attributes texture of the shapes evaluator"):
+        EVALUATORS.get("shapes")(attributes=["texture"])
+
+
 def test_refusals_are_one_line(evaluator):
     image = generate(0).image
     with pytest.raises(ConfigError, match="names no shapes-world attribute"):

@@ -38,14 +38,23 @@ class ShapesScore:
                      description="Shapes-world judge: P(image shows every attribute the prompt names).")
 class ShapesEvaluator:
     """Scores images of the shapes world against prompts in its words; `aliases` maps extra prompt words
-    (a DreamBooth token) to shapes-world words, `weights` names another judge's safetensors file (its
-    provenance JSON beside it, same stem)."""
+    (a DreamBooth token) to shapes-world words, `attributes` limits the score to those attributes (["shape"]:
+    does it show the asked shape, whatever its colour or place — what a personalised concept is judged on),
+    `weights` names another judge's safetensors file (its provenance JSON beside it, same stem)."""
 
     name = "shapes"
     version = VERSION
 
-    def __init__(self, aliases: dict[str, str] | None = None, weights: str | None = None):
+    def __init__(self, aliases: dict[str, str] | None = None, weights: str | None = None,
+                 attributes: Sequence[str] | None = None):
         self.aliases = {str(k).lower(): str(v).lower() for k, v in (aliases or {}).items()}
+        if isinstance(attributes, str):
+            attributes = [attributes]
+        unknown = sorted(set(attributes or ()) - set(ATTRIBUTES))
+        if unknown or (attributes is not None and not attributes):
+            raise ConfigError(f"attributes {', '.join(unknown) or '[]'} of the shapes evaluator: choose among "
+                              f"{', '.join(ATTRIBUTES)}")
+        self.attributes = tuple(attributes) if attributes else None
         known = {v for values in ATTRIBUTES.values() for v in values} | {"background"}
         bad = sorted(v for v in self.aliases.values() if v not in known)
         if bad:
@@ -56,6 +65,11 @@ class ShapesEvaluator:
 
     def expected(self, prompt: str) -> dict[str, str]:
         found = parse_prompt(prompt, self.aliases)
+        if self.attributes is not None:
+            found = {name: value for name, value in found.items() if name in self.attributes}
+            if not found:
+                raise ConfigError(f"prompt {prompt!r} names none of the scored attributes "
+                                  f"({', '.join(self.attributes)}): name one in the prompt, or give aliases")
         if not found:
             raise ConfigError(f"prompt {prompt!r} names no shapes-world attribute (a shape, colour, background, "
                               "size, position or style): score it with another evaluator, or give aliases")
