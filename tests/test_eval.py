@@ -412,3 +412,19 @@ def test_a_prompt_the_judge_cannot_read_is_refused_before_anything_renders(home)
     assert error == ("Error: prompt 'a cat' names no shapes-world attribute (a shape, colour, background, size, "
                      "position or style): score it with another evaluator, or give aliases")
     assert not (home / "cache" / "eval-images").exists()
+
+
+def test_chart_and_grid_labels_drop_the_prefix_the_refs_share():
+    """A sweep's refs differ only at their end: the chart and grid say the shared prefix once, in the title."""
+    from loraforge.evaluators.base import Subject
+    from loraforge.evaluators.evaluate import EvalReport, EvalSettings
+
+    def report(*labels):
+        subjects = [Subject(label=label, kind="lora", base="builtin:tiny-sd") for label in labels]
+        return EvalReport(subjects=subjects, metrics=["m"], prompts=["p"], seeds=[0], settings=EvalSettings(),
+                          evaluator_versions={}, means={}, scores={})
+
+    swept = report("base", "pc-personalise-lora-0.001:1", "pc-personalise-dreambooth-0.0001:1", "style:3")
+    assert swept.short_labels() == (["base", "lora-0.001:1", "dreambooth-0.0001:1", "style:3"], "pc-personalise-")
+    assert swept._titled("scores", "pc-personalise-") == "scores  (pc-personalise-…)"
+    assert report("base", "a-lora:1", "b-lora:1").short_labels() == (["base", "a-lora:1", "b-lora:1"], "")

@@ -86,12 +86,32 @@ class EvalReport:
         writer.writerows([[*row[:3], *(repr(float(v)) for v in row[3:])] for row in rows])
         return out.getvalue()
 
+    def short_labels(self) -> tuple[list[str], str]:
+        """The subjects' labels without the name prefix most of them share (a recipe's and a sweep's,
+        `personalise-compare-personalise-` of `personalise-compare-personalise-lora-0.001:1`), and that prefix:
+        what fits under a chart bar or above a grid column. Labels stay as they are when fewer than two share one."""
+        labels = [s.label for s in self.subjects]
+        candidates = {label[:i + 1] for label in labels for i, c in enumerate(label) if c == "-"}
+        best, shared = "", 1
+        for prefix in candidates:
+            n = sum(label.startswith(prefix) and len(label) > len(prefix) for label in labels)
+            if n > shared or (n == shared and n > 1 and len(prefix) > len(best)):
+                best, shared = prefix, n
+        if not best:
+            return labels, ""
+        return [label[len(best):] if label.startswith(best) else label for label in labels], best
+
+    def _titled(self, title: str | None, prefix: str) -> str | None:
+        return f"{title}  ({prefix}…)" if (title and prefix) else (title or (f"{prefix}…" if prefix else None))
+
     def chart(self, title: str | None = None):
         from loraforge.render.chart import bar_chart
 
-        return bar_chart([s.label for s in self.subjects], self.metrics,
+        labels, prefix = self.short_labels()
+        title = title or f"mean over {len(self.prompts)} prompt(s) x {len(self.seeds)} seed(s)"
+        return bar_chart(labels, self.metrics,
                          [[self.means[s.label][m] for m in self.metrics] for s in self.subjects],
-                         title=title or f"mean over {len(self.prompts)} prompt(s) x {len(self.seeds)} seed(s)")
+                         title=self._titled(title, prefix))
 
     def grid(self, title: str | None = None):
         """Rows: prompt (and seed), columns: the subjects, labelled."""
@@ -99,7 +119,8 @@ class EvalReport:
 
         cells = [[self.images[s.label][i] for s in self.subjects] for i in range(len(self.rows))]
         labels = [p if len(self.seeds) == 1 else f"{p} | seed {s}" for p, s in self.rows]
-        return image_grid(cells, labels, [s.label for s in self.subjects], title=title)
+        columns, prefix = self.short_labels()
+        return image_grid(cells, labels, columns, title=self._titled(title, prefix))
 
 
 def resolve_subjects(registry, refs: Sequence[str], base: Optional[str] = None) -> list[Subject]:
