@@ -61,9 +61,8 @@ class DreamBoothTrainer(DreamBoothData, LoraTrainer):
 
     def run(self, session: Session) -> list[Manifest]:
         from loraforge.formats.safetensors_io import dtype_from_name
-        from loraforge.train.data import batch_indices, prepare_dataset, step_generator
+        from loraforge.train.data import prepare_dataset
         from loraforge.train.loop import run_loop
-        from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
 
         config, registry, output = session.config, session.registry, session.output
         data = prepare_dataset(registry, config.dataset, output=output, instance_prompt=config.instance_prompt)
@@ -71,27 +70,13 @@ class DreamBoothTrainer(DreamBoothData, LoraTrainer):
         prior = self.prior_data(session)  # the class images, with prior preservation
         if prior is not None:
             datasets.append(prior.manifest)
-        model = session.load_model(full_precision=True)
+        session.load_model(full_precision=True)
         sources = [self._source(session, d) for d in [data] + ([prior] if prior else [])]
         components = ["unet", *text_encoder_components(session)]
         params = unfreeze(session, components)
-        unet = session.forward_unet()
         prompts = list(dict.fromkeys(data.captions))[:2]
         session.periodic = [("default", prompts, (1.0,))]
-        n_timesteps = model.noise_scheduler.config.num_train_timesteps
-
-        def step_fn(step: int, micro: int):
-            total = 0.0
-            for k, source in enumerate(sources):
-                idx = batch_indices(len(source.data), config.batch_size, step, micro, config.seed + k,
-                                    config.gradient_accumulation)
-                latents, text = source.batch(idx)
-                if text is None:
-                    text = encode_prompts(model, source.prompts(idx), grad=True)
-                noise, t = sample_noise(latents, step_generator(config.seed, step, micro, stream=k), n_timesteps)
-                weight = 1.0 if k == 0 else self.prior_weight(config)
-                total = total + weight * denoising_loss(model, unet, latents, text, noise, t)
-            return total
+        step_fn = self.denoising_step(session, sources)
 
         try:
             result = run_loop(title=f"train {self.method} {output}", params=params, step_fn=step_fn,

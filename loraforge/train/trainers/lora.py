@@ -33,9 +33,8 @@ class LoraTrainer(SessionTrainer):
     families = ("sd1", "sdxl")  # the SDXL conditioning (two encoders, pooled text, time ids) is train.model's
 
     def run(self, session: Session) -> list[Manifest]:
-        from loraforge.train.data import batch_indices, prepare_dataset, step_generator
+        from loraforge.train.data import prepare_dataset
         from loraforge.train.loop import run_loop
-        from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
         from loraforge.train.peft_lora import lora_state_from_module
         from loraforge.train.session import AdapterOutput
 
@@ -49,8 +48,24 @@ class LoraTrainer(SessionTrainer):
         model = session.load_model()
         sources = [self._source(session, d) for d in [data] + ([prior] if prior else [])]
         params = add_lora(session)
-        unet = session.forward_unet()
         session.periodic = [("default", list(dict.fromkeys(data.captions))[:2], (0.0, 1.0))]
+        step_fn = self.denoising_step(session, sources)
+        result = run_loop(title=f"train {self.method} {output}", params=params, step_fn=step_fn,
+                          samples_per_step=config.batch_size * len(sources), **session.loop_kwargs())
+        state = lora_state_from_module(model.unet, "unet")
+        for component in text_encoder_components(session):
+            lora_state_from_module(getattr(model.pipe, component), component, state=state)
+        prompts = list(dict.fromkeys(data.captions))[:2]
+        out = AdapterOutput(name=output, state=state, datasets=datasets, validation_prompts=prompts)
+        return session.finish([out], result.metrics)
+
+    def denoising_step(self, session: Session, sources: list[BatchSource]):
+        """`step_fn(step, micro)` of the loop: the denoising loss on each source's seeded batch (the instance
+        images, then DreamBooth's class images at `prior_weight`), summed."""
+        from loraforge.train.data import batch_indices, step_generator
+        from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
+
+        config, model, unet = session.config, session.model, session.forward_unet()
         n_timesteps = model.noise_scheduler.config.num_train_timesteps
 
         def step_fn(step: int, micro: int):
@@ -66,14 +81,7 @@ class LoraTrainer(SessionTrainer):
                 total = total + weight * denoising_loss(model, unet, latents, text, noise, t)
             return total
 
-        result = run_loop(title=f"train {self.method} {output}", params=params, step_fn=step_fn,
-                          samples_per_step=config.batch_size * len(sources), **session.loop_kwargs())
-        state = lora_state_from_module(model.unet, "unet")
-        for component in text_encoder_components(session):
-            lora_state_from_module(getattr(model.pipe, component), component, state=state)
-        prompts = list(dict.fromkeys(data.captions))[:2]
-        out = AdapterOutput(name=output, state=state, datasets=datasets, validation_prompts=prompts)
-        return session.finish([out], result.metrics)
+        return step_fn
 
     def _source(self, session: Session, data: TrainingSet) -> BatchSource:
         from loraforge.train.cache import BatchSource
