@@ -238,7 +238,7 @@ steps:
   grid:
     render:
       prompts: ["red stripes"]
-      adapters: [{{ref: "${{style}}"}}]
+      sweep: {{adapter: "${{style}}", label: style, scales: [1]}}  # one label whatever the recipe calls it
       steps: 2
       size: 32
       title: same

@@ -52,12 +52,18 @@ def sigterm_after_step(monkeypatch):
     arm(None)
 
 
+NO_LORA = {k: v for k, v in FAST.items() if k not in ("rank", "alpha")}  # full fine-tunes and TI refuse LoRA options
+
+
 def _configs(tmp_path: Path) -> dict[str, dict]:
     stripes = str(pattern_images(tmp_path / "stripes", "stripes", caption="red stripes"))
     checks = str(pattern_images(tmp_path / "checks", "checks", caption="blue checks"))
     return {
         "lora": dict(FAST, dataset=stripes, steps=5),
         "dreambooth_lora": dict(FAST, dataset=checks, instance_prompt="a photo of sks dog", steps=5),
+        "dreambooth": dict(NO_LORA, dataset=checks, instance_prompt="a photo of sks dog", steps=5),
+        "textual_inversion": dict(NO_LORA, dataset=checks, token="<sks>", initializer="dog",
+                                  template="a photo of {}", steps=5),
         "slider": dict(FAST, concept="age", target="a person", positive="an old person", negative="a young person",
                        denoise_steps=2, steps=5),
         "joint": dict(FAST, steps=5, adapters={"a": {"dataset": stripes}, "b": {"dataset": checks}}),
@@ -76,7 +82,7 @@ def _adapters(home: Path) -> list[tuple[str, int]]:
     return sorted((r["name"], r["version"]) for r in Registry(home).list() if r["kind"] != "dataset")
 
 
-BUILTIN_TRAINERS = ["lora", "dreambooth_lora", "slider", "joint", "reward"]
+BUILTIN_TRAINERS = ["lora", "dreambooth_lora", "dreambooth", "textual_inversion", "slider", "joint", "reward"]
 
 
 def test_every_builtin_trainer_is_covered():

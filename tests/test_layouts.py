@@ -657,12 +657,15 @@ def test_dora_magnitudes_the_config_does_not_enable_are_refused_in_one_line(home
      "an SDXL textual-inversion embedding (keys clip_g, clip_l)"),
     ({"<cat-toy>": torch.ones(768)}, "a textual-inversion embedding (one vector per token: <cat-toy>)"),
 ])
-def test_a_textual_inversion_embedding_is_named_as_one(home, tmp_path, tensors, says):
+def test_a_textual_inversion_embedding_imports_as_one_and_is_no_lora(home, tmp_path, tensors, says):
     path = tmp_path / "embedding.safetensors"
     save_file(tensors, str(path))
-    line = _refused_import(home, path)
-    assert line == (f"Error: {path} is {says}, not a LoRA adapter; loraforge imports adapters in these formats: "
-                    f"{_detecting_formats()}")
+    line = refused(run_cli(home, "registry", "import", str(path), "--name", "x", "--kind", "lora", ok=False))
+    assert Registry(home).list() == []
+    assert line == (f"Error: {path} is {says}, not a LoRA adapter: import it with --kind embedding (adapter "
+                    f"formats: {_detecting_formats()})")
+    assert "(embedding, " in run_cli(home, "registry", "import", str(path), "--name", "x").output
+    assert Registry(home).resolve("x").kind == "embedding"
 
 
 @pytest.fixture()

@@ -211,8 +211,8 @@ def unknown_layout(found: FileProbe) -> str:
     known = ", ".join(detecting)
     embedding = _embedding_layout(found.keys)
     if embedding:
-        return (f"{found.path} is {embedding}, not a LoRA adapter; loraforge imports adapters in these formats: "
-                f"{known}")
+        return (f"{found.path} is {embedding}, not a LoRA adapter: import it with --kind embedding (adapter "
+                f"formats: {known})")
     first_of: dict[str, str] = {}
     for key in found.keys:
         owners = [name for name, fmt in detecting.items() if _claims_key(fmt, found, key)]

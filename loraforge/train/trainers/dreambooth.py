@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal, Optional
 
-import torch
 from pydantic import Field, model_validator
 
 from loraforge.plugins import TRAINERS
@@ -15,6 +14,8 @@ from loraforge.train.dreambooth_data import DreamBoothData, DreamBoothDataConfig
 from loraforge.train.trainers.lora import LoraTrainer, text_encoder_components
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from loraforge.train.session import Session
 
 LORA_ONLY = ("rank", "alpha", "target_modules")  # TrainConfig fields a full fine-tune has no use for

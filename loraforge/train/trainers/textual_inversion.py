@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
-import torch
 from pydantic import Field, model_validator
 
 from loraforge.errors import ConfigError, DatasetError
@@ -67,6 +66,8 @@ class LearnedRows:
     token-embedding output (ids >= first are the new tokens, added last)."""
 
     def __init__(self, encoder, tokenizer, token_ids: list[int], init_id: int):
+        import torch
+
         embedding = encoder.get_input_embeddings()
         self.embedding, self.first, self.ids = embedding, token_ids[0], token_ids
         assert token_ids == list(range(token_ids[0], token_ids[0] + len(token_ids)))
@@ -75,6 +76,8 @@ class LearnedRows:
         self.handle = embedding.register_forward_hook(self._splice)
 
     def _splice(self, _module, args, output):
+        import torch
+
         ids = args[0]
         new = ids >= self.first
         if not bool(new.any()):
@@ -84,6 +87,8 @@ class LearnedRows:
 
     def write_into_matrix(self) -> None:
         """Stop splicing and put the learned rows into the embedding matrix (the new rows only)."""
+        import torch
+
         self.handle.remove()
         with torch.no_grad():
             self.embedding.weight[self.first:self.first + len(self.ids)] = self.rows.detach().to(self.embedding.weight)
@@ -181,6 +186,8 @@ def check_captions(captions: list[tuple[str, str]], token: str) -> None:
 
 def _add_tokens(encoder, tokenizer, tokens: list[str], init_id: int) -> LearnedRows:
     """Add `tokens` to `tokenizer` and rows for them to `encoder` (started from the initializer's row)."""
+    import torch
+
     added = tokenizer.add_tokens(tokens)
     if added != len(tokens):
         raise ConfigError(f"the tokenizer took {added} of the tokens {tokens}; choose another token")
