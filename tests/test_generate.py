@@ -96,3 +96,12 @@ def test_a_render_step_size_that_is_not_a_multiple_of_8_is_refused_by_validate(h
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {recipe.resolve()}:3:") and "size 12" in result.output
     assert "size 16" in result.output
+
+
+def test_more_steps_than_the_model_has_timesteps_is_a_one_line_error(home, tmp_path):
+    out = tmp_path / "x.png"
+    result = CliRunner().invoke(cli, ["generate", "--base", "builtin:tiny-sd", "--prompt", "a cat", "--steps", "1000",
+                                      "--size", "8", "-o", str(out)])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.strip() == ("Error: steps 1000 is not below the 1000 timesteps the model was trained with: "
+                                     "use at most 999")

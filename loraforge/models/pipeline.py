@@ -150,6 +150,7 @@ def generate(
     cross_attention_kwargs: dict[str, Any] | None = None,
 ) -> Image.Image:
     """One image for `prompt`; the same seed gives the same image (the noise is drawn on CPU)."""
+    check_steps(pipe, steps)
     generator = torch.Generator("cpu").manual_seed(seed)
     result = pipe(
         prompt,
@@ -163,6 +164,15 @@ def generate(
         output_type="pil",
     )
     return result.images[0]
+
+
+def check_steps(pipe, steps: int) -> None:
+    """Refuse, in one line, more denoising steps than the timesteps the model was trained on (the schedulers
+    cannot space them: diffusers raises, or fails on the last index)."""
+    trained = getattr(pipe.scheduler.config, "num_train_timesteps", None)
+    if trained is not None and steps >= trained:
+        raise ConfigError(f"steps {steps} is not below the {trained} timesteps the model was trained with: "
+                          f"use at most {trained - 1}")
 
 
 def ddim_scheduler(scheduler_config) -> "object":
