@@ -45,9 +45,17 @@ def _home(ctx: click.Context):
 @click.option("--recipe-cmd", metavar="COMMAND",
               help="The command jobs run as `COMMAND recipe plan|apply FILE` (default: this loraforge), "
                    "e.g. 'nice -n 10 loraforge'.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where jobs run: local = one child process per GPU of this machine; ray = one Ray task per "
+                   "job on a Ray cluster (needs `pip install 'loraforge[ray]'`); the registry stays here.")
+@click.option("--ray-address", default="auto", show_default=True, metavar="ADDRESS",
+              help="With --executor ray: the cluster to join, `auto` (the one started on this machine with "
+                   "`ray start`), host:6379 or ray://host:10001.")
+@click.option("--ray-slots", type=click.IntRange(min=1), metavar="N",
+              help="With --executor ray: how many jobs run at once (default: the cluster's GPUs, else its CPUs).")
 @click.pass_context
-def daemon(ctx, watch, gpus, cpu, no_publish, debounce, grace, recipe_cmd):
-    """Watch recipes and the data they read; re-run stale steps as jobs, one per GPU.
+def daemon(ctx, watch, gpus, cpu, no_publish, debounce, grace, recipe_cmd, executor, ray_address, ray_slots):
+    """Watch recipes and the data they read; re-run stale steps as jobs, one per GPU (or on a Ray cluster).
 
     Stop it with SIGTERM or Ctrl-C (running jobs checkpoint first); a second signal stops at once.
     """
@@ -57,17 +65,23 @@ def daemon(ctx, watch, gpus, cpu, no_publish, debounce, grace, recipe_cmd):
         raise click.UsageError("give at least one --watch DIR (or use `loraforge daemon status`)")
     if cpu and gpus:
         raise click.UsageError("--cpu and --gpus exclude each other")
+    if executor == "ray" and (cpu or gpus):
+        raise click.UsageError("--cpu and --gpus choose local workers; with --executor ray the cluster's "
+                               "resources decide (see --ray-slots)")
+    if executor == "local" and (ray_slots or ray_address != "auto"):
+        raise click.UsageError("--ray-address and --ray-slots need --executor ray")
     import logging
 
     from loraforge.daemon.daemon import Daemon
     from loraforge.daemon.worker import detect_gpus
 
-    devices = [] if cpu else ([g.strip() for g in gpus.split(",") if g.strip()] if gpus else detect_gpus())
+    devices = [] if cpu or executor == "ray" else ([g.strip() for g in gpus.split(",") if g.strip()] if gpus else detect_gpus())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import shlex
 
     runner = Daemon(watch, home=_home(ctx), gpus=devices, publish=not no_publish, debounce=debounce, grace=grace,
-                    recipe_cmd=shlex.split(recipe_cmd) if recipe_cmd else None)
+                    recipe_cmd=shlex.split(recipe_cmd) if recipe_cmd else None, executor=executor,
+                    ray_address=ray_address, ray_slots=ray_slots)
     ctx.exit(runner.run())
 
 

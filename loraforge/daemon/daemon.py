@@ -57,7 +57,8 @@ class Daemon:
     def __init__(self, watch: Sequence[str | os.PathLike], home: str | os.PathLike | None = None,
                  gpus: Sequence[str] | None = None, publish: bool = True, debounce: float = 2.0,
                  grace: float = 60.0, recipe_cmd: Sequence[str] | None = None, poll_interval: float = 0.2,
-                 plan_timeout: float = 300.0, use_watchdog: bool = True):
+                 plan_timeout: float = 300.0, use_watchdog: bool = True, executor: str = "local",
+                 ray_address: str = "auto", ray_slots: int | None = None):
         if not watch:
             raise ConfigError("nothing to watch: give at least one --watch DIR")
         self.watch_dirs: list[Path] = []
@@ -68,15 +69,27 @@ class Daemon:
             self.watch_dirs.append(path)
         self.home = loraforge_home(home)
         self.queue = JobQueue(self.home)
-        self.workers = [Worker(spec) for spec in worker_specs(gpus)]
+        self.recipe_cmd = list(recipe_cmd) if recipe_cmd else default_recipe_cmd()
+        self.recipe_watch: dict[str, list[str]] = {}
+        if executor not in ("local", "ray"):
+            raise ConfigError(f"unknown executor {executor!r}: choose local or ray")
+        self.executor = executor
+        self.cluster = None
+        if executor == "ray":
+            from loraforge.daemon.ray_executor import RayCluster, ray_workers
+
+            # Connected here, before `run` installs its signal handlers (ray.init sets its own).
+            self.cluster = RayCluster(ray_address)
+            self.workers = ray_workers(self.cluster, self.home, lambda job: self.recipe_watch[job.recipe],
+                                       default_recipe_cmd(), ray_slots)
+        else:
+            self.workers = [Worker(spec) for spec in worker_specs(gpus)]
         self.publish = publish
         self.debouncer = Debouncer(debounce)
         self.grace = float(grace)
-        self.recipe_cmd = list(recipe_cmd) if recipe_cmd else default_recipe_cmd()
         self.poll_interval = poll_interval
         self.plan_timeout = plan_timeout
         self.watcher: Optional[Watcher] = Watcher() if use_watchdog else None
-        self.recipe_watch: dict[str, list[str]] = {}
         self.events: deque[dict] = deque(maxlen=50)
         self.stopping = False
         self._signals = 0
@@ -189,6 +202,8 @@ class Daemon:
                     self.queue.requeue(job.id, "re-queued: interrupted by daemon shutdown")
         if self.watcher is not None:
             self.watcher.stop()
+        if self.cluster is not None:
+            self.cluster.shutdown()
         self.event("daemon stopped")
         self._write_status(force=True, stopped=True)
         if self._lock_file is not None:
@@ -381,6 +396,8 @@ class Daemon:
             busy = {w.job.recipe for w in self.workers if w.job is not None}
             if self._planning is not None:  # its plan may update the job it would start
                 busy.add(str(self._planning.recipe))
+            if self.cluster is not None:  # a remote job ships the paths its plan reads: plan it first
+                busy |= {j.recipe for j in self.queue.list(status="queued") if j.recipe not in self.recipe_watch}
             job = self.queue.claim(worker.name, busy)
             if job is None:
                 return
@@ -391,7 +408,8 @@ class Daemon:
                 self.event(f"job {job.id}: cannot start: {exc}")
                 continue
             self.queue.set_pid(job.id, pid)
-            self.event(f"job {job.id}: running {Path(job.recipe).name} on {worker.spec.label}, pid {pid}")
+            self.event(f"job {job.id}: running {Path(job.recipe).name} on {worker.spec.label}"
+                       + (f", pid {pid}" if pid else ""))
 
     # -- status ------------------------------------------------------------------------------
 

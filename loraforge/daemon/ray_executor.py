@@ -1,0 +1,260 @@
+"""The Ray executor: each daemon job is one Ray task, placed by Ray's scheduler on any node of the cluster.
+
+The head (the daemon) keeps the queue and the registry. A job ships its inputs by digest (the recipe
+file and the local paths its plan watches), the task runs `recipe apply` in a scratch home on its node
+(loraforge.daemon.ray_task) and returns an artifact bundle, which the head registers once per input
+digest (loraforge.daemon.bundle). Logs and stop requests travel through one small actor, the JobBoard.
+`RayWorker` has the local Worker's interface, so the daemon loop is the same for both executors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from loraforge.daemon.bundle import register_bundle
+from loraforge.daemon.queue import Job
+from loraforge.errors import ConfigError
+from loraforge.hashing import sha256_file
+
+MAX_RETRIES = 3  # how often Ray re-runs a task whose worker process or node died
+TRAIN_KINDS = {"train", "slider", "reward"}  # step kinds that want a GPU when the cluster has one
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray: pip install 'loraforge[ray]'") from None
+    return ray
+
+
+class JobBoard:
+    """Head-side mailbox per job: log text pushed by tasks, stop requests read by them."""
+
+    def __init__(self):
+        self.logs: dict[str, list[str]] = {}
+        self.stops: dict[str, str] = {}
+
+    def push(self, key: str, text: str) -> None:
+        self.logs.setdefault(key, []).append(text)
+
+    def pull(self, key: str) -> str:
+        return "".join(self.logs.pop(key, []))
+
+    def request_stop(self, key: str, how: str) -> None:
+        self.stops[key] = how
+
+    def stop_wanted(self, key: str) -> Optional[str]:
+        return self.stops.get(key)
+
+    def forget(self, key: str) -> None:
+        self.logs.pop(key, None)
+        self.stops.pop(key, None)
+
+
+class RayCluster:
+    """The connection to a Ray cluster, the board actor and the inputs already put in the object store."""
+
+    def __init__(self, address: str = "auto"):
+        ray = import_ray()
+        self.ray = ray
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ConfigError(f"--ray-address {address}: cannot connect to a Ray cluster ({exc}); "
+                                  "start one with `ray start --head` or give its address") from None
+        self.address = address
+        # num_cpus=0: the board only relays messages and must never hold a slot a job could use
+        self.board = ray.remote(num_cpus=0)(JobBoard).remote()
+        from loraforge.daemon.ray_task import run_job
+
+        self.task = ray.remote(run_job)
+        self._refs: dict[str, Any] = {}
+
+    def resources(self) -> dict[str, float]:
+        return self.ray.cluster_resources()
+
+    def gpus(self) -> int:
+        return int(self.resources().get("GPU", 0))
+
+    def slots(self) -> int:
+        """How many jobs may run at once: one per GPU when the cluster has GPUs, else one per CPU."""
+        return max(1, self.gpus() or int(self.resources().get("CPU", 1)))
+
+    def put_file(self, path: Path) -> tuple[str, list]:
+        """(sha256, [object ref]) of a file; a digest already in the object store is not put again."""
+        digest = sha256_file(path)
+        if digest not in self._refs:
+            self._refs[digest] = self.ray.put(path.read_bytes())
+        return digest, [self._refs[digest]]  # boxed: Ray must not fetch it before the task asks
+
+    def shutdown(self) -> None:
+        if self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+def job_inputs(recipe: Path, watched: Sequence[str]) -> tuple[Path, dict[str, Path]]:
+    """The recipe and every file under the paths it reads, relative to their common folder."""
+    paths = [recipe.resolve(), *(Path(p).resolve() for p in watched)]
+    root = Path(os.path.commonpath([str(recipe.resolve().parent), *(str(p) for p in paths[1:])]))
+    files: dict[str, Path] = {}
+    for path in paths:
+        found = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+        for file in found:
+            files[file.relative_to(root).as_posix()] = file
+    return root, files
+
+
+@dataclass
+class _Handle:
+    pid: Optional[int] = None  # the remote worker's pid, once its first log line names it
+
+
+class RayWorker:
+    """One slot of the Ray executor: runs one job at a time as a Ray task (same interface as Worker)."""
+
+    def __init__(self, spec, cluster: RayCluster, home: Path, watched_for: Callable[[Job], list[str]],
+                 default_cmd: Sequence[str]):
+        self.spec = spec
+        self.cluster = cluster
+        self.home = home
+        self.watched_for = watched_for
+        self.default_cmd = list(default_cmd)
+        self.job: Optional[Job] = None
+        self.proc: Optional[_Handle] = None
+        self.ref = None
+        self.key: Optional[str] = None
+        self.cancelling = False
+        self.terminated_at: Optional[float] = None
+        self._returncode: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def busy(self) -> bool:
+        return self.proc is not None
+
+    def resources(self, job: Job) -> dict[str, float]:
+        wants_gpu = any(s.get("kind") in TRAIN_KINDS for s in job.steps) and self.cluster.gpus() > 0
+        return {"num_gpus": 1, "num_cpus": 1} if wants_gpu else {"num_cpus": 1}
+
+    def _log(self, text: str) -> None:
+        if self.job is not None and text:
+            with open(self.job.log_path, "a", encoding="utf-8") as f:
+                f.write(text)
+
+    def start(self, job: Job, cmd: Sequence[str], base_env: dict[str, str]) -> Optional[int]:
+        recipe = Path(job.recipe)
+        root, files = job_inputs(recipe, self.watched_for(job))
+        inputs = {rel: self.cluster.put_file(path) for rel, path in files.items()}
+        cmd = list(cmd)
+        default = cmd[:len(self.default_cmd)] == self.default_cmd
+        self.key = f"job{job.id}-{(job.recipe_digest or 'none')[:16]}"
+        spec = {"key": self.key, "recipe": job.recipe, "recipe_rel": recipe.resolve().relative_to(root).as_posix(),
+                "cmd": cmd[len(self.default_cmd):] if default else cmd, "default_cmd": default}
+        resources = self.resources(job)
+        Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
+        self.job = job
+        self._log(f"--- job {job.id} attempt {job.attempts} as a Ray task ({resources}), "
+                  f"{len(files)} input file(s): {' '.join(cmd)}\n")
+        self.ref = self.cluster.task.options(max_retries=MAX_RETRIES, retry_exceptions=False, **resources).remote(
+            spec, inputs, self.cluster.board)
+        self.proc = _Handle()
+        self.cancelling, self.terminated_at, self._returncode = False, None, None
+        return None
+
+    def _drain(self) -> None:
+        ray = self.cluster.ray
+        text = ray.get(self.cluster.board.pull.remote(self.key))
+        if text:
+            if self.proc is not None and "worker pid " in text:
+                try:
+                    self.proc.pid = int(text.rsplit("worker pid ", 1)[1].split(",", 1)[0])
+                except ValueError:
+                    pass
+            self._log(text)
+
+    def poll(self) -> Optional[int]:
+        if self.proc is None:
+            return None
+        if self._returncode is not None:
+            return self._returncode
+        ray = self.cluster.ray
+        self._drain()
+        done, _ = ray.wait([self.ref], timeout=0)
+        if not done:
+            return None
+        self._drain()
+        try:
+            result = ray.get(self.ref)
+        except ray.exceptions.TaskCancelledError:
+            self._log("Error: the Ray task was cancelled\n")
+            self._returncode = -9
+            return self._returncode
+        except ray.exceptions.RayError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._log(f"Error: the Ray task failed after {MAX_RETRIES} retries: {first}\n")
+            self._returncode = -9 if isinstance(exc, ray.exceptions.WorkerCrashedError) else 1
+            return self._returncode
+        self._returncode = result["returncode"]
+        if self._returncode == 0:
+            self._returncode = self._register(result["bundle"])
+        return self._returncode
+
+    def _register(self, bundle) -> int:
+        from loraforge.errors import LoraforgeError
+        from loraforge.registry import Registry
+
+        try:
+            report = register_bundle(Registry(self.home), bundle, recipe_path=self.job.recipe)
+        except LoraforgeError as exc:
+            self._log(f"Error: registering the job's artifacts at the head failed: {exc}\n")
+            return 1
+        for ref in report.registered:
+            self._log(f"head: registered {ref}\n")
+        for ref in report.existing:
+            self._log(f"head: {ref} already registered (same input digest)\n")
+        return 0
+
+    def terminate(self, now: float) -> None:
+        if self.proc is not None and self._returncode is None:
+            self.cluster.board.request_stop.remote(self.key, "term")
+            if self.terminated_at is None:
+                self.terminated_at = now
+
+    def kill(self) -> None:
+        if self.proc is not None and self._returncode is None:
+            self.cluster.board.request_stop.remote(self.key, "kill")
+            self.cluster.ray.cancel(self.ref, force=True)
+
+    def release(self) -> tuple[Optional[Job], int]:
+        """Forget the finished task (waiting for it if it still runs); returns its job and exit status."""
+        import time
+
+        assert self.proc is not None
+        while (returncode := self.poll()) is None:
+            time.sleep(0.05)
+        job = self.job
+        self.cluster.board.forget.remote(self.key)
+        self.job, self.proc, self.ref, self.key = None, None, None, None
+        self.cancelling, self.terminated_at, self._returncode = False, None, None
+        return job, returncode
+
+
+def ray_workers(cluster: RayCluster, home: Path, watched_for: Callable[[Job], list[str]],
+                default_cmd: Sequence[str], slots: Optional[int] = None) -> list[RayWorker]:
+    from loraforge.daemon.worker import WorkerSpec
+
+    count = slots or cluster.slots()
+    return [RayWorker(WorkerSpec(f"ray{i}"), cluster, home, watched_for, default_cmd) for i in range(count)]
+
+
+def default_cmd() -> list[str]:
+    return [sys.executable, "-m", "loraforge"]
