@@ -43,6 +43,7 @@ class TrainConfig(BaseModel):
     use_8bit_adam: bool = Field(False, description="Use bitsandbytes' 8-bit AdamW (needs CUDA and bitsandbytes; refused otherwise).")
     compile: bool = Field(False, description="torch.compile the UNet (opt-in; slower start, faster steps on GPU).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    processes: int = Field(1, ge=1, description="Train on N processes through accelerate (DDP: gloo on CPU, NCCL on one GPU each); batch_size is the global batch and must be a multiple of N; only the lora and dreambooth_lora trainers take more than 1.")
 
 
 @runtime_checkable

@@ -17,6 +17,7 @@ import torch
 from loraforge.errors import ConfigError, Stopped, TrainingError
 from loraforge.stopping import sigterm_stops, stop_requested
 from loraforge.train.checkpoint import latest_checkpoint, load_checkpoint, restore_checkpoint, save_checkpoint
+from loraforge.train.distributed import SINGLE, Ranks
 
 log = logging.getLogger("loraforge.train")
 
@@ -108,7 +109,7 @@ def run_loop(*, title: str, params: dict[str, torch.nn.Parameter], step_fn: Step
              device: torch.device = torch.device("cpu"), progress: bool | None = None,
              on_step: Callable[[int], None] | None = None, checkpoint_unit: int = 1,
              save_state: Callable[[], dict] | None = None, load_state: Callable[[dict], None] | None = None,
-             ) -> LoopResult:
+             ranks: Ranks = SINGLE) -> LoopResult:
     """Train `params` for `steps` optimiser steps of `gradient_accumulation` micro-batches each.
 
     With `checkpoint_every` and `run_dir`, a checkpoint is written every N steps; `resume` continues from
@@ -119,6 +120,10 @@ def run_loop(*, title: str, params: dict[str, torch.nn.Parameter], step_fn: Step
     then `checkpoint_unit` steps on it) checkpoints only after a whole group: `checkpoint_every` then counts
     groups. `save_state` returns the trainer's own JSON state to store with a checkpoint; `load_state` gets
     it back on resume. SIGTERM stops the run at the next checkpointable step, after saving a checkpoint there.
+
+    With several `ranks`, step_fn computes this rank's slice of the global batch; the loss and gradients are
+    averaged over the ranks before clipping, so every rank takes the same step as one process would; rank 0
+    alone writes checkpoints, and a SIGTERM on any rank stops all of them at the same step.
     """
     plist = list(params.values())
     optimizer = make_optimizer(plist, learning_rate, use_8bit_adam)
@@ -135,6 +140,7 @@ def run_loop(*, title: str, params: dict[str, torch.nn.Parameter], step_fn: Step
                 raise TrainingError(f"checkpoint {path} has no trainer state; delete it to restart")
             load_state(ckpt.state["trainer"])
         resumed = f"{title}: resumed from step {start} of {steps} ({path.name})"
+    ranks.broadcast(plist)
     reporter = _Reporter(title, steps, start, progress)
     if resumed:
         reporter.note(resumed)
@@ -144,6 +150,8 @@ def run_loop(*, title: str, params: dict[str, torch.nn.Parameter], step_fn: Step
     t0 = time.perf_counter()
 
     def checkpoint(done: int) -> None:
+        if not ranks.main:
+            return
         state = {"losses": losses, "elapsed_s": elapsed_before + time.perf_counter() - t0}
         if save_state is not None:
             state["trainer"] = save_state()
@@ -162,6 +170,8 @@ def run_loop(*, title: str, params: dict[str, torch.nn.Parameter], step_fn: Step
                         loss.backward()
                         loss = loss.detach()
                     total += float(loss)
+                total = ranks.mean(total)
+                ranks.average_gradients(plist)
                 norm = float(torch.nn.utils.clip_grad_norm_(plist, max_grad_norm))
                 done = step + 1
                 if not (math.isfinite(total) and math.isfinite(norm)):
@@ -180,7 +190,7 @@ def run_loop(*, title: str, params: dict[str, torch.nn.Parameter], step_fn: Step
                     checkpoint(done)
                 if on_step is not None:
                     on_step(done)
-                if stop_requested() and whole and done < steps:
+                if whole and done < steps and ranks.any(stop_requested()):
                     where = "no checkpoint folder, nothing kept"
                     if run_dir is not None:
                         checkpoint(done)

@@ -73,10 +73,15 @@ class Session:
         self.method, self.config, self.registry, self.output = method, config, registry, output
         self.recipe, self.input_digest, self.resume, self.progress = recipe, input_digest, resume, progress
         self.families = tuple(families)
-        self.key = run_key(method, config.model_dump(mode="json"), output, input_digest)
+        from loraforge.train.distributed import current_ranks
+
+        self.ranks = current_ranks()  # one process, or this rank of a `processes` > 1 run
+        # The process count is not part of the run's identity: N processes compute what one does, so a run
+        # checkpointed on one process resumes on several and back.
+        self.key = run_key(method, config.model_dump(mode="json", exclude={"processes"}), output, input_digest)
         self.run_dir = runs_dir(registry.home) / self.key
         self.run_id = f"{self.key}-{uuid.uuid4().hex[:8]}"
-        if not resume and self.run_dir.exists():
+        if not resume and self.run_dir.exists() and self.ranks.main:
             shutil.rmtree(self.run_dir)  # a fresh run must not pick up an older run's checkpoints
         self.model: TrainingModel | None = None
         self._base = None
@@ -145,8 +150,9 @@ class Session:
         return dict(steps=c.steps, learning_rate=c.learning_rate, lr_scheduler=c.lr_scheduler,
                     lr_warmup_steps=c.lr_warmup_steps, gradient_accumulation=c.gradient_accumulation,
                     max_grad_norm=c.max_grad_norm, use_8bit_adam=c.use_8bit_adam, checkpoint_every=c.checkpoint_every,
-                    run_dir=self.run_dir, resume=self.resume, device=self.model.device, progress=self.progress,
-                    on_step=self._on_step if c.validation_every else None)
+                    run_dir=self.run_dir, resume=self.resume, device=self.model.device,
+                    progress=self.progress if self.ranks.main else False, ranks=self.ranks,
+                    on_step=self._on_step if c.validation_every and self.ranks.main else None)
 
     def _on_step(self, step: int) -> None:
         """Render the intermediate validation grids (they become validation/step-N.png files of the artifact)."""
@@ -166,11 +172,14 @@ class Session:
             self._periodic_files.setdefault(adapter_name, []).append((path, rel))
 
     def finish(self, outputs: Sequence[AdapterOutput], metrics: dict, training: dict | None = None) -> list[Manifest]:
-        """Render validation grids, then register every adapter (sharing this run id); drop the run folder."""
+        """Render validation grids, then register every adapter (sharing this run id); drop the run folder.
+        Only rank 0 of a several-process run does this; the other ranks register nothing and return []."""
         from loraforge.registry.importer import register_adapter
         from loraforge.train.manifest import training_manifest
         from loraforge.train.validation import save_grid, validation_grid
 
+        if not self.ranks.main:
+            return []
         c = self.config
         registered = []
         with tempfile.TemporaryDirectory(dir=tmp_dir(self.registry.home)) as tmp:

@@ -27,11 +27,18 @@ class SessionTrainer:
     # The registry kind of the run's main output as recipes see it before it runs: "adapter" (a LoRA or a
     # slider), "checkpoint" or "embedding".
     artifact_kind: ClassVar[str] = "adapter"
+    # Whether `run` trains correctly on several processes (each rank its slice of the batch, rank 0 registers);
+    # others refuse `processes` > 1 in one line.
+    supports_processes: ClassVar[bool] = False
 
     def train(self, config: TrainConfig, *, registry: Registry, output: str, recipe: RecipeInfo | None = None,
               input_digest: str | None = None, resume: bool = False, progress: bool | None = None) -> list[Manifest]:
+        from loraforge.train.distributed import in_worker, launch
         from loraforge.train.session import Session
 
+        if config.processes > 1 and not in_worker():
+            return launch(self, config, registry=registry, output=output, recipe=recipe, input_digest=input_digest,
+                          resume=resume, progress=progress)
         session = Session(self.method, config, registry=registry, output=output, recipe=recipe,
                           input_digest=input_digest, resume=resume, progress=progress, families=self.families)
         return self.run(session)

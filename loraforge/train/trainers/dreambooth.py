@@ -59,6 +59,7 @@ class DreamBoothTrainer(DreamBoothData, LoraTrainer):
     method = "dreambooth"
     families = ("sd1", "sdxl")
     artifact_kind = "checkpoint"
+    supports_processes = False  # its checkpoint registration (finish_checkpoint) is not rank-aware yet
 
     def run(self, session: Session) -> list[Manifest]:
         from loraforge.formats.safetensors_io import dtype_from_name

@@ -31,6 +31,7 @@ class LoraTrainer(SessionTrainer):
     config_class = LoraConfig
     method = "lora"
     families = ("sd1", "sdxl")  # the SDXL conditioning (two encoders, pooled text, time ids) is train.model's
+    supports_processes = True  # denoising_step takes each rank's slice of the global batch
 
     def run(self, session: Session) -> list[Manifest]:
         from loraforge.train.data import prepare_dataset
@@ -40,9 +41,10 @@ class LoraTrainer(SessionTrainer):
 
         config, registry, output = session.config, session.registry, session.output
         session.check_lora_targets(lora_targets(session))
-        data = prepare_dataset(registry, config.dataset, output=output, instance_prompt=config.instance_prompt)
+        with session.ranks.main_first():  # rank 0 snapshots (registers) the data; the others find it
+            data = prepare_dataset(registry, config.dataset, output=output, instance_prompt=config.instance_prompt)
+            prior = self.prior_data(session)  # DreamBooth's class images, if any
         datasets = [data.manifest]
-        prior = self.prior_data(session)  # DreamBooth's class images, if any
         if prior is not None:
             datasets.append(prior.manifest)
         model = session.load_model()
@@ -61,22 +63,27 @@ class LoraTrainer(SessionTrainer):
 
     def denoising_step(self, session: Session, sources: list[BatchSource]):
         """`step_fn(step, micro)` of the loop: the denoising loss on each source's seeded batch (the instance
-        images, then DreamBooth's class images at `prior_weight`), summed."""
+        images, then DreamBooth's class images at `prior_weight`), summed. On several processes each rank takes
+        its slice of the same global batch, its noise and timesteps included, so the ranks together see exactly
+        the samples one process sees."""
         from loraforge.train.data import batch_indices, step_generator
         from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
 
         config, model, unet = session.config, session.model, session.forward_unet()
         n_timesteps = model.noise_scheduler.config.num_train_timesteps
+        mine = session.ranks.shard(config.batch_size)
 
         def step_fn(step: int, micro: int):
             total = 0.0
             for k, source in enumerate(sources):
                 idx = batch_indices(len(source.data), config.batch_size, step, micro, config.seed + k,
-                                    config.gradient_accumulation)
+                                    config.gradient_accumulation)[mine]
                 latents, text = source.batch(idx)
                 if text is None:
                     text = encode_prompts(model, source.prompts(idx), grad=True)
-                noise, t = sample_noise(latents, step_generator(config.seed, step, micro, stream=k), n_timesteps)
+                whole = latents[:1].expand(config.batch_size, *latents.shape[1:])  # the global batch's shape
+                noise, t = sample_noise(whole, step_generator(config.seed, step, micro, stream=k), n_timesteps)
+                noise, t = noise[mine], t[mine]
                 weight = 1.0 if k == 0 else self.prior_weight(config)
                 total = total + weight * denoising_loss(model, unet, latents, text, noise, t)
             return total
