@@ -107,6 +107,32 @@ def test_killed_two_process_run_resumes_and_registers_once(tmp_path, tiny_sd_pat
     assert not list((home / "runs").glob("*/step-*"))
 
 
+@pytest.mark.slow
+def test_sigterm_stops_every_rank_with_a_checkpoint(tmp_path, tiny_sd_path):
+    """The daemon stops a job with SIGTERM to the launching process: the ranks stop at the same step, rank 0
+    checkpoints there, and the command fails with the run's own one-line message."""
+    data = pattern_images(tmp_path / "d", "stripes", caption="red stripes")
+    home = _link_builtins(tmp_path / "h", tiny_sd_path)
+    cmd = [sys.executable, "-m", "loraforge", "--home", str(home), "train", "lora", "--name", "x",
+           "--dataset", str(data), "--steps", "200", "--resolution", str(RES), "--rank", "4", "--batch-size", "2",
+           "--processes", "2", "--target-modules", "to_k", "--validation-steps", "1"]
+    proc = subprocess.Popen(cmd, env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "step 20/200" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    [message] = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert "stopped by SIGTERM after step" in message and "checkpoint saved" in message, err
+    stopped_at = int(message.split("after step ")[1].split()[0])
+    assert [p.name for p in (home / "runs").glob("*/step-*")] == [f"step-{stopped_at:08d}"]
+    assert Registry(home).list(name="x") == []
+
+
 @pytest.mark.parametrize("args, message", [
     (["lora", "--batch-size", "3", "--processes", "2"],
      "Error: batch_size 3 does not split over 2 processes; use a batch_size that is a multiple of 2"),

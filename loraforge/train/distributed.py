@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -149,6 +150,8 @@ def launch(trainer, config: TrainConfig, *, registry: Registry, output: str, rec
     check_name(output)
     check_processes(type(trainer), config)
     results = Path(tempfile.mkdtemp(dir=tmp_dir(registry.home), prefix="ranks-"))
+    # The elastic agent under the launcher logs each rank it closes; the rank's own error is the message.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     args = (type(trainer), config, str(registry.home), output, recipe, input_digest, resume, progress, str(results))
     try:
         try:
