@@ -7,6 +7,7 @@ that home is the task's scratch home on the worker node; the head registers the 
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -202,3 +203,41 @@ def test_jobs_cancel_stops_the_remote_trainer_which_checkpoints(cluster, env):
     assert 5 <= stopped < 600
     assert versions(home, "epsilon") == []
     assert daemon.stop() == 0
+
+
+REAL_RECIPE = """\
+name: real
+base: builtin:tiny-sd
+steps:
+  train:
+    train: {method: lora, dataset: ./data, instance_prompt: a cat, steps: 2, resolution: 16, rank: 2,
+            validation_steps: 1}
+"""
+
+
+@pytest.mark.slow  # the real recipe engine and a tiny LoRA: about 25 s on 2 cores
+def test_a_real_lora_recipe_trains_remotely_and_is_up_to_date_at_the_head(cluster, env, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    home, recipes, daemons = env
+    (recipes / "data").mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16), (60 * i, 90, 140)).save(recipes / "data" / f"{i}.png")
+    (recipes / "real.yaml").write_text(REAL_RECIPE)
+    daemon = subprocess.Popen(  # the daemon's default command: the real recipe engine
+        [sys.executable, "-m", "loraforge", "--home", str(home), "daemon", "--watch", str(recipes), "--executor", "ray",
+         "--ray-address", cluster["address"], "--debounce", "0.2s"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_for("the job to finish", lambda: status_of(home, 1) in ("succeeded", "failed"), timeout=90, proc=daemon)
+        assert status_of(home, 1) == "succeeded", job_log(home, 1)[-2000:]
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=40) == 0
+    assert versions(home, "real-train") == [1]
+    adapter = Registry(home).resolve("real-train:1")
+    assert adapter.kind == "lora" and Registry(home).primary_file(adapter).stat().st_size > 0
+    plan = subprocess.run([sys.executable, "-m", "loraforge", "--home", str(home), "recipe", "plan",
+                           str(recipes / "real.yaml"), "--json"], capture_output=True, text=True, timeout=120)
+    steps = json.loads(plan.stdout)["steps"]
+    assert [(s["id"], s["status"]) for s in steps] == [("train", "up-to-date")]  # the head's digests match

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -105,7 +104,10 @@ def run_job(spec: dict[str, Any], inputs: dict[str, tuple[str, list]], board: An
             board.push.remote(key, chunk)
 
     while proc.poll() is None:
-        time.sleep(LOG_EVERY_S)
+        try:
+            proc.wait(timeout=LOG_EVERY_S)  # returns as soon as the child exits
+        except subprocess.TimeoutExpired:
+            pass
         flush()
         wanted = ray.get(board.stop_wanted.remote(key))
         if wanted and wanted != signalled:
