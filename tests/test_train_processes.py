@@ -183,3 +183,15 @@ def test_what_several_processes_cannot_honour_is_refused_in_one_line(home, tmp_p
     assert result.exit_code == 1
     assert result.output.startswith(message) and result.output.count("\n") == 1, result.output
     assert Registry(home).list() == []
+
+
+def test_a_process_that_used_cuda_is_refused_before_forking(home, tmp_path, monkeypatch):
+    """CUDA does not survive the launcher's fork: say so in one line instead of failing in every rank."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    data = pattern_images(tmp_path / "d", "stripes", caption="red stripes")
+    result = cli_run(home, "train", "lora", "--name", "x", "--dataset", str(data), "--batch-size", "2",
+                     "--processes", "2")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: processes 2 must be launched from a process that has not used the GPU")
+    assert result.output.count("\n") == 1 and "--processes 2" in result.output
+    assert Registry(home).list() == []

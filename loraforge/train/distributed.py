@@ -149,6 +149,10 @@ def launch(trainer, config: TrainConfig, *, registry: Registry, output: str, rec
 
     check_name(output)
     check_processes(type(trainer), config)
+    if torch.cuda.is_initialized():  # the launcher forks its ranks, and CUDA does not survive a fork
+        raise ConfigError(f"processes {config.processes} must be launched from a process that has not used the "
+                          f"GPU yet (an earlier step of this run did); run this training on its own: "
+                          f"loraforge train {getattr(trainer, 'method', '')} ... --processes {config.processes}")
     results = Path(tempfile.mkdtemp(dir=tmp_dir(registry.home), prefix="ranks-"))
     # The elastic agent under the launcher logs each rank it closes; the rank's own error is the message.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
