@@ -128,6 +128,7 @@ def run_loop(*, title: str, params: dict[str, torch.nn.Parameter], step_fn: Step
     plist = list(params.values())
     optimizer = make_optimizer(plist, learning_rate, use_8bit_adam)
     losses: list[float] = []
+    norm = None  # the last step's gradient norm before clipping (a sum over ranks instead of a mean shows here)
     start, elapsed_before, resumed = 0, 0.0, None
     if resume and run_dir is not None and (path := latest_checkpoint(run_dir)) is not None:
         ckpt = load_checkpoint(path)
@@ -206,6 +207,7 @@ def run_loop(*, title: str, params: dict[str, torch.nn.Parameter], step_fn: Step
         "loss_last": losses[-1] if losses else None,
         "loss_min": min(losses) if losses else None,
         "loss_mean_last_10pct": _tail_mean(losses),
+        "grad_norm_last": norm,
         "time_s": round(elapsed_before + run_time, 3),
         "samples_per_s": round(trained * per_step / max(run_time, 1e-9), 3),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
