@@ -286,7 +286,7 @@ def test_help_lists_the_options_and_lora_options_are_refused_in_one_line(home, t
 
 # ---- from the checkpoint: a LoRA, and images ------------------------------------------------------------
 
-# `lora extract` skips weights named like embeddings, which also catches the time embedding's two Linear layers.
+# The time embedding's two Linear layers: `lora extract` once skipped them with every key named like an embedding.
 TIME_EMBEDDING = {"time_embedding.linear_1.weight", "time_embedding.linear_2.weight"}
 
 
