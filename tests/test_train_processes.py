@@ -196,6 +196,17 @@ def test_what_several_processes_cannot_honour_is_refused_in_one_line(home, tmp_p
     assert Registry(home).list() == []
 
 
+def test_a_plugin_trainer_that_does_not_say_it_takes_processes_is_refused(home, tmp_path):
+    import recipe_fake_trainer  # noqa: F401  (registers recipe_fake, a trainer outside SessionTrainer)
+
+    data = pattern_images(tmp_path / "d", "stripes", caption="red stripes")
+    result = cli_run(home, "train", "recipe_fake", "--name", "x", "--dataset", str(data), "--processes", "2")
+    assert result.exit_code == 1
+    assert result.output == ("Error: trainer recipe_fake does not train on several processes (processes 2); "
+                             "use processes 1, or the lora or dreambooth_lora trainer\n")
+    assert Registry(home).list() == []
+
+
 def test_a_process_that_used_cuda_is_refused_before_forking(home, tmp_path, monkeypatch):
     """CUDA does not survive the launcher's fork: say so in one line instead of failing in every rank."""
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)

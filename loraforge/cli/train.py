@@ -106,6 +106,10 @@ def _command(method: str, info) -> click.Command:
         from loraforge.cli.output import echo_json, registry_from_ctx
 
         config = validate_config(config_class, _values(config_class, params))
+        if getattr(config, "processes", 1) > 1:  # a plugin trainer outside SessionTrainer would ignore it
+            from loraforge.train.distributed import check_processes
+
+            check_processes(trainer_cls, config, method)
         registry = registry_from_ctx(click.get_current_context())
         manifests = trainer_cls().train(config, registry=registry, output=name, resume=resume,
                                         progress=None if not as_json else False)

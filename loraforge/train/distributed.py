@@ -123,12 +123,12 @@ def current_ranks() -> Ranks:
     return Ranks(rank=state.process_index, world=state.num_processes, device=torch.device(state.device))
 
 
-def check_processes(trainer_cls, config: TrainConfig) -> None:
+def check_processes(trainer_cls, config: TrainConfig, method: str | None = None) -> None:
     """Refuse, before anything starts, what several processes cannot honour."""
     n = config.processes
     if n <= 1:
         return
-    method = getattr(trainer_cls, "method", trainer_cls.__name__)
+    method = method or getattr(trainer_cls, "method", trainer_cls.__name__)
     if not getattr(trainer_cls, "supports_processes", False):
         raise ConfigError(f"trainer {method} does not train on several processes (processes {n}); "
                           f"use processes 1, or the lora or dreambooth_lora trainer")
