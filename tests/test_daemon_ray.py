@@ -241,3 +241,23 @@ def test_a_real_lora_recipe_trains_remotely_and_is_up_to_date_at_the_head(cluste
                            str(recipes / "real.yaml"), "--json"], capture_output=True, text=True, timeout=120)
     steps = json.loads(plan.stdout)["steps"]
     assert [(s["id"], s["status"]) for s in steps] == [("train", "up-to-date")]  # the head's digests match
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--executor", "ray", "--ray-address", "127.0.0.1:{port}"], 1,
+     "Error: --ray-address 127.0.0.1:{port}: no Ray cluster answers there"),
+    (["--executor", "ray", "--ray-address", "nowhere"], 1, "Error: --ray-address nowhere: write auto, HOST:PORT"),
+    (["--ray-slots", "2"], 2, "--ray-address and --ray-slots need --executor ray"),
+    (["--executor", "ray", "--cpu"], 2, "with --executor ray the cluster's resources decide"),
+])
+def test_a_ray_daemon_that_cannot_run_says_why_in_one_line_and_leaves_the_home_alone(tmp_path, args, code, message):
+    port = free_port()  # nothing listens there once the probe socket is closed
+    args = [a.format(port=port) for a in args]
+    home, recipes = tmp_path / "home", tmp_path / "recipes"
+    recipes.mkdir()
+    out = subprocess.run([sys.executable, "-m", "loraforge", "--home", str(home), "daemon", "--watch", str(recipes),
+                          *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == code
+    assert message.format(port=port) in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (home / "registry.db").exists()  # no catalog, no job queued

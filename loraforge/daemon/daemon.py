@@ -67,10 +67,6 @@ class Daemon:
             if not path.is_dir():
                 raise ConfigError(f"--watch {folder}: no such folder; create it or watch another")
             self.watch_dirs.append(path)
-        self.home = loraforge_home(home)
-        self.queue = JobQueue(self.home)
-        self.recipe_cmd = list(recipe_cmd) if recipe_cmd else default_recipe_cmd()
-        self.recipe_watch: dict[str, list[str]] = {}
         if executor not in ("local", "ray"):
             raise ConfigError(f"unknown executor {executor!r}: choose local or ray")
         self.executor = executor
@@ -78,8 +74,14 @@ class Daemon:
         if executor == "ray":
             from loraforge.daemon.ray_executor import RayCluster, ray_workers
 
-            # Connected here, before `run` installs its signal handlers (ray.init sets its own).
+            # Connected first (an unreachable cluster leaves the home untouched), and before `run`
+            # installs its signal handlers (ray.init sets its own).
             self.cluster = RayCluster(ray_address)
+        self.home = loraforge_home(home)
+        self.queue = JobQueue(self.home)
+        self.recipe_cmd = list(recipe_cmd) if recipe_cmd else default_recipe_cmd()
+        self.recipe_watch: dict[str, list[str]] = {}
+        if self.cluster is not None:
             self.workers = ray_workers(self.cluster, self.home, lambda job: self.recipe_watch[job.recipe],
                                        default_recipe_cmd(), ray_slots)
         else:

@@ -10,6 +10,7 @@ digest (loraforge.daemon.bundle). Logs and stop requests travel through one smal
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,20 @@ class JobBoard:
         self.stops.pop(key, None)
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse an address nothing listens on: ray.init would retry it for minutes without a word."""
+    if address in ("auto", "local"):
+        return  # Ray answers these at once
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address}: write auto, HOST:PORT or ray://HOST:10001")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"--ray-address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
+                          "start one with `ray start --head` or give its address") from None
+
+
 class RayCluster:
     """The connection to a Ray cluster, the board actor and the inputs already put in the object store."""
 
@@ -63,6 +78,7 @@ class RayCluster:
         ray = import_ray()
         self.ray = ray
         if not ray.is_initialized():
+            _check_reachable(address)
             try:
                 ray.init(address=address, log_to_driver=False, logging_level="ERROR")
             except (ConnectionError, RuntimeError, ValueError) as exc:
