@@ -132,25 +132,43 @@ def test_a_weighted_sum_merge_shows_the_style_in_proportion_to_alpha(home, tmp_p
     assert abs(middle - (low + high) / 2) <= 0.25 * (high - low), amplitudes  # in proportion: half way at 0.5
 
 
-def test_reward_fine_tuning_for_red_makes_more_red_shapes(home, tmp_path, shapes_path):
-    # Measured on 32 fixed-seed images of "a big circle|square|cross|ring": mean `shapes` reward (P(red)) .081 ->
-    # .160, judged red 6% -> 19%, mean pixel change 10.1. The same run with --kl-weight 10 stays at .081 and 6%
-    # (pixel change 0.15, ε drift 7e-6 against 9e-3): the KL weight holds the base.
+REWARD_SHAPES = ("circle", "square", "cross", "ring")
+
+
+def _reward_run(home, tmp_path, shapes_path, name: str, *extra: str):
+    """Reward fine-tuning for red on four colourless prompts; (reward, judged-red count, mean pixel change) of
+    32 fixed-seed images before and after, the adapter loaded by diffusers."""
     from loraforge.rewards.base import load_reward
 
-    shapes = ("circle", "square", "cross", "ring")
-    run_cli(home, "train", "reward", "-n", "red", "--base", "builtin:shapes", "--reward", "shapes",
+    run_cli(home, "train", "reward", "-n", name, "--base", "builtin:shapes", "--reward", "shapes",
             "--reward-options", '{"want": {"colour": "red"}}',
-            *[arg for shape in shapes for arg in ("--prompts", f"a big {shape}")],
+            *[arg for shape in REWARD_SHAPES for arg in ("--prompts", f"a big {shape}")],
             "--iterations", "24", "--sample-batch-size", "8", "--batch-size", "8", "--sample-steps", "20",
             "--resolution", "64", "--learning-rate", "3e-3", "--timestep-fraction", "0.5", "--guidance", "4",
-            "--validation-steps", "2")
+            "--validation-steps", "2", *extra)
     reward = load_reward("shapes", {"want": {"colour": "red"}})
-    prompts = [f"a big {shapes[i % 4]}" for i in range(32)]
+    prompts = [f"a big {REWARD_SHAPES[i % 4]}" for i in range(32)]
     pipe = _pipe(shapes_path)
     before = draw(pipe, prompts, range(400, 432))
-    pipe.load_lora_weights(str(_adapter(home, tmp_path, "red")), adapter_name="red")
+    pipe.load_lora_weights(str(_adapter(home, tmp_path, name)), adapter_name=name)
     after = draw(pipe, prompts, range(400, 432))
     rewards = [float(np.mean(reward(images, prompts))) for images in (before, after)]
     red = [sum(read["colour"] == "red" for read in reward.evaluator.judge.labels(images)) for images in (before, after)]
+    change = float(np.mean([np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() for a, b in zip(before, after)]))
+    return rewards, red, change
+
+
+def test_reward_fine_tuning_for_red_makes_more_red_shapes(home, tmp_path, shapes_path):
+    # Measured on 32 fixed-seed images of "a big circle|square|cross|ring": mean `shapes` reward (P(red)) .081 ->
+    # .160, judged red 6% -> 19%, mean pixel change 10.1 (of 255).
+    rewards, red, change = _reward_run(home, tmp_path, shapes_path, "red")
     assert rewards[1] >= 1.4 * rewards[0] and red[1] > red[0], (rewards, red)
+    assert change >= 3.0, change
+
+
+def test_a_large_kl_weight_holds_reward_fine_tuning_at_the_base(home, tmp_path, shapes_path):
+    # The same run with --kl-weight 10 measured reward .081 -> .081, red 6% -> 6%, pixel change 0.15: the KL
+    # weight keeps the images where the base draws them (the run without it moves them by 10.1).
+    rewards, red, change = _reward_run(home, tmp_path, shapes_path, "red-kl", "--kl-weight", "10")
+    assert change <= 1.0, change
+    assert rewards[1] <= 1.2 * rewards[0] and red[1] <= red[0] + 1, (rewards, red)
