@@ -262,3 +262,127 @@ def test_a_ray_daemon_that_cannot_run_says_why_in_one_line_and_leaves_the_home_a
     assert message.format(port=port) in out.stderr
     assert "Traceback" not in out.stderr
     assert not (home / "registry.db").exists()  # no catalog, no job queued
+
+
+SHIPPED_RECIPE = """\
+name: shipped
+base: builtin:tiny-sd
+steps:
+  look:
+    render: {prompts: [a cat], steps: 1, size: 16, seeds: [1], adapters: [{ref: style:2, weight: 0.8}]}
+"""
+
+
+@pytest.mark.slow  # the real recipe engine renders one 16 px image with a LoRA: about 20 s on 2 cores
+def test_a_registry_artifact_only_the_head_holds_is_shipped_and_the_lock_comes_back(cluster, env, monkeypatch,
+                                                                                     tiny_sd_path):
+    from loraforge.formats import write_adapter
+    from loraforge.models.targets import module_shapes
+    from loraforge.synthetic import random_lora
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    home, recipes, daemons = env
+    for seed in (3, 4):  # style:1 and style:2: the recipe names the second, which the workers never saw
+        adapter = recipes.parent / f"style{seed}.safetensors"
+        write_adapter(random_lora(module_shapes(tiny_sd_path), rank=2, seed=seed), adapter, "kohya")
+        out = subprocess.run([sys.executable, "-m", "loraforge", "--home", str(home), "registry", "import",
+                              str(adapter), "--name", "style", "--kind", "lora"], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+    style = Registry(home).resolve("style:2")
+    (recipes / "shipped.yaml").write_text(SHIPPED_RECIPE)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "loraforge", "--home", str(home), "daemon", "--watch", str(recipes), "--executor", "ray",
+         "--ray-address", cluster["address"], "--debounce", "0.2s"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_for("the job to finish", lambda: status_of(home, 1) in ("succeeded", "failed"), timeout=90, proc=daemon)
+        assert status_of(home, 1) == "succeeded", job_log(home, 1)[-2000:]
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=40) == 0
+    assert "1 registry artifact(s)" in job_log(home, 1)
+    assert versions(home, "shipped-look") == [1] and versions(home, "style") == [1, 2]  # style not registered again
+    image = Registry(home).resolve("shipped-look:1")
+    parents = {(p.ref, p.digest) for p in image.provenance.parents}
+    assert ("style:2", style.digest) in parents  # rendered with the head's style:2, by name, version and content
+    lineage = Registry(home).lineage("shipped-look:1")
+    assert any(n.ref == "style:2" and n.kind == "lora" for n in lineage.children)
+    # The lock the remote apply wrote is next to the head's recipe, in the head's terms.
+    lock = (recipes / "shipped.yaml.lock").read_text()
+    assert "output: shipped-look:1" in lock and "pinned: style:2" in lock and str(cluster["cache"]) not in lock
+    plan = subprocess.run([sys.executable, "-m", "loraforge", "--home", str(home), "recipe", "plan",
+                           str(recipes / "shipped.yaml"), "--json"], capture_output=True, text=True, timeout=120)
+    data = json.loads(plan.stdout)
+    assert [(s["id"], s["status"]) for s in data["steps"]] == [("look", "up-to-date")]  # the head's digests match
+    assert {a["ref"] for a in data["artifacts"]} == {"style:2", "shipped-look:1"}
+
+
+def _report(registry: Registry, folder: Path, name: str, text: str, input_digest: str, parents=()) -> str:
+    from loraforge.registry import Manifest, Provenance, RecipeInfo
+    from loraforge.registry.manifest import Parent
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}-{input_digest}.txt").write_text(text)
+    recipe = RecipeInfo(name="r", path="/scratch/r.yaml", digest="d", step=name, input_digest=input_digest)
+    manifest = Manifest(name=name, kind="report", digest="", files=[], provenance=Provenance(
+        recipe=recipe, parents=[Parent(ref=ref, digest=digest) for ref, digest in parents]))
+    made = registry.register(manifest, [(folder / f"{name}-{input_digest}.txt", "report.txt")], input_digest=input_digest)
+    return made.ref
+
+
+def test_a_bundle_registered_where_the_head_has_more_versions_points_its_lineage_and_lock_at_the_head_versions(
+        tmp_path):
+    from loraforge.daemon.bundle import collect_bundle, import_artifacts, register_bundle, write_head_lock
+
+    head, scratch = Registry(tmp_path / "head"), Registry(tmp_path / "scratch")
+    for i in (1, 2):  # the head already holds merged:1 and merged:2 from other inputs
+        _report(head, tmp_path / "files", "merged", f"old {i}", f"old{i}")
+    shared = _report(head, tmp_path / "files", "source", "shared input", "src")
+    # The job imports the head's source:1 as source:1, then makes merged:1 and child:1 (child's parent: merged:1).
+    def blob(digest, box):
+        return head.blobs.path(digest)
+    item = {"manifest": head.resolve(shared).to_json(), "input_digest": "src", "aliases": [],
+            "blobs": {f.path: (f.sha256, []) for f in head.resolve(shared).files}}
+    assert import_artifacts(scratch, [item], blob) == ["source:1"]
+    assert import_artifacts(scratch, [item], blob) == ["source:1"]  # a retried task keeps what it imported
+    merged = _report(scratch, tmp_path / "files", "merged", "new", "new", parents=[("source:1", None)])
+    assert merged == "merged:1"
+    child = _report(scratch, tmp_path / "files", "child", "child", "kid",
+                    parents=[(merged, scratch.resolve(merged).digest)])
+    bundle = collect_bundle(scratch.home, skip=frozenset({"source:1"}))
+    assert [json.loads(i.manifest_json)["name"] for i in bundle] == ["merged", "child"]
+
+    report = register_bundle(head, bundle, recipe_path=str(tmp_path / "r.yaml"))
+    assert report.registered == ["merged:3", "child:1"] and report.renamed == {"merged:1": "merged:3", child: "child:1"}
+    got = head.resolve("child:1")
+    assert [p.ref for p in got.provenance.parents] == ["merged:3"]
+    tree = head.lineage("child:1")
+    (node,) = tree.children
+    assert (node.ref, node.kind) == ("merged:3", "report")  # found at the head, not an external leaf
+    assert [(c.ref, c.kind) for c in node.children] == [("source:1", "report")]
+    # A second registration of the same bundle (a retried task) adds nothing and still maps the refs.
+    again = register_bundle(head, bundle)
+    assert again.registered == [] and again.renamed == report.renamed
+
+    lock = ("lock_version: 1\nreferences:\n  ./data:\n    kind: path\n    digest: x\n    path: /node/tree/data\n"
+            "steps:\n  merge:\n    output: merged:1\n  kid:\n    output: child:1\n")
+    written = write_head_lock(tmp_path / "r.yaml", lock, "/node/tree", tmp_path / "recipes", report.renamed)
+    text = written.read_text()
+    assert written == tmp_path / "r.yaml.lock"
+    assert f"path: {tmp_path / 'recipes' / 'data'}" in text and "output: merged:3" in text and "/node/tree" not in text
+
+
+def test_an_imported_version_the_scratch_home_already_holds_differently_is_refused(tmp_path):
+    from loraforge.errors import ConfigError
+    from loraforge.registry import Manifest
+
+    registry = Registry(tmp_path / "home")
+    ref = _report(registry, tmp_path / "files", "merged", "one", "a")
+    manifest = registry.resolve(ref)
+    other = tmp_path / "other.txt"
+    other.write_text("two")
+    with pytest.raises(ConfigError, match="merged:1 already exists: versions are immutable"):
+        registry.register(manifest, [(other, "report.txt")], version=1)
+    assert versions(tmp_path / "home", "merged") == [1]
+    kept = registry.register(manifest, [(other, "report.txt")], version=5)
+    assert kept.ref == "merged:5" and registry.resolve("merged").ref == "merged:5"

@@ -2,7 +2,9 @@
 
 A worker never writes the head's catalog. It runs the recipe in a scratch home, packs every artifact
 that home holds into a bundle, and the head registers each one unless an artifact with the same name and
-input digest is already there: a retried or duplicated task never makes a second version.
+input digest is already there: a retried or duplicated task never makes a second version. The head's
+version numbers may differ from the scratch home's, so references between the bundle's artifacts (their
+lineage) and the lock the remote apply wrote are renumbered to the head's versions.
 """
 
 from __future__ import annotations
@@ -27,21 +29,55 @@ class BundleItem:
 class RegisterReport:
     registered: list[str] = field(default_factory=list)  # refs of new versions
     existing: list[str] = field(default_factory=list)  # refs that already held the same input digest
+    renamed: dict[str, str] = field(default_factory=dict)  # scratch home's ref -> the head's ref, per item
 
 
-def _input_digest(manifest: Manifest) -> Optional[str]:
+def manifest_input_digest(manifest: Manifest) -> Optional[str]:
     recipe = manifest.provenance.recipe
     return recipe.input_digest if recipe is not None else None
 
 
-def collect_bundle(home: Path) -> list[BundleItem]:
-    """Every artifact of the scratch registry at `home`, with its files' bytes, oldest first."""
+def collect_bundle(home: Path, skip: frozenset[str] = frozenset()) -> list[BundleItem]:
+    """Every artifact of the scratch registry at `home` but the refs in `skip` (the head's, imported as
+    inputs), with its files' bytes, oldest first."""
     registry = Registry(home)
     items = []
     for manifest in registry.iter_manifests():
+        if manifest.ref in skip:
+            continue
         files = {entry.path: registry.blob_path(entry).read_bytes() for entry in manifest.files}
-        items.append(BundleItem(manifest.to_json(), _input_digest(manifest), files))
+        items.append(BundleItem(manifest.to_json(), manifest_input_digest(manifest), files))
     return items
+
+
+def import_artifacts(registry: Registry, artifacts: list[dict], blob_path) -> list[str]:
+    """Import the head's artifacts into a scratch registry under their own name and version (and aliases),
+    so the recipe's references resolve there to the same content; returns their refs.
+
+    `blob_path(sha256, box)` gives a local file with that blob's bytes (a node's cache). An artifact a retried
+    task already imported is kept.
+    """
+    refs = []
+    for item in artifacts:
+        manifest = Manifest.from_json(item["manifest"])
+        have = {row["version"]: row["digest"] for row in registry.list(name=manifest.name)}
+        if have.get(manifest.version) != manifest.digest:
+            files = [(blob_path(digest, box), rel) for rel, (digest, box) in item["blobs"].items()]
+            registry.register(manifest, files, input_digest=item.get("input_digest"), version=manifest.version)
+        for alias in item.get("aliases") or []:
+            registry.tag(manifest.ref, alias)
+        refs.append(manifest.ref)
+    return refs
+
+
+def _renumbered(manifest: Manifest, renamed: dict[str, str]) -> Manifest:
+    """`manifest` with the refs of its parents and base that name bundle artifacts in the head's numbering."""
+    parents = [p.model_copy(update={"ref": renamed[p.ref]}) if p.ref in renamed else p
+               for p in manifest.provenance.parents]
+    update: dict = {"provenance": manifest.provenance.model_copy(update={"parents": parents})}
+    if manifest.base is not None and manifest.base.ref in renamed:
+        update["base"] = manifest.base.model_copy(update={"ref": renamed[manifest.base.ref]})
+    return manifest.model_copy(update=update)
 
 
 def register_bundle(registry: Registry, bundle: list[BundleItem], recipe_path: Optional[str] = None) -> RegisterReport:
@@ -50,10 +86,12 @@ def register_bundle(registry: Registry, bundle: list[BundleItem], recipe_path: O
     An artifact is skipped when the head already holds one of its name with the same input digest (a
     retried task), or, lacking an input digest, when the newest version of its name has the same content.
     `recipe_path` replaces the scratch path the worker recorded with the recipe file the head watches.
+    Items come oldest first, so a parent made in the same job is numbered at the head before its children.
     """
     report = RegisterReport()
     for item in bundle:
         manifest = Manifest.from_json(item.manifest_json)
+        scratch_ref = manifest.ref
         if item.input_digest:
             found = registry.find_by_input_digest(item.input_digest, name=manifest.name)
         else:
@@ -63,7 +101,9 @@ def register_bundle(registry: Registry, bundle: list[BundleItem], recipe_path: O
                 if newest and newest["digest"] == manifest.digest else None
         if found is not None:
             report.existing.append(found.ref)
+            report.renamed[scratch_ref] = found.ref
             continue
+        manifest = _renumbered(manifest, report.renamed)
         if recipe_path and manifest.provenance.recipe is not None:
             recipe = manifest.provenance.recipe.model_copy(update={"path": recipe_path})
             manifest = manifest.model_copy(update={"provenance": manifest.provenance.model_copy(
@@ -81,4 +121,24 @@ def register_bundle(registry: Registry, bundle: list[BundleItem], recipe_path: O
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         report.registered.append(new.ref)
+        report.renamed[scratch_ref] = new.ref
     return report
+
+
+def write_head_lock(recipe: Path, text: str, tree: str, root: Path, renamed: dict[str, str]) -> Path:
+    """Write the lock a remote apply made next to the head's `recipe`, as a local apply would have: the
+    paths it resolved under the task's input tree become the head's paths under `root`, and the outputs
+    it records are renumbered to the head's versions."""
+    from loraforge.recipes.lock import write_lock
+    from loraforge.yaml_aliases import safe_load
+
+    data = safe_load(text, "lock file") or {}
+    prefix = tree.rstrip("/") + "/"
+    for entry in (data.get("references") or {}).values():
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if isinstance(path, str) and (path == tree or path.startswith(prefix)):
+            entry["path"] = str(root / path[len(prefix):]) if path != tree else str(root)
+    for entry in (data.get("steps") or {}).values():
+        if isinstance(entry, dict) and entry.get("output") in renamed:
+            entry["output"] = renamed[entry["output"]]
+    return write_lock(recipe, data)

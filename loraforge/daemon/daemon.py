@@ -81,9 +81,11 @@ class Daemon:
         self.queue = JobQueue(self.home)
         self.recipe_cmd = list(recipe_cmd) if recipe_cmd else default_recipe_cmd()
         self.recipe_watch: dict[str, list[str]] = {}
+        self.recipe_artifacts: dict[str, list[dict]] = {}  # the registry versions each recipe's plan read
         if self.cluster is not None:
             self.workers = ray_workers(self.cluster, self.home, lambda job: self.recipe_watch[job.recipe],
-                                       default_recipe_cmd(), ray_slots)
+                                       default_recipe_cmd(), ray_slots,
+                                       artifacts_for=lambda job: self.recipe_artifacts.get(job.recipe, []))
         else:
             self.workers = [Worker(spec) for spec in worker_specs(gpus)]
         self.publish = publish
@@ -327,6 +329,7 @@ class Daemon:
             return None
         if not plan.valid:
             return self._record_invalid(recipe, plan, reason)
+        self.recipe_artifacts[key] = plan.artifacts
         if self.recipe_watch.get(key) != plan.watch:
             self.recipe_watch[key] = plan.watch
             self._rewatch()

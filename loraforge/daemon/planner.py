@@ -24,6 +24,7 @@ class PlanReport:
     digest: Optional[str] = None
     steps: list[dict] = field(default_factory=list)
     watch: list[str] = field(default_factory=list)
+    artifacts: list[dict] = field(default_factory=list)  # registry versions the plan read: {"ref", "digest"}
 
     @property
     def stale_steps(self) -> list[dict]:
@@ -132,6 +133,7 @@ class PlanningChild:
             digest=data.get("digest") or file_digest(self.recipe),
             steps=list(data.get("steps") or []),
             watch=[str(p) for p in data.get("watch") or []],
+            artifacts=list(data.get("artifacts") or []),
         )
 
 

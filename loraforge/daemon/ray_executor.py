@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from loraforge.daemon.bundle import register_bundle
+from loraforge.daemon.bundle import register_bundle, write_head_lock
 from loraforge.daemon.queue import Job
 from loraforge.errors import ConfigError
 from loraforge.hashing import sha256_file
@@ -102,9 +102,12 @@ class RayCluster:
         """How many jobs may run at once: one per GPU when the cluster has GPUs, else one per CPU."""
         return max(1, self.gpus() or int(self.resources().get("CPU", 1)))
 
-    def put_file(self, path: Path) -> tuple[str, list]:
-        """(sha256, [object ref]) of a file; a digest already in the object store is not put again."""
-        digest = sha256_file(path)
+    def put_file(self, path: Path, digest: Optional[str] = None) -> tuple[str, list]:
+        """(sha256, [object ref]) of a file; a digest already in the object store is not put again.
+
+        `digest`: the file's known sha256 (a registry blob), so a large blob is not hashed again per job.
+        """
+        digest = digest or sha256_file(path)
         if digest not in self._refs:
             self._refs[digest] = self.ray.put(path.read_bytes())
         return digest, [self._refs[digest]]  # boxed: Ray must not fetch it before the task asks
@@ -112,6 +115,31 @@ class RayCluster:
     def shutdown(self) -> None:
         if self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def job_artifacts(registry, cluster: RayCluster, wanted: Sequence[dict]) -> list[dict]:
+    """What a task imports into its scratch home: per registry version the plan read, its manifest, input
+    digest, the aliases pointing at it and its blobs as (sha256, [object ref]) by path.
+
+    A version whose content is no longer what the plan saw (removed and re-made since) is refused: the
+    remote job would otherwise build from other inputs than the head planned.
+    """
+    from loraforge.daemon.bundle import manifest_input_digest
+    from loraforge.errors import ArtifactNotFound
+
+    shipped = []
+    for want in wanted:
+        try:
+            manifest = registry.resolve(want["ref"])
+        except ArtifactNotFound:
+            raise ConfigError(f"{want['ref']} is no longer in the registry; the recipe is planned again") from None
+        if want.get("digest") and manifest.digest != want["digest"]:
+            raise ConfigError(f"{want['ref']} changed since the recipe was planned; it is planned again")
+        aliases = sorted(a for a, v in registry.aliases(manifest.name).items() if v == manifest.version)
+        blobs = {e.path: cluster.put_file(registry.blob_path(e), e.sha256) for e in manifest.files}
+        shipped.append({"manifest": manifest.to_json(), "input_digest": manifest_input_digest(manifest),
+                        "aliases": aliases, "blobs": blobs})
+    return shipped
 
 
 def job_inputs(recipe: Path, watched: Sequence[str]) -> tuple[Path, dict[str, Path]]:
@@ -135,11 +163,13 @@ class RayWorker:
     """One slot of the Ray executor: runs one job at a time as a Ray task (same interface as Worker)."""
 
     def __init__(self, spec, cluster: RayCluster, home: Path, watched_for: Callable[[Job], list[str]],
-                 default_cmd: Sequence[str]):
+                 default_cmd: Sequence[str], artifacts_for: Optional[Callable[[Job], list[dict]]] = None):
         self.spec = spec
         self.cluster = cluster
         self.home = home
         self.watched_for = watched_for
+        self.artifacts_for = artifacts_for or (lambda job: [])
+        self.root: Optional[Path] = None  # the head folder the job's input tree mirrors
         self.default_cmd = list(default_cmd)
         self.job: Optional[Job] = None
         self.proc: Optional[_Handle] = None
@@ -167,19 +197,32 @@ class RayWorker:
                 f.write(text)
 
     def start(self, job: Job, cmd: Sequence[str], base_env: dict[str, str]) -> Optional[int]:
+        from loraforge.errors import LoraforgeError
+        from loraforge.registry import Registry
+
         recipe = Path(job.recipe)
         root, files = job_inputs(recipe, self.watched_for(job))
+        recipe_rel = recipe.resolve().relative_to(root).as_posix()
+        lock = Path(str(recipe.resolve()) + ".lock")
+        if lock.is_file():  # the remote apply judges publish steps and writes its lock from the head's
+            files[recipe_rel + ".lock"] = lock
         inputs = {rel: self.cluster.put_file(path) for rel, path in files.items()}
         cmd = list(cmd)
         default = cmd[:len(self.default_cmd)] == self.default_cmd
         self.key = f"job{job.id}-{(job.recipe_digest or 'none')[:16]}"
-        spec = {"key": self.key, "recipe": job.recipe, "recipe_rel": recipe.resolve().relative_to(root).as_posix(),
+        spec = {"key": self.key, "recipe": job.recipe, "recipe_rel": recipe_rel,
                 "cmd": cmd[len(self.default_cmd):] if default else cmd, "default_cmd": default}
         resources = self.resources(job)
         Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
-        self.job = job
+        self.job, self.root = job, root
+        try:
+            spec["artifacts"] = job_artifacts(Registry(self.home), self.cluster, self.artifacts_for(job))
+        except LoraforgeError as exc:  # the job fails with the reason; the next plan queues it afresh
+            self._log(f"Error: {exc}\n")
+            self.proc, self.cancelling, self.terminated_at, self._returncode = _Handle(), False, None, 1
+            return None
         self._log(f"--- job {job.id} attempt {job.attempts} as a Ray task ({resources}), "
-                  f"{len(files)} input file(s): {' '.join(cmd)}\n")
+                  f"{len(files)} input file(s), {len(spec['artifacts'])} registry artifact(s): {' '.join(cmd)}\n")
         self.ref = self.cluster.task.options(max_retries=MAX_RETRIES, retry_exceptions=False, **resources).remote(
             spec, inputs, self.cluster.board)
         self.proc = _Handle()
@@ -221,10 +264,10 @@ class RayWorker:
             return self._returncode
         self._returncode = result["returncode"]
         if self._returncode == 0:
-            self._returncode = self._register(result["bundle"])
+            self._returncode = self._register(result["bundle"], result.get("lock"))
         return self._returncode
 
-    def _register(self, bundle) -> int:
+    def _register(self, bundle, lock: Optional[dict] = None) -> int:
         from loraforge.errors import LoraforgeError
         from loraforge.registry import Registry
 
@@ -233,6 +276,9 @@ class RayWorker:
         except LoraforgeError as exc:
             self._log(f"Error: registering the job's artifacts at the head failed: {exc}\n")
             return 1
+        if lock is not None:
+            path = write_head_lock(Path(self.job.recipe), lock["text"], lock["tree"], self.root, report.renamed)
+            self._log(f"head: lock written to {path}\n")
         for ref in report.registered:
             self._log(f"head: registered {ref}\n")
         for ref in report.existing:
@@ -265,11 +311,13 @@ class RayWorker:
 
 
 def ray_workers(cluster: RayCluster, home: Path, watched_for: Callable[[Job], list[str]],
-                default_cmd: Sequence[str], slots: Optional[int] = None) -> list[RayWorker]:
+                default_cmd: Sequence[str], slots: Optional[int] = None,
+                artifacts_for: Optional[Callable[[Job], list[dict]]] = None) -> list[RayWorker]:
     from loraforge.daemon.worker import WorkerSpec
 
     count = slots or cluster.slots()
-    return [RayWorker(WorkerSpec(f"ray{i}"), cluster, home, watched_for, default_cmd) for i in range(count)]
+    return [RayWorker(WorkerSpec(f"ray{i}"), cluster, home, watched_for, default_cmd, artifacts_for)
+            for i in range(count)]
 
 
 def default_cmd() -> list[str]:

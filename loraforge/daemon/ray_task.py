@@ -3,7 +3,9 @@
 Inputs arrive as (sha256, object ref) per file and are fetched into a node-local cache only when the
 cache lacks that digest, so a dataset shared by many jobs crosses the network once per node. The scratch
 home is keyed by the job, so a task Ray retries after its worker died finds the trainer's checkpoint
-there and resumes (on the same node; another node starts over).
+there and resumes (on the same node; another node starts over). The registry versions the plan read are
+imported into the scratch home under their own name and version (their blobs through the same cache),
+so the remote plan resolves the recipe's references, and reuses up-to-date steps, exactly as the head does.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from loraforge.daemon.bundle import collect_bundle
+from loraforge.daemon.bundle import collect_bundle, import_artifacts
 
 CACHE_ENV = "LORAFORGE_RAY_CACHE"
 LOG_EVERY_S = 0.2
@@ -70,6 +72,11 @@ def run_job(spec: dict[str, Any], inputs: dict[str, tuple[str, list]], board: An
     home.mkdir(parents=True, exist_ok=True)
     for rel, (digest, ref_box) in sorted(inputs.items()):
         _place(fetch_blob(digest, ref_box), tree / rel)
+    imported = frozenset()
+    if spec.get("artifacts"):
+        from loraforge.registry import Registry
+
+        imported = frozenset(import_artifacts(Registry(home), spec["artifacts"], fetch_blob))
     recipe = str(tree / spec["recipe_rel"])
     cmd = [recipe if arg == spec["recipe"] else arg for arg in (spec.get("cmd") or [])]
     if spec.get("default_cmd"):
@@ -118,6 +125,9 @@ def run_job(spec: dict[str, Any], inputs: dict[str, tuple[str, list]], board: An
     flush()
     result: dict[str, Any] = {"returncode": proc.returncode, "bundle": [], "node": node, "pid": os.getpid()}
     if proc.returncode == 0:
-        result["bundle"] = collect_bundle(home)
+        result["bundle"] = collect_bundle(home, skip=imported)
+        lock = Path(recipe + ".lock")
+        if lock.is_file():
+            result["lock"] = {"text": lock.read_text(encoding="utf-8"), "tree": str(tree.resolve())}
         shutil.rmtree(scratch, ignore_errors=True)  # done: nothing to resume from
     return result

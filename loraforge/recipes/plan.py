@@ -8,7 +8,11 @@ one JSON object on stdout and exits 0:
                 "output": "<registry name or null>", "depends_on": [step ids],
                 "sweep": {KEY: value} (only for the points of a swept step)}, ...],
      "watch": ["<absolute path of every local file or folder the recipe reads>", ...],
-     "recomputed": {"<absolute path of a file or folder whose digest was computed>": <files hashed>}}
+     "recomputed": {"<absolute path of a file or folder whose digest was computed>": <files hashed>},
+     "artifacts": [{"ref": "<name:version>", "digest": "<content digest>"}, ...]}
+
+`artifacts` lists every registry version the plan read: what the steps' references resolved to and the
+outputs of up-to-date steps (a remote job imports them so its plan and digests are the head's).
 
 Digests of local files are kept by stat in the home's cache (hashing.DigestIndex), so `recomputed` is empty
 when nothing the recipe reads changed since the last plan.
@@ -80,7 +84,13 @@ class Plan:
     def to_json(self) -> dict:
         return {"recipe": str(self.recipe.source.path), "name": self.recipe.name, "digest": self.digest,
                 "valid": True, "steps": [s.to_json() for s in self.steps], "watch": self.watch,
-                "recomputed": self.recomputed}
+                "recomputed": self.recomputed, "artifacts": self.artifacts()}
+
+    def artifacts(self) -> list[dict]:
+        """The registry versions this plan read (references and reused outputs), as {"ref", "digest"}."""
+        found = {r.pinned: r.digest for r in self.resolver.cache.values() if r.kind == "artifact" and r.pinned}
+        found.update({s.existing.ref: s.existing.digest for s in self.steps if s.existing is not None})
+        return [{"ref": ref, "digest": digest} for ref, digest in sorted(found.items())]
 
 
 def recipe_digest(recipe: Recipe) -> str:

@@ -72,8 +72,11 @@ class Registry:
         return sorted(entries, key=lambda e: e.path)
 
     def register(self, manifest: Manifest, files: Iterable[tuple[Path, str]] | None = None,
-                 input_digest: str | None = None) -> Manifest:
+                 input_digest: str | None = None, version: int | None = None) -> Manifest:
         """Store `files` (if given), then add the manifest as the next version of its name.
+
+        `version` keeps a given version number instead (a copy of another home's artifact, which must keep
+        the name:version recipes and manifests call it by); a version the name already holds is refused.
 
         Blobs are written first; the catalog rows go in one transaction, so a killed registration
         leaves at most unreferenced blobs (removed by `gc`), never half an artifact. One that fails
@@ -86,7 +89,7 @@ class Registry:
         created: set[str] = set()
         try:
             with self._blob_lock(shared=True):
-                manifest = self._register(manifest, files, input_digest, created)
+                manifest = self._register(manifest, files, input_digest, created, version)
         except Exception:
             self._drop_unreferenced(created)  # a failed registration leaves the store as it was
             raise
@@ -107,7 +110,7 @@ class Registry:
                     self.blobs.delete(digest)
 
     def _register(self, manifest: Manifest, files: Iterable[tuple[Path, str]] | None,
-                  input_digest: str | None, created: set[str]) -> Manifest:
+                  input_digest: str | None, created: set[str], version: int | None = None) -> Manifest:
         if files is not None:
             entries = self.store_files(files, created)
             manifest = manifest.model_copy(update={"files": entries})
@@ -128,7 +131,11 @@ class Registry:
                     f"name {manifest.name!r} already holds {existing_kind[0]} artifacts; "
                     f"choose another name for this {manifest.kind}"
                 )
-            version = row[0] + 1
+            if version is None:
+                version = row[0] + 1
+            elif conn.execute("SELECT 1 FROM artifacts WHERE name = ? AND version = ?",
+                              [manifest.name, version]).fetchone() is not None:
+                raise ConfigError(f"{manifest.name}:{version} already exists: versions are immutable")
             manifest = manifest.model_copy(update={"version": version, "digest": digest})
             cur = conn.execute(
                 "INSERT INTO artifacts (name, version, kind, digest, input_digest, size, created_at, manifest)"
