@@ -317,7 +317,7 @@ def test_a_registry_artifact_only_the_head_holds_is_shipped_and_the_lock_comes_b
     assert {a["ref"] for a in data["artifacts"]} == {"style:2", "shipped-look:1"}
 
 
-def _report(registry: Registry, folder: Path, name: str, text: str, input_digest: str, parents=()) -> str:
+def _report(registry: Registry, folder: Path, name: str, text: str, input_digest: str, parents=(), params=None) -> str:
     from loraforge.registry import Manifest, Provenance, RecipeInfo
     from loraforge.registry.manifest import Parent
 
@@ -325,7 +325,7 @@ def _report(registry: Registry, folder: Path, name: str, text: str, input_digest
     (folder / f"{name}-{input_digest}.txt").write_text(text)
     recipe = RecipeInfo(name="r", path="/scratch/r.yaml", digest="d", step=name, input_digest=input_digest)
     manifest = Manifest(name=name, kind="report", digest="", files=[], provenance=Provenance(
-        recipe=recipe, parents=[Parent(ref=ref, digest=digest) for ref, digest in parents]))
+        recipe=recipe, parents=[Parent(ref=ref, digest=digest) for ref, digest in parents], params=params or {}))
     made = registry.register(manifest, [(folder / f"{name}-{input_digest}.txt", "report.txt")], input_digest=input_digest)
     return made.ref
 
@@ -348,7 +348,8 @@ def test_a_bundle_registered_where_the_head_has_more_versions_points_its_lineage
     merged = _report(scratch, tmp_path / "files", "merged", "new", "new", parents=[("source:1", None)])
     assert merged == "merged:1"
     child = _report(scratch, tmp_path / "files", "child", "child", "kid",
-                    parents=[(merged, scratch.resolve(merged).digest)])
+                    parents=[(merged, scratch.resolve(merged).digest)],
+                    params={"adapters": [{"ref": merged, "weight": 1.0}], "prompt": "merged:1 is a prompt too"})
     bundle = collect_bundle(scratch.home, skip=frozenset({"source:1"}))
     assert [json.loads(i.manifest_json)["name"] for i in bundle] == ["merged", "child"]
 
@@ -356,6 +357,8 @@ def test_a_bundle_registered_where_the_head_has_more_versions_points_its_lineage
     assert report.registered == ["merged:3", "child:1"] and report.renamed == {"merged:1": "merged:3", child: "child:1"}
     got = head.resolve("child:1")
     assert [p.ref for p in got.provenance.parents] == ["merged:3"]
+    assert got.provenance.params == {"adapters": [{"ref": "merged:3", "weight": 1.0}],
+                                     "prompt": "merged:1 is a prompt too"}  # only whole refs are renumbered
     tree = head.lineage("child:1")
     (node,) = tree.children
     assert (node.ref, node.kind) == ("merged:3", "report")  # found at the head, not an external leaf

@@ -70,11 +70,24 @@ def import_artifacts(registry: Registry, artifacts: list[dict], blob_path) -> li
     return refs
 
 
+def _renamed_values(value, renamed: dict[str, str]):
+    """`value` (JSON data) with every string that is exactly a renamed ref replaced by the head's ref."""
+    if isinstance(value, str):
+        return renamed.get(value, value)
+    if isinstance(value, list):
+        return [_renamed_values(v, renamed) for v in value]
+    if isinstance(value, dict):
+        return {k: _renamed_values(v, renamed) for k, v in value.items()}
+    return value
+
+
 def _renumbered(manifest: Manifest, renamed: dict[str, str]) -> Manifest:
-    """`manifest` with the refs of its parents and base that name bundle artifacts in the head's numbering."""
+    """`manifest` with the refs of its parents and base, and those its step's parameters name (a render's
+    adapters), that name bundle artifacts in the head's numbering."""
     parents = [p.model_copy(update={"ref": renamed[p.ref]}) if p.ref in renamed else p
                for p in manifest.provenance.parents]
-    update: dict = {"provenance": manifest.provenance.model_copy(update={"parents": parents})}
+    update: dict = {"provenance": manifest.provenance.model_copy(update={
+        "parents": parents, "params": _renamed_values(manifest.provenance.params, renamed)})}
     if manifest.base is not None and manifest.base.ref in renamed:
         update["base"] = manifest.base.model_copy(update={"ref": renamed[manifest.base.ref]})
     return manifest.model_copy(update=update)
