@@ -389,3 +389,31 @@ def test_an_imported_version_the_scratch_home_already_holds_differently_is_refus
     assert versions(tmp_path / "home", "merged") == [1]
     kept = registry.register(manifest, [(other, "report.txt")], version=5)
     assert kept.ref == "merged:5" and registry.resolve("merged").ref == "merged:5"
+
+
+def test_the_head_ships_a_planned_version_with_its_aliases_and_refuses_one_removed_or_changed_since(tmp_path):
+    from loraforge.daemon.ray_executor import job_artifacts
+    from loraforge.errors import ConfigError
+
+    class Store:  # stands in for the cluster's object store: records what was put, by digest
+        def __init__(self):
+            self.put: dict[str, Path] = {}
+
+        def put_file(self, path: Path, digest: str | None = None):
+            self.put[digest] = path
+            return digest, ["ref"]
+
+    registry = Registry(tmp_path / "home")
+    ref = _report(registry, tmp_path / "files", "style", "one", "a")
+    registry.tag(ref, "prod")
+    manifest = registry.resolve(ref)
+    store = Store()
+    (shipped,) = job_artifacts(registry, store, [{"ref": ref, "digest": manifest.digest}])
+    assert shipped["aliases"] == ["prod"] and shipped["input_digest"] == "a"
+    assert shipped["blobs"] == {"report.txt": (manifest.files[0].sha256, ["ref"])}
+    assert store.put == {manifest.files[0].sha256: registry.blob_path(manifest.files[0])}  # not hashed again
+    with pytest.raises(ConfigError, match="style:1 changed since the recipe was planned"):
+        job_artifacts(registry, store, [{"ref": ref, "digest": "0" * 64}])
+    registry.remove(ref)
+    with pytest.raises(ConfigError, match="style:1 is no longer in the registry"):
+        job_artifacts(registry, store, [{"ref": ref, "digest": manifest.digest}])
