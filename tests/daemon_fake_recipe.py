@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -73,9 +74,11 @@ def apply(path: Path, publish: bool) -> int:
         stop["asked"] = True
 
     signal.signal(signal.SIGTERM, on_term)
-    ckpt = registry.home / "tmp" / f"fake-{input_digest[:16]}.ckpt"
-    ckpt.parent.mkdir(exist_ok=True)  # the registry makes scratch folders only when it writes
-    start = int(ckpt.read_text()) if ckpt.is_file() else 0
+    # Checkpoints as the real trainers lay them out (train.checkpoint): the run folder under the home's runs/,
+    # one complete step-NNNNNNNN/ folder (state.json written last) per step, the newest two kept.
+    run = registry.home / "runs" / f"fake-{input_digest[:16]}"
+    done = sorted(p for p in run.glob("step-*") if (p / "state.json").is_file())
+    start = json.loads((done[-1] / "state.json").read_text())["step"] if done else 0
     if start:
         print(f"resumed from step {start}")
     total = round(float(data.get("seconds", 0)) / 0.05)
@@ -84,9 +87,15 @@ def apply(path: Path, publish: bool) -> int:
             print(f"interrupted: checkpoint saved at step {step}")
             return 143
         time.sleep(0.05)
-        ckpt.write_text(str(step + 1))
+        folder = run / f"step-{step + 1:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".state.tmp").write_text(json.dumps({"step": step + 1}))
+        os.replace(folder / ".state.tmp", folder / "state.json")
+        for old in sorted(run.glob("step-*"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
         print(f"step {step + 1}/{total}")
     result = registry.home / "tmp" / f"fake-{input_digest[:16]}.txt"
+    result.parent.mkdir(exist_ok=True)  # the registry makes scratch folders only when it writes
     result.write_text(input_digest)
     manifest = Manifest(
         name=data["name"], kind="dataset", digest="", files=[],
@@ -97,7 +106,7 @@ def apply(path: Path, publish: bool) -> int:
         ),
     )
     manifest = registry.register(manifest, [(result, "result.txt")], input_digest=input_digest)
-    ckpt.unlink(missing_ok=True)
+    shutil.rmtree(run, ignore_errors=True)
     print(f"train: registered {manifest.ref}")
     return 0
 

@@ -166,6 +166,51 @@ def test_killing_the_worker_mid_training_retries_the_task_which_resumes_and_regi
     assert daemon.stop() == 0
 
 
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_retry_that_lost_its_scratch_home_resumes_from_the_checkpoint_uploaded_to_the_head(cluster, env):
+    home, recipes, daemons = env
+    (recipes / "a.yaml").write_text("name: zeta\nseconds: 3\n")
+    daemon = RayDaemon(home, recipes, cluster["address"])
+    daemons.append(daemon)
+    wait_for("a checkpoint at the head", lambda: "step 15/60" in job_log(home, 1)
+             and "head: stored checkpoint" in job_log(home, 1), proc=daemon.proc, log=daemon.log)
+    (pid,) = worker_pids(job_log(home, 1))
+    trainers = children_of(pid)
+    assert trainers
+    # As if the node were gone: freeze the worker and its trainer, delete the job's scratch home, kill both.
+    for p in (pid, *trainers):
+        os.kill(p, signal.SIGSTOP)
+    (scratch,) = (cluster["cache"] / "jobs").glob("job1-*")
+    shutil.rmtree(scratch)
+    for p in (pid, *trainers):
+        os.kill(p, signal.SIGKILL)
+    wait_for("the job to finish", lambda: status_of(home, 1) in ("succeeded", "failed"), proc=daemon.proc,
+             log=daemon.log)
+    text = job_log(home, 1)
+    assert status_of(home, 1) == "succeeded", text[-2000:]
+    first, retry = text.split("--- ray task on node", 2)[1:]
+    stored = [int(line.split("/step-", 1)[1].split()[0]) for line in first.splitlines()
+              if line.startswith("head: stored checkpoint")]
+    assert stored and stored == sorted(stored)
+    restored = int(retry.split("--- restored checkpoint ", 1)[1].split("/step-", 1)[1].split()[0])
+    resumed = int(retry.split("resumed from step ", 1)[1].split()[0])
+    assert resumed == restored >= stored[-1] >= 1  # the newest upload, not step 0
+    assert versions(home, "zeta") == [1]
+    assert not (home / "daemon" / "ray-checkpoints" / "job1").exists()  # deleted once the bundle is registered
+    assert daemon.stop() == 0
+
+
 def test_killing_and_restarting_the_daemon_loses_nothing_and_makes_one_version(cluster, env):
     home, recipes, daemons = env
     (recipes / "a.yaml").write_text("name: delta\nseconds: 3\n")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from loraforge.daemon.bundle import register_bundle, write_head_lock
+from loraforge.daemon.checkpoints import CheckpointMailbox, describe, discard_stored, load_stored, store_checkpoints
 from loraforge.daemon.queue import Job
 from loraforge.errors import ConfigError
 from loraforge.hashing import sha256_file
@@ -33,10 +34,11 @@ def import_ray():
     return ray
 
 
-class JobBoard:
-    """Head-side mailbox per job: log text pushed by tasks, stop requests read by them."""
+class JobBoard(CheckpointMailbox):
+    """Head-side mailbox per job: log text pushed by tasks, stop requests read by them, checkpoints."""
 
     def __init__(self):
+        super().__init__()
         self.logs: dict[str, list[str]] = {}
         self.stops: dict[str, str] = {}
 
@@ -55,6 +57,7 @@ class JobBoard:
     def forget(self, key: str) -> None:
         self.logs.pop(key, None)
         self.stops.pop(key, None)
+        self.forget_checkpoints(key)
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -178,6 +181,7 @@ class RayWorker:
         self.cancelling = False
         self.terminated_at: Optional[float] = None
         self._returncode: Optional[int] = None
+        self._kept: Optional[list] = None  # [ref] of the job's newest uploaded checkpoint, owned by the head
 
     @property
     def name(self) -> str:
@@ -223,6 +227,9 @@ class RayWorker:
             return None
         self._log(f"--- job {job.id} attempt {job.attempts} as a Ray task ({resources}), "
                   f"{len(files)} input file(s), {len(spec['artifacts'])} registry artifact(s): {' '.join(cmd)}\n")
+        if (stored := load_stored(self.home, job.id)) is not None:  # a run of this job stopped on some node
+            self._keep(stored)
+            self._log(f"head: the task resumes from checkpoint {describe(stored)} uploaded earlier\n")
         self.ref = self.cluster.task.options(max_retries=MAX_RETRIES, retry_exceptions=False, **resources).remote(
             spec, inputs, self.cluster.board)
         self.proc = _Handle()
@@ -239,6 +246,28 @@ class RayWorker:
                 except ValueError:
                     pass
             self._log(text)
+        self._take_checkpoint()
+
+    def _keep(self, payload) -> None:
+        """Put the job's newest checkpoint in the object store as the head's own (it outlives the worker that
+        uploaded it), for any later task of the job to restore."""
+        ray = self.cluster.ray
+        self._kept = [ray.put(payload)]  # referenced here until replaced: the object lives as long
+        ray.get(self.cluster.board.keep_checkpoint.remote(self.key, self._kept))
+
+    def _take_checkpoint(self) -> None:
+        ray = self.cluster.ray
+        box = ray.get(self.cluster.board.take_checkpoint.remote(self.key))
+        if not box:
+            return
+        try:
+            payload = ray.get(box[0], timeout=120)
+        except (ray.exceptions.RayError, TimeoutError) as exc:  # its worker died before the head fetched it
+            self._log(f"head: an uploaded checkpoint was lost ({type(exc).__name__}); the previous one is kept\n")
+            return
+        store_checkpoints(self.home, self.job.id, payload)
+        self._keep(payload)
+        self._log(f"head: stored checkpoint {describe(payload)}\n")
 
     def poll(self) -> Optional[int]:
         if self.proc is None:
@@ -283,6 +312,8 @@ class RayWorker:
             self._log(f"head: registered {ref}\n")
         for ref in report.existing:
             self._log(f"head: {ref} already registered (same input digest)\n")
+        discard_stored(self.home, self.job.id)  # registered: nothing will resume from it
+        self._kept = None
         return 0
 
     def terminate(self, now: float) -> None:
@@ -306,6 +337,7 @@ class RayWorker:
         job = self.job
         self.cluster.board.forget.remote(self.key)
         self.job, self.proc, self.ref, self.key = None, None, None, None
+        self._kept = None
         self.cancelling, self.terminated_at, self._returncode = False, None, None
         return job, returncode
 

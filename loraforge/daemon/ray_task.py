@@ -3,7 +3,8 @@
 Inputs arrive as (sha256, object ref) per file and are fetched into a node-local cache only when the
 cache lacks that digest, so a dataset shared by many jobs crosses the network once per node. The scratch
 home is keyed by the job, so a task Ray retries after its worker died finds the trainer's checkpoint
-there and resumes (on the same node; another node starts over). The registry versions the plan read are
+there and resumes; on another node it restores the newest checkpoint it uploaded to the head
+(loraforge.daemon.checkpoints). The registry versions the plan read are
 imported into the scratch home under their own name and version (their blobs through the same cache),
 so the remote plan resolves the recipe's references, and reuses up-to-date steps, exactly as the head does.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from loraforge.daemon.bundle import collect_bundle, import_artifacts
+from loraforge.daemon.checkpoints import Uploader, restore_from_head
 
 CACHE_ENV = "LORAFORGE_RAY_CACHE"
 LOG_EVERY_S = 0.2
@@ -89,6 +91,10 @@ def run_job(spec: dict[str, Any], inputs: dict[str, tuple[str, list]], board: An
     node = ray.get_runtime_context().get_node_id()
     header = f"--- ray task on node {node[:12]}, worker pid {os.getpid()}, GPUs {gpus or 'none'}: {' '.join(cmd)}\n"
     board.push.remote(key, header)
+    restored = restore_from_head(ray, board, key, home)  # a retry elsewhere resumes from the head's copy
+    if restored:
+        board.push.remote(key, f"--- restored checkpoint {', '.join(restored)} uploaded to the head\n")
+    uploader = Uploader(ray, board, key, home)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=env, cwd=str(tree), preexec_fn=_die_with_parent)
     lines: list[str] = []
@@ -116,6 +122,7 @@ def run_job(spec: dict[str, Any], inputs: dict[str, tuple[str, list]], board: An
         except subprocess.TimeoutExpired:
             pass
         flush()
+        uploader.tick()
         wanted = ray.get(board.stop_wanted.remote(key))
         if wanted and wanted != signalled:
             # SIGTERM lets the trainer checkpoint; a kill is the head giving up after its grace period
@@ -123,6 +130,8 @@ def run_job(spec: dict[str, Any], inputs: dict[str, tuple[str, list]], board: An
             signalled = wanted
     reader.join(timeout=5)
     flush()
+    if proc.returncode != 0:
+        uploader.tick(wait=True)  # the checkpoint a stopped trainer wrote as it exited, for the job's next run
     result: dict[str, Any] = {"returncode": proc.returncode, "bundle": [], "node": node, "pid": os.getpid()}
     if proc.returncode == 0:
         result["bundle"] = collect_bundle(home, skip=imported)
