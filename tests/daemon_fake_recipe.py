@@ -2,7 +2,7 @@
 
 Recipe files are YAML: `name` (required), `dataset` (a folder, relative to the recipe), `seconds`
 (simulated training time, checkpointed every 0.05 s), `plan_seconds` (simulated planning time), `fail` (apply fails with this message),
-`ignore_sigterm` (apply keeps running after SIGTERM). apply registers one artifact per input digest.
+`ignore_sigterm` (apply keeps running after SIGTERM), `processes` (the plan's step trains on N processes). apply registers one artifact per input digest.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def plan(path: Path) -> int:
     step = {"id": "train", "kind": "train", "status": "up-to-date" if done else "stale",
             "reason": "output registered" if done else "inputs changed", "input_digest": input_digest,
             "output": data["name"], "depends_on": []}
+    if int(data.get("processes", 1)) > 1:
+        step["processes"] = int(data["processes"])
     print(json.dumps({"recipe": str(path.resolve()), "name": data["name"], "digest": input_digest,
                       "valid": True, "steps": [step], "watch": [dataset] if dataset else []}))
     return 0

@@ -212,6 +212,36 @@ def test_one_worker_per_gpu_with_cuda_visible_devices(lf_home, recipes):
     daemon.close()
 
 
+def test_a_job_training_on_two_processes_gets_two_gpus_and_waits_for_them(lf_home, recipes):
+    (recipes / "a.yaml").write_text("name: a\nseconds: 0.5\n")
+    (recipes / "b.yaml").write_text("name: b\nprocesses: 2\nseconds: 0.2\n")
+    daemon = make_daemon(lf_home, recipes, gpus=["0", "1"], publish=False)
+    daemon.start(now=0.0)
+    queue = JobQueue(lf_home)
+    drive(daemon, lambda: len(queue.list()) == 2 and idle(daemon), now=0.0)
+    a, b = queue.list()
+    assert (a.status, b.status) == ("succeeded", "succeeded")
+    assert b.started_at >= a.finished_at  # it waited for the GPU job a held, not for one GPU
+    assert "CUDA_VISIBLE_DEVICES='0,1' publish=False" in Path(b.log_path).read_text()
+    assert "on GPUs 0,1 (gpu0 and gpu1)" in Path(b.log_path).read_text()
+    daemon.close()
+
+
+def test_a_job_wanting_more_gpus_than_the_daemon_has_fails_in_one_line(lf_home, recipes):
+    (recipes / "b.yaml").write_text("name: b\nprocesses: 4\nseconds: 0.2\n")
+    daemon = make_daemon(lf_home, recipes, gpus=["0", "1"], publish=False)
+    daemon.start(now=0.0)
+    queue = JobQueue(lf_home)
+    drive(daemon, lambda: queue.list() and queue.list()[0].status == "failed", now=0.0)
+    (job,) = queue.list()
+    message = ("step 'train' trains on processes: 4, which needs 4 GPUs; this daemon has 2 (gpu0, gpu1): lower "
+               "processes or run it on a machine with more GPUs (or --executor ray)")
+    assert job.error == message
+    assert Path(job.log_path).read_text() == f"Error: {message}\n"  # nothing ran
+    assert Registry(lf_home).list(name="b") == []
+    daemon.close()
+
+
 def test_cancel_and_retry(lf_home, recipes):
     (recipes / "slow.yaml").write_text("name: slow\nseconds: 20\n")
     daemon = make_daemon(lf_home, recipes)

@@ -462,3 +462,50 @@ def test_the_head_ships_a_planned_version_with_its_aliases_and_refuses_one_remov
     registry.remove(ref)
     with pytest.raises(ConfigError, match="style:1 is no longer in the registry"):
         job_artifacts(registry, store, [{"ref": ref, "digest": manifest.digest}])
+
+
+class FakeCluster:
+    """What RayWorker.resources reads of a cluster: its GPUs and its largest node."""
+
+    def __init__(self, nodes: list[dict[str, float]]):
+        self.nodes = nodes
+
+    def gpus(self) -> int:
+        return int(sum(n.get("GPU", 0) for n in self.nodes))
+
+    def largest_node(self, unit: str) -> int:
+        return int(max(n.get(unit, 0) for n in self.nodes))
+
+
+@pytest.mark.parametrize("nodes, steps, wanted", [
+    ([{"CPU": 8, "GPU": 4}], [{"id": "t", "kind": "train", "processes": 4}], {"num_gpus": 4, "num_cpus": 1}),
+    ([{"CPU": 8, "GPU": 4}], [{"id": "t", "kind": "train"}], {"num_gpus": 1, "num_cpus": 1}),
+    ([{"CPU": 8, "GPU": 4}], [{"id": "m", "kind": "merge"}], {"num_cpus": 1}),
+    ([{"CPU": 4}], [{"id": "t", "kind": "train", "processes": 2}], {"num_cpus": 2}),
+    ([{"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 2}], [{"id": "t", "kind": "train", "processes": 4}],
+     "step 't' trains on processes: 4, which needs 4 GPUs on one node; the cluster's largest node has 2"),
+])
+def test_a_job_asks_ray_for_a_gpu_per_training_process_on_one_node(nodes, steps, wanted):
+    from loraforge.daemon.queue import Job
+    from loraforge.daemon.ray_executor import RayWorker
+    from loraforge.daemon.worker import WorkerSpec
+    from loraforge.errors import ConfigError
+
+    worker = RayWorker(WorkerSpec("ray0"), FakeCluster(nodes), Path("."), lambda job: [], [])
+    job = Job(id=1, recipe="r.yaml", status="queued", created_at="", steps=steps)
+    if isinstance(wanted, str):
+        with pytest.raises(ConfigError, match=wanted):
+            worker.resources(job)
+    else:
+        assert worker.resources(job) == wanted
+
+
+def test_the_plan_names_the_processes_a_train_step_asks_for(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "r.yaml").write_text("name: r\nsteps:\n  big:\n    train: {method: lora, dataset: ./data, "
+                                     "instance_prompt: a cat, processes: 2, batch_size: 2}\n"
+                                     "  small:\n    train: {method: lora, dataset: ./data, instance_prompt: a dog}\n")
+    out = subprocess.run([sys.executable, "-m", "loraforge", "--home", str(tmp_path / "home"), "recipe", "plan",
+                          str(tmp_path / "r.yaml"), "--json"], capture_output=True, text=True, timeout=120)
+    steps = {s["id"]: s for s in json.loads(out.stdout)["steps"]}
+    assert steps["big"]["processes"] == 2 and "processes" not in steps["small"]

@@ -394,26 +394,51 @@ class Daemon:
             cmd.append("--no-publish")
         return cmd
 
+    def _refuse_too_many_gpus(self) -> None:
+        """Fail, in one line of its log, a queued job training on more processes than this machine has GPUs."""
+        have = sum(1 for w in self.workers if w.spec.gpu is not None)
+        for job in self.queue.list(status="queued"):
+            if job.processes <= have:
+                continue
+            step = next((s.get("id") for s in job.steps if int(s.get("processes") or 1) == job.processes), "?")
+            error = (f"step {step!r} trains on processes: {job.processes}, which needs {job.processes} GPUs; this "
+                     f"daemon has {have} ({', '.join(w.name for w in self.workers)}): lower processes or run it "
+                     "on a machine with more GPUs (or --executor ray)")
+            Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(job.log_path, "a", encoding="utf-8") as f:
+                f.write(f"Error: {error}\n")
+            self.queue.finish(job.id, "failed", None, error)
+            self.event(f"job {job.id}: failed: {error}")
+
+    def _free(self, worker) -> bool:
+        return not worker.busy and getattr(worker, "lent_to", None) is None
+
     def _dispatch(self) -> None:
+        gpu_workers = self.cluster is None and any(w.spec.gpu is not None for w in self.workers)
+        if gpu_workers:  # a CPU worker trains any `processes` on the CPU; GPUs are counted
+            self._refuse_too_many_gpus()
         for worker in self.workers:
-            if worker.busy:
+            if not self._free(worker):
                 continue
             busy = {w.job.recipe for w in self.workers if w.job is not None}
             if self._planning is not None:  # its plan may update the job it would start
                 busy.add(str(self._planning.recipe))
             if self.cluster is not None:  # a remote job ships the paths its plan reads: plan it first
                 busy |= {j.recipe for j in self.queue.list(status="queued") if j.recipe not in self.recipe_watch}
-            job = self.queue.claim(worker.name, busy)
+            others = [w for w in self.workers if w is not worker and self._free(w)]
+            job = self.queue.claim(worker.name, busy, max_processes=1 + len(others) if gpu_workers else None)
             if job is None:
                 return
+            lent = others[:job.processes - 1] if gpu_workers else []
             try:
-                pid = worker.start(job, self.apply_command(job), self.child_env())
+                pid = worker.start(job, self.apply_command(job), self.child_env(), *([lent] if lent else []))
             except OSError as exc:
                 self.queue.finish(job.id, "failed", None, f"cannot start the job: {exc}")
                 self.event(f"job {job.id}: cannot start: {exc}")
                 continue
             self.queue.set_pid(job.id, pid)
             self.event(f"job {job.id}: running {Path(job.recipe).name} on {worker.spec.label}"
+                       + (f" with {', '.join(w.spec.label for w in lent)}" if lent else "")
                        + (f", pid {pid}" if pid else ""))
 
     # -- status ------------------------------------------------------------------------------

@@ -109,6 +109,11 @@ class Job:
     def step_ids(self) -> list[str]:
         return [str(s.get("id")) for s in self.steps]
 
+    @property
+    def processes(self) -> int:
+        """The most processes one of its steps trains on (`processes:` in the plan): the GPUs it needs at once."""
+        return max((int(s.get("processes") or 1) for s in self.steps), default=1)
+
 
 class JobQueue:
     """The `jobs` table of a loraforge home; safe to use from several processes at once."""
@@ -183,13 +188,17 @@ class JobQueue:
             self.jobs.update({"id": job_id}, {"log_path": str(log)})
         return self.get(job_id)
 
-    def claim(self, worker: str, busy_recipes: set[str] | None = None) -> Optional[Job]:
-        """Take the oldest queued job (skipping recipes already running) and mark it running."""
+    def claim(self, worker: str, busy_recipes: set[str] | None = None,
+              max_processes: int | None = None) -> Optional[Job]:
+        """Take the oldest queued job (skipping recipes already running, and jobs training on more than
+        `max_processes` processes: they wait for that many free GPUs) and mark it running."""
         busy = set(busy_recipes or ())
         with self.jobs.transaction():  # holds the lock: no other worker claims between read and write
             busy |= {r["recipe"] for r in self.jobs.rows({"status": "running"}, columns=("recipe",))}
-            queued = self.jobs.rows({"status": "queued"}, columns=("id", "recipe", "attempts"), order_by="id")
-            chosen = next((r for r in queued if r["recipe"] not in busy), None)
+            queued = self.jobs.rows({"status": "queued"}, columns=("id", "recipe", "attempts", "steps"), order_by="id")
+            chosen = next((r for r in queued if r["recipe"] not in busy and (
+                max_processes is None or Job.from_row({**r, "status": "queued", "created_at": ""}).processes
+                <= max_processes)), None)
             if chosen is None:
                 return None
             now = utc_now()

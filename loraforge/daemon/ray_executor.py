@@ -101,6 +101,10 @@ class RayCluster:
     def gpus(self) -> int:
         return int(self.resources().get("GPU", 0))
 
+    def largest_node(self, unit: str) -> int:
+        """The most of `unit` ("GPU" or "CPU") one live node of the cluster has."""
+        return int(max((n.get("Resources", {}).get(unit, 0) for n in self.ray.nodes() if n.get("Alive")), default=0))
+
     def slots(self) -> int:
         """How many jobs may run at once: one per GPU when the cluster has GPUs, else one per CPU."""
         return max(1, self.gpus() or int(self.resources().get("CPU", 1)))
@@ -192,8 +196,18 @@ class RayWorker:
         return self.proc is not None
 
     def resources(self, job: Job) -> dict[str, float]:
+        """What the job's task asks Ray for: a GPU per training process when the cluster has GPUs (one task,
+        so N GPUs of one node), else a CPU per process. A request no node can meet is refused (Ray would
+        keep it pending for ever)."""
+        n = job.processes
         wants_gpu = any(s.get("kind") in TRAIN_KINDS for s in job.steps) and self.cluster.gpus() > 0
-        return {"num_gpus": 1, "num_cpus": 1} if wants_gpu else {"num_cpus": 1}
+        unit = "GPU" if wants_gpu else "CPU"
+        largest = self.cluster.largest_node(unit)
+        if n > largest:
+            step = next((s.get("id") for s in job.steps if int(s.get("processes") or 1) == n), "?")
+            raise ConfigError(f"step {step!r} trains on processes: {n}, which needs {n} {unit}s on one node; the "
+                              f"cluster's largest node has {largest}: lower processes or add a larger node")
+        return {"num_gpus": n, "num_cpus": 1} if wants_gpu else {"num_cpus": n}
 
     def _log(self, text: str) -> None:
         if self.job is not None and text:
@@ -216,10 +230,10 @@ class RayWorker:
         self.key = f"job{job.id}-{(job.recipe_digest or 'none')[:16]}"
         spec = {"key": self.key, "recipe": job.recipe, "recipe_rel": recipe_rel,
                 "cmd": cmd[len(self.default_cmd):] if default else cmd, "default_cmd": default}
-        resources = self.resources(job)
         Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
         self.job, self.root = job, root
         try:
+            resources = self.resources(job)
             spec["artifacts"] = job_artifacts(Registry(self.home), self.cluster, self.artifacts_for(job))
         except LoraforgeError as exc:  # the job fails with the reason; the next plan queues it afresh
             self._log(f"Error: {exc}\n")

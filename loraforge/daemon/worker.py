@@ -89,6 +89,9 @@ class Worker:
         self._log: Optional[IO[bytes]] = None
         self.cancelling = False
         self.terminated_at: Optional[float] = None
+        self.lent_to: Optional[str] = None  # the worker whose multi-GPU job uses this worker's GPU
+        self.gpus: list[str] = []  # the GPUs of the running job: its own, then those lent to it
+        self.lent: list["Worker"] = []  # the workers lent to the running job
 
     @property
     def name(self) -> str:
@@ -101,26 +104,33 @@ class Worker:
     def env(self, base: dict[str, str], job: Job) -> dict[str, str]:
         env = dict(base)
         # An empty value hides every GPU, so a CPU worker never grabs one by accident.
-        env["CUDA_VISIBLE_DEVICES"] = self.spec.gpu if self.spec.gpu is not None else ""
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus) if self.gpus else self.spec.gpu if self.spec.gpu is not None else ""
         env[JOB_ENV] = str(job.id)
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def start(self, job: Job, cmd: Sequence[str], base_env: dict[str, str]) -> int:
+    def start(self, job: Job, cmd: Sequence[str], base_env: dict[str, str], lent: Sequence["Worker"] = ()) -> int:
+        """Start the job's child; `lent`: free workers whose GPUs a job training on several processes uses too."""
         log_path = Path(job.log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")
-        self._log.write(f"--- job {job.id} attempt {job.attempts} on {self.spec.label}: {' '.join(cmd)}\n".encode())
+        self.gpus = [g for g in (self.spec.gpu, *(w.spec.gpu for w in lent)) if g is not None] if lent else []
+        where = f"GPUs {','.join(self.gpus)} ({self.name} and {', '.join(w.name for w in lent)})" if lent else self.spec.label
+        self._log.write(f"--- job {job.id} attempt {job.attempts} on {where}: {' '.join(cmd)}\n".encode())
         self._log.flush()
         self.job = job
         self.cancelling = False
         self.terminated_at = None
         # A new session: a Ctrl-C on the daemon's terminal reaches the daemon only, which then
         # forwards SIGTERM itself and gives the job time to checkpoint.
+        env = self.env(base_env, job)
         self.proc = subprocess.Popen(
             list(cmd), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self.env(base_env, job), start_new_session=True, preexec_fn=_die_with_parent,
+            env=env, start_new_session=True, preexec_fn=_die_with_parent,
         )
+        self.lent = list(lent)
+        for worker in self.lent:
+            worker.lent_to = self.name
         return self.proc.pid
 
     def poll(self) -> Optional[int]:
@@ -143,7 +153,9 @@ class Worker:
         job = self.job
         if self._log is not None:
             self._log.close()
-        self.job, self.proc, self._log = None, None, None
+        for worker in self.lent:
+            worker.lent_to = None
+        self.job, self.proc, self._log, self.gpus, self.lent = None, None, None, [], []
         self.cancelling, self.terminated_at = False, None
         return job, returncode
 

@@ -6,7 +6,8 @@ one JSON object on stdout and exits 0:
     {"recipe": "<absolute path>", "name": "<recipe name>", "digest": "<recipe digest>", "valid": true,
      "steps": [{"id", "kind", "status": "stale" | "up-to-date", "reason", "input_digest",
                 "output": "<registry name or null>", "depends_on": [step ids],
-                "sweep": {KEY: value} (only for the points of a swept step)}, ...],
+                "sweep": {KEY: value} (only for the points of a swept step),
+                "processes": N (only for a step that trains on N > 1 processes: the GPUs a daemon job asks for)}, ...],
      "watch": ["<absolute path of every local file or folder the recipe reads>", ...],
      "recomputed": {"<absolute path of a file or folder whose digest was computed>": <files hashed>},
      "artifacts": [{"ref": "<name:version>", "digest": "<content digest>"}, ...]}
@@ -49,6 +50,7 @@ class PlanStep:
     depends_on: tuple[str, ...]
     existing: Optional[Manifest] = None
     sweep: dict = field(default_factory=dict)  # a sweep point's values (empty for other steps)
+    processes: int = 1  # `processes:` of a train step: the daemon gives the job that many GPUs on one machine
 
     @property
     def input_digest(self) -> str:
@@ -60,6 +62,8 @@ class PlanStep:
                "existing": self.existing.ref if self.existing else None, "depends_on": list(self.depends_on)}
         if self.sweep:
             out["sweep"] = dict(self.sweep)
+        if self.processes > 1:
+            out["processes"] = self.processes
         return out
 
 
@@ -133,7 +137,7 @@ def make_plan(recipe: Recipe, registry, *, force: Iterable[str] = (), locked: bo
             status = STALE
             reason = "forced (--force)" if sid in force else "an upstream step is forced"
         steps.append(PlanStep(sid, step.kind, status, reason, inputs, output, graph.deps[sid], existing,
-                              sweep=dict(step.sweep_values)))
+                              sweep=dict(step.sweep_values), processes=int(getattr(step.spec, "processes", 1) or 1)))
     watch = sorted({r.path for r in resolver.cache.values() if r.path})
     resolver.digests.save()
     return Plan(recipe, graph, recipe_digest(recipe), steps, resolver, previous, watch,
