@@ -226,6 +226,7 @@ def test_killing_and_restarting_the_daemon_loses_nothing_and_makes_one_version(c
              log=second.log)
     text = job_log(home, 1)
     assert "resumed from step" in text
+    assert "head: the task resumes from checkpoint " in text  # the checkpoint the first head stored, offered again
     assert [j.id for j in JobQueue(home).list()] == [1]  # re-queued, not a second job
     assert versions(home, "delta") == [1]
     assert second.stop() == 0
@@ -248,6 +249,7 @@ def test_jobs_cancel_stops_the_remote_trainer_which_checkpoints(cluster, env):
     stopped = int(text.split("interrupted: checkpoint saved at step ", 1)[1].split()[0])
     assert 5 <= stopped < 600
     assert versions(home, "epsilon") == []
+    assert not (home / "daemon" / "ray-checkpoints" / "job1").exists()  # cancelled: its upload is deleted
     assert daemon.stop() == 0
 
 

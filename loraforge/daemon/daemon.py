@@ -387,6 +387,10 @@ class Daemon:
                 error = describe_exit(returncode, Path(job.log_path))
                 self.queue.finish(job.id, "failed", returncode, error)
                 self.event(f"job {job.id}: failed: {error}")
+            if self.cluster is not None and (returncode == 0 or cancelling or not self.stopping):
+                from loraforge.daemon.checkpoints import discard_stored
+
+                discard_stored(self.home, job.id)  # the job is over: no later task of it resumes (a new job has a new key)
 
     def apply_command(self, job: Job) -> list[str]:
         cmd = [*self.recipe_cmd, "recipe", "apply", job.recipe]
