@@ -53,19 +53,36 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A one-node Ray cluster with 2 CPUs (two jobs at once); stopped whatever happens."""
+    """A one-node Ray cluster with 2 CPUs (two jobs at once), stopped whatever happens. `ray start --block` holds
+    its processes: a SIGTERM to it stops this cluster alone (`ray stop --force` would stop every Ray cluster of
+    the machine, a user's own included)."""
     temp = Path(tempfile.mkdtemp(prefix="lfray"))  # short: Ray's socket paths live under it
     port = free_port()
     env = dict(os.environ, LORAFORGE_RAY_CACHE=str(temp / "cache"), RAY_USAGE_STATS_ENABLED="0")
-    start = [str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
-             "--disable-usage-stats", "--include-dashboard=false", "--object-store-memory", "100000000",
-             "--temp-dir", str(temp / "ray")]
+    start = [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--num-cpus", "2", "--disable-usage-stats", "--include-dashboard=false",
+             "--object-store-memory", "100000000", "--temp-dir", str(temp / "ray")]
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
-        subprocess.run(start, env=env, check=True, capture_output=True, timeout=60)
+        wait_for("the Ray head to listen", lambda: _listening(port), timeout=60, proc=head)
         yield {"address": f"127.0.0.1:{port}", "cache": temp / "cache"}
     finally:
-        subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=60)
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 class RayDaemon:
