@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "": 0,  # loraforge/__init__.py: the version
     "errors": 0, "hashing": 0, "home": 0, "plugins": 0, "quiet": 0, "stopping": 0, "faults": 0,
     "yaml_aliases": 0, "reference": 0, "lazy": 0,
+    "families": 0,  # what each model family is (denoiser, text encoders, pipeline class): imports only errors
 }
 
 # Module cycles tolerated for now (none: formats.detect <-> peft_folder and recipes.digest <-> schema are

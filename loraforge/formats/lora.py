@@ -1,7 +1,7 @@
 """The in-memory LoRA adapter every converter reads into and writes from.
 
-A `LoraState` maps canonical module names (`unet.<diffusers path>`, `text_encoder.<transformers
-path>`, `text_encoder_2.<...>`) to `LoraModule`s holding the two factors and alpha exactly as read
+A `LoraState` maps canonical module names (`unet.<diffusers path>` or, for Flux, `transformer.<diffusers
+path>`, `text_encoder.<transformers path>`, `text_encoder_2.<...>`) to `LoraModule`s holding the two factors and alpha exactly as read
 (no dtype change), so converting between formats never rounds a weight it does not have to.
 
 The factors are torch tensors, or `RawTensor`s (a file's bytes, read without torch) when an adapter is
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from loraforge.errors import FormatError, IncompatibleBaseError
+from loraforge.families import ADAPTER_COMPONENTS
 from loraforge.formats.safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, TORCH_NAMES, RawTensor, all_finite
 from loraforge.formats.variants import MAGNITUDE_SUFFIXES, SUFFIXES as VARIANT_SUFFIXES, VARIANTS, Dora, VariantModule
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 # Bits of each float dtype by torch's name (float16 → 16), for the widest-dtype summary.
 _FLOAT_BITS = {TORCH_NAMES[d]: 8 * DTYPE_SIZES[d] for d in FLOAT_DTYPES}
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ADAPTER_COMPONENTS
 DOWN_SUFFIX = ".lora_down.weight"
 UP_SUFFIX = ".lora_up.weight"
 ALPHA_SUFFIX = ".alpha"
@@ -41,6 +42,8 @@ MODULE_SUFFIXES = tuple(sorted(PAIR_SUFFIXES | VARIANT_SUFFIXES | {ALPHA_SUFFIX[
 # transformers 5 dropped from CLIPTextModel (CLIPTextModelWithProjection kept it).
 TEXT_MODEL_PREFIX = "text_model."
 TEXT_MODEL_ROOTS = ("embeddings.", "encoder.", "final_layer_norm")
+# T5 (Flux's text_encoder_2) has no wrapper; its paths also start with `encoder.` (encoder.block.N...).
+T5_ROOTS = ("encoder.block.", "encoder.final_layer_norm", "shared")
 
 
 def without_text_model(path: str) -> str:
@@ -50,7 +53,7 @@ def without_text_model(path: str) -> str:
 
 def with_text_model(path: str) -> str:
     """A text-encoder module path in canonical form, whichever CLIP layout it was spelled in."""
-    return TEXT_MODEL_PREFIX + path if path.startswith(TEXT_MODEL_ROOTS) else path
+    return TEXT_MODEL_PREFIX + path if path.startswith(TEXT_MODEL_ROOTS) and not path.startswith(T5_ROOTS) else path
 
 
 @dataclass
@@ -353,7 +356,12 @@ class LoraState(MutableMapping[str, LoraModule]):
     def check_against(self, targets: Mapping[str, Mapping[str, tuple[int, ...]]]) -> None:
         """Raise IncompatibleBaseError unless every module exists in `targets`
         ({component: {module path: weight shape}}, norm layers with their 1-D weights) with the shape the
-        adapter expects. Text-encoder targets may be spelled with or without CLIP's `text_model.` wrapper."""
+        adapter expects. Text-encoder targets may be spelled with or without CLIP's `text_model.` wrapper.
+        An adapter of another family than the base's (a Flux LoRA on an SDXL base) is refused naming both."""
+        from loraforge.families import check_same_family, family_of_components
+
+        mine, theirs = family_of_components(self.components), family_of_components(targets)
+        check_same_family(mine and mine.name, theirs and theirs.name, "the adapter", "the base")
         for name in sorted(self._modules):
             component, path = name.split(".", 1)
             if component not in targets:

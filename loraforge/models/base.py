@@ -13,7 +13,6 @@ from loraforge.home import digest_index_file, home_is_writable, loraforge_home
 from loraforge.models.builtin import ensure_builtin
 from loraforge.reference import Reference
 
-FAMILIES = ("sd1", "sdxl")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # What a diffusers pipeline repository needs; fp16/ema variants and pickles are skipped.
@@ -28,7 +27,7 @@ class BaseModel:
     ref: str
     path: Path
     digest: str | None  # None: not computed (asked for with digest=False)
-    family: str  # "sd1" | "sdxl"
+    family: str  # a loraforge.families name: "sd1" | "sdxl" | "flux"
     layout: str  # "diffusers" | "single_file"
     # A single file's configs and tokenizers: a diffusers folder of its architecture (pipeline.with_config).
     config: Path | None = None
@@ -71,17 +70,19 @@ def base_from_path(path: Path, ref: str, home: Path | None = None, *, digest: bo
 
 
 def family_of_folder(path: Path) -> str:
-    """"sdxl" or "sd1" from a diffusers folder's model_index.json."""
+    """"sd1", "sdxl" or "flux" from a diffusers folder's model_index.json (its pipeline class)."""
     try:
         index = json.loads((Path(path) / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise FormatError(f"{path}/model_index.json is unreadable: {exc}") from None
     class_name = str(index.get("_class_name", ""))
-    if "text_encoder_2" in index or class_name.startswith("StableDiffusionXL"):
+    if class_name.startswith("Flux") and index.get("transformer", [None, None])[1] == "FluxTransformer2DModel":
+        return "flux"
+    if class_name.startswith("StableDiffusionXL") or (class_name.startswith("StableDiffusion") and "text_encoder_2" in index):
         return "sdxl"
     if class_name.startswith("StableDiffusion"):
         return "sd1"
-    raise FormatError(f"{path} holds a {class_name or 'unknown'} pipeline; loraforge supports SD1 and SDXL bases")
+    raise FormatError(f"{path} holds a {class_name or 'unknown'} pipeline; loraforge supports SD1, SDXL and Flux bases")
 
 
 def checkpoint_keys(path: Path) -> list[str]:
@@ -162,16 +163,21 @@ def family_of_keys(keys: list[str], source: str = "checkpoint") -> str:
 # diffusers' names (single_file_utils.infer_diffusers_model_type) of the single files loraforge adapts; it
 # names a file it does not recognise "v1", and the tiny builtins are among those.
 SUPPORTED_MODEL_TYPES = ("v1", "xl_base")
+# Black Forest Labs' single files: the transformer alone (its VAE and text encoders ship apart).
+FLUX_MODEL_TYPES = ("flux-dev", "flux-schnell")
 
 
 def family_of_shapes(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> str:
-    """"sd1" or "sdxl" for a single file's {tensor name: shape}; a checkpoint diffusers recognises as another
-    architecture (SD2, an SDXL refiner, an inpainting model, SD3, Flux, ...) is refused in one line naming it."""
+    """"sd1", "sdxl" or "flux" for a single file's {tensor name: shape}; a checkpoint diffusers recognises as
+    another architecture (SD2, an SDXL refiner, an inpainting model, SD3, Flux Fill, ...) is refused in one line
+    naming it."""
     model_type = diffusers_model_type(shapes)
+    if model_type in FLUX_MODEL_TYPES:
+        return "flux"
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise FormatError(
             f"{source} is a {model_type!r} checkpoint (as diffusers' single-file loader names it), an architecture "
-            "loraforge does not adapt; it adapts SD1.x and SDXL base checkpoints"
+            "loraforge does not adapt; it adapts SD1.x, SDXL and Flux (dev, schnell) base checkpoints"
         )
     return family_of_keys(list(shapes), source=source)
 

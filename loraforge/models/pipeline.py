@@ -13,7 +13,7 @@ from loraforge.models.base import BaseModel, _load_pickle_state_dict, family_of_
 from loraforge.models.base_config import DROPPED_KEYS, single_file_configs, strip_text_model, with_config
 from loraforge.models.builtin import quiet_progress_bars
 
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+from loraforge.families import ADAPTER_COMPONENTS as LORA_COMPONENTS, family
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
@@ -37,14 +37,10 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32
 
 
-def _pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _pipeline_class(name: str):
+    import diffusers
 
-    if family == "sdxl":
-        return StableDiffusionXLPipeline
-    if family == "sd1":
-        return StableDiffusionPipeline
-    raise ConfigError(f"unknown model family {family!r}; expected sd1 or sdxl")
+    return getattr(diffusers, family(name).pipeline_class)
 
 
 def load_pipeline(
@@ -55,7 +51,8 @@ def load_pipeline(
     config: str | Path | None = None,
     home: Path | None = None,
 ):
-    """A StableDiffusion(XL)Pipeline for `base`, on `device` in `dtype`, with progress bars off.
+    """The diffusers pipeline of `base`'s family (StableDiffusion(XL)Pipeline, FluxPipeline) on `device` in
+    `dtype`, with progress bars off.
 
     A single file is read with the configs and tokenizers of a diffusers folder (base_config.single_file_configs): `config`
     (or the base's own, with_config), checked to be of the file's architecture; the builtin tiny model of the
@@ -121,7 +118,7 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 
 def lora_target_names(pipe, with_norms: bool = False) -> dict[str, dict[str, tuple[int, ...]]]:
-    """For unet / text_encoder / text_encoder_2: module path -> weight shape of every Linear and Conv2d, and with
+    """For the denoiser (unet / transformer) and text encoders: module path -> weight shape of every Linear and Conv2d, and with
     `with_norms` of every GroupNorm/LayerNorm with a weight (1-D), which LyCORIS norm modules adapt."""
     kinds = (torch.nn.Linear, torch.nn.Conv2d, *((torch.nn.GroupNorm, torch.nn.LayerNorm) if with_norms else ()))
     targets: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -152,18 +149,50 @@ def generate(
     """One image for `prompt`; the same seed gives the same image (the noise is drawn on CPU)."""
     check_steps(pipe, steps)
     generator = torch.Generator("cpu").manual_seed(seed)
-    result = pipe(
-        prompt,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        height=height,
-        width=width,
-        negative_prompt=negative_prompt,
-        cross_attention_kwargs=cross_attention_kwargs,
-        generator=generator,
-        output_type="pil",
-    )
+    kwargs = call_kwargs(pipe, guidance=guidance, height=height, width=width, negative_prompt=negative_prompt,
+                         attention_kwargs=cross_attention_kwargs)
+    result = pipe(prompt, num_inference_steps=steps, generator=generator, output_type="pil", **kwargs)
     return result.images[0]
+
+
+def pipeline_family(pipe) -> str:
+    """The family name of a loaded pipeline, from its components."""
+    from loraforge.families import family_of_components
+
+    found = family_of_components(name for name in ("unet", "transformer", "text_encoder_2")
+                                 if getattr(pipe, name, None) is not None)
+    if found is None:
+        raise ConfigError(f"{type(pipe).__name__} has neither a UNet nor a transformer; it is no pipeline loraforge knows")
+    return found.name
+
+
+def default_size(pipe) -> int | None:
+    """The image size a pipeline draws when none is given: None (the pipeline's own) for SD; for Flux, diffusers'
+    1024 px, or the builtin test model's 64 px for a transformer as narrow as it."""
+    if pipeline_family(pipe) != "flux":
+        return None
+    from loraforge.models.builtin.flux import DEFAULT_SIZE, HEAD_DIM, HEADS
+
+    config = pipe.transformer.config
+    return DEFAULT_SIZE if config.num_attention_heads * config.attention_head_dim <= HEADS * HEAD_DIM else 1024
+
+
+def call_kwargs(pipe, *, guidance: float, height: int | None, width: int | None, negative_prompt=None,
+                attention_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments a text-to-image call of `pipe`'s family takes for these settings: SD pipelines take a
+    negative prompt and `cross_attention_kwargs`; Flux takes its embedded guidance, `joint_attention_kwargs`, the
+    T5 length its tokenizer reads, and refuses a negative prompt (its guidance is distilled: there is no
+    unconditional pass for one to steer) in one line."""
+    if pipeline_family(pipe) != "flux":
+        return {"guidance_scale": guidance, "height": height, "width": width, "negative_prompt": negative_prompt,
+                "cross_attention_kwargs": attention_kwargs}
+    if negative_prompt and any(negative_prompt if isinstance(negative_prompt, list) else [negative_prompt]):
+        raise ConfigError("Flux bases take no negative prompt (FLUX.1's guidance is distilled into the model, so "
+                          "there is no unconditional pass to steer): drop the negative prompt")
+    size = default_size(pipe)
+    return {"guidance_scale": guidance, "height": height or size, "width": width or size,
+            "joint_attention_kwargs": attention_kwargs,
+            "max_sequence_length": min(512, int(pipe.tokenizer_2.model_max_length))}
 
 
 def check_steps(pipe, steps: int) -> None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loraforge.families import ADAPTER_COMPONENTS as COMPONENTS
 from loraforge.formats.safetensors_io import read_header
-
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def _component_files(folder: Path, component: str) -> list[Path]:

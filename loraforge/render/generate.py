@@ -53,8 +53,10 @@ def render_rows(pipe, rows: Sequence[tuple[str, int]], *, steps: int, guidance: 
     what a single-image call with that seed draws (small models run far faster batched)."""
     import torch
 
+    from loraforge.models.pipeline import call_kwargs
+
     generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in rows]
     negative = [negative_prompt] * len(rows) if negative_prompt else None
-    result = pipe([p for p, _ in rows], num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                  negative_prompt=negative, generator=generators, output_type="pil")
+    kwargs = call_kwargs(pipe, guidance=guidance, height=size, width=size, negative_prompt=negative)
+    result = pipe([p for p, _ in rows], num_inference_steps=steps, generator=generators, output_type="pil", **kwargs)
     return list(result.images)

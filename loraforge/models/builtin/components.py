@@ -10,42 +10,14 @@ import torch
 
 from loraforge.models.builtin.names import BUILTIN_FAMILIES, check_builtin_name
 from loraforge.models.builtin.seed import seeded
+from loraforge.models.builtin.text_models import text_config as _text_config, text_encoder as _text_encoder
 from loraforge.models.builtin.tokenizer import tiny_clip_tokenizer
 from loraforge.models.builtin.vae import tiny_vae
 
 
-def _text_config(vocab_size: int, eos_id: int, bos_id: int, *, projection: bool):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu" if not projection else "gelu",
-        projection_dim=32,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
-    )
-
-
-# CLIP draws token and position embeddings with the same std (0.02), so a random tiny encoder's output hardly
-# depends on the prompt. Token embeddings with std 1 dominate the residual stream: prompts differ where words do.
-_TOKEN_EMBEDDING_STD = 1.0
 # attn2.to_q/to_k start at this multiple of their random init: sharper cross-attention (logits x9) that
 # picks out content tokens instead of spreading uniformly over the 77 mostly-padding tokens.
 _CROSS_ATTENTION_QK_GAIN = 6.0
-
-
-def _text_encoder(cls, config):
-    model = cls(config)
-    embeddings = model.text_model.embeddings if hasattr(model, "text_model") else model.embeddings
-    with torch.no_grad():
-        embeddings.token_embedding.weight.mul_(_TOKEN_EMBEDDING_STD / (config.initializer_range * config.initializer_factor))
-    return model
 
 
 def _sharpen_cross_attention(unet) -> None:
@@ -165,7 +137,13 @@ def _tiny_sdxl_components() -> dict[str, Any]:
     }
 
 
-_BUILDERS = {"tiny-sd": _tiny_sd_components, "tiny-sdxl": _tiny_sdxl_components}
+def _tiny_flux_components() -> dict[str, Any]:
+    from loraforge.models.builtin.flux import tiny_flux_components
+
+    return tiny_flux_components()
+
+
+_BUILDERS = {"tiny-sd": _tiny_sd_components, "tiny-sdxl": _tiny_sdxl_components, "tiny-flux": _tiny_flux_components}
 _BUILD_LOCK = threading.Lock()
 
 
@@ -183,11 +161,13 @@ def build_tiny_components(name: str) -> dict[str, Any]:
 
 
 def build_tiny_pipeline(name: str):
-    """A builtin pipeline in memory (StableDiffusionPipeline or StableDiffusionXLPipeline)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A builtin pipeline in memory, of its family's diffusers pipeline class."""
+    import diffusers
+
+    from loraforge.families import family
 
     name = check_builtin_name(name)
-    cls = StableDiffusionXLPipeline if BUILTIN_FAMILIES[name] == "sdxl" else StableDiffusionPipeline
+    cls = getattr(diffusers, family(BUILTIN_FAMILIES[name]).pipeline_class)
     pipe = cls(**build_tiny_components(name))
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -5,8 +5,8 @@ from __future__ import annotations
 from loraforge.errors import UnresolvedReference
 from loraforge.reference import BUILTIN_PREFIX
 
-BUILTIN_NAMES = ("tiny-sd", "tiny-sdxl", "shapes")
-BUILTIN_FAMILIES = {"tiny-sd": "sd1", "tiny-sdxl": "sdxl", "shapes": "sd1"}
+BUILTIN_NAMES = ("tiny-sd", "tiny-sdxl", "shapes", "tiny-flux")
+BUILTIN_FAMILIES = {"tiny-sd": "sd1", "tiny-sdxl": "sdxl", "shapes": "sd1", "tiny-flux": "flux"}
 # Builtins whose weights were trained and ship in the package (the others are built in code from seeds).
 TRAINED_BUILTINS = ("shapes",)
 
@@ -21,5 +21,5 @@ def check_builtin_name(name: str) -> str:
 
 
 def builtin_family(name: str) -> str:
-    """"sd1" or "sdxl" for a builtin name (with or without the `builtin:` prefix)."""
+    """The family name ("sd1", "sdxl", "flux") of a builtin name (with or without the `builtin:` prefix)."""
     return BUILTIN_FAMILIES[check_builtin_name(name)]

@@ -85,6 +85,7 @@ def write_vocab_files(folder: Path, extra_words: Sequence[str] = ()) -> None:
     """Add the classic vocab.json + merges.txt next to tokenizer.json, for tools that read only those."""
     vocab, merges = tiny_clip_vocab(extra_words)
     for sub in ("tokenizer", "tokenizer_2"):
-        if (folder / sub).is_dir():
+        config = folder / sub / "tokenizer_config.json"
+        if config.is_file() and "CLIPTokenizer" in json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class", ""):
             (folder / sub / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
             (folder / sub / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
