@@ -25,7 +25,8 @@ SINGLE_FILE_PREFIXES = {
     "cond_stage_model.": "text_encoder",
     "conditioner.": "text_encoder",
 }
-FOLDER_COMPONENTS = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder"}
+FOLDER_COMPONENTS = {"unet": "unet", "transformer": "transformer", "vae": "vae", "text_encoder": "text_encoder",
+                     "text_encoder_2": "text_encoder"}
 UNET_PREFIX = "model.diffusion_model."
 
 

@@ -18,7 +18,7 @@ from loraforge.ops.checkpoints import Checkpoint, ConvertedCheckpoint, check_com
 from loraforge.ops.lowrank import check_rank_bound, choose_rank, dense_factors, dense_factors_flops
 from loraforge.ops.threads import threads_for
 
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+from loraforge.families import ADAPTER_COMPONENTS as LORA_COMPONENTS, family
 # Token and position embedding tables are lookups, not linear layers a LoRA adapts; the UNet's time and
 # class embeddings (`time_embedding.linear_1`) are Linear layers and are extracted like any other.
 SKIP_SUFFIXES = ("token_embedding.weight", "position_embedding.weight")
@@ -38,7 +38,7 @@ def extract_state(tuned: Checkpoint, base: Checkpoint, rank: int, rule: str = "f
     as folders, see `diffusers_views`)."""
     if tuned.layout != "diffusers" or base.layout != "diffusers":
         raise ConfigError("lora extract needs diffusers folders (module names come from their layout)")
-    check_compatible(base, tuned, {"unet", "text_encoder"})
+    check_compatible(base, tuned, {family(base.family).denoiser, "text_encoder"})
     candidates = [ckey for ckey in base.index if _extractable(ckey, base.info(ckey).shape, conv)]
     check_rank_bound(rank, max((min(s[0], math.prod(s[1:])) for s in (base.info(k).shape for k in candidates)),
                                default=0), "the largest min(out, in) of the layers that can be extracted")
