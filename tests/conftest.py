@@ -36,6 +36,11 @@ def shapes_path(builtin_home) -> Path:
     return ensure_builtin("shapes", builtin_home)
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_path(builtin_home) -> Path:
+    return ensure_builtin("tiny-flux", builtin_home)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module's tests: on a shared 2-core box, two spinning threads per process run
@@ -47,7 +52,7 @@ def one_torch_thread():
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch, tiny_sd_path, tiny_sdxl_path, shapes_path) -> Path:
+def home(tmp_path, monkeypatch, tiny_sd_path, tiny_sdxl_path, shapes_path, tiny_flux_path) -> Path:
     """An empty loraforge home set as `$LORAFORGE_HOME`, with the session's builtin models linked in.
 
     The links point at shared folders: a test must not write into `home/models/builtin/*`.
@@ -55,7 +60,9 @@ def home(tmp_path, monkeypatch, tiny_sd_path, tiny_sdxl_path, shapes_path) -> Pa
     path = tmp_path / "home"
     builtin = models_dir(path) / "builtin"
     builtin.mkdir(parents=True)
-    for name, built in zip(BUILTIN_NAMES, (tiny_sd_path, tiny_sdxl_path, shapes_path)):
+    built_paths = {"tiny-sd": tiny_sd_path, "tiny-sdxl": tiny_sdxl_path, "shapes": shapes_path, "tiny-flux": tiny_flux_path}
+    assert set(built_paths) == set(BUILTIN_NAMES), "link every builtin into test homes"
+    for name, built in built_paths.items():
         (builtin / name).symlink_to(built, target_is_directory=True)
     monkeypatch.setenv("LORAFORGE_HOME", str(path))
     return path

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -35,12 +35,13 @@ from loraforge.render.grid import GRID_GAP, image_grid
 PIPELINES = [
     ("tiny-sd", StableDiffusionPipeline, "sd1"),
     ("tiny-sdxl", StableDiffusionXLPipeline, "sdxl"),
+    ("tiny-flux", FluxPipeline, "flux"),
 ]
 
 
 @pytest.fixture
-def builtin_paths(tiny_sd_path, tiny_sdxl_path, shapes_path) -> dict[str, Path]:
-    return {"tiny-sd": tiny_sd_path, "tiny-sdxl": tiny_sdxl_path, "shapes": shapes_path}
+def builtin_paths(tiny_sd_path, tiny_sdxl_path, shapes_path, tiny_flux_path) -> dict[str, Path]:
+    return {"tiny-sd": tiny_sd_path, "tiny-sdxl": tiny_sdxl_path, "shapes": shapes_path, "tiny-flux": tiny_flux_path}
 
 
 def _pixels(image) -> np.ndarray:
@@ -52,9 +53,12 @@ def test_plain_diffusers_loads_builtin_and_generates_seeded_images(builtin_paths
     pipe = cls.from_pretrained(builtin_paths[name])
     pipe.set_progress_bar_config(disable=True)
 
+    # FluxPipeline draws at a fixed 128 latent tokens a side by default: the tiny one is asked for 64 px
+    size = {"height": 64, "width": 64, "max_sequence_length": 32} if family == "flux" else {}
+
     def run(seed):
         generator = torch.Generator("cpu").manual_seed(seed)
-        return pipe("a photo of a cat", num_inference_steps=4, guidance_scale=5.0, generator=generator).images[0]
+        return pipe("a photo of a cat", num_inference_steps=4, guidance_scale=5.0, generator=generator, **size).images[0]
 
     first, again, other = run(0), run(0), run(1)
     assert first.size == (64, 64)
@@ -148,7 +152,7 @@ def test_ensure_builtin_is_idempotent_and_race_safe(tmp_path):
 
 def test_unknown_builtin_names_it_and_the_known_ones(tmp_path):
     with pytest.raises(UnresolvedReference) as err:
-        locate_base("builtin:tiny-flux", tmp_path)
+        locate_base("builtin:tiny-sd3", tmp_path)
     message = str(err.value)
     assert "builtin:tiny-flux" in message and "builtin:tiny-sd" in message and "builtin:tiny-sdxl" in message
     assert "\n" not in message
