@@ -20,14 +20,15 @@ def random_lora(
     rank: int = 4,
     alpha: float | None = None,
     targets: Iterable[str] = DEFAULT_TARGETS,
-    components: Iterable[str] = ("unet",),
+    components: Iterable[str] | None = None,
     seed: int = 0,
     std: float = 0.1,
     dtype: torch.dtype | None = None,
 ):
     """A LoraState on every module of `shapes` whose path ends with one of `targets`.
 
-    `shapes` is {component: {module path: weight shape}} (see `loraforge.models.targets`). Both
+    `shapes` is {component: {module path: weight shape}} (see `loraforge.models.targets`); `components` default
+    to the denoiser `shapes` holds (the UNet, or a Flux transformer). Both
     factors are random (unlike a freshly initialised LoRA, whose up factor is zero), so the adapter
     visibly changes the model. `dtype` defaults to float32.
     """
@@ -39,6 +40,8 @@ def random_lora(
 
     gen = torch.Generator().manual_seed(seed)
     targets = tuple(targets)
+    if components is None:
+        components = ("transformer",) if "transformer" in shapes and "unet" not in shapes else ("unet",)
     modules = {}
     for component in components:
         for path, shape in sorted(shapes.get(component, {}).items()):
@@ -57,9 +60,10 @@ def random_lora(
     return LoraState(modules)
 
 
-def perturbed_checkpoint(src_folder, dst, seed: int, scale: float = 0.05, components=("unet", "text_encoder")):
-    """A copy of a diffusers folder whose float weights in `components` get seeded noise added:
-    a "fine-tuned" variant of the same architecture, for merge and extract tests."""
+def perturbed_checkpoint(src_folder, dst, seed: int, scale: float = 0.05, components=None):
+    """A copy of a diffusers folder whose float weights in `components` (default: its denoiser, the UNet or a
+    Flux transformer, and text_encoder) get seeded noise added: a "fine-tuned" variant of the same architecture,
+    for merge and extract tests."""
     import shutil
     from pathlib import Path
 
@@ -68,6 +72,8 @@ def perturbed_checkpoint(src_folder, dst, seed: int, scale: float = 0.05, compon
     from loraforge.formats.safetensors_io import read_safetensors, write_safetensors
 
     src, dst = Path(src_folder), Path(dst)
+    if components is None:
+        components = ("transformer" if (src / "transformer").is_dir() else "unet", "text_encoder")
     shutil.copytree(src, dst)
     gen = torch.Generator().manual_seed(seed)
     for component in components:

@@ -69,8 +69,13 @@ class Embedding:
         return multi_vector_tokens(self.token, self.num_vectors)
 
     def check_against(self, targets) -> None:
-        """An embedding changes no Linear/Conv module: nothing to check against module shapes (the text
-        encoders' widths are checked where the embedding is loaded, against the pipeline itself)."""
+        """An embedding changes no Linear/Conv module: only its family is checked against the base's targets (the
+        text encoders' widths are checked where the embedding is loaded, against the pipeline itself)."""
+        from loraforge.families import check_same_family, family_of_components
+
+        theirs = family_of_components(targets)
+        if theirs is not None and theirs.is_transformer:
+            check_same_family(self.family, theirs.name, f"embedding '{self.token}'", "the base")
 
     def state_dict(self, layout: str = "diffusers") -> dict:
         """{key: tensor} in `layout`: diffusers ({token: [n, dim]}; SDXL clip_l/clip_g) or a1111 (emb_params;

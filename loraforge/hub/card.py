@@ -11,11 +11,11 @@ from typing import Any, Optional
 import yaml
 
 from loraforge.errors import LoraforgeError
+from loraforge.families import FAMILIES
 from loraforge.reference import Reference
 from loraforge.registry.manifest import Manifest
 from loraforge.yaml_aliases import AliasExpansionError, safe_load
 
-FAMILY_TAGS = {"sd1": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
 
 
 def hub_base_id(ref: Optional[str]) -> Optional[str]:
@@ -101,9 +101,9 @@ def card_metadata(manifest: Manifest, license: Optional[str] = None, registry=No
         tags[:0] = ["textual_inversion", "embedding"]
     if relation == "merge":
         tags.append("merge")
-    family = manifest.base.family if manifest.base else None
-    if family in FAMILY_TAGS:
-        tags.append(FAMILY_TAGS[family])
+    family = FAMILIES.get(manifest.base.family) if manifest.base else None
+    if family is not None:
+        tags += [t for t in family.hub_tags if t not in tags]
     meta["tags"] = tags
     prompt = instance_prompt(manifest, registry)
     if prompt:

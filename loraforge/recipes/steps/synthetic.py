@@ -84,8 +84,10 @@ def _adapter(ctx: StepContext, base, parent: Parent) -> Manifest:
     from loraforge.synthetic import random_lora
 
     spec = ctx.spec
-    folder = Path(base.path) if base.layout == "diffusers" else ensure_builtin(
-        {"sd1": "tiny-sd", "sdxl": "tiny-sdxl"}[base.family], ctx.registry.home)
+    from loraforge.families import family
+
+    folder = Path(base.path) if base.layout == "diffusers" else ensure_builtin(family(base.family).builtins[0],
+                                                                               ctx.registry.home)
     state = random_lora(module_shapes(folder), rank=spec.rank, seed=spec.seed, std=spec.std, targets=spec.targets)
     manifest = Manifest(
         name=ctx.output, kind=spec.kind, digest="", files=[], adapter=adapter_info(state, "loraforge"),
