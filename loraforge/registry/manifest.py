@@ -50,7 +50,7 @@ class FileEntry(Schema):
 class BaseInfo(Schema):
     ref: str = Field(description="The base model reference as the user wrote it.")
     digest: Optional[str] = Field(None, description="Content digest of the base model.")
-    family: Optional[Literal["sd1", "sdxl"]] = Field(None, description="Architecture family.")
+    family: Optional[Literal["sd1", "sdxl", "flux"]] = Field(None, description="Architecture family.")
 
 
 class AdapterInfo(Schema):
