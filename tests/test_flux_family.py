@@ -1,0 +1,253 @@
+"""The Flux family end to end on builtin:tiny-flux: the builtin itself, generation, family refusals, LoRA algebra,
+fuse, extract and resize on transformer adapters, `registry show` and the Hub card.
+
+Numbers are checked against direct computation on the pipeline's own modules (diffusers' FluxTransformer2DModel
+and `FluxPipeline.load_lora_weights` are the consumers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from loraforge.formats.lora import LoraModule, LoraState
+from loraforge.formats.safetensors_io import read_safetensors
+from loraforge.registry import Registry
+from loraforge.registry.resolve import load_adapter
+from tests.cli_helpers import refused, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FLUX = "builtin:tiny-flux"
+
+
+@pytest.fixture
+def flux_folder(tiny_flux_path) -> Path:
+    return tiny_flux_path
+
+
+@pytest.fixture
+def fhome(home) -> Path:
+    return home
+
+
+def _targets(folder: Path) -> dict:
+    from loraforge.models.targets import module_shapes
+
+    return module_shapes(folder)
+
+
+def random_flux_lora(folder: Path, seed: int, rank: int = 2, modules: tuple[str, ...] | None = None,
+                     scale: float = 0.3) -> LoraState:
+    """A LoRA on tiny-flux's transformer Linear layers (attention, MLPs, modulation, embedders)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = _targets(folder)["transformer"]
+    names = modules or tuple(n for n, s in sorted(shapes.items()) if len(s) == 2)
+    state = LoraState()
+    for name in names:
+        out, inp = shapes[name]
+        state[f"transformer.{name}"] = LoraModule(down=torch.randn(rank, inp, generator=g) * scale,
+                                                  up=torch.randn(out, rank, generator=g) * scale, alpha=float(rank))
+    return state
+
+
+def import_state(home: Path, state: LoraState, name: str, tmp: Path, base: str = FLUX) -> None:
+    from loraforge.formats import write_adapter
+
+    path = tmp / f"{name}.safetensors"
+    write_adapter(state, path, "loraforge")
+    run_cli(home, "registry", "import", str(path), "--name", name, "--base", base)
+
+
+def transformer_output(transformer, seed: int = 0) -> torch.Tensor:
+    """One forward of a Flux transformer on fixed inputs (8x8 image tokens, 6 text tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    hidden = torch.randn(1, 64, cfg.in_channels, generator=g)
+    text = torch.randn(1, 6, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g)
+    img_ids = torch.zeros(64, 3)
+    img_ids[:, 1] = torch.arange(64) // 8
+    img_ids[:, 2] = torch.arange(64) % 8
+    with torch.no_grad():
+        return transformer(hidden_states=hidden, encoder_hidden_states=text, pooled_projections=pooled,
+                           timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]), img_ids=img_ids,
+                           txt_ids=torch.zeros(6, 3), return_dict=False)[0]
+
+
+def with_deltas(folder: Path, deltas: dict[str, torch.Tensor]):
+    """tiny-flux's transformer with ΔW added by hand to each named weight."""
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            transformer.get_submodule(name.removeprefix("transformer.")).weight.add_(delta)
+    return transformer
+
+
+# ---- the builtin -------------------------------------------------------------------------------------------
+
+def test_tiny_flux_is_a_deterministic_flux_pipeline(flux_folder, tmp_path):
+    from diffusers import FluxPipeline
+
+    from loraforge.hashing import sha256_folder
+    from loraforge.models.base import family_of_folder
+    from loraforge.models.builtin import save_tiny_pipeline
+
+    index = json.loads((flux_folder / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline"
+    assert index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
+    assert index["tokenizer_2"][1].startswith("T5Tokenizer") and index["scheduler"][1] == "FlowMatchEulerDiscreteScheduler"
+    assert family_of_folder(flux_folder) == "flux"
+    config = json.loads((flux_folder / "transformer" / "config.json").read_text())
+    assert (config["num_layers"], config["num_single_layers"], config["guidance_embeds"]) == (2, 2, True)
+    assert json.loads((flux_folder / "vae" / "config.json").read_text())["latent_channels"] == 16
+    again = save_tiny_pipeline("tiny-flux", tmp_path / "again")
+    assert sha256_folder(again) == sha256_folder(flux_folder)  # built from seeds: the same bytes every time
+    pipe = FluxPipeline.from_pretrained(flux_folder)  # diffusers' own loader reads every part
+    assert pipe.tokenizer_2("a red cat").input_ids[-1] == pipe.tokenizer_2.eos_token_id
+
+
+def test_generate_on_tiny_flux_is_deterministic_and_follows_the_prompt(fhome, tmp_path):
+    outs = []
+    for name, prompt in (("a", "a red cat"), ("b", "a red cat"), ("c", "a blue house by the sea")):
+        out = tmp_path / f"{name}.png"
+        run_cli(fhome, "generate", "--base", FLUX, "--prompt", prompt, "--steps", "4", "--guidance", "3.5",
+                "-o", str(out))
+        outs.append(np.asarray(Image.open(out), dtype=np.float64))
+    assert outs[0].shape == (64, 64, 3)
+    assert np.array_equal(outs[0], outs[1])
+    assert np.abs(outs[0] - outs[2]).mean() > 0.1
+
+
+def test_a_negative_prompt_on_flux_is_refused(fhome, tmp_path):
+    line = refused(run_cli(fhome, "generate", "--base", FLUX, "--prompt", "a cat", "--negative-prompt", "blurry",
+                           "-o", str(tmp_path / "x.png"), ok=False))
+    assert "Flux" in line and "negative prompt" in line
+
+
+# ---- family refusals ----------------------------------------------------------------------------------------
+
+def test_an_sd_lora_on_flux_and_a_flux_lora_on_sd_are_refused_naming_both(fhome, flux_folder, tmp_path,
+                                                                          adapter_file):
+    from loraforge.formats import write_adapter
+
+    run_cli(fhome, "registry", "import", str(adapter_file), "--name", "sdlora")
+    out = tmp_path / "x.png"
+    line = refused(run_cli(fhome, "generate", "--base", FLUX, "--lora", "sdlora", "--prompt", "a cat", "-o", str(out),
+                           ok=False))
+    assert "SD1.x" in line and "Flux" in line, line
+    assert not out.exists()
+    flux_file = tmp_path / "flux.safetensors"
+    write_adapter(random_flux_lora(flux_folder, 1), flux_file, "loraforge")
+    before = Registry(fhome).list()
+    line = refused(run_cli(fhome, "registry", "import", str(flux_file), "--name", "fl", "--base", "builtin:tiny-sdxl",
+                           ok=False))
+    assert "Flux" in line and "SDXL" in line, line
+    assert Registry(fhome).list() == before  # nothing registered
+
+
+# ---- algebra, fuse, extract, resize ---------------------------------------------------------------------
+
+def test_lora_algebra_on_flux_adapters_matches_direct_computation(fhome, flux_folder, tmp_path):
+    names = ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.1.proj_mlp", "x_embedder")
+    a, b = random_flux_lora(flux_folder, 1, modules=names), random_flux_lora(flux_folder, 2, modules=names)
+    import_state(fhome, a, "fa", tmp_path)
+    import_state(fhome, b, "fb", tmp_path)
+    registry = Registry(fhome)
+    for method, extra in (("concat", ()), ("svd", ("--rank", "4"))):
+        run_cli(fhome, "merge", "loras", "fa=0.7", "fb=-0.4", "--method", method, *extra, "--name", f"m{method}")
+        merged, manifest = load_adapter(registry, f"m{method}")
+        assert manifest.base.family == "flux"
+        for name in names:
+            want = 0.7 * a[f"transformer.{name}"].delta() - 0.4 * b[f"transformer.{name}"].delta()
+            got = merged[f"transformer.{name}"].delta()
+            assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max())), (method, name)
+    run_cli(fhome, "merge", "loras", "fa=1", "fb=1", "--method", "ties", "--rank", "4", "--param", "density=0.5",
+            "--name", "mties")
+    ties, _ = load_adapter(registry, "mties")
+    assert set(ties) == {f"transformer.{n}" for n in names}
+    run_cli(fhome, "lora", "resize", "fa", "--rank", "1", "--name", "fa1")
+    small, _ = load_adapter(registry, "fa1")
+    for name in names:  # the optimal rank-1 truncation: the top singular pair of ΔW
+        delta = a[f"transformer.{name}"].delta()
+        u, s, vh = torch.linalg.svd(delta)
+        assert small[f"transformer.{name}"].rank == 1
+        assert torch.allclose(small[f"transformer.{name}"].delta(), s[0] * torch.outer(u[:, 0], vh[0]), atol=1e-5)
+
+
+def test_fuse_into_tiny_flux_equals_the_transformer_with_delta_w_and_loads_in_flux_pipeline(fhome, flux_folder,
+                                                                                              tmp_path):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    state = random_flux_lora(flux_folder, 3, scale=0.2)
+    import_state(fhome, state, "fl", tmp_path)
+    out = tmp_path / "fused"
+    run_cli(fhome, "lora", "fuse", FLUX, "fl=0.5", "--dtype", "fp32", "-o", str(out))
+    fused = FluxTransformer2DModel.from_pretrained(out / "transformer")
+    by_hand = with_deltas(flux_folder, {n: 0.5 * m.delta() for n, m in state.items()})
+    want = transformer_output(by_hand)
+    assert torch.allclose(transformer_output(fused), want, atol=1e-5 * float(want.abs().max()))
+    pipe = FluxPipeline.from_pretrained(out)  # the whole pipeline folder, loadable by diffusers
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a cat", num_inference_steps=2, height=64, width=64, max_sequence_length=32).images[0].size == (64, 64)
+
+
+def test_generate_with_a_flux_lora_draws_what_the_fused_model_draws(fhome, flux_folder, tmp_path):
+    state = random_flux_lora(flux_folder, 6, scale=0.3)
+    import_state(fhome, state, "fl", tmp_path)
+    run_cli(fhome, "lora", "fuse", FLUX, "fl=0.8", "--dtype", "fp32", "-o", str(tmp_path / "fused"))
+    images = {}
+    for name, args in (("base", ("--base", FLUX)), ("lora", ("--base", FLUX, "--lora", "fl=0.8")),
+                       ("fused", ("--base", str(tmp_path / "fused")))):
+        out = tmp_path / f"{name}.png"
+        run_cli(fhome, "generate", *args, "--prompt", "a red cat", "--steps", "3", "--seed", "2", "-o", str(out))
+        images[name] = np.asarray(Image.open(out), dtype=np.float64)
+    assert np.abs(images["lora"] - images["base"]).mean() > 1.0  # the adapter changes the picture
+    assert np.abs(images["lora"] - images["fused"]).max() <= 2.0  # through diffusers' Flux LoRA loader, as fused
+
+
+def test_extract_from_a_tuned_flux_recovers_delta_w(fhome, flux_folder, tmp_path):
+    import shutil
+
+    from loraforge.formats.safetensors_io import write_safetensors
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(flux_folder, tuned)
+    weights = tuned / "transformer" / "diffusion_pytorch_model.safetensors"
+    sd, meta = read_safetensors(weights)
+    g = torch.Generator().manual_seed(5)
+    deltas = {}
+    for name in ("transformer_blocks.1.attn.to_k", "single_transformer_blocks.0.proj_out", "proj_out"):
+        w = sd[f"{name}.weight"]
+        deltas[name] = torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g) * 0.05
+        sd[f"{name}.weight"] = w + deltas[name]
+    write_safetensors(sd, weights, meta)
+    run_cli(fhome, "lora", "extract", str(tuned), "--base", FLUX, "--rank", "2", "--name", "ex")
+    state, manifest = load_adapter(Registry(fhome), "ex")
+    assert manifest.base.family == "flux"
+    assert set(state) == {f"transformer.{n}" for n in deltas}
+    for name, delta in deltas.items():
+        assert torch.allclose(state[f"transformer.{name}"].delta(), delta, atol=1e-5)
+
+
+# ---- registry show and the Hub card ------------------------------------------------------------------------
+
+def test_registry_show_names_the_family_and_the_card_is_a_flux_card(fhome, flux_folder, tmp_path):
+    from loraforge.hub.card import render_card
+
+    import_state(fhome, random_flux_lora(flux_folder, 4), "fl", tmp_path)
+    text = run_cli(fhome, "registry", "show", "fl").output
+    assert "family:   Flux (FluxPipeline)" in text, text
+    data = json.loads(run_cli(fhome, "registry", "show", "fl", "--json").output)
+    assert data["base"]["family"] == "flux"
+    manifest = Registry(fhome).resolve("fl")
+    card = render_card(manifest, weight_name="fl.safetensors", repo="me/fl", files=["fl.safetensors"])
+    front = card.split("---")[1]
+    assert "library_name: diffusers" in front and "- flux" in front and "stable-diffusion" not in front
+    assert "base_model: tiny-flux" in front, front
