@@ -10,7 +10,6 @@ reads only its world's words), and `for_subject(subject)` gives the evaluator to
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
@@ -74,23 +73,10 @@ def load_evaluator(metric: str, options: dict[str, Any] | None = None, *, regist
         info = EVALUATORS.info(name)
     except PluginError:
         raise unknown_metric(metric, EVALUATORS.names()) from None
-    obj = info.obj
-    if not inspect.isclass(obj):  # an entry-point plugin may be a plain function (images, prompts) -> scores
-        if options:
-            raise ConfigError(f"metric {metric!r} is a plain function and takes no options; got {sorted(options)}")
-        return FunctionEvaluator(obj, metric, info.version)
-    params = inspect.signature(obj.__init__).parameters
-    accepted = {p for p in params if p not in ("self", "registry")}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        shown = sorted(accepted - {"function"}) if name == "python" else sorted(accepted)
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for metric {metric!r}; "
-                          f"it accepts: {', '.join(shown) or 'none'}")
-    if "registry" in params:
-        options["registry"] = registry
-    evaluator = obj(**options)
+    evaluator = EVALUATORS.construct(info, options, label=f"metric {metric!r}", error=ConfigError,
+                                     wrap_function=lambda fn, version: FunctionEvaluator(fn, metric, version),
+                                     registry=registry, hidden=("function",) if name == "python" else ())
     evaluator.name = metric
-    evaluator.version = str(getattr(evaluator, "version", None) or info.version)
     return evaluator
 
 

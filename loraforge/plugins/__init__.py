@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import pkgutil
 import re
 from dataclasses import dataclass, field
@@ -154,6 +155,28 @@ class PluginGroup:
             known = ", ".join(sorted(self._plugins)) or "none installed"
             raise PluginError(f"unknown {self.description or self.name} {name!r}: choose one of {known}")
         return self._plugins[name]
+
+    def construct(self, info: PluginInfo, options: dict[str, Any], *, label: str, error: type[Exception],
+                  wrap_function: Callable[[Any, str], Any], registry: Any = None, hidden: tuple[str, ...] = ()) -> Any:
+        """An instance of plugin `info` configured with `options`, its `version` set: a plain-function plugin
+        (an entry point may be one) is `wrap_function(fn, version)` and takes no options; a class has `options`
+        checked against its `__init__` (an unknown one refused in one line listing what it accepts, `hidden`
+        left out of that list) and gets `registry` when `__init__` asks for it. `label` names the plugin in
+        messages ("metric 'shapes'"), `error` is the exception raised."""
+        obj = info.obj
+        if not inspect.isclass(obj):
+            if options:
+                raise error(f"{label} is a plain function and takes no options; got {sorted(options)}")
+            return wrap_function(obj, info.version)
+        params = inspect.signature(obj.__init__).parameters
+        accepted = {p for p in params if p not in ("self", "registry")}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise error(f"unknown option(s) {', '.join(unknown)} for {label}; "
+                        f"it accepts: {', '.join(sorted(accepted - set(hidden))) or 'none'}")
+        instance = obj(**options, **({"registry": registry} if "registry" in params else {}))
+        instance.version = str(getattr(instance, "version", None) or info.version)
+        return instance
 
     def names(self) -> list[str]:
         self._load()

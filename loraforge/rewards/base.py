@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from loraforge.errors import PluginError, RewardError
@@ -60,22 +59,9 @@ def load_reward(spec: str, options: dict[str, Any] | None = None, *, registry=No
         info = REWARDS.info(name)
     except PluginError as exc:
         raise RewardError(f"{exc} (or python:module:function)") from None
-    obj = info.obj
-    if not inspect.isclass(obj):
-        if options:
-            raise RewardError(f"reward {name!r} is a plain function and takes no options; got {sorted(options)}")
-        return FunctionReward(obj, name, info.version)
-    params = inspect.signature(obj.__init__).parameters
-    accepted = {p for p in params if p not in ("self", "registry")}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise RewardError(f"unknown option(s) {', '.join(unknown)} for reward {name!r}; "
-                          f"it accepts: {', '.join(sorted(accepted)) or 'none'}")
-    if "registry" in params:
-        options["registry"] = registry
-    reward = obj(**options)
+    reward = REWARDS.construct(info, options, label=f"reward {name!r}", error=RewardError,
+                               wrap_function=lambda fn, version: FunctionReward(fn, name, version), registry=registry)
     reward.name = getattr(reward, "name", None) or name
-    reward.version = str(getattr(reward, "version", None) or info.version)
     return reward
 
 
