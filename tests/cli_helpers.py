@@ -28,3 +28,16 @@ def refused(result: Result, exit_code: int = 1) -> str:
     """The `Error: …` line of a CLI run that must fail with `exit_code`."""
     assert result.exit_code == exit_code, result.output
     return error_line(result.output)
+
+
+def link_builtins(home: Path, folders: dict[str, Path]) -> Path:
+    """`home` with the given builtin model folders ({name: built folder}) linked in, as a fresh home sees them.
+
+    The links point at shared folders: a test must not write into `home/models/builtin/*`."""
+    from loraforge.home import models_dir
+
+    builtin = models_dir(home) / "builtin"
+    builtin.mkdir(parents=True, exist_ok=True)
+    for name, built in folders.items():
+        (builtin / name).symlink_to(built, target_is_directory=True)
+    return home

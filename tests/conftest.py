@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraforge.home import models_dir
 from loraforge.models.builtin import BUILTIN_NAMES, ensure_builtin
+from tests.cli_helpers import link_builtins
 
 # The test machines are shared 2-core boxes.
 torch.set_num_threads(2)
@@ -41,6 +41,14 @@ def tiny_flux_path(builtin_home) -> Path:
     return ensure_builtin("tiny-flux", builtin_home)
 
 
+@pytest.fixture(scope="session")
+def builtin_folders(tiny_sd_path, tiny_sdxl_path, shapes_path, tiny_flux_path) -> dict[str, Path]:
+    """Every builtin model's session-wide folder, by name."""
+    folders = {"tiny-sd": tiny_sd_path, "tiny-sdxl": tiny_sdxl_path, "shapes": shapes_path, "tiny-flux": tiny_flux_path}
+    assert set(folders) == set(BUILTIN_NAMES), "give every builtin a session fixture"
+    return folders
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module's tests: on a shared 2-core box, two spinning threads per process run
@@ -52,18 +60,12 @@ def one_torch_thread():
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch, tiny_sd_path, tiny_sdxl_path, shapes_path, tiny_flux_path) -> Path:
+def home(tmp_path, monkeypatch, builtin_folders) -> Path:
     """An empty loraforge home set as `$LORAFORGE_HOME`, with the session's builtin models linked in.
 
     The links point at shared folders: a test must not write into `home/models/builtin/*`.
     """
-    path = tmp_path / "home"
-    builtin = models_dir(path) / "builtin"
-    builtin.mkdir(parents=True)
-    built_paths = {"tiny-sd": tiny_sd_path, "tiny-sdxl": tiny_sdxl_path, "shapes": shapes_path, "tiny-flux": tiny_flux_path}
-    assert set(built_paths) == set(BUILTIN_NAMES), "link every builtin into test homes"
-    for name, built in built_paths.items():
-        (builtin / name).symlink_to(built, target_is_directory=True)
+    path = link_builtins(tmp_path / "home", builtin_folders)
     monkeypatch.setenv("LORAFORGE_HOME", str(path))
     return path
 

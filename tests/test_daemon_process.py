@@ -21,23 +21,9 @@ from PIL import Image
 from loraforge.daemon import JobQueue
 from loraforge.hashing import sha256_folder
 from loraforge.registry import Registry
+from tests.process_helpers import wait_for
 
 FAKE = [sys.executable, str(Path(__file__).parent / "daemon_fake_recipe.py")]
-
-
-def wait_for(what: str, cond, timeout: float = 30.0, proc: subprocess.Popen | None = None,
-             log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        tail = f"\n--- {log.name}:\n{log.read_text()[-3000:]}" if log is not None and log.is_file() else ""
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the daemon exited ({proc.returncode}) while waiting for {what}{tail}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}{tail}")
-        time.sleep(0.05)
 
 
 def lf(home: Path, *args: str) -> subprocess.CompletedProcess:

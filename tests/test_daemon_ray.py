@@ -23,6 +23,8 @@ import pytest
 
 from loraforge.daemon import JobQueue
 from loraforge.registry import Registry
+from tests import process_helpers
+from tests.process_helpers import children_of
 
 # The test environment installs loraforge[ray] (`make test`): without Ray this module fails, never skips.
 import ray  # noqa: E402,F401
@@ -32,17 +34,7 @@ FAKE = [sys.executable, str(Path(__file__).parent / "daemon_fake_recipe.py")]
 
 
 def wait_for(what: str, cond, timeout: float = 40.0, proc: subprocess.Popen | None = None, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        tail = f"\n--- {log.name}:\n{log.read_text()[-3000:]}" if log is not None and log.is_file() else ""
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the daemon exited ({proc.returncode}) while waiting for {what}{tail}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}{tail}")
-        time.sleep(0.05)
+    return process_helpers.wait_for(what, cond, timeout, proc, log)
 
 
 def free_port() -> int:
@@ -181,18 +173,6 @@ def test_killing_the_worker_mid_training_retries_the_task_which_resumes_and_regi
     assert resumed >= 15  # from the trainer's checkpoint, not from step 0
     assert versions(home, "gamma") == [1]
     assert daemon.stop() == 0
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def test_a_retry_that_lost_its_scratch_home_resumes_from_the_checkpoint_uploaded_to_the_head(cluster, env):

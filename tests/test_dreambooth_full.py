@@ -15,10 +15,9 @@ from safetensors.torch import load_file
 
 from loraforge.cli import cli
 from loraforge.errors import ArtifactNotFound
-from loraforge.home import models_dir
-from loraforge.models.builtin import BUILTIN_NAMES
 from loraforge.plugins import TRAINERS
 from loraforge.registry import Registry
+from tests.cli_helpers import link_builtins
 
 RES = 32  # pixels; latents are 4×4
 FAST = {"resolution": RES, "validation_steps": 2, "learning_rate": 2e-4, "batch_size": 2}
@@ -30,14 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def shared_home(tmp_path_factory, tiny_sd_path, tiny_sdxl_path) -> Path:
+def shared_home(tmp_path_factory, builtin_folders) -> Path:
     """One home for the module, so the run trained once is inspected by several tests."""
-    path = tmp_path_factory.mktemp("dreambooth-home")
-    builtin = models_dir(path) / "builtin"
-    builtin.mkdir(parents=True)
-    for name, built in zip(BUILTIN_NAMES, (tiny_sd_path, tiny_sdxl_path)):
-        (builtin / name).symlink_to(built, target_is_directory=True)
-    return path
+    return link_builtins(tmp_path_factory.mktemp("dreambooth-home"), builtin_folders)
 
 
 def checks(folder: Path, n: int = 4) -> Path:
@@ -165,9 +159,7 @@ def test_same_seed_and_data_give_the_same_checkpoint_anywhere(tmp_path, tiny_sd_
     """The digest depends on the training only: no path of the machine (the base's, the home's) is in the files."""
     digests = []
     for where in ("one", "elsewhere/two"):
-        home = tmp_path / where / "home"
-        (models_dir(home) / "builtin").mkdir(parents=True)
-        (models_dir(home) / "builtin" / "tiny-sd").symlink_to(tiny_sd_path, target_is_directory=True)
+        home = link_builtins(tmp_path / where / "home", {"tiny-sd": tiny_sd_path})
         [m] = train(home, "same", dataset=str(checks(tmp_path / where / "d")), instance_prompt=SUBJECT, steps=1)
         folder = Registry(home).checkout(m)
         for config in folder.rglob("*.json"):

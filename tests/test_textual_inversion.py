@@ -13,12 +13,10 @@ import torch
 from PIL import Image
 
 from loraforge.formats.embeddings import read_embedding
-from loraforge.home import models_dir
-from loraforge.models.builtin import BUILTIN_NAMES
 from loraforge.plugins import TRAINERS
 from loraforge.registry import Registry
 
-from cli_helpers import refused, run_cli
+from cli_helpers import link_builtins, refused, run_cli
 
 RES = 32
 TOKEN = "<sks>"
@@ -29,13 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def ti_home(tmp_path_factory, tiny_sd_path, tiny_sdxl_path) -> Path:
-    path = tmp_path_factory.mktemp("ti-home")
-    builtin = models_dir(path) / "builtin"
-    builtin.mkdir(parents=True)
-    for name, built in zip(BUILTIN_NAMES, (tiny_sd_path, tiny_sdxl_path)):
-        (builtin / name).symlink_to(built, target_is_directory=True)
-    return path
+def ti_home(tmp_path_factory, builtin_folders) -> Path:
+    return link_builtins(tmp_path_factory.mktemp("ti-home"), builtin_folders)
 
 
 @pytest.fixture(scope="module")

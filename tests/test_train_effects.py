@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from loraforge.registry import Registry
+from tests.cli_helpers import link_builtins
+from tests.process_helpers import sigterm_at
 from test_train import RES, adapter_state, pattern_images
 
 
@@ -35,10 +37,7 @@ def _env(home: Path) -> dict:
 
 
 def _link_builtins(home: Path, tiny_sd_path: Path) -> Path:
-    builtin = home / "models" / "builtin"
-    builtin.mkdir(parents=True)
-    (builtin / "tiny-sd").symlink_to(tiny_sd_path, target_is_directory=True)
-    return home
+    return link_builtins(home, {"tiny-sd": tiny_sd_path})
 
 
 @pytest.mark.slow
@@ -115,14 +114,7 @@ def test_sigterm_checkpoints_then_resume_finishes(tmp_path, tiny_sd_path):
     cmd[cmd.index("--steps") + 1], cmd[cmd.index("--checkpoint-every") + 1] = "200", "1000"
     cmd.remove("--json")  # plain progress lines on stderr tell the test when training is under way
     proc = subprocess.Popen(cmd, env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stderr:
-            if "step 20/200" in line:
-                proc.send_signal(signal.SIGTERM)
-                break
-        _out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    err = sigterm_at(proc, "step 20/200")
     assert proc.returncode == 1
     assert "stopped by SIGTERM after step" in err and "checkpoint saved" in err
     stopped_at = int(err.split("stopped by SIGTERM after step ")[1].split()[0])

@@ -3,12 +3,10 @@ resumes, and what several processes cannot honour is refused in one line."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ import torch
 from loraforge.registry import Registry
 from test_train import RES, adapter_state, cli_run, pattern_images, train
 from test_train_effects import _env, _link_builtins
+from tests.process_helpers import alive, children_of, sigterm_at
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,26 +48,6 @@ def test_two_processes_train_the_adapter_one_process_trains(home, tmp_path):
     assert two.metrics["grad_norm_last"] == pytest.approx(one.metrics["grad_norm_last"], rel=1e-5)
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the ranks")
 def test_killed_two_process_run_resumes_and_registers_once(tmp_path, tiny_sd_path):
@@ -85,14 +64,14 @@ def test_killed_two_process_run_resumes_and_registers_once(tmp_path, tiny_sd_pat
             assert proc.poll() is None, "the run ended before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.01)
-        ranks = _children(proc.pid)
+        ranks = children_of(proc.pid)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
     assert len(ranks) == 2, ranks
     deadline = time.monotonic() + 10
-    while any(_alive(r) for r in ranks):  # the ranks die with the launching process
+    while any(alive(r) for r in ranks):  # the ranks die with the launching process
         assert time.monotonic() < deadline, "a rank outlived the killed run"
         time.sleep(0.05)
     checkpoints = sorted(p.name for p in (home / "runs").glob("*/step-*"))
@@ -128,14 +107,7 @@ def test_sigterm_stops_every_rank_with_a_checkpoint(tmp_path, tiny_sd_path):
            "--dataset", str(data), "--steps", "200", "--resolution", str(RES), "--rank", "4", "--batch-size", "2",
            "--processes", "2", "--target-modules", "to_k", "--validation-steps", "1"]
     proc = subprocess.Popen(cmd, env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stderr:
-            if "step 20/200" in line:
-                proc.send_signal(signal.SIGTERM)
-                break
-        _out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    err = sigterm_at(proc, "step 20/200")
     assert proc.returncode == 1
     [message] = [line for line in err.splitlines() if line.startswith("Error: ")]
     assert "stopped by SIGTERM after step" in message and "checkpoint saved" in message, err

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import refused, run_cli
-from loraforge.models.builtin import BUILTIN_NAMES
+from cli_helpers import link_builtins, refused, run_cli
 from loraforge.registry import Registry
 from test_train import RES, adapter_state, pattern_images
 
@@ -29,15 +28,8 @@ REL_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def xl_home(tmp_path_factory, tiny_sd_path, tiny_sdxl_path) -> Path:
-    from loraforge.home import models_dir
-
-    path = tmp_path_factory.mktemp("sdxl-home")
-    builtin = models_dir(path) / "builtin"
-    builtin.mkdir(parents=True)
-    for name, built in zip(BUILTIN_NAMES, (tiny_sd_path, tiny_sdxl_path)):
-        (builtin / name).symlink_to(built, target_is_directory=True)
-    return path
+def xl_home(tmp_path_factory, builtin_folders) -> Path:
+    return link_builtins(tmp_path_factory.mktemp("sdxl-home"), builtin_folders)
 
 
 @pytest.fixture(scope="module")
@@ -243,5 +235,6 @@ def test_trainers_without_sdxl_conditioning_refuse_sdxl_in_one_line(xl_home, met
     before = Registry(xl_home).list()
     common = TRAIN[:TRAIN.index("--batch-size")] if method == "reward" else TRAIN  # reward has no batch size
     line = refused(run_cli(xl_home, "train", method, "--name", "no-xl", *common, *args, ok=False))
-    assert line == (f"Error: {method} does not train on sdxl bases (builtin:tiny-sdxl); use a sd1 base")
+    families = {"slider": "sd1 or flux", "reward": "sd1"}[method]
+    assert line == (f"Error: {method} does not train on sdxl bases (builtin:tiny-sdxl); use a {families} base")
     assert Registry(xl_home).list() == before
