@@ -76,14 +76,12 @@ class LearnedRows:
         self.handle = embedding.register_forward_hook(self._splice)
 
     def _splice(self, _module, args, output):
-        import torch
-
         ids = args[0]
         new = ids >= self.first
         if not bool(new.any()):
             return output
         rows = self.rows.to(output.device, output.dtype)[(ids - self.first).clamp(min=0)]
-        return torch.where(new[..., None], rows, output)
+        return rows.where(new[..., None], output)  # torch.where as a method: no import in the forward hook
 
     def write_into_matrix(self) -> None:
         """Stop splicing and put the learned rows into the embedding matrix (the new rows only)."""
