@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 from loraforge.daemon.bundle import register_bundle, write_head_lock
 from loraforge.daemon.checkpoints import CheckpointMailbox, describe, discard_stored, load_stored, store_checkpoints
 from loraforge.daemon.queue import Job
+from loraforge.daemon.worker import JobSlot
 from loraforge.errors import ConfigError
 from loraforge.hashing import sha256_file
 
@@ -166,34 +167,23 @@ class _Handle:
     pid: Optional[int] = None  # the remote worker's pid, once its first log line names it
 
 
-class RayWorker:
+class RayWorker(JobSlot):
     """One slot of the Ray executor: runs one job at a time as a Ray task (same interface as Worker)."""
 
     def __init__(self, spec, cluster: RayCluster, home: Path, watched_for: Callable[[Job], list[str]],
                  default_cmd: Sequence[str], artifacts_for: Optional[Callable[[Job], list[dict]]] = None):
-        self.spec = spec
+        super().__init__(spec)
         self.cluster = cluster
         self.home = home
         self.watched_for = watched_for
         self.artifacts_for = artifacts_for or (lambda job: [])
         self.root: Optional[Path] = None  # the head folder the job's input tree mirrors
         self.default_cmd = list(default_cmd)
-        self.job: Optional[Job] = None
         self.proc: Optional[_Handle] = None
         self.ref = None
         self.key: Optional[str] = None
-        self.cancelling = False
-        self.terminated_at: Optional[float] = None
         self._returncode: Optional[int] = None
         self._kept: Optional[list] = None  # [ref] of the job's newest uploaded checkpoint, owned by the head
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def busy(self) -> bool:
-        return self.proc is not None
 
     def resources(self, job: Job) -> dict[str, float]:
         """What the job's task asks Ray for: a GPU per training process when the cluster has GPUs (one task,

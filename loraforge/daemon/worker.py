@@ -79,19 +79,16 @@ def describe_exit(returncode: int, log_path: Path) -> str:
     return f"exit code {returncode}{last}"
 
 
-class Worker:
-    """Runs `apply` for one job at a time with CUDA_VISIBLE_DEVICES pinned to its GPU."""
+class JobSlot:
+    """What every executor's worker holds: its spec, the job it runs, the handle of that run (None when idle),
+    and whether a cancel is under way (`terminated_at`: when it was asked to stop)."""
 
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec):
         self.spec = spec
         self.job: Optional[Job] = None
-        self.proc: Optional[subprocess.Popen] = None
-        self._log: Optional[IO[bytes]] = None
+        self.proc = None
         self.cancelling = False
         self.terminated_at: Optional[float] = None
-        self.lent_to: Optional[str] = None  # the worker whose multi-GPU job uses this worker's GPU
-        self.gpus: list[str] = []  # the GPUs of the running job: its own, then those lent to it
-        self.lent: list["Worker"] = []  # the workers lent to the running job
 
     @property
     def name(self) -> str:
@@ -100,6 +97,18 @@ class Worker:
     @property
     def busy(self) -> bool:
         return self.proc is not None
+
+
+class Worker(JobSlot):
+    """Runs `apply` for one job at a time with CUDA_VISIBLE_DEVICES pinned to its GPU."""
+
+    def __init__(self, spec: WorkerSpec):
+        super().__init__(spec)
+        self.proc: Optional[subprocess.Popen] = None
+        self._log: Optional[IO[bytes]] = None
+        self.lent_to: Optional[str] = None  # the worker whose multi-GPU job uses this worker's GPU
+        self.gpus: list[str] = []  # the GPUs of the running job: its own, then those lent to it
+        self.lent: list["Worker"] = []  # the workers lent to the running job
 
     def env(self, base: dict[str, str], job: Job) -> dict[str, str]:
         env = dict(base)
