@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.home import models_dir
-from loraforge.models.builtin import BUILTIN_NAMES
+from tests.cli_helpers import link_builtins
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
 EXAMPLE = re.compile(r"<!-- example -->\n```python\n(.*?)```", re.S)
@@ -28,13 +27,9 @@ def test_the_doc_has_an_example_for_every_plugin_kind_it_lists():
 
 
 @pytest.mark.timeout(600)
-def test_the_worked_examples_run(tmp_path, tiny_sd_path, tiny_sdxl_path):
+def test_the_worked_examples_run(tmp_path, builtin_folders):
     # A fresh interpreter and home: the examples register plugins, which must not leak into other tests.
-    home = tmp_path / "home"
-    builtin = models_dir(home) / "builtin"
-    builtin.mkdir(parents=True)
-    for name, built in zip(BUILTIN_NAMES, (tiny_sd_path, tiny_sdxl_path)):
-        (builtin / name).symlink_to(built, target_is_directory=True)
+    home = link_builtins(tmp_path / "home", builtin_folders)
     blocks = examples()
     script = "\n\n".join(f"# -- example {i + 1}\n{code}\nprint('example {i + 1} ran', flush=True)"
                          for i, code in enumerate(blocks))
