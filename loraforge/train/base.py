@@ -37,7 +37,7 @@ class TrainConfig(BaseModel):
     validation_steps: int = Field(8, ge=1, description="Denoising steps of validation images.")
     validation_every: int = Field(0, ge=0, description="Also render validation images every N steps (0: only at the end).")
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], description="UNet module names (last segments) that get a LoRA.")
-    train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoders' attention projections (SDXL: both).")
+    train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoders' attention projections (SDXL: both; Flux: CLIP, T5 stays frozen).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
     cache_latents: bool = Field(True, description="Cache VAE latents and text embeddings on disk (keyed by images, transform, text and model weights).")
     use_8bit_adam: bool = Field(False, description="Use bitsandbytes' 8-bit AdamW (needs CUDA and bitsandbytes; refused otherwise).")

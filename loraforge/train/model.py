@@ -28,12 +28,26 @@ class TrainingModel:
         return self.pipe.unet
 
     @property
+    def denoiser(self):
+        """The component that predicts noise or velocity: the UNet, or Flux's transformer."""
+        from loraforge.families import family
+
+        return getattr(self.pipe, family(self.family).denoiser)
+
+    @property
     def family(self) -> str:
         return self.base.family
 
     @property
+    def flow(self) -> bool:
+        """Whether the base is trained as a rectified flow (velocity prediction), as Flux is."""
+        from loraforge.families import family
+
+        return family(self.family).prediction == "flow"
+
+    @property
     def text_encoders(self) -> list:
-        """The text encoders prompts go through: one for SD1, two for SDXL."""
+        """The text encoders prompts go through: one for SD1, two for SDXL and Flux (CLIP and T5)."""
         return [m for m in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if m is not None]
 
     def autocast(self):
@@ -73,6 +87,7 @@ def load_training_model(registry: Registry, base_ref: str, mixed_precision: str 
     from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor2_0
 
+    from loraforge.families import family
     from loraforge.models.base_config import with_config
     from loraforge.models.pipeline import load_pipeline, pick_device
     from loraforge.registry.resolve import resolve_base
@@ -82,38 +97,58 @@ def load_training_model(registry: Registry, base_ref: str, mixed_precision: str 
     amp = precision(mixed_precision, dev)
     # Frozen weights are stored in the autocast dtype on CUDA (half the memory); LoRA weights stay fp32.
     pipe = load_pipeline(base, dev, amp or torch.float32, home=registry.home)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+    fam = family(base.family)
+    for part in (getattr(pipe, name, None) for name in fam.components):
         if part is None:
             continue
         part.requires_grad_(False)
         part.eval()
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    denoiser = getattr(pipe, fam.denoiser)
+    if not fam.is_transformer:  # Flux's attention processors already call SDPA
+        denoiser.set_attn_processor(AttnProcessor2_0())
     if gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        denoiser.enable_gradient_checkpointing()
+    if fam.prediction == "flow":
+        from loraforge.train.flow_matching import training_scheduler
+
+        noise_scheduler = training_scheduler(pipe.scheduler.config)
+    else:
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return TrainingModel(pipe=pipe, base=base, device=dev, autocast_dtype=amp, noise_scheduler=noise_scheduler)
 
 
 @dataclass
-class SDXLText:
-    """What SDXL's UNet is conditioned on by a prompt: the per-token embeddings (both encoders' penultimate
-    hidden states, concatenated) and text_encoder_2's pooled projection (its `text_embeds`)."""
+class PooledText:
+    """A prompt's per-token embeddings and one pooled vector. SDXL: both encoders' penultimate hidden states,
+    concatenated, and text_encoder_2's pooled projection (its `text_embeds`); Flux: T5's sequence and CLIP's
+    pooled output."""
 
-    embeds: torch.Tensor  # batch × 77 × (dim_1 + dim_2)
-    pooled: torch.Tensor  # batch × projection_dim
+    embeds: torch.Tensor  # batch × tokens × width
+    pooled: torch.Tensor  # batch × pooled width
 
-    def to(self, device) -> "SDXLText":
-        return SDXLText(self.embeds.to(device), self.pooled.to(device))
+    def to(self, device) -> "PooledText":
+        return PooledText(self.embeds.to(device), self.pooled.to(device))
 
-    def __getitem__(self, index) -> "SDXLText":
-        return SDXLText(self.embeds[index], self.pooled[index])
+    def __getitem__(self, index) -> "PooledText":
+        return PooledText(self.embeds[index], self.pooled[index])
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
+    def repeat(self, n: int) -> "PooledText":
+        """One prompt's conditioning for a batch of n."""
+        return PooledText(self.embeds.expand(n, -1, -1), self.pooled.expand(n, -1))
 
-# An SD1 prompt is one tensor (batch × 77 × dim); an SDXL prompt an SDXLText.
-Text = Union[torch.Tensor, SDXLText]
+
+SDXLText = PooledText  # the name SDXL code knows it by
+
+# An SD1 prompt is one tensor (batch × 77 × dim); an SDXL or Flux prompt a PooledText.
+Text = Union[torch.Tensor, PooledText]
+
+
+def repeat_text(text: Text, n: int) -> Text:
+    """A one-prompt conditioning repeated for a batch of n (a view: no copy)."""
+    return text.repeat(n) if isinstance(text, PooledText) else text.expand(n, -1, -1)
 
 
 def tokenize_prompts(model: TrainingModel, prompts: Sequence[str]) -> torch.Tensor:
@@ -131,8 +166,14 @@ def tokenize_all(model: TrainingModel, prompts: Sequence[str]) -> list[torch.Ten
 def encode_prompts(model: TrainingModel, prompts: Sequence[str], grad: bool = False) -> Text:
     """The text conditioning of `prompts`: SD1's per-token embeddings (batch × 77 × dim), or for SDXL an
     SDXLText computed by diffusers' own StableDiffusionXLPipeline.encode_prompt, so a run conditions exactly
-    as inference does. `grad` keeps the graph (a text-encoder LoRA is training)."""
+    as inference does (Flux: FluxPipeline.encode_prompt's T5 sequence and CLIP pooled vector). `grad` keeps the
+    graph (a text-encoder LoRA is training)."""
     ctx = contextlib.nullcontext() if grad else torch.no_grad()
+    if model.flow:
+        from loraforge.train import flow_matching
+
+        with ctx:
+            return PooledText(*flow_matching.encode_prompts(model, prompts))
     if model.family == "sdxl":
         with ctx, model.autocast():
             embeds, _, pooled, _ = model.pipe.encode_prompt(list(prompts), device=model.device,
@@ -169,10 +210,13 @@ def unet_conditioning(model: TrainingModel, text: Text, latents: torch.Tensor) -
 
 @torch.no_grad()
 def encode_images(model: TrainingModel, pixels: torch.Tensor) -> torch.Tensor:
-    """Scaled VAE latents (the distribution's mean, so cached and fresh latents agree)."""
+    """Scaled VAE latents (the distribution's mean, so cached and fresh latents agree); a flow model's VAE (Flux)
+    is also shifted, (z − shift_factor)·scaling_factor, as its pipeline decodes them."""
     vae = model.pipe.vae
     with model.autocast():
         latents = vae.encode(pixels.to(model.device, vae.dtype)).latent_dist.mean
+    if model.flow:
+        return (latents.float() - vae.config.shift_factor) * vae.config.scaling_factor
     return latents.float() * vae.config.scaling_factor
 
 
@@ -195,9 +239,72 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator, num_timestep
     return noise.to(latents.device), timesteps.to(latents.device)
 
 
+def sample_training_noise(model: TrainingModel, latents: torch.Tensor, generator: torch.Generator,
+                          options=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise, timesteps) of the base's objective for `latents`: DDPM's uniform integer timesteps, or for a flow
+    model (Flux) the noise levels σ drawn as `options` (a flow_matching.FlowOptions) say."""
+    if model.flow:
+        from loraforge.train import flow_matching
+
+        return flow_matching.sample_noise(model.noise_scheduler, latents, generator, options)
+    return sample_noise(latents, generator, model.noise_scheduler.config.num_train_timesteps)
+
+
+def predict(model: TrainingModel, denoiser, x: torch.Tensor, t, text: Text, guidance: float = 1.0) -> torch.Tensor:
+    """The denoiser's prediction on latents x (batch × C × H × W) at t, in x's layout: a UNet's ε at timestep t,
+    or Flux's velocity at noise level t = σ with embedded guidance `guidance` (x packed into tokens and back)."""
+    if model.flow:
+        from loraforge.train import flow_matching
+
+        sigmas = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        v = flow_matching.predict_velocity(model, denoiser, flow_matching.pack(x), sigmas, text, *x.shape[-2:], guidance)
+        return flow_matching.unpack(v, x.shape[-2], x.shape[-1])
+    with model.autocast():
+        return denoiser(x, t, **unet_conditioning(model, text, x)).sample.float()
+
+
+def latent_shape(model: TrainingModel, batch: int, resolution: int) -> tuple[int, ...]:
+    """The latents a square image of `resolution` pixels has (Flux: an even side, its tokens being 2×2 patches)."""
+    vae = model.pipe.vae
+    factor = model.pipe.vae_scale_factor
+    side = 2 * (resolution // (factor * 2)) if model.flow else resolution // factor
+    return (batch, vae.config.latent_channels, side, side)
+
+
+def inference_schedule(model: TrainingModel, steps: int, side: int):
+    """The base's sampler set to `steps` steps for a `side`×`side` latent, as its pipeline sets it."""
+    if model.flow:
+        from loraforge.train import flow_matching
+
+        return flow_matching.sampling_schedule(model, steps, side)
+    sampler = type(model.pipe.scheduler).from_config(model.pipe.scheduler.config)
+    sampler.set_timesteps(steps)
+    return sampler
+
+
+def sampler_input(model: TrainingModel, sampler, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model input, model time) of sampler timestep t: the scaled input and t itself for a UNet; x and the noise
+    level σ = t / num_train_timesteps for a flow transformer (as FluxPipeline passes timestep / 1000)."""
+    if model.flow:
+        return x, t / sampler.config.num_train_timesteps
+    return sampler.scale_model_input(x, t), t
+
+
+def initial_noise(model: TrainingModel, sampler, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """x_T for the sampler, drawn on CPU from `generator`, on the model's device."""
+    scale = getattr(sampler, "init_noise_sigma", None)
+    x = torch.randn(shape, generator=generator).to(model.device)
+    return x if scale is None else x * scale
+
+
 def denoising_loss(model: TrainingModel, unet, latents: torch.Tensor, text: Text,
-                   noise: torch.Tensor, timesteps: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-    """DDPM noise-prediction loss ‖unet(x_t, t, c) − target‖² (per sample when reduce is False)."""
+                   noise: torch.Tensor, timesteps: torch.Tensor, reduce: bool = True, options=None) -> torch.Tensor:
+    """DDPM noise-prediction loss ‖unet(x_t, t, c) − target‖² (per sample when reduce is False); for a flow
+    model (Flux) the velocity loss of flow_matching.flow_loss at noise levels `timesteps` (σ), with `options`."""
+    if model.flow:
+        from loraforge.train import flow_matching
+
+        return flow_matching.flow_loss(model, unet, latents, text, noise, timesteps, options, reduce=reduce)
     noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
     target = noise_target(model, latents, noise, timesteps)
     with model.autocast():

@@ -13,10 +13,6 @@ from loraforge.formats import LoraModule, LoraState
 from loraforge.models.peft_layers import lora_layers
 from loraforge.train.lora_targets import DEFAULT_UNET_TARGETS, LAYER_PRESETS, TEXT_ENCODER_TARGETS  # noqa: F401
 
-# transformers 5 builds CLIPTextModel without its `text_model` wrapper; files (and LoraState) keep it.
-_TEXT_MODEL_ROOTS = ("embeddings.", "encoder.", "final_layer_norm")
-
-
 def inject_lora(model: nn.Module, *, rank: int, alpha: float | None = None,
                 target_modules: Iterable[str] | str = DEFAULT_UNET_TARGETS, adapter_name: str = "default",
                 seed: int = 0) -> list[nn.Parameter]:
@@ -81,8 +77,12 @@ def lora_parameters(model: nn.Module, adapter_name: str = "default") -> dict[str
 
 
 def _canonical_path(component: str, name: str) -> str:
-    if component.startswith("text_encoder") and name.startswith(_TEXT_MODEL_ROOTS):
-        name = "text_model." + name
+    """transformers 5 builds CLIPTextModel without its `text_model` wrapper; files (and LoraState) keep it (T5's
+    `encoder.block.…` paths are left as they are)."""
+    from loraforge.formats.lora import with_text_model
+
+    if component.startswith("text_encoder"):
+        name = with_text_model(name)
     return f"{component}.{name}"
 
 

@@ -113,35 +113,41 @@ class Session:
         return {f"{component}.{n}": p for n, p in lora_parameters(module, adapter_name).items()}
 
     def base(self):
-        """The resolved base (with its base_config), refused here when the trainer cannot train its family."""
+        """The resolved base (with its base_config), refused here when the trainer cannot train its family (or when
+        flow-matching options were changed for a base that is no flow model)."""
         from loraforge.models.base_config import with_config
+        from loraforge.train.flow_matching import check_flow_options
         from loraforge.registry.resolve import resolve_base
         from loraforge.train.model import check_family
 
         if self._base is None:
             base = with_config(resolve_base(self.registry, self.config.base), self.config.base_config)
             self._base = check_family(base, self.families, self.method)
+            check_flow_options(self.config, self._base)
         return self._base
 
     def load_model(self, full_precision: bool = False) -> TrainingModel:
         """The frozen base, loaded once per session. On CUDA its weights are stored in the autocast dtype (half
         the memory, right for adapters); `full_precision` keeps them fp32 and only computes under autocast: a
         full fine-tune needs fp32 master weights, and the frozen parts it saves must come back unrounded."""
+        from loraforge.train.flow_matching import check_flow_options
+
         if self.model is None:
             torch.manual_seed(self.config.seed)
             mixed = "no" if full_precision else self.config.mixed_precision
             model = load_training_model(self.registry, self.config.base, mixed,
                                         self.config.gradient_checkpointing, config=self.config.base_config,
                                         families=self.families, method=self.method)
+            check_flow_options(self.config, model.base)
             if full_precision:
                 model.autocast_dtype = precision(self.config.mixed_precision, model.device)
             self.model = model
         return self.model
 
     def forward_unet(self):
-        """The UNet to call in the loss: compiled when the config opts in."""
+        """The denoiser (UNet, or Flux's transformer) to call in the loss: compiled when the config opts in."""
         if self._forward is None:
-            unet = self.model.unet
+            unet = self.model.denoiser
             self._forward = torch.compile(unet) if self.config.compile else unet
         return self._forward
 

@@ -14,12 +14,13 @@ from loraforge.models.peft_layers import set_lora_scale
 def validation_grid(pipe, prompts: Sequence[str], scales: Sequence[float], *, adapter_name: str = "default",
                     seed: int = 0, steps: int = 8, resolution: int = 64, title: str | None = None):
     """Images of `prompts` with the adapter at each of `scales` (0 = the base), same noise per row."""
+    from loraforge.families import family
     from loraforge.models.peft_layers import activate_adapter
-    from loraforge.models.pipeline import generate
+    from loraforge.models.pipeline import generate, pipeline_family
     from loraforge.render.grid import image_grid
 
-    # Text-encoder LoRAs (SDXL: both) belong to the adapter too: it is switched and scaled with the UNet's.
-    parts = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
+    # Text-encoder LoRAs (SDXL: both) belong to the adapter too: it is switched and scaled with the denoiser's.
+    parts = [m for m in (getattr(pipe, name, None) for name in family(pipeline_family(pipe)).adapter_components)
              if m is not None]
     for part in parts:
         activate_adapter(part, adapter_name)

@@ -9,7 +9,8 @@ from pydantic import Field
 from loraforge.plugins import TRAINERS
 from loraforge.registry.manifest import Manifest
 from loraforge.train.base import TrainConfig
-from loraforge.train.lora_targets import TEXT_ENCODER_TARGETS
+from loraforge.train.flow_matching import FlowOptions
+from loraforge.train.lora_targets import TEXT_ENCODER_TARGETS_OF_KIND, default_denoiser_targets
 from loraforge.train.trainer import SessionTrainer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -18,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from loraforge.train.session import Session
 
 
-class LoraConfig(TrainConfig):
+class LoraConfig(FlowOptions, TrainConfig):
     dataset: str = Field(description="Folder of images with .txt captions or metadata.jsonl, or a registry dataset reference.")
     instance_prompt: Optional[str] = Field(None, description="Caption for images that have none.")
     crop: Literal["center", "random"] = Field("center", description="How images are cropped to the square resolution.")
@@ -30,10 +31,13 @@ class LoraTrainer(SessionTrainer):
 
     config_class = LoraConfig
     method = "lora"
-    families = ("sd1", "sdxl")  # the SDXL conditioning (two encoders, pooled text, time ids) is train.model's
+    # The SDXL conditioning (two encoders, pooled text, time ids) is train.model's, Flux's flow-matching objective
+    # train.flow_matching's.
+    families = ("sd1", "sdxl", "flux")
     supports_processes = True  # denoising_step takes each rank's slice of the global batch
 
     def run(self, session: Session) -> list[Manifest]:
+        from loraforge.families import family
         from loraforge.train.data import prepare_dataset
         from loraforge.train.loop import run_loop
         from loraforge.train.peft_lora import lora_state_from_module
@@ -54,7 +58,7 @@ class LoraTrainer(SessionTrainer):
         step_fn = self.denoising_step(session, sources)
         result = run_loop(title=f"train {self.method} {output}", params=params, step_fn=step_fn,
                           samples_per_step=config.batch_size * len(sources), **session.loop_kwargs())
-        state = lora_state_from_module(model.unet, "unet")
+        state = lora_state_from_module(model.denoiser, family(model.family).denoiser)
         for component in text_encoder_components(session):
             lora_state_from_module(getattr(model.pipe, component), component, state=state)
         prompts = list(dict.fromkeys(data.captions))[:2]
@@ -67,10 +71,10 @@ class LoraTrainer(SessionTrainer):
         its slice of the same global batch, its noise and timesteps included, so the ranks together see exactly
         the samples one process sees."""
         from loraforge.train.data import batch_indices, step_generator
-        from loraforge.train.model import denoising_loss, encode_prompts, sample_noise
+        from loraforge.train.model import denoising_loss, encode_prompts, sample_training_noise
 
         config, model, unet = session.config, session.model, session.forward_unet()
-        n_timesteps = model.noise_scheduler.config.num_train_timesteps
+        options = config if model.flow else None  # a Flux run's flow-matching options (FlowOptions fields)
         mine = session.ranks.shard(config.batch_size)
 
         def step_fn(step: int, micro: int):
@@ -82,10 +86,11 @@ class LoraTrainer(SessionTrainer):
                 if text is None:
                     text = encode_prompts(model, source.prompts(idx), grad=True)
                 whole = latents[:1].expand(config.batch_size, *latents.shape[1:])  # the global batch's shape
-                noise, t = sample_noise(whole, step_generator(config.seed, step, micro, stream=k), n_timesteps)
+                noise, t = sample_training_noise(model, whole, step_generator(config.seed, step, micro, stream=k),
+                                                 options)
                 noise, t = noise[mine], t[mine]
                 weight = 1.0 if k == 0 else self.prior_weight(config)
-                total = total + weight * denoising_loss(model, unet, latents, text, noise, t)
+                total = total + weight * denoising_loss(model, unet, latents, text, noise, t, options=options)
             return total
 
         return step_fn
@@ -106,26 +111,50 @@ class LoraTrainer(SessionTrainer):
 
 
 def text_encoder_components(session: Session) -> list[str]:
-    """The text encoders a run trains a LoRA on: none, or with train_text_encoder every one the base has
-    (text_encoder; SDXL also text_encoder_2)."""
+    """The text encoders a run trains a LoRA on: none, or with train_text_encoder the base's CLIP encoders
+    (text_encoder; SDXL also text_encoder_2). Flux's T5 stays frozen, as in diffusers' Flux LoRA example, whose
+    pipelines load text-encoder LoRAs on CLIP only."""
+    from loraforge.families import family
+
     if not session.config.train_text_encoder:
         return []
-    return ["text_encoder", "text_encoder_2"] if session.base().family == "sdxl" else ["text_encoder"]
+    fam = family(session.base().family)
+    return [c for c, kind in zip(fam.text_encoders, fam.text_encoder_kinds) if kind != "t5"]
+
+
+def denoiser_targets(session: Session) -> list[str]:
+    """The denoiser modules the run targets: the configured ones, or when left at the default, the family's
+    default (Flux: the joint attention's image and text projections)."""
+    c = session.config
+    if list(c.target_modules) == TrainConfig.model_fields["target_modules"].get_default(call_default_factory=True):
+        return list(default_denoiser_targets(session.base().family))
+    return list(c.target_modules)
+
+
+def _text_targets(session: Session, component: str) -> tuple[str, ...]:
+    from loraforge.families import family
+
+    fam = family(session.base().family)
+    return TEXT_ENCODER_TARGETS_OF_KIND[fam.text_encoder_kinds[fam.text_encoders.index(component)]]
 
 
 def lora_targets(session: Session) -> dict:
     """The modules a LoRA run targets, per component (the text encoders' only with train_text_encoder)."""
-    targets: dict = {"unet": list(session.config.target_modules)}
+    from loraforge.families import family
+
+    targets: dict = {family(session.base().family).denoiser: denoiser_targets(session)}
     for component in text_encoder_components(session):
-        targets[component] = list(TEXT_ENCODER_TARGETS)
+        targets[component] = list(_text_targets(session, component))
     return targets
 
 
 def add_lora(session: Session) -> dict:
-    """Inject the configured LoRA into the UNet (and text encoders); trainable parameters by name."""
+    """Inject the configured LoRA into the denoiser (and text encoders); trainable parameters by name."""
+    from loraforge.families import family
+
     c, model = session.config, session.model
-    params = session.add_lora(model.unet, "unet", c.target_modules, seed=c.seed)
+    params = session.add_lora(model.denoiser, family(model.family).denoiser, denoiser_targets(session), seed=c.seed)
     for k, component in enumerate(text_encoder_components(session), start=1):
-        params.update(session.add_lora(getattr(model.pipe, component), component, TEXT_ENCODER_TARGETS,
+        params.update(session.add_lora(getattr(model.pipe, component), component, _text_targets(session, component),
                                        seed=c.seed + k))
     return params
