@@ -39,7 +39,7 @@ def _block_weights(text: str | None):
         return [float(v) for v in text.split(",")]
     except (ValueError, TypeError):
         raise ConfigError(f"invalid block weights {text!r}: give comma-separated numbers or NAME:W pairs, "
-                          "e.g. IN00:0.2,M00:0.8") from None
+                          "e.g. IN00:0.2,M00:0.8 (SD) or double:0.3,single.0:0.8 (Flux)") from None
 
 
 @click.group()
@@ -52,9 +52,13 @@ def merge() -> None:
 @click.option("--method", default="weighted_sum", show_default=True, help="Merge method (see `loraforge methods`).")
 @click.option("--alpha", type=float, help="Interpolation / difference strength.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Method parameter, e.g. density=0.3.")
-@click.option("--block-weights", help="Per-UNet-block α: comma-separated numbers or NAME:W pairs.")
-@click.option("--include", multiple=True, help="Only merge these components (unet, text_encoder, vae).")
-@click.option("--exclude", multiple=True, help="Copy these components from the first model (default: vae).")
+@click.option("--block-weights", help="Per-block α of the denoiser: comma-separated numbers (BASE first, optional) "
+              "or NAME:W pairs. SD blocks: IN00.., M00, OUT00..; Flux: double.N, single.N, or a group (double, "
+              "single) for all its blocks.")
+@click.option("--include", multiple=True, help="Only merge these components (unet or transformer, text_encoder, "
+              "vae; default: SD's unet and text encoders, Flux's transformer alone).")
+@click.option("--exclude", multiple=True, help="Copy these components from the first model when --include is not "
+              "given (default: vae; none: exclude nothing).")
 @click.option("--dtype", default="fp16", show_default=True, help="Output dtype: fp32, fp16 or bf16.")
 @click.option("-o", "--output", type=click.Path(), help="Write the result here without registering it.")
 @click.option("--name", help="Register the result under this name.")

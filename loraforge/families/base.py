@@ -28,6 +28,8 @@ class Family:
     standard_bases: tuple[str, ...] = ()
     # Block groups that block weights and merges address: group name -> the denoiser path prefix of its blocks.
     block_groups: dict[str, str] = field(default_factory=dict)
+    # What a checkpoint merge merges unless told (`--include`): the rest is copied from the first model.
+    merge_components: tuple[str, ...] = ()
 
     @property
     def adapter_components(self) -> tuple[str, ...]:

@@ -14,4 +14,5 @@ FLUX = register_family(Family(
     builtins=("tiny-flux",), hub_tags=("flux", "text-to-image"),
     standard_bases=("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell"),
     block_groups={"double": "transformer_blocks.", "single": "single_transformer_blocks."},
+    merge_components=("transformer",),
 ))

@@ -8,4 +8,5 @@ SD1 = register_family(Family(
     builtins=("tiny-sd", "shapes"), hub_tags=("stable-diffusion", "text-to-image"),
     standard_bases=("stable-diffusion-v1-5/stable-diffusion-v1-5",),
     block_groups={"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."},
+    merge_components=("unet", "text_encoder", "vae"),
 ))

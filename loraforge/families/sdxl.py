@@ -8,4 +8,5 @@ SDXL = register_family(Family(
     builtins=("tiny-sdxl",), hub_tags=("stable-diffusion-xl", "text-to-image"),
     standard_bases=("stabilityai/stable-diffusion-xl-base-1.0",),
     block_groups={"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."},
+    merge_components=("unet", "text_encoder", "vae"),
 ))

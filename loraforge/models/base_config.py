@@ -53,6 +53,10 @@ def single_file_configs(base: BaseModel, home: Path | None = None) -> Path:
     cache, checked against the file like a --config. Refused in one line when none fits."""
     if base.config is not None:
         return base.config
+    if base.family == "flux":
+        raise ConfigError(f"{base.path.name} is a Black Forest Labs Flux single file, the transformer alone: its VAE, "
+                          "text encoders and tokenizers come from a diffusers Flux folder; pass --config DIR "
+                          "(e.g. the folder of builtin:tiny-flux or black-forest-labs/FLUX.1-dev)")
     for name in _BUILTINS_OF_FAMILY[base.family]:
         builtin = ensure_builtin(name, loraforge_home(home))
         if architecture_problem(base.path, builtin) is None:
@@ -98,6 +102,10 @@ def architecture_problem(single_file: Path, folder: Path) -> str | None:
     from loraforge.models import single_file as sf
 
     family = family_of_folder(folder)
+    if family == "flux":
+        from loraforge.models.flux_single_file import architecture_problem as flux_problem
+
+        return flux_problem(single_file, folder)
     shapes = file_shapes(single_file)
     try:
         keymap = sf.KeyMap.build(shapes, family, sf.configs_from_folder(folder, family))
@@ -155,9 +163,16 @@ def strip_text_model(key: str) -> str:
 def single_file_targets(base: BaseModel, home: Path | None = None) -> dict[str, dict[str, tuple[int, ...]]]:
     """{component: {module: weight shape}} of single-file base `base`, in the diffusers paths its configs
     (single_file_configs) give its tensors through diffusers' own converters: what an adapter is checked against,
-    the same targets its diffusers folder gives (models.targets.module_shapes with norms)."""
+    the same targets its diffusers folder gives (models.targets.module_shapes with norms). A Flux file in Black
+    Forest Labs' layout is the transformer alone, named through models.flux_single_file (its header suffices)."""
     from loraforge.models import single_file as sf
 
+    if base.family == "flux":
+        from loraforge.models.flux_single_file import diffusers_plans
+
+        plans, _ = diffusers_plans(file_shapes(base.path))
+        return {"transformer": {k[: -len(".weight")]: p.shape for k, p in plans.items()
+                                if k.endswith(".weight") and len(p.shape) in (1, 2)}}
     configs = sf.configs_from_folder(single_file_configs(base, home), base.family)
     return keymap_targets(sf.KeyMap.build(file_shapes(base.path), base.family, configs))
 

@@ -76,6 +76,11 @@ def load_pipeline(
 
 def _load_single_file(cls, base: BaseModel, dtype: torch.dtype, home: Path | None):
     config = single_file_configs(base, home)
+    if base.family == "flux":
+        # a BFL file is the transformer alone: the rest of the pipeline is the --config folder's own
+        from loraforge.models.flux_single_file import load_transformer
+
+        return cls.from_pretrained(config, transformer=load_transformer(base.path, config, dtype), dtype=dtype)
     pipe = cls.from_single_file(str(base.path), config=str(config), dtype=dtype, local_files_only=True)
     _load_converted_weights(pipe, base.path, config, dtype)
     return pipe

@@ -30,21 +30,31 @@ FOLDER_COMPONENTS = {"unet": "unet", "transformer": "transformer", "vae": "vae",
 UNET_PREFIX = "model.diffusion_model."
 
 
-def component_of(ckey: str, layout: str) -> str:
-    """unet / text_encoder / vae / other for a checkpoint key."""
+def component_of(ckey: str, layout: str, family: Optional[str] = None) -> str:
+    """unet / transformer / text_encoder / vae / other for a checkpoint key (a Flux single file in Black Forest
+    Labs' layout holds the transformer alone: its other tensors, if any, are "other")."""
     if layout == "diffusers":
         return FOLDER_COMPONENTS.get(ckey.split("/", 1)[0], "other")
+    if family == "flux":
+        from loraforge.models.flux_single_file import bfl_transformer_key
+
+        return "transformer" if bfl_transformer_key(ckey) is not None else "other"
     for prefix, component in SINGLE_FILE_PREFIXES.items():
         if ckey.startswith(prefix):
             return component
     return "other"
 
 
-def unet_key(ckey: str, layout: str) -> Optional[str]:
-    """The key inside the UNet (without prefix or folder), or None for other components."""
+def denoiser_key(ckey: str, layout: str, family: Optional[str] = None) -> Optional[str]:
+    """The key inside the denoiser (UNet or Flux transformer, without prefix or folder), or None for other
+    components."""
     if layout == "diffusers":
         folder, _, key = ckey.partition("/")
-        return key if folder == "unet" else None
+        return key if folder in ("unet", "transformer") else None
+    if family == "flux":
+        from loraforge.models.flux_single_file import bfl_transformer_key
+
+        return bfl_transformer_key(ckey)
     return ckey[len(UNET_PREFIX):] if ckey.startswith(UNET_PREFIX) else None
 
 
@@ -112,7 +122,7 @@ class Checkpoint:
         return self.files[rel].span(key, rows)
 
     def component(self, ckey: str) -> str:
-        return component_of(ckey, self.layout)
+        return component_of(ckey, self.layout, self.family)
 
     def file_layout(self) -> list[tuple[str, list[tuple[str, str]]]]:
         """[(relative file, [(ckey, key in file) in file order])] — the shape of an output mirroring this input."""
@@ -126,12 +136,16 @@ def check_compatible(first: Checkpoint, other: Checkpoint, components: set[str])
     """Raise MergeError naming the first tensor that differs in presence or shape (in `components`); a key of
     `first` that a converted `other` has no counterpart for (`untranslated`, see `ConvertedCheckpoint`) is
     not asked for."""
-    if first.family != other.family:
-        raise MergeError(f"{other.ref} is an {other.family} checkpoint but {first.ref} is {first.family}: "
-                         "checkpoints of different architectures cannot be merged")
+    check_same_family(first, other)
     if first.layout != other.layout:
         raise MergeError(f"{first.ref} is a {first.layout.replace('_', '-')} checkpoint and {other.ref} a "
                          f"{other.layout.replace('_', '-')} one: give all inputs in the same layout")
+    lacking = sorted(({first.component(k) for k in first.index} & components)
+                     - {other.component(k) for k in other.index})
+    if lacking:
+        alone = " (a Flux single file holds the transformer alone)" if other.family == "flux" else ""
+        raise MergeError(f"{other.ref} holds no {lacking[0]} weights{alone}: leave {lacking[0]} out of the merged "
+                         "components (--include)")
     untranslated = getattr(other, "untranslated", frozenset())
     for ckey in first.index:
         if first.component(ckey) not in components or ckey in untranslated:
@@ -149,6 +163,19 @@ def check_compatible(first: Checkpoint, other: Checkpoint, components: set[str])
         if other.component(ckey) in components and ckey not in first.index:
             raise MergeError(f"tensor {ckey} of {other.ref} is missing from {first.ref}: the checkpoints "
                              "are different architectures")
+
+
+def check_same_family(first: Checkpoint, other: Checkpoint) -> None:
+    """Refuse, in one line naming both families, checkpoints of different model families."""
+    if first.family != other.family:
+        from loraforge.families import describe
+
+        def a(name: str) -> str:
+            label = describe(name)
+            return ("an " if label[:1] in "AEIOSX" else "a ") + label
+
+        raise MergeError(f"{other.ref} is {a(other.family)} checkpoint but {first.ref} is {a(first.family)} one: "
+                         "checkpoints of different architectures cannot be merged")
 
 
 class PickleFile:
@@ -300,7 +327,7 @@ class ConvertedCheckpoint:
         return self._infos[ckey]
 
     def component(self, ckey: str) -> str:
-        return component_of(ckey, self.layout)
+        return component_of(ckey, self.layout, self.family)
 
     def span(self, ckey: str, rows: Optional[tuple[int, int]] = None) -> tuple[int, int, list[int]]:
         info = self._infos[ckey]
@@ -334,11 +361,13 @@ class ConvertedCheckpoint:
 def in_layout_of(first: Checkpoint, other: Checkpoint):
     """`other` read in `first`'s layout: itself when they share it, else converted through the KeyMap of
     whichever is the single file, with the diffusers folder's configs (diffusers' converters need them)."""
+    check_same_family(first, other)
+    if first.family == "flux":
+        from loraforge.ops.flux_layouts import flux_in_layout_of
+
+        return flux_in_layout_of(first, other)
     if other.layout == first.layout:
         return other
-    if first.family != other.family:
-        raise MergeError(f"{other.ref} is an {other.family} checkpoint but {first.ref} is {first.family}: "
-                         "checkpoints of different architectures cannot be merged")
     if first.layout == "diffusers":
         return ConvertedCheckpoint.as_diffusers(other, keymap_of(other, first.path), spelling=first)
     return ConvertedCheckpoint.as_single_file(other, keymap_of(first, other.path))

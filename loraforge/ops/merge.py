@@ -20,13 +20,12 @@ import torch
 from loraforge.errors import ConfigError
 from loraforge.faults import fault_point
 from loraforge.formats.safetensors_io import SafetensorsWriter, dtype_from_name, partial_path
-from loraforge.ops.blocks import BASE, block_names, block_of, layers_per_block, resolve_block_weights
-from loraforge.ops.checkpoints import Checkpoint, check_compatible, in_layout_of, unet_key
+from loraforge.ops.blocks import BASE, block_map, resolve_block_weights
+from loraforge.ops.checkpoints import Checkpoint, check_compatible, check_same_family, denoiser_key, in_layout_of
 from loraforge.ops.merge_methods import TensorContext
 from loraforge.ops.specs import CheckpointMergeSpec
 from loraforge.registry.blobs import fsync_dir
 
-ALL_COMPONENTS = ("unet", "text_encoder", "vae")
 # Elementwise methods see big tensors in row chunks of about this many elements: small enough that a
 # chunk's fp16 bytes and fp32 copies (2.5 MB) stay in cache between the convert, multiply-add and
 # convert-back passes, large enough that per-chunk overhead is negligible. A method may set its own
@@ -69,9 +68,20 @@ class MergePlan:
             ckpt.close()
 
 
-def merged_components(spec: CheckpointMergeSpec) -> tuple[str, ...]:
-    chosen = list(spec.include) if spec.include else list(ALL_COMPONENTS)
-    return tuple(c for c in chosen if c not in spec.exclude)
+def merged_components(spec: CheckpointMergeSpec, family_name: str) -> tuple[str, ...]:
+    """The components a merge of `family_name` checkpoints merges: `spec.include` when given, else the family's
+    (`Family.merge_components`: SD's UNet, text encoders and VAE, Flux's transformer alone) less `spec.exclude`
+    (the VAE by default). A component the family's pipelines lack (a UNet for Flux) is refused in one line."""
+    from loraforge.families import family
+
+    fam = family(family_name)
+    known = (fam.denoiser, "text_encoder", "vae")
+    for name in [*(spec.include or ()), *spec.exclude]:
+        if name not in known:
+            raise ConfigError(f"{fam.label} checkpoints have no {name} component; name {', '.join(known)}")
+    if spec.include:
+        return tuple(dict.fromkeys(spec.include))
+    return tuple(c for c in fam.merge_components if c not in spec.exclude)
 
 
 def plan_merge(spec: CheckpointMergeSpec, inputs: list[Checkpoint]) -> MergePlan:
@@ -81,11 +91,13 @@ def plan_merge(spec: CheckpointMergeSpec, inputs: list[Checkpoint]) -> MergePlan
     method = MERGE_METHODS.get(spec.method)
     method = method() if isinstance(method, type) else method
     params = method.check(len(inputs), dict(spec.params))
-    components = merged_components(spec)
+    first = inputs[0]
+    for other in inputs[1:]:
+        check_same_family(first, other)
+    components = merged_components(spec, first.family)
     if not components:
         raise ConfigError("every component is excluded: nothing would be merged (check --include/--exclude)")
     out_dtype = dtype_from_name(spec.dtype)
-    first = inputs[0]
     inputs = [first] + [in_layout_of(first, other) for other in inputs[1:]]
     for other in inputs[1:]:
         check_compatible(first, other, set(components))
@@ -94,14 +106,16 @@ def plan_merge(spec: CheckpointMergeSpec, inputs: list[Checkpoint]) -> MergePlan
     alpha = spec.alpha if spec.alpha is not None else (
         weights[1] if method.max_models == 2 and weights[1] is not None else method.default_alpha)
 
-    block_alphas = None
-    layers = 2
+    block_alphas, blocks = None, None
     if spec.block_weights is not None:
-        if "unet" not in components:
-            raise ConfigError("block weights apply to the UNet, which is excluded from this merge")
-        ukeys = [k for c in first.index if (k := unet_key(c, first.layout)) is not None]
-        layers = layers_per_block(ukeys) if first.layout == "diffusers" else 2
-        block_alphas = resolve_block_weights(spec.block_weights, block_names(ukeys, first.layout), alpha)
+        from loraforge.families import family
+
+        denoiser = family(first.family).denoiser
+        if denoiser not in components:
+            raise ConfigError(f"block weights apply to the {denoiser}, which is excluded from this merge")
+        dkeys = [k for c in first.index if (k := denoiser_key(c, first.layout, first.family)) is not None]
+        blocks = block_map(first.family, dkeys, first.layout)
+        block_alphas = resolve_block_weights(spec.block_weights, blocks, alpha)
 
     files = []
     for rel, keys in first.file_layout():
@@ -111,10 +125,10 @@ def plan_merge(spec: CheckpointMergeSpec, inputs: list[Checkpoint]) -> MergePlan
             # a tensor diffusers' converters drop (position ids) has no counterpart in a converted input
             merge = first.component(ckey) in components and info.is_float and ckey not in untranslated
             a = alpha
-            if merge and block_alphas is not None:
-                if first.component(ckey) == "unet":
-                    block = block_of(unet_key(ckey, first.layout), first.layout, layers)
-                    a = block_alphas[block or BASE]
+            if merge and blocks is not None:
+                dkey = denoiser_key(ckey, first.layout, first.family)
+                if dkey is not None:
+                    a = block_alphas[blocks.block_of(dkey) or BASE]
                 else:
                     a = block_alphas[BASE]
             tasks.append(TensorTask(ckey, key, info.shape, out_dtype if merge else info.torch_dtype, merge, a))

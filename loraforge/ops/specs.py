@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Component = Literal["unet", "text_encoder", "vae"]
+Component = Literal["unet", "transformer", "text_encoder", "vae"]
 DType = Literal["fp32", "fp16", "bf16"]
 
 
@@ -35,10 +35,14 @@ class CheckpointMergeSpec(Spec):
     params: dict[str, Any] = Field(default_factory=dict,
                                    description="Method parameters, e.g. density, drop_rate, seed, lambda.")
     block_weights: Optional[Union[list[float], dict[str, float]]] = Field(
-        None, description="Per-UNet-block α: 25 numbers for SD1 (BASE, IN00..IN11, M00, OUT00..OUT11) "
-                          "or a mapping of block name → weight.")
-    include: Optional[list[Component]] = Field(None, description="Only merge these components.")
-    exclude: list[Component] = Field(["vae"], description="Components copied from the first model unmerged.")
+        None, description="Per-block α of the denoiser: 25 numbers for SD1 (BASE, IN00..IN11, M00, OUT00..OUT11), "
+                          "58 for FLUX.1 (BASE, double.0..double.18, single.0..single.37), or a mapping of block "
+                          "name → weight (for Flux a group name, double or single, weighs all its blocks).")
+    include: Optional[list[Component]] = Field(
+        None, description="Only merge these components (default: the family's: SD's unet and text_encoder, "
+                          "Flux's transformer alone; its VAE and text encoders are copied from the first model).")
+    exclude: list[Component] = Field(["vae"], description="Components copied from the first model unmerged when "
+                                                          "`include` is not given.")
     dtype: DType = Field("fp16", description="Output dtype; arithmetic is always fp32.")
 
 
