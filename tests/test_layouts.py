@@ -60,14 +60,6 @@ def test_a_file_mixing_two_formats_names_one_key_of_each(home, tmp_path):
     assert "diffusers: unet.mid_block.attn1.to_q.lora_A.weight" in line
 
 
-def _tiny_flux():
-    from diffusers import FluxTransformer2DModel
-
-    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                  attention_head_dim=4, num_attention_heads=2, joint_attention_dim=8,
-                                  pooled_projection_dim=8, axes_dims_rope=(2, 2))
-
-
 def _tiny_sd3():
     from diffusers import SD3Transformer2DModel
 
@@ -76,9 +68,11 @@ def _tiny_sd3():
                                  pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8)
 
 
+# Flux's own transformer LoRAs import (tests/test_flux_formats.py); SD3's attention modules have Flux's paths, but its
+# patch embedding does not.
 @pytest.mark.parametrize("family, build, pipeline, says", [
-    ("flux", _tiny_flux, "FluxPipeline", "a LoRA for Flux (key transformer.single_transformer_blocks.0.attn.to_k"),
-    ("sd3", _tiny_sd3, "StableDiffusion3Pipeline", "a LoRA for a diffusion transformer (Flux, SD3, PixArt, ...)"),
+    ("sd3", _tiny_sd3, "StableDiffusion3Pipeline",
+     "a LoRA for a diffusion transformer other than Flux (SD3, PixArt, Sana, ...) (key transformer.pos_embed.proj"),
 ])
 def test_a_transformer_lora_saved_by_diffusers_says_which_architecture_it_is(home, tmp_path, family, build,
                                                                              pipeline, says):
@@ -86,20 +80,19 @@ def test_a_transformer_lora_saved_by_diffusers_says_which_architecture_it_is(hom
     from peft import LoraConfig, get_peft_model_state_dict
 
     model = build()
-    model.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k"]))
+    model.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "pos_embed.proj"]))
     getattr(diffusers, pipeline).save_lora_weights(str(tmp_path / family),
                                                    transformer_lora_layers=get_peft_model_state_dict(model))
     path = tmp_path / family / "pytorch_lora_weights.safetensors"
     line = _refused_import(home, path)
     assert line.startswith(f"Error: {path} is {says}"), line
-    assert line.endswith("an architecture loraforge does not adapt; it adapts SD1.x and SDXL "
-                         "(UNet and CLIP text encoders)")
+    assert line.endswith("an architecture loraforge does not adapt; it adapts SD1.x, SDXL "
+                         "(UNet and CLIP text encoders) and Flux")
 
 
 @pytest.mark.parametrize("key, family", [
-    ("lora_unet_double_blocks_0_img_attn_qkv", "Flux"),  # kohya sd-scripts' Flux names
-    ("lora_unet_single_blocks_3_linear1", "Flux"),
     ("lora_unet_joint_blocks_0_x_block_attn_qkv", "SD3"),  # kohya sd-scripts' SD3 names
+    ("lora_te3_encoder_block_0_layer_0_SelfAttention_q", "SD3 (T5 text encoder)"),  # T5 without Flux keys
 ])
 def test_kohya_files_of_other_architectures_say_which_they_are(home, tmp_path, key, family):
     path = tmp_path / "other.safetensors"
@@ -107,15 +100,6 @@ def test_kohya_files_of_other_architectures_say_which_they_are(home, tmp_path, k
                f"{key}.alpha": torch.tensor(2.0)}, str(path))
     line = _refused_import(home, path)
     assert line.startswith(f"Error: {path} is a LoRA for {family} (key {key}.alpha)"), line
-
-
-def test_a_peft_folder_of_a_flux_transformer_says_flux(home, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(_tiny_flux(), LoraConfig(r=2, target_modules=["to_q"]))
-    model.save_pretrained(str(tmp_path / "peft"))
-    line = _refused_import(home, tmp_path / "peft")
-    assert "is a LoRA for Flux (key base_model.model.single_transformer_blocks.0.attn.to_q" in line, line
 
 
 # -- the tiny pipelines, what they compute, and a LoraState applied by hand ------------------

@@ -80,14 +80,15 @@ def _parse_key(key: str) -> tuple[str, str]:
             component, rest = "unet", key  # the oldest files carry no `unet.` prefix
         else:
             raise FormatError(f"key {key} does not start with {', '.join(c + '.' for c in COMPONENTS)}")
-    if component != "unet":
+    text_encoder = component.startswith("text_encoder")
+    if text_encoder:
         rest = with_text_model(rest)  # diffusers with transformers 5 saves CLIPTextModel paths without it
     match = _OLD_UNET_PROC.match(rest)
     if match:
         proj = match["proj"]
         path = match["path"] + "." + ("to_out.0" if proj == "to_out" else proj)
         return f"{component}.{path}", match["kind"]
-    match = _OLD_TE_PROJ.match(rest) if component != "unet" else None
+    match = _OLD_TE_PROJ.match(rest) if text_encoder else None
     if match:
         return f"{component}.{match['path']}.{_TE_PROJ[match['proj']]}", match["kind"]
     for suffix, kind in _SUFFIXES:

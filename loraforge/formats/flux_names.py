@@ -134,3 +134,28 @@ def kohya_flat(bfl: str) -> str:
 def kohya_index(table: dict[str, FluxModule]) -> dict[str, FluxModule]:
     """kohya flat name (without `lora_unet_`) → FluxModule."""
     return {kohya_flat(m.bfl): m for m in table.values()}
+
+
+# Every Flux model's single-block MLP is four times its width (diffusers' FluxSingleTransformerBlock fixes
+# mlp_ratio 4), so a fused linear1 whose MLP part an adapter leaves out still has a known height.
+MLP_RATIO = 4
+_DIFFUSERS_BLOCK_PARTS = {
+    DIFFUSERS_DOUBLE: tuple(d for _, ds, _, _ in _DOUBLE for d in ds),
+    DIFFUSERS_SINGLE: tuple(d for _, ds, _, _ in _SINGLE for d in ds),
+}
+_DIFFUSERS_GLOBALS = (*(d for _, d in _GLOBAL), *FINAL_MODULATION.diffusers)
+_DIFFUSERS_IN_BLOCK = re.compile(r"^(transformer_blocks\.|single_transformer_blocks\.)\d+\.(.+)$")
+
+
+def diffusers_module_of(path: str) -> str | None:
+    """The Flux transformer module (diffusers path) that `path` — a module path or a tensor key inside the
+    transformer, `transformer_blocks.0.attn.to_q.lora_A.weight` — belongs to; None when no Flux module is."""
+    for module in _DIFFUSERS_GLOBALS:
+        if path == module or path.startswith(module + "."):
+            return module
+    m = _DIFFUSERS_IN_BLOCK.match(path)
+    if m:
+        for part in _DIFFUSERS_BLOCK_PARTS[m.group(1)]:
+            if m.group(2) == part or m.group(2).startswith(part + "."):
+                return path[: len(path) - len(m.group(2))] + part
+    return None

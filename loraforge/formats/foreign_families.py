@@ -1,47 +1,60 @@
 """Adapter keys of model families loraforge does not adapt, so a refusal can say which model a file is for.
 
-loraforge adapts SD1.x and SDXL (UNet + CLIP text encoders). LoRAs for the diffusion transformers are
-common on the Hub and Civitai and carry unmistakable key prefixes in every tool's spelling; the table below
-lists them, most specific first, each with the family it names. None of them can occur in an SD1/SDXL
-adapter, so matching them never turns away a file loraforge could read.
+loraforge adapts SD1.x, SDXL (UNet + CLIP text encoders) and Flux (a diffusion transformer with CLIP + T5).
+LoRAs for the other diffusion transformers are common on the Hub and Civitai and carry unmistakable key
+prefixes in every tool's spelling; the table below lists them, most specific first, each with the family it
+names. A diffusers `transformer.` key is Flux's when its path is a Flux transformer module
+(`flux_names.diffusers_module_of`: transformer_blocks / single_transformer_blocks, x_embedder, context_embedder,
+time_text_embed, norm_out, proj_out), and another transformer's otherwise (SD3's pos_embed, PixArt's attn1 …).
+kohya's `lora_te3_` (T5) is Flux's beside Flux transformer keys and SD3's third encoder without them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from loraforge.formats.flux_names import diffusers_module_of
+from loraforge.formats.kohya_flux import T5_PREFIX, is_flux_file
+
+OTHER_DIT = "a diffusion transformer other than Flux (SD3, PixArt, Sana, ...)"
 # (key prefix, family). A prefix also matches after a leading `base_model.model.` (PEFT) wrapper.
 SIGNATURES: tuple[tuple[str, str], ...] = (
-    # Flux: diffusers/PEFT spelling, kohya sd-scripts' spelling, BFL's own module names
-    ("transformer.single_transformer_blocks.", "Flux"),
-    ("single_transformer_blocks.", "Flux"),
-    ("lora_unet_double_blocks_", "Flux"),
-    ("lora_unet_single_blocks_", "Flux"),
-    ("diffusion_model.double_blocks.", "Flux"),
-    ("diffusion_model.single_blocks.", "Flux"),
-    ("double_blocks.", "Flux"),
-    ("single_blocks.", "Flux"),
     # SD3 / SD3.5: Stability's MMDiT block names (kohya sd-scripts writes them with lora_unet_)
     ("lora_unet_joint_blocks_", "SD3"),
     ("diffusion_model.joint_blocks.", "SD3"),
     ("joint_blocks.", "SD3"),
-    ("lora_te3_", "SD3 (T5 text encoder)"),
+    (T5_PREFIX, "SD3 (T5 text encoder)"),
     ("text_encoder_3.", "SD3 (T5 text encoder)"),
-    # any other diffusers transformer pipeline (SD3, Flux, PixArt, Sana, ...): the denoiser is `transformer`
-    ("transformer.", "a diffusion transformer (Flux, SD3, PixArt, ...)"),
-    ("transformer_blocks.", "a diffusion transformer (Flux, SD3, PixArt, ...)"),  # a PEFT folder of one
-    ("lora_transformer_", "a diffusion transformer (Flux, SD3, PixArt, ...)"),
-    ("lycoris_transformer_", "a diffusion transformer (Flux, SD3, PixArt, ...)"),
+    # any other diffusers transformer pipeline: the denoiser is `transformer`
+    ("transformer.", OTHER_DIT),
+    ("transformer_blocks.", OTHER_DIT),  # a PEFT folder of one
+    ("single_transformer_blocks.", OTHER_DIT),
+    ("lora_transformer_", OTHER_DIT),
+    ("lycoris_transformer_", OTHER_DIT),
 )
 PEFT_WRAPPER = "base_model.model."
+_TRANSFORMER = "transformer."
+
+
+def _is_flux(key: str, flux_kohya: bool) -> bool:
+    """Whether a key that matches a signature is Flux's after all, which loraforge reads."""
+    if key.startswith(T5_PREFIX):
+        return flux_kohya
+    if key.startswith(_TRANSFORMER):
+        return diffusers_module_of(key[len(_TRANSFORMER):]) is not None
+    if key.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+        return diffusers_module_of(key) is not None
+    return False
 
 
 def foreign_family(keys: Iterable[str]) -> tuple[str, str] | None:
     """(family, the first key that shows it) when any key belongs to a family loraforge does not adapt."""
     keys = sorted(keys)
+    flux_kohya = is_flux_file(keys)
     for prefix, family in SIGNATURES:
         for key in keys:
-            if key.removeprefix(PEFT_WRAPPER).startswith(prefix):
+            bare = key.removeprefix(PEFT_WRAPPER)
+            if bare.startswith(prefix) and not _is_flux(bare, flux_kohya):
                 return family, key
     return None
 
@@ -53,4 +66,4 @@ def refusal(where: str, keys: Iterable[str]) -> str | None:
         return None
     family, key = found
     return (f"{where} is a LoRA for {family} (key {key}), an architecture loraforge does not adapt; "
-            "it adapts SD1.x and SDXL (UNet and CLIP text encoders)")
+            "it adapts SD1.x, SDXL (UNet and CLIP text encoders) and Flux")

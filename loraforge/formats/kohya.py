@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraforge.errors import FormatError
+from loraforge.formats import kohya_flux
 from loraforge.formats.adapter_format import (
     AdapterFormat, FileProbe, ModuleNames, read_finite_safetensors, register_format, scan_finite_safetensors,
 )
@@ -85,14 +86,27 @@ def kohya_to_lora(sd: Mapping[str, Tensor], module_names: Mapping[str, Iterable[
     paths = PathReader(sd, module_names)
     grouped: dict[str, dict[str, Tensor]] = {}
     te_prefixes = set()
+    flux = kohya_flux.is_flux_file(sd)
+    flux_modules: dict[str, dict[str, Tensor]] = {}  # a Flux file's lora_unet_ modules by flat BFL name
     for key, value in sd.items():
         component, flat, suffix = _split_key(key)
         if component != "unet":
             te_prefixes.add(text_encoder_prefix(key))
-        # Norm layers (LyCORIS w_norm / b_norm) have 1-D weights, which a base's module names need not list:
-        # their paths are read from the diffusers/CLIP vocabulary, and `check_against` finds the layer or says so.
-        path = paths.module_path(component, flat, key, exact=suffix not in NORM_SUFFIXES)
+        if flux and component == "unet":
+            flux_modules.setdefault(flat, {})[suffix] = value
+            continue
+        if key.startswith(kohya_flux.T5_PREFIX):
+            if not flux:
+                raise FormatError(f"kohya key {key} is a T5 key (lora_te3_), which a Flux LoRA holds beside its "
+                                  "lora_unet_double_blocks_… keys; this file has no Flux transformer keys")
+            path = kohya_flux.t5_path(flat, key, module_names)
+        else:
+            # Norm layers (LyCORIS w_norm / b_norm) have 1-D weights, which a base's module names need not list:
+            # their paths are read from the diffusers/CLIP vocabulary, and `check_against` finds the layer or says so.
+            path = paths.module_path(component, flat, key, exact=suffix not in NORM_SUFFIXES)
         grouped.setdefault(f"{component}.{path}", {})[suffix] = value
+    if flux:
+        grouped.update(kohya_flux.transformer_groups(flux_modules))
     alphas = {name: t[ALPHA[1:]] for name, t in grouped.items() if ALPHA[1:] in t}
     if not any(set(t) - {ALPHA[1:]} for t in grouped.values()):
         raise FormatError("the state dict holds no LoRA weights")
@@ -123,18 +137,22 @@ def _weight_dtype(tensors: Mapping[str, Tensor], name: str):
 def lora_to_kohya(state: LoraState) -> dict[str, Tensor]:
     """Write kohya keys; factors keep their dtype, alpha is stored in the factors' dtype. UNet paths
     are written in the naming the hints say (SGM for an SGM-named import), diffusers' otherwise."""
-    names = KeyWriter(state.hints, state.components, [n.split(".", 1)[1] for n in state if n.startswith("unet.")])
     import torch
 
+    if "transformer" in state.components:  # Flux: BFL module names, fused modules fused (kohya_flux)
+        clip = KeyWriter({HINT_TE_PREFIX: kohya_flux.CLIP_PREFIX, **state.hints}, ["text_encoder"], [])
+        modules = kohya_flux.key_bases(state, clip.key_base)
+    else:
+        names = KeyWriter(state.hints, state.components, [n.split(".", 1)[1] for n in state if n.startswith("unet.")])
+        modules = {names.key_base(name): state[name] for name in state}
     alpha_dtype = state.hints.get(HINT_ALPHA_DTYPE)
     omit_default_alpha = HINT_NO_ALPHA in state.hints
 
     sd: dict[str, Tensor] = {}
-    for name in sorted(state):
-        m = state[name]
+    for base in sorted(modules):
+        m = modules[base]
         if m.variant == "dora":
             m = m.as_dora_scale()  # PEFT's lora_magnitude_vector is a key ComfyUI, A1111 and lycoris ignore
-        base = names.key_base(name)
         tensors = m.file_tensors()
         for suffix, t in tensors.items():
             sd[f"{base}.{suffix}"] = t.contiguous()

@@ -28,6 +28,7 @@ PREFIXES = {
     "lora_unet_": "unet",
     "lora_te1_": "text_encoder",
     "lora_te2_": "text_encoder_2",
+    "lora_te3_": "text_encoder_2",  # Flux's T5 (kohya_flux); SD3's third encoder, which foreign_families refuses
     "lora_te_": "text_encoder",
 }
 
@@ -98,7 +99,7 @@ def split_prefix(key: str) -> tuple[str, str]:
     for prefix, component in PREFIXES.items():
         if key.startswith(prefix):
             return component, key[len(prefix):]
-    raise FormatError(f"key {key} is not a kohya LoRA key (lora_unet_ / lora_te_ / lora_te1_ / lora_te2_)")
+    raise FormatError(f"key {key} is not a kohya LoRA key (lora_unet_ / lora_te_ / lora_te1_ / lora_te2_ / lora_te3_)")
 
 
 def text_encoder_prefix(key: str) -> str:
@@ -377,6 +378,9 @@ def with_unet_names(hints: Mapping[str, str], naming: str, family: str | None,
     """
     if naming not in NAMINGS:
         raise FormatError(f"kohya UNet names {naming!r} are not known; use one of {', '.join(NAMINGS)}")
+    if family == "flux":
+        raise FormatError("--kohya-names picks the names of a UNet's modules; kohya names a Flux transformer's "
+                          "modules by Black Forest Labs' (lora_unet_double_blocks_…): drop --kohya-names")
     out = {k: v for k, v in hints.items() if k not in SGM_HINTS}
     if naming == DIFFUSERS:
         return out

@@ -10,7 +10,8 @@ trip bit-exactly. Reading accepts both layouts and folders written by PEFT itsel
 `adapter_model.safetensors` or the older pickled `adapter_model.bin` (loaded weights-only); a folder with
 no recorded component is the component it is named after (its own name, else the last part of PEFT's
 `base_model_name_or_path`); else, for CLIP text-model modules, `text_encoder_2` when they include the projection,
-`text_encoder` when they lack the `text_model.` wrapper (transformers 5's CLIPTextModel), and for wrapped paths
+`text_encoder` when they lack the `text_model.` wrapper (transformers 5's CLIPTextModel), `transformer` for Flux
+transformer paths, `text_encoder_2` for T5 ones (`encoder.block.N…`, Flux's second encoder), and for wrapped paths
 (either encoder in transformers 4, `text_encoder_2` in 5) the one encoder of the base whose module shapes they
 fit, refused without a base or when both fit; any other folder is `unet`.
 
@@ -36,8 +37,9 @@ from loraforge.errors import FormatError
 from loraforge.formats import foreign_families
 from loraforge.formats.adapter_format import AdapterFormat, FileProbe, ModuleNames, check_finite_tensors, register_format
 from loraforge.formats.diffusers_lora import MAGNITUDE, check_dora, lora_or_dora, peft_alpha, peft_pairs
+from loraforge.formats.flux_names import diffusers_module_of
 from loraforge.formats.lora import (
-    COMPONENTS, TEXT_MODEL_PREFIX, TEXT_MODEL_ROOTS, LoraModule, LoraState, pair_names, with_text_model,
+    COMPONENTS, T5_ROOTS, TEXT_MODEL_PREFIX, TEXT_MODEL_ROOTS, LoraModule, LoraState, pair_names, with_text_model,
     without_text_model,
 )
 from loraforge.formats.pickles import load_weights_only
@@ -187,6 +189,10 @@ def _guess_component(sd: Mapping[str, Tensor | RawTensor], weights: Path, module
     for ones without CLIP's `text_model.` wrapper (transformers 5 dropped it from CLIPTextModel only), the base's
     one encoder the modules fit for wrapped ones (`_fitting_encoders`), else `unet`."""
     paths = [k.removeprefix(PREFIX) for k in sd]
+    if all(diffusers_module_of(p) is not None for p in paths):
+        return "transformer"  # Flux's transformer (foreign_families has refused other transformers)
+    if all(p.startswith(T5_ROOTS) for p in paths):
+        return "text_encoder_2"  # Flux's T5
     if not all(p.startswith((TEXT_MODEL_PREFIX, *TEXT_MODEL_ROOTS, "text_projection")) for p in paths):
         return "unet"
     if any(p.startswith("text_projection") for p in paths):

@@ -373,6 +373,20 @@ class RawTensor:
             return _float8_value(self.st_dtype, raw[0])
         return struct.unpack("<" + _SCALAR_FORMATS[self.st_dtype], raw)[0]
 
+    def rows(self, start: int, stop: int) -> "RawTensor":
+        """Rows start:stop of the first axis: a view on the same bytes."""
+        row = math.prod(self.shape[1:]) * self.element_size()
+        return RawTensor(self.st_dtype, (stop - start, *self.shape[1:]), self._buffer,
+                         self._begin + start * row, self._begin + stop * row)
+
+    @classmethod
+    def cat_rows(cls, parts: "list[RawTensor]") -> "RawTensor":
+        """The tensors stacked along their first axis (one dtype, the same trailing shape)."""
+        if len({(p.st_dtype, p.shape[1:]) for p in parts}) != 1:
+            raise FormatError("tensors of different dtypes or widths cannot be stacked by rows")
+        return cls(parts[0].st_dtype, (sum(p.shape[0] for p in parts), *parts[0].shape[1:]),
+                   b"".join(p.data.tobytes() for p in parts))
+
     @classmethod
     def float32_scalar(cls, value: float) -> "RawTensor":
         """A 0-d float32 tensor of `value`, rounded as torch rounds a Python float (to nearest)."""
