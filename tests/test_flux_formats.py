@@ -432,3 +432,14 @@ def test_kohya_names_option_is_refused_for_a_flux_adapter(tmp_path, fhome):
                            "-o", str(tmp_path / "o.safetensors"), ok=False))
     assert "kohya names a Flux transformer's modules by Black Forest Labs'" in line, line
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_t5_module_is_refused_by_the_diffusers_format_which_flux_pipelines_would_drop(tmp_path):
+    from loraforge.errors import FormatError
+
+    state = kohya_to_lora(_kohya_file(TH, TMLP, t5=True, final_alpha=1.0))
+    with pytest.raises(FormatError, match=r"changes Flux's T5 encoder \(text_encoder_2\).*export it as kohya"):
+        write_adapter(state, tmp_path / "d.safetensors", "diffusers")
+    assert not (tmp_path / "d.safetensors").exists()
+    write_adapter(state, tmp_path / "k.safetensors", "kohya")
+    assert "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_0.lora_down.weight" in load_file(str(tmp_path / "k.safetensors"))

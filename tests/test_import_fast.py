@@ -98,6 +98,20 @@ def _write_diffusers_old(path: Path) -> Path:
     return path
 
 
+def _write_kohya_flux(path: Path) -> Path:
+    """A kohya Flux file in fp16: fused qkv and linear1 (split into row views of the file's bytes on import) and the
+    final layer's modulation (its halves swapped)."""
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for name, (out, inp) in {"double_blocks_0_img_attn_qkv": (96, 32), "single_blocks_1_linear1": (224, 32),
+                             "final_layer_adaLN_modulation_1": (64, 32), "img_in": (32, 64)}.items():
+        sd[f"lora_unet_{name}.lora_down.weight"] = torch.randn(2, inp, generator=g).half()
+        sd[f"lora_unet_{name}.lora_up.weight"] = torch.randn(out, 2, generator=g).half()
+        sd[f"lora_unet_{name}.alpha"] = torch.tensor(1.0).half()
+    save_file(sd, str(path))
+    return path
+
+
 def _write_format(fmt: str):
     def write(path: Path) -> Path:
         state, _, _ = read_adapter(_write_kohya(path.with_name("src.safetensors"), alpha_dtype=torch.float32))
@@ -114,6 +128,7 @@ CASES = {
                                                        dtype=torch.bfloat16, with_alpha=False),
     "kohya-conv3x3": _write_kohya_conv,
     "diffusers-peft-keys": _write_diffusers,
+    "kohya-flux-fp16": _write_kohya_flux,
     "diffusers-old-keys": _write_diffusers_old,
     "loraforge-with-hints": _write_format("loraforge"),
     "peft-folder": _write_format("peft"),
@@ -147,7 +162,7 @@ SHOW_HEAVY = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("case", ["kohya-sd15-fp16", "diffusers-peft-keys"])
+@pytest.mark.parametrize("case", ["kohya-sd15-fp16", "diffusers-peft-keys", "kohya-flux-fp16"])
 def test_registry_import_does_not_import_torch(tmp_path, case):
     src = CASES[case](tmp_path / "adapter.safetensors")
     home = tmp_path / "home"
@@ -162,7 +177,8 @@ def test_loading_the_formats_plugin_group_does_not_import_torch():
     code = ("import sys; from loraforge.plugins import FORMATS; print(FORMATS.names()); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["['diffusers',", "'kohya',", "'loraforge',", "'peft',", "'slider_pt']", "False"], out
+    assert out.split() == ["['bfl',", "'diffusers',", "'kohya',", "'loraforge',", "'peft',", "'slider_pt',",
+                           "'xlabs']", "False"], out
 
 
 def test_a_non_finite_weight_is_refused_by_import_as_before(tmp_path):

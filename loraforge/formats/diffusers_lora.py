@@ -225,6 +225,11 @@ def lora_to_diffusers(state: LoraState) -> tuple[dict[str, Tensor], dict[str, st
     """(state dict, safetensors header metadata) that `load_lora_weights` loads as exactly ΔW."""
     import torch
 
+    if "transformer" in state.components and "text_encoder_2" in state.components:
+        raise FormatError("the adapter changes Flux's T5 encoder (text_encoder_2), and diffusers' FluxPipeline "
+                          "loads LoRAs of the transformer and text_encoder (CLIP) only, leaving the rest unapplied; "
+                          "export it as kohya (ComfyUI reads lora_te3_) or peft")
+
     sd: dict[str, Tensor] = {}
     use_dora: dict[str, bool] = {}
     for component in state.components:

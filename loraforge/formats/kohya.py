@@ -10,6 +10,10 @@ rather than guessed. SDXL files that use the Stability (SGM) UNet block names ko
 (`input_blocks_4_1_…`, `middle_block_…`, `output_blocks_…`) are mapped to diffusers paths by
 diffusers' own converter, and written back in SGM names: the hints remember the naming.
 
+Flux files (kohya sd-scripts' `networks/lora_flux.py`: `lora_unet_double_blocks_0_img_attn_qkv`, `lora_te1_` CLIP,
+`lora_te3_` T5) name BFL's modules; `kohya_flux` maps them, splitting the fused ones into diffusers' modules, and an
+adapter with a `transformer` is written back in those names, so `export --for comfyui` of a Flux adapter gives them.
+
 After the name comes the suffix, `.lora_down.weight` / `.lora_up.weight` / `.alpha` for a LoRA pair and
 LyCORIS' own for its variants (`.hada_w1_a`, `.lokr_w2`, `.lora_mid.weight`, `.dora_scale`, `.diff`,
 `.w_norm`, ...); a module's tensors are kept under those suffixes, so writing it back gives the same tensors.
@@ -181,5 +185,6 @@ def _write(state: LoraState, path: Path, metadata: Mapping[str, str]) -> list[Pa
     return [write_safetensors(lora_to_kohya(state), path, {"format": "pt", **metadata})]
 
 
-register_format(AdapterFormat("kohya", "kohya / A1111 / ComfyUI .safetensors (lora_unet_…, LyCORIS lora_unet_….hada_…)",
+register_format(AdapterFormat("kohya", "kohya / A1111 / ComfyUI .safetensors (lora_unet_…, LyCORIS lora_unet_….hada_…; "
+                                        "Flux: lora_unet_double_blocks_…)",
                               _read, _write, _detect, scan=_scan, writes_variants=True))
