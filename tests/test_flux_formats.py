@@ -443,3 +443,25 @@ def test_a_t5_module_is_refused_by_the_diffusers_format_which_flux_pipelines_wou
     assert not (tmp_path / "d.safetensors").exists()
     write_adapter(state, tmp_path / "k.safetensors", "kohya")
     assert "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_0.lora_down.weight" in load_file(str(tmp_path / "k.safetensors"))
+
+
+def test_what_flux_layouts_cannot_hold_is_refused_naming_it(tmp_path):
+    from loraforge.errors import FormatError
+
+    lokr = {"lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": torch.ones(2, 2),
+            "lora_unet_double_blocks_0_img_attn_qkv.lokr_w2": torch.ones(48, 16)}
+    with pytest.raises(FormatError, match=r"lora_unet_double_blocks_0_img_attn_qkv holds lokr_w1, lokr_w2, not a LoRA "
+                                          r"pair, on BFL's double_blocks\.0\.img_attn\.qkv"):
+        kohya_to_lora(lokr)
+    bias = {"double_blocks.0.img_attn.proj.lora_A.weight": torch.ones(2, 32),
+            "double_blocks.0.img_attn.proj.lora_B.weight": torch.ones(32, 2),
+            "double_blocks.0.img_attn.proj.lora_B.bias": torch.ones(32)}
+    save_file(bias, str(tmp_path / "bias.safetensors"))
+    with pytest.raises(FormatError, match=r"key double_blocks\.0\.img_attn\.proj\.lora_B\.bias is a LoRA bias"):
+        read_adapter(tmp_path / "bias.safetensors")
+    state = kohya_to_lora({k: v for k, v in _tiny_kohya().items() if k.startswith("lora_unet_")})
+    with pytest.raises(FormatError, match="does not write them; export as kohya"):
+        write_adapter(state, tmp_path / "x.safetensors", "xlabs")
+    with_clip = kohya_to_lora(_tiny_kohya())
+    with pytest.raises(FormatError, match="the bfl format holds a Flux transformer only.*text_encoder"):
+        write_adapter(with_clip, tmp_path / "b.safetensors", "bfl")

@@ -26,7 +26,7 @@ from loraforge.formats.safetensors_io import write_safetensors
 WRAPPER = "diffusion_model."
 _FACTORS = {"lora_A.weight": DOWN, "lora_B.weight": UP, "lora_down.weight": DOWN, "lora_up.weight": UP, "alpha": ALPHA}
 # What BFL control LoRAs hold besides factors: values that replace base weights.
-_REPLACEMENTS = ("scale", "bias", "lora_A.bias", "lora_B.bias")
+_REPLACEMENTS = ("lora_A.bias", "lora_B.bias", "scale", "bias")  # longest first
 
 
 def _split(key: str) -> tuple[str, str] | None:
