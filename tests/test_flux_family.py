@@ -251,3 +251,37 @@ def test_registry_show_names_the_family_and_the_card_is_a_flux_card(fhome, flux_
     front = card.split("---")[1]
     assert "library_name: diffusers" in front and "- flux" in front and "stable-diffusion" not in front
     assert "base_model: tiny-flux" in front, front
+
+
+# ---- recipes ---------------------------------------------------------------------------------------------
+
+def test_the_flux_example_recipe_trains_stacks_fuses_and_renders(fhome, tmp_path):
+    """recipes/flux-tiny.yaml, shortened: a flow-matching LoRA and a slider on tiny-flux, their exact stack,
+    the stack fused into the transformer, a grid; a second apply builds nothing."""
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    recipe = tmp_path / "flux-tiny.yaml"
+    shutil.copy(root / "flux-tiny.yaml", recipe)
+    (tmp_path / "data").symlink_to(root / "data", target_is_directory=True)
+    out = run_cli(fhome, "recipe", "apply", str(recipe), "--set", "steps=4").output
+    assert "5 step(s) run" in out, out
+    registry = Registry(fhome)
+    style, _ = load_adapter(registry, "flux-tiny-style")
+    size, _ = load_adapter(registry, "flux-tiny-size")
+    look, manifest = load_adapter(registry, "flux-tiny-look")
+    assert manifest.base.family == "flux" and {n.split(".")[0] for n in look} == {"transformer"}
+    for name in look:
+        want = sum(w * s[name].delta() for s, w in ((style, 1.0), (size, 1.5)) if name in s)
+        assert torch.allclose(look[name].delta(), want, atol=1e-6), name
+    fused = registry.checkout(registry.resolve("flux-tiny-look-fused"))
+    by_hand = with_deltas(fhome / "models" / "builtin" / "tiny-flux", {n: m.delta() for n, m in look.items()})
+    want = transformer_output(by_hand)
+    got = transformer_output(FluxTransformer2DModel.from_pretrained(fused / "transformer"))
+    assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()))
+    grid = Image.open(registry.checkout(registry.resolve("flux-tiny-grid")) / "grid.png")
+    assert grid.width > 3 * 64 and grid.height > 2 * 64
+    again = run_cli(fhome, "recipe", "apply", str(recipe), "--set", "steps=4").output
+    assert "0 step(s) run" in again, again
