@@ -144,11 +144,11 @@ class Session:
             self.model = model
         return self.model
 
-    def forward_unet(self):
+    def forward_denoiser(self):
         """The denoiser (UNet, or Flux's transformer) to call in the loss: compiled when the config opts in."""
         if self._forward is None:
-            unet = self.model.denoiser
-            self._forward = torch.compile(unet) if self.config.compile else unet
+            denoiser = self.model.denoiser
+            self._forward = torch.compile(denoiser) if self.config.compile else denoiser
         return self._forward
 
     def loop_kwargs(self) -> dict:

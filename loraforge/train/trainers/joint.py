@@ -81,7 +81,7 @@ class JointTrainer(SessionTrainer):
             for j, component in enumerate(text_parts, start=1):  # each adapter gets its own text-encoder LoRAs too
                 params.update(session.add_lora(getattr(model.pipe, component), component, TEXT_ENCODER_TARGETS,
                                                adapter_name=k, seed=config.seed + j * len(keys) + i))
-        unet = session.forward_unet()
+        unet = session.forward_denoiser()
         session.periodic = [(k, list(dict.fromkeys(data[k].captions))[:2], (0.0, 1.0)) for k in keys]
         n_timesteps = model.noise_scheduler.config.num_train_timesteps
 

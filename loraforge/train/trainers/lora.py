@@ -73,7 +73,7 @@ class LoraTrainer(SessionTrainer):
         from loraforge.train.data import batch_indices, step_generator
         from loraforge.train.model import denoising_loss, encode_prompts, sample_training_noise
 
-        config, model, unet = session.config, session.model, session.forward_unet()
+        config, model, unet = session.config, session.model, session.forward_denoiser()
         options = config if model.flow else None  # a Flux run's flow-matching options (FlowOptions fields)
         mine = session.ranks.shard(config.batch_size)
 

@@ -187,7 +187,7 @@ class _RewardRun:
 
         self.c, self.session, self.model, self.reward = config, session, session.model, reward
         self.prompts, self.views, self.view_prompts, self.adapters = prompts, views, view_prompts, adapters
-        self.unet = session.forward_unet()
+        self.unet = session.forward_denoiser()
         self.scheduler = ddim_scheduler(self.model.pipe.scheduler.config)
         self.scheduler.set_timesteps(config.sample_steps)
         texts = sorted({t for p in prompts for t in (view_prompts[p] if views else [p])})

@@ -78,7 +78,7 @@ class SliderTrainer(SessionTrainer):
         pairs = _pair_sets(registry, config, output) if config.mode == "image_pair" else None
         model = session.load_model()
         params = session.add_lora(model.denoiser, component, targets, seed=config.seed)
-        unet = session.forward_unet()
+        unet = session.forward_denoiser()
         if pairs is None:
             step_fn = _text_objective(session, unet)
             datasets, prompts = [], [config.target or config.neutral or ""]

@@ -137,7 +137,7 @@ class TextualInversionTrainer(SessionTrainer):
             captions = [pipe.maybe_convert_prompt(p, pipe.tokenizer) for p in captions]
         source = BatchSource(model, data, home=registry.home, resolution=c.resolution, crop=c.crop, seed=c.seed,
                              cached=c.cache_latents, encode_text=False)
-        unet = session.forward_unet()
+        unet = session.forward_denoiser()
         prompts = list(c.validation_prompts) or list(dict.fromkeys(data.captions))[:2]
         session.periodic = [("default", prompts, (1.0,))]
         n_timesteps = model.noise_scheduler.config.num_train_timesteps
