@@ -28,8 +28,10 @@ FOREIGN = {
     "inpainting": {"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3), **SD1_PREFIXES},
     "xl_refiner": {"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": (8,),
                    "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)},
-    "flux-1-dev": {"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": (8,),
-                   "model.diffusion_model.guidance_in.in_layer.weight": (8, 8)},
+    # FLUX.1 Fill (inpainting): 384 input channels of packed image, mask and masked image; dev and schnell load
+    "flux-fill": {"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": (8,),
+                  "model.diffusion_model.guidance_in.in_layer.bias": (8,),
+                  "model.diffusion_model.img_in.weight": (8, 384)},
 }
 
 
@@ -40,13 +42,13 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_it(tmp_path, kin
     home = tmp_path / "home"
     before = run_cli(home, "registry", "ls", "--json").output
     line = refused(run_cli(home, "registry", "import", str(path), "--name", "m", "--kind", "checkpoint", ok=False))
-    assert f"is a '{kind.split('-')[0]}" in line and "SD1.x and SDXL" in line, line
+    assert f"is a '{kind}'" in line and "SD1.x, SDXL and Flux" in line, line
     assert run_cli(home, "registry", "ls", "--json").output == before
     # The same refusal where a single file is a base: fusing into it.
     run_cli(home, "registry", "import", _adapter(tmp_path), "--name", "a")
     out = tmp_path / "fused.safetensors"
     line = refused(run_cli(home, "lora", "fuse", str(path), "a", "-o", str(out), ok=False))
-    assert "SD1.x and SDXL" in line and not out.exists()
+    assert "SD1.x, SDXL and Flux" in line and not out.exists()
 
 
 def _adapter(tmp_path):
