@@ -285,3 +285,20 @@ def test_the_flux_example_recipe_trains_stacks_fuses_and_renders(fhome, tmp_path
     assert grid.width > 3 * 64 and grid.height > 2 * 64
     again = run_cli(fhome, "recipe", "apply", str(recipe), "--set", "steps=4").output
     assert "0 step(s) run" in again, again
+
+
+def test_export_format_bfl_writes_comfyui_native_names_that_read_back_exactly(fhome, flux_folder, tmp_path):
+    from loraforge.formats import read_adapter
+
+    state = random_flux_lora(flux_folder, 7, modules=("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                                      "transformer_blocks.0.attn.to_v", "single_transformer_blocks.1.proj_out"))
+    import_state(fhome, state, "fl", tmp_path)
+    out = tmp_path / "fl-bfl.safetensors"
+    run_cli(fhome, "registry", "export", "fl", "--format", "bfl", "-o", str(out))
+    keys = set(read_safetensors(out)[0])
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in keys, sorted(keys)[:4]
+    assert "diffusion_model.single_blocks.1.linear2.lora_B.weight" in keys
+    back, fmt, _ = read_adapter(out)
+    assert fmt == "bfl" and set(back) == set(state)
+    for name in state:
+        assert torch.allclose(back[name].delta(), state[name].delta(), atol=1e-6), name

@@ -189,9 +189,10 @@ def _manifest_lines(m: dict, aliases: list[str]) -> list[str]:
 @registry.command()
 @click.argument("ref")
 @click.option("--for", "consumer", type=click.Choice(list(CONSUMERS)), help=consumers_help())
-@click.option("--format", "fmt", type=click.Choice(["diffusers", "peft", "kohya", "loraforge", "a1111", "native",
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "peft", "kohya", "bfl", "loraforge", "a1111", "native",
                                                     "single-file"]),
-              help="File format, when not picked by --for; adapters default to diffusers (checkpoints and "
+              help="File format, when not picked by --for; adapters default to diffusers (Flux adapters also: bfl, "
+                   "ComfyUI's native diffusion_model.… names; checkpoints and "
                    "datasets: native, as stored; a checkpoint is converted to single-file or diffusers). "
                    "Embeddings: diffusers (learned_embeds) or a1111 (.pt or emb_params .safetensors; SDXL: "
                    "clip_l/clip_g in both).")
