@@ -16,6 +16,7 @@ import torch
 
 from loraforge.errors import ConfigError, MergeError
 from loraforge.formats.safetensors_io import TensorFile, TensorInfo, st_dtype
+from loraforge.ops.views import CheckpointView
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -236,7 +237,7 @@ def keymap_of(ckpt: Checkpoint, configs: Path):
 
 # ---- one checkpoint read in another layout ----------------------------------------------------------
 
-class ConvertedCheckpoint:
+class ConvertedCheckpoint(CheckpointView):
     """Checkpoint `source` read in the other layout through the KeyMap of a single file (diffusers' own
     converters, see models.single_file): a single file seen as a diffusers folder (`component/key` keys), or a
     diffusers folder seen as the single file the KeyMap describes. It offers the reads merges and extracts make
@@ -253,18 +254,6 @@ class ConvertedCheckpoint:
         self._infos, self._assemble = infos, assemble
         self.untranslated = untranslated
         self._last: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
-
-    ref = property(lambda self: self.source.ref)
-    path = property(lambda self: self.source.path)
-    family = property(lambda self: self.source.family)
-
-    @property
-    def digest(self) -> Optional[str]:
-        return self.source.digest
-
-    @digest.setter
-    def digest(self, value: Optional[str]) -> None:
-        self.source.digest = value
 
     @classmethod
     def as_diffusers(cls, single: Checkpoint, keymap, spelling: Optional[Checkpoint] = None) -> "ConvertedCheckpoint":

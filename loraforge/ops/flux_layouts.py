@@ -13,6 +13,7 @@ import torch
 
 from loraforge.errors import FormatError
 from loraforge.formats.safetensors_io import TensorInfo
+from loraforge.ops.views import CheckpointView
 from loraforge.models.flux_single_file import (
     RowPlan, Segment, bfl_plans, bfl_transformer_key, bfl_wrapper, diffusers_plans,
 )
@@ -20,7 +21,7 @@ from loraforge.models.flux_single_file import (
 TRANSFORMER = "transformer/"
 
 
-class FluxLayoutView:
+class FluxLayoutView(CheckpointView):
     """Opened Flux checkpoint `source` in `layout`; `plans`: this view's keys → rows of the source's keys."""
 
     untranslated: frozenset = frozenset()
@@ -33,18 +34,6 @@ class FluxLayoutView:
             if len(dtypes) > 1:
                 raise FormatError(f"{source.ref}: the parts of {key} are stored in different dtypes ({sorted(dtypes)})")
             self._infos[key] = TensorInfo(dtypes.pop(), plan.shape, 0, 0)
-
-    ref = property(lambda self: self.source.ref)
-    path = property(lambda self: self.source.path)
-    family = property(lambda self: self.source.family)
-
-    @property
-    def digest(self) -> Optional[str]:
-        return self.source.digest
-
-    @digest.setter
-    def digest(self, value: Optional[str]) -> None:
-        self.source.digest = value
 
     @classmethod
     def as_diffusers(cls, single) -> "FluxLayoutView":
