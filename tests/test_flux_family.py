@@ -302,3 +302,13 @@ def test_export_format_bfl_writes_comfyui_native_names_that_read_back_exactly(fh
     assert fmt == "bfl" and set(back) == set(state)
     for name in state:
         assert torch.allclose(back[name].delta(), state[name].delta(), atol=1e-6), name
+
+
+def test_merging_a_flux_lora_with_an_sd_lora_is_refused_naming_both(fhome, flux_folder, tmp_path, adapter_file):
+    run_cli(fhome, "registry", "import", str(adapter_file), "--name", "sdlora", "--base", "builtin:tiny-sd")
+    import_state(fhome, random_flux_lora(flux_folder, 8), "fl", tmp_path)
+    before = Registry(fhome).list()
+    line = refused(run_cli(fhome, "merge", "loras", "fl=1", "sdlora=1", "--method", "concat", "--name", "mix",
+                           ok=False))
+    assert "SD1.x" in line and "Flux" in line and "cannot be merged" in line, line
+    assert Registry(fhome).list() == before

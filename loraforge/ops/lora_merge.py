@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from loraforge.errors import ConfigError, FormatError, IncompatibleBaseError
+from loraforge.families import describe
 from loraforge.formats.lora import LoraModule, LoraState
 from loraforge.ops.lora_methods import ModuleInputs
 from loraforge.ops.lowrank import check_rank_bound
@@ -142,8 +143,8 @@ def check_same_family(loaded) -> Optional[Any]:
         if info is None or info.family is None:
             continue
         if base_info is not None and base_info.family != info.family:
-            raise IncompatibleBaseError(f"{ref} is an adapter for an {info.family} base but another input is for "
-                                        f"{base_info.family}: they cannot be merged")
+            raise IncompatibleBaseError(f"{ref} is an adapter for a {describe(info.family)} base but another input is "
+                                        f"for {describe(base_info.family)}: they cannot be merged")
         base_info = base_info or info
     return base_info
 
@@ -169,8 +170,8 @@ def merge_loras(registry, spec: LoraMergeSpec, *, name: str, recipe=None, input_
 
         declared = resolve_base(registry, base)
         if base_info is not None and base_info.family and declared.family and base_info.family != declared.family:
-            raise IncompatibleBaseError(f"the adapters are for an {base_info.family} base but {base} is "
-                                        f"{declared.family}: stack them on an {base_info.family} base")
+            raise IncompatibleBaseError(f"the adapters are for a {describe(base_info.family)} base but {base} is "
+                                        f"{describe(declared.family)}: stack them on a {describe(base_info.family)} base")
         base_info = BaseInfo(ref=declared.ref, digest=declared.digest, family=declared.family)
     errors: dict[str, float] = {}
     state = combine_states([s for s, *_ in loaded], [a.weight for a in spec.adapters], spec.method, spec.rank,
