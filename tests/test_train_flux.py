@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import refused, run_cli
-from loraforge.home import models_dir
+from cli_helpers import link_builtins, refused, run_cli
 from loraforge.plugins import TRAINERS
 from loraforge.registry import Registry
 from test_train import Killed, adapter_state, pattern_images
@@ -34,20 +33,13 @@ TRAIN = ["--base", "builtin:tiny-flux", "--resolution", str(RES), "--rank", "4",
 
 
 @pytest.fixture(scope="module")
-def flux_path(builtin_home) -> Path:
-    from loraforge.models.builtin import ensure_builtin
-
-    return ensure_builtin("tiny-flux", builtin_home)
+def flux_path(tiny_flux_path) -> Path:
+    return tiny_flux_path
 
 
 @pytest.fixture(scope="module")
-def flux_home(tmp_path_factory, flux_path, tiny_sd_path) -> Path:
-    path = tmp_path_factory.mktemp("flux-home")
-    builtin = models_dir(path) / "builtin"
-    builtin.mkdir(parents=True)
-    for name, built in (("tiny-flux", flux_path), ("tiny-sd", tiny_sd_path)):
-        (builtin / name).symlink_to(built, target_is_directory=True)
-    return path
+def flux_home(tmp_path_factory, tiny_flux_path, tiny_sd_path) -> Path:
+    return link_builtins(tmp_path_factory.mktemp("flux-home"), {"tiny-flux": tiny_flux_path, "tiny-sd": tiny_sd_path})
 
 
 @pytest.fixture(scope="module")

@@ -123,10 +123,11 @@ def text_encoder_components(session: Session) -> list[str]:
 
 
 def denoiser_targets(session: Session) -> list[str]:
-    """The denoiser modules the run targets: the configured ones, or when left at the default, the family's
-    default (Flux: the joint attention's image and text projections)."""
+    """The denoiser modules the run targets: the ones the config names, or when it names none, the family's
+    default (Flux: the joint attention's image and text projections). A list given explicitly is used as given,
+    even when it equals SD's default."""
     c = session.config
-    if list(c.target_modules) == TrainConfig.model_fields["target_modules"].get_default(call_default_factory=True):
+    if "target_modules" not in c.model_fields_set:
         return list(default_denoiser_targets(session.base().family))
     return list(c.target_modules)
 
