@@ -197,7 +197,12 @@ def call_kwargs(pipe, *, guidance: float, height: int | None, width: int | None,
     size = default_size(pipe)
     return {"guidance_scale": guidance, "height": height or size, "width": width or size,
             "joint_attention_kwargs": attention_kwargs,
-            "max_sequence_length": min(512, int(pipe.tokenizer_2.model_max_length))}
+            "max_sequence_length": t5_length(pipe)}
+
+
+def t5_length(pipe) -> int:
+    """How many T5 tokens a Flux pipeline's prompts are encoded to: its tokenizer's length, at most FluxPipeline's 512."""
+    return min(512, int(pipe.tokenizer_2.model_max_length))
 
 
 def check_steps(pipe, steps: int) -> None:

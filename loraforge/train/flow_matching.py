@@ -147,15 +147,13 @@ def flow_loss(model, transformer, latents: "torch.Tensor", text, noise: "torch.T
 def encode_prompts(model, prompts: Sequence[str]) -> tuple["torch.Tensor", "torch.Tensor"]:
     """(T5 sequence, CLIP pooled vector) of `prompts`, by diffusers' own FluxPipeline.encode_prompt (the T5
     length its tokenizer reads, as inference uses)."""
+    from loraforge.models.pipeline import t5_length
+
     pipe = model.pipe
     with model.autocast():
         embeds, pooled, _text_ids = pipe.encode_prompt(list(prompts), device=model.device,
-                                                       max_sequence_length=sequence_length(pipe))
+                                                       max_sequence_length=t5_length(pipe))
     return embeds.float(), pooled.float()
-
-
-def sequence_length(pipe) -> int:
-    return min(512, int(pipe.tokenizer_2.model_max_length))
 
 
 def sampling_schedule(model, steps: int, side: int):
