@@ -31,10 +31,15 @@ def lora() -> None:
                    "a single file in BASE's own layout for a single-file BASE.")
 @click.option("--name", help="Register the fused checkpoint under this name.")
 @click.option("--config", type=click.Path(exists=True, file_okay=False),
-              help="A diffusers folder of a single-file BASE's architecture (its configs map the file's tensors).")
+              help="A diffusers folder of a single-file BASE's architecture (its configs map the file's tensors; "
+                   "not taken for a Black Forest Labs Flux file, named by its own header).")
 @click.pass_context
 def fuse(ctx, base, adapters, dtype, output, name, config):
-    """Bake ADAPTERS (REF=W) into checkpoint BASE (a diffusers folder, .safetensors single file or .ckpt)."""
+    """Bake ADAPTERS (REF=W) into checkpoint BASE (a diffusers folder, .safetensors single file or .ckpt).
+
+    A Black Forest Labs Flux file (flux1-dev.safetensors) holds the transformer alone: adapters changing a text
+    encoder are fused into a diffusers Flux folder instead.
+    """
     from loraforge.ops.fuse import fuse_loras
     from loraforge.ops.specs import AdapterInput, FuseSpec, make_spec
     from loraforge.registry.refs import parse_weighted
@@ -58,12 +63,13 @@ def fuse(ctx, base, adapters, dtype, output, name, config):
 @click.option("--name", required=True, help="Register the adapter under this name.")
 @click.option("--config", type=click.Path(exists=True, file_okay=False),
               help="A diffusers folder of the single-file inputs' architecture (its configs map their tensors; "
-                   "default: the folder input's, or the builtin model's).")
+                   "default: the folder input's, or the builtin model's; not taken for Black Forest Labs Flux files).")
 @click.pass_context
 def extract(ctx, tuned, base, rank, energy, ratio, conv, name, config):
     """Extract a LoRA from checkpoint TUNED by truncated SVD of TUNED − BASE per module.
 
-    TUNED and BASE are diffusers folders, .safetensors single files or .ckpt files, in any mix.
+    TUNED and BASE are diffusers folders, .safetensors single files or .ckpt files, in any mix (Black Forest
+    Labs Flux files give the transformer's modules in diffusers names).
     """
     from loraforge.ops.extract import extract_lora
 

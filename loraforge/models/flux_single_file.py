@@ -183,6 +183,50 @@ def assemble(plan: RowPlan, get: Callable[[str, tuple[int, int]], "object"]):
     return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
+@dataclass(frozen=True)
+class FluxPiece:
+    """One diffusers transformer tensor inside one BFL tensor: the rows `plan` names, in diffusers' order (a
+    `to_k` is a row range of `qkv`, `norm_out.linear` the two halves of the final adaLN swapped)."""
+
+    key: str
+    plan: RowPlan
+    component: str = "transformer"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.plan.shape
+
+    def read_from(self, tensor):
+        """This diffusers tensor, copied out of BFL tensor `tensor`."""
+        return assemble(self.plan, lambda _k, r: _rows(tensor, r))
+
+    def write_into(self, tensor, value) -> None:
+        """Put diffusers tensor `value` in its rows of BFL tensor `tensor` (in place)."""
+        if not self.plan.shape:
+            tensor.copy_(value.reshape(tensor.shape))
+            return
+        for seg, at in self.plan.pieces():
+            tensor[seg.start:seg.stop].copy_(value[at:at + seg.rows])
+
+
+@dataclass
+class BflKeyMap:
+    """How a BFL single file's tensors hold diffusers' transformer tensors, read from its {key: shape} alone:
+    single-file key → its pieces (the same reads `models.single_file.KeyMap` offers for SD single files)."""
+
+    shapes: dict[str, tuple[int, ...]]
+    pieces: dict[str, list[FluxPiece]]
+
+    @classmethod
+    def build(cls, bfl_shapes: Mapping[str, tuple[int, ...]], what: str = "the single file") -> "BflKeyMap":
+        plans, unknown = diffusers_plans(bfl_shapes)
+        _refuse_unknown(unknown, what)
+        pieces: dict[str, list[FluxPiece]] = {}
+        for key, plan in plans.items():
+            pieces.setdefault(plan.segments[0].key, []).append(FluxPiece(key, plan))
+        return cls(dict(bfl_shapes), pieces)
+
+
 def _refuse_unknown(unknown: list[str], what: str) -> None:
     if unknown:
         raise FormatError(f"{what} has {unknown[0]}, which is no Flux transformer tensor loraforge knows "

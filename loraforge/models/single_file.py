@@ -94,6 +94,15 @@ class Piece:
             tensor = func(tensor, *args, **kwargs)
         return tensor
 
+    def read_from(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This diffusers tensor, copied out of single-file tensor `tensor`."""
+        return self.view_of(tensor).contiguous()
+
+    def write_into(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        """Put diffusers tensor `value` in its place in single-file tensor `tensor` (in place)."""
+        view = self.view_of(tensor)
+        view.copy_(value.reshape(view.shape))
+
 
 def _component_configs(folder: Path, family: str) -> dict[str, dict]:
     configs = {}

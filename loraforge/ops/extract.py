@@ -1,7 +1,8 @@
 """`lora extract`: a LoRA from a fine-tuned checkpoint, ΔW = W_tuned − W_base per module, truncated SVD.
 
 Modules are named by the diffusers layout: a single-file (or pickled `.ckpt`) input is read as a diffusers
-folder through diffusers' own converters (`ops.checkpoints.ConvertedCheckpoint`), so a single file, a folder
+folder through diffusers' own converters (`ops.checkpoints.ConvertedCheckpoint`), a Black Forest Labs Flux file
+as a folder's transformer through its header (`ops.flux_layouts.FluxLayoutView`), so a single file, a folder
 or one of each give the same adapter for the same weights."""
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import torch
 from loraforge.errors import ConfigError, MergeError
 from loraforge.formats.lora import LoraModule, LoraState
 from loraforge.ops.checkpoints import Checkpoint, ConvertedCheckpoint, check_compatible, keymap_of
+from loraforge.ops.flux_layouts import FluxLayoutView
 from loraforge.ops.lowrank import check_rank_bound, choose_rank, dense_factors, dense_factors_flops
 from loraforge.ops.threads import threads_for
 
-from loraforge.families import ADAPTER_COMPONENTS as LORA_COMPONENTS, family
+from loraforge.families import ADAPTER_COMPONENTS as LORA_COMPONENTS, describe, family
 # Token and position embedding tables are lookups, not linear layers a LoRA adapts; the UNet's time and
 # class embeddings (`time_embedding.linear_1`) are Linear layers and are extracted like any other.
 SKIP_SUFFIXES = ("token_embedding.weight", "position_embedding.weight")
@@ -38,8 +40,12 @@ def extract_state(tuned: Checkpoint, base: Checkpoint, rank: int, rule: str = "f
     as folders, see `diffusers_views`)."""
     if tuned.layout != "diffusers" or base.layout != "diffusers":
         raise ConfigError("lora extract needs diffusers folders (module names come from their layout)")
-    check_compatible(base, tuned, {family(base.family).denoiser, "text_encoder"})
-    candidates = [ckey for ckey in base.index if _extractable(ckey, base.info(ckey).shape, conv)]
+    components = {family(base.family).denoiser, "text_encoder"}
+    if isinstance(tuned, FluxLayoutView) or isinstance(base, FluxLayoutView):
+        components = {family(base.family).denoiser}  # a BFL Flux file holds the transformer alone
+    check_compatible(base, tuned, components)
+    candidates = [ckey for ckey in base.index
+                  if base.component(ckey) in components and _extractable(ckey, base.info(ckey).shape, conv)]
     check_rank_bound(rank, max((min(s[0], math.prod(s[1:])) for s in (base.info(k).shape for k in candidates)),
                                default=0), "the largest min(out, in) of the layers that can be extracted")
     state = LoraState()
@@ -69,11 +75,14 @@ def extract_state(tuned: Checkpoint, base: Checkpoint, rank: int, rule: str = "f
 
 def diffusers_views(tuned: Checkpoint, base: Checkpoint, configs: Optional[Path]) -> tuple:
     """(tuned, base) both in the diffusers layout. A single file is converted with the configs of `configs`,
-    else of the other input when it is a folder (and spelled as that folder spells its keys)."""
-    folder = base if base.layout == "diffusers" else tuned if tuned.layout == "diffusers" else None
-    if folder is not None and folder.family != (tuned if folder is base else base).family:
-        raise MergeError(f"{tuned.ref} is an {tuned.family} checkpoint but {base.ref} is {base.family}: "
+    else of the other input when it is a folder (and spelled as that folder spells its keys); a Black Forest Labs
+    Flux file is read as a folder's transformer through its own header (ops.flux_layouts)."""
+    if tuned.family != base.family:
+        raise MergeError(f"{tuned.ref} is {describe(tuned.family)} and {base.ref} is {describe(base.family)}: "
                          "a LoRA is extracted between checkpoints of one architecture")
+    if tuned.family == "flux":
+        return tuple(c if c.layout == "diffusers" else FluxLayoutView.as_diffusers(c) for c in (tuned, base))
+    folder = base if base.layout == "diffusers" else tuned if tuned.layout == "diffusers" else None
     views = []
     for ckpt in (tuned, base):
         if ckpt.layout == "diffusers":
@@ -103,7 +112,11 @@ def extract_lora(registry, tuned_ref: str, base_ref: str, *, name: str, rank: in
     if config is not None and "single_file" not in (tuned_model.layout, base_model.layout):
         raise ConfigError(f"--config {config} names the configs of a single-file checkpoint, but {tuned_ref} and "
                           f"{base_ref} are diffusers folders: leave --config out")
-    if config is None and tuned_model.layout == base_model.layout == "single_file":
+    bfl = [m for m in (tuned_model, base_model) if m.layout == "single_file" and m.family == "flux"]
+    if config is not None and bfl:
+        raise ConfigError(f"--config {config}: {bfl[0].path.name} is a Black Forest Labs Flux file, whose tensors are "
+                          "named by its own header; leave --config out")
+    if config is None and not bfl and tuned_model.layout == base_model.layout == "single_file":
         config = single_file_configs_folder(base_model, registry.home)
     tuned = Checkpoint.open(tuned_model)
     base = Checkpoint.open(base_model)

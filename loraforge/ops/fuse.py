@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from loraforge.errors import ConfigError
+from loraforge.errors import ConfigError, IncompatibleBaseError
 from loraforge.formats.safetensors_io import SafetensorsWriter, dtype_from_name
 from loraforge.models.base_config import keymap_targets
 from loraforge.ops.checkpoints import Checkpoint
@@ -79,7 +79,9 @@ def write_fused_single_file(base: Checkpoint, keymap, states_weights, out: Path,
                             progress: Callable[..., None] | None = None) -> Path:
     """Write base + Σ wᵢ·ΔWᵢ as a single file at `out` with the base file's keys, order and dtypes; a tensor an
     adapter changes is stored in `dtype`. Each ΔW lands on the single-file tensor diffusers' converter reads that
-    module from (a view of it for fused tensors such as the open-clip in_proj_weight's q/k/v)."""
+    module from (a view of it for fused tensors such as the open-clip in_proj_weight's q/k/v, its rows of a Black
+    Forest Labs Flux file's fused qkv or linear1). `keymap`: a models.single_file.KeyMap or, for a BFL Flux file,
+    a models.flux_single_file.BflKeyMap."""
     (rel, keys), = base.file_layout()
     entries = []
     for ckey, key in keys:
@@ -93,12 +95,28 @@ def write_fused_single_file(base: Checkpoint, keymap, states_weights, out: Path,
             if pieces and tensor.is_floating_point():
                 tensor = tensor.to(torch.float32)
                 for piece in pieces:
-                    view = piece.view_of(tensor)
-                    view.copy_(fuse_tensor(states_weights, piece.component, piece.key, view.contiguous()))
+                    piece.write_into(tensor, fuse_tensor(states_weights, piece.component, piece.key,
+                                                         piece.read_from(tensor)))
             writer.write(key, tensor.to(want))
             if progress:
                 progress()
     return out
+
+
+def _check_transformer_only(state, file_name: str) -> None:
+    """Refuse a Flux adapter (or one of text encoders alone) changing more than the transformer a BFL Flux file
+    holds, naming its first such module; an adapter of another family is left to `check_against`, which names both."""
+    from loraforge.families import family_of_components
+
+    own = family_of_components(state.components)
+    if own is not None and own.name != "flux":
+        return
+    other = sorted(name for name in state if not name.startswith("transformer."))
+    if other:
+        component = other[0].split(".", 1)[0]
+        raise IncompatibleBaseError(f"module {other[0]} changes {component}, but {file_name} is a Black Forest Labs "
+                                    "Flux file, the transformer alone: fuse the adapter into a diffusers Flux folder "
+                                    "instead")
 
 
 def fuse_loras(registry, spec: FuseSpec, *, name: str | None = None, output: str | Path | None = None,
@@ -120,13 +138,21 @@ def fuse_loras(registry, spec: FuseSpec, *, name: str | None = None, output: str
     dtype = dtype_from_name(spec.dtype)
     base_model = resolve_base(registry, spec.base)
     keymap = None
-    if base_model.layout != "diffusers":
+    bfl = base_model.layout != "diffusers" and base_model.family == "flux"
+    if bfl and config is not None:
+        raise ConfigError(f"--config {config}: {base_model.path.name} is a Black Forest Labs Flux file, whose tensors "
+                          "are named by its own header; leave --config out")
+    if base_model.layout != "diffusers" and not bfl:
         from loraforge.ops.checkpoints import single_file_configs_folder
 
         configs = single_file_configs_folder(base_model, registry.home, config)
     base = Checkpoint.open(base_model)
     try:
-        if base_model.layout != "diffusers":
+        if bfl:
+            from loraforge.models.flux_single_file import BflKeyMap
+
+            keymap = BflKeyMap.build({k: base.info(k).shape for k in base.index}, base_model.path.name)
+        elif base_model.layout != "diffusers":
             from loraforge.ops.checkpoints import keymap_of
 
             # the shapes of the tensors just opened: a pickled base is not unpickled again for them
@@ -135,6 +161,8 @@ def fuse_loras(registry, spec: FuseSpec, *, name: str | None = None, output: str
         targets = base_targets(base_model) if keymap is None else keymap_targets(keymap)
         for state, _, ref, _ in loaded:
             try:
+                if bfl:
+                    _check_transformer_only(state, base_model.path.name)
                 state.check_against(targets)
             except Exception as exc:
                 raise type(exc)(f"{ref}: {exc}") from None
