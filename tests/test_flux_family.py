@@ -243,7 +243,7 @@ def test_registry_show_names_the_family_and_the_card_is_a_flux_card(fhome, flux_
 
     import_state(fhome, random_flux_lora(flux_folder, 4), "fl", tmp_path)
     text = run_cli(fhome, "registry", "show", "fl").output
-    assert "family:   Flux (FluxPipeline)" in text, text
+    assert "base:     builtin:tiny-flux (Flux, " in text, text
     data = json.loads(run_cli(fhome, "registry", "show", "fl", "--json").output)
     assert data["base"]["family"] == "flux"
     manifest = Registry(fhome).resolve("fl")

@@ -117,7 +117,7 @@ SHOW_AGE = """\
 age:1  (slider)  aliases: prod
 digest:   sha256:6f431eb307afea66f9ca64ab4da4e0265c6627237eb6e916a06c87d7e199f4c0
 created:  2026-01-02T03:04:05+00:00 on me@box
-base:     builtin:tiny-sd (sd1, abababababab)
+base:     builtin:tiny-sd (SD1.x, abababababab)
 adapter:  rank 4, alpha 4.0, 12 modules on unet, text_encoder; targets to_q, to_k
 slider:   concept 'age', scales -2.0 … 2.5, + 'old person' / − 'young person'
 made by:  train:slider from recipe.yaml

@@ -147,12 +147,10 @@ def _manifest_lines(m: dict, aliases: list[str]) -> list[str]:
     ]
     if m.get("base"):
         b = m["base"]
-        lines.append(f"base:     {b['ref']} ({b.get('family') or '?'}, {(b.get('digest') or '?')[:12]})")
-        if b.get("family"):
-            from loraforge.families import FAMILIES
+        from loraforge.families import describe
 
-            known = FAMILIES.get(b["family"])
-            lines.append(f"family:   {known.label} ({known.pipeline_class})" if known else f"family:   {b['family']}")
+        family = describe(b["family"]) if b.get("family") else "?"
+        lines.append(f"base:     {b['ref']} ({family}, {(b.get('digest') or '?')[:12]})")
     if m.get("adapter"):
         a = m["adapter"]
         lines.append(f"adapter:  rank {a.get('rank')}, alpha {a['alpha'] if a.get('alpha') is not None else 'per-module'}, "
