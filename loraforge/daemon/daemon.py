@@ -374,6 +374,12 @@ class Daemon:
                 continue
             cancelling = worker.cancelling
             job, returncode = worker.release()
+            if self.cluster is not None and (returncode == 0 or cancelling or not self.stopping):
+                from loraforge.daemon.checkpoints import discard_stored
+
+                # The job is over: no later task of it resumes (a new job has a new key). Deleted before the job's
+                # end is recorded, so a finished job is never seen with its upload still stored.
+                discard_stored(self.home, job.id)
             if returncode == 0:
                 self.queue.finish(job.id, "succeeded", 0)
                 self.event(f"job {job.id}: succeeded ({Path(job.recipe).name})")
@@ -387,10 +393,6 @@ class Daemon:
                 error = describe_exit(returncode, Path(job.log_path))
                 self.queue.finish(job.id, "failed", returncode, error)
                 self.event(f"job {job.id}: failed: {error}")
-            if self.cluster is not None and (returncode == 0 or cancelling or not self.stopping):
-                from loraforge.daemon.checkpoints import discard_stored
-
-                discard_stored(self.home, job.id)  # the job is over: no later task of it resumes (a new job has a new key)
 
     def apply_command(self, job: Job) -> list[str]:
         cmd = [*self.recipe_cmd, "recipe", "apply", job.recipe]
