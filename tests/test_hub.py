@@ -339,3 +339,48 @@ def test_checkpoint_push_pull_and_foreign_pipeline_as_base(home, hub, tmp_path, 
     assert foreign.family == "sd1"
     pulled = other.resolve("tiny-pipe")
     assert pulled.kind == "checkpoint" and pulled.provenance.source.startswith("hf://someone/tiny-pipe@")
+
+
+def test_a_flux_lora_pushes_with_a_flux_card_and_pulls_into_flux_pipeline(home, hub, tmp_path, tiny_flux_path):
+    """A Flux adapter on the Hub: the card says flux and the base, `--format both` also publishes kohya's Flux
+    names, the pull rebuilds the registry's bytes with family flux, and FluxPipeline.load_lora_weights reads the
+    published diffusers file to the adapter's ΔW."""
+    from diffusers import FluxPipeline
+    from huggingface_hub import hf_hub_download
+
+    reg = Registry(home)
+    state = random_lora(module_shapes(tiny_flux_path), rank=2, alpha=4.0, targets=("to_q", "to_k", "proj_mlp"),
+                        seed=5)
+    path = tmp_path / "flux.safetensors"
+    write_adapter(state, path, "kohya")  # kohya's Flux names: fused qkv and linear1 on the way in
+    manifest = import_artifact(reg, path, "fstyle", base="builtin:tiny-flux")
+    run(home, "hub", "push", "fstyle:1", "--repo", "me/fstyle", "--format", "both")
+    files = hub.state.repos["me/fstyle"].commits[hub.state.repos["me/fstyle"].tags["v1"]].files
+    meta = yaml.safe_load(hub.state.blobs[files["README.md"].sha256].decode().split("---")[1])
+    assert meta["base_model"] == "tiny-flux" and meta["library_name"] == "diffusers"
+    assert "flux" in meta["tags"] and not any(t.startswith("stable-diffusion") for t in meta["tags"])
+    kohya_keys = set(read_adapter_keys(hub, files["fstyle_kohya.safetensors"].sha256, tmp_path))
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya_keys
+
+    other = second_home(tmp_path, home)
+    run(other, "hub", "pull", "me/fstyle@v1")
+    copy = Registry(other).resolve("fstyle")
+    assert copy.digest == manifest.digest and copy.base.family == "flux"
+
+    weights = hf_hub_download("me/fstyle", "pytorch_lora_weights.safetensors", revision="v1",
+                              cache_dir=tmp_path / "dl", endpoint=hub.endpoint)
+    pipe = FluxPipeline.from_pretrained(tiny_flux_path)
+    module = "transformer_blocks.1.attn.to_k"
+    before = pipe.transformer.get_submodule(module).weight.detach().clone()
+    pipe.load_lora_weights(str(Path(weights).parent), weight_name="pytorch_lora_weights.safetensors")
+    pipe.fuse_lora(lora_scale=1.0)
+    after = pipe.transformer.get_submodule(module).weight.detach()
+    torch.testing.assert_close(after - before, state[f"transformer.{module}"].delta(), atol=1e-5, rtol=1e-4)
+
+
+def read_adapter_keys(hub, sha256: str, tmp_path: Path) -> list[str]:
+    from loraforge.formats.safetensors_io import read_header
+
+    path = tmp_path / f"{sha256[:12]}.safetensors"
+    path.write_bytes(hub.state.blobs[sha256])
+    return list(read_header(path)[0])
