@@ -312,3 +312,24 @@ def test_merging_a_flux_lora_with_an_sd_lora_is_refused_naming_both(fhome, flux_
                            ok=False))
     assert "SD1.x" in line and "Flux" in line and "cannot be merged" in line, line
     assert Registry(fhome).list() == before
+
+
+def test_a_flux_hub_pipeline_is_fetched_as_its_folders_without_the_root_single_files():
+    """FLUX.1-dev's repository as huggingface_hub's own pattern filter sees it: the diffusers folders (T5's
+    SentencePiece model and the sharded transformer included), not the 24 GB single files beside them."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from loraforge.models.base import HUB_ALLOW_PATTERNS, HUB_IGNORE_PATTERNS
+
+    repo = ["model_index.json", "flux1-dev.safetensors", "ae.safetensors", "README.md",
+            "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+            "text_encoder_2/config.json", "text_encoder_2/model-00001-of-00002.safetensors",
+            "text_encoder_2/model-00002-of-00002.safetensors", "text_encoder_2/model.safetensors.index.json",
+            "tokenizer/merges.txt", "tokenizer/vocab.json", "tokenizer/tokenizer_config.json",
+            "tokenizer/special_tokens_map.json", "tokenizer_2/spiece.model", "tokenizer_2/tokenizer.json",
+            "tokenizer_2/tokenizer_config.json", "tokenizer_2/special_tokens_map.json",
+            "transformer/config.json", "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+            "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors"]
+    fetched = set(filter_repo_objects(repo, allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS))
+    assert fetched == set(repo) - {"flux1-dev.safetensors", "ae.safetensors", "README.md"}

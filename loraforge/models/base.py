@@ -15,8 +15,9 @@ from loraforge.reference import Reference
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-# What a diffusers pipeline repository needs; fp16/ema variants and pickles are skipped.
-HUB_ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+# What a diffusers pipeline repository needs (T5's SentencePiece model among them, for Flux); fp16/ema variants,
+# pickles and the root's single files (FLUX.1's flux1-dev.safetensors beside its folders) are skipped.
+HUB_ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
 HUB_IGNORE_PATTERNS = ["*.fp16.*", "*ema*", "*.bin", "*.ckpt", "safety_checker/*", "feature_extractor/*"]
 
 

@@ -66,7 +66,8 @@ def single_file_configs(base: BaseModel, home: Path | None = None) -> Path:
 
 # What a pipeline's configs and tokenizers are, without its weights.
 HUB_CONFIG_PATTERNS = ["model_index.json", "*/config.json", "*/scheduler_config.json", "*/tokenizer_config.json",
-                       "*/special_tokens_map.json", "*/vocab.json", "*/merges.txt"]
+                       "*/special_tokens_map.json", "*/vocab.json", "*/merges.txt",
+                       "*/tokenizer.json", "*/spiece.model"]  # T5's (Flux's tokenizer_2)
 
 
 def _hub_configs(base: BaseModel) -> Path:
