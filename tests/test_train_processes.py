@@ -189,3 +189,31 @@ def test_a_process_that_used_cuda_is_refused_before_forking(home, tmp_path, monk
     assert result.output.startswith("Error: processes 2 must be launched from a process that has not used the GPU")
     assert result.output.count("\n") == 1 and "--processes 2" in result.output
     assert Registry(home).list() == []
+
+
+def test_a_flux_lora_trains_on_two_processes_from_a_home_without_the_builtin(tmp_path):
+    """The base is built before the ranks start: built inside a rank, transformers would save its text encoders
+    on rank 0 only and rank 1 could install a builtin without them (seen with tiny-flux on a fresh home)."""
+    data = pattern_images(tmp_path / "d", "stripes", caption="red stripes")
+    home = tmp_path / "fresh"
+    cmd = [sys.executable, "-m", "loraforge", "--home", str(home), "train", "lora", "--base", "builtin:tiny-flux",
+           "--name", "fx", "--dataset", str(data), "--steps", "2", "--resolution", "32", "--rank", "2",
+           "--batch-size", "2", "--processes", "2", "--validation-steps", "1"]
+    done = subprocess.run(cmd, env=_env(home), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = Registry(home).resolve("fx:1")
+    assert m.base.family == "flux" and m.metrics["steps"] == 2
+    assert any((home / "models" / "builtin" / "tiny-flux" / "text_encoder").glob("*.safetensors"))
+
+
+def test_a_builtin_whose_model_was_not_saved_is_not_installed(tmp_path, monkeypatch):
+    """As rank 1 of a process group sees it: transformers declines to save, and the build is refused, not
+    installed without its text encoders."""
+    from transformers.distributed.mixin import DistributedMixin
+
+    from loraforge.models.builtin import ensure_builtin
+
+    monkeypatch.setattr(DistributedMixin, "should_save_on_this_rank", lambda self, is_main_process: False)
+    with pytest.raises(RuntimeError, match="text_encoder .CLIPTextModel. was not saved"):
+        ensure_builtin("tiny-sd", tmp_path)
+    assert not (tmp_path / "models" / "builtin" / "tiny-sd").exists()

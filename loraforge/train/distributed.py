@@ -153,6 +153,7 @@ def launch(trainer, config: TrainConfig, *, registry: Registry, output: str, rec
         raise ConfigError(f"processes {config.processes} must be launched from a process that has not used the "
                           f"GPU yet (an earlier step of this run did); run this training on its own: "
                           f"loraforge train {getattr(trainer, 'method', '')} ... --processes {config.processes}")
+    _prepare_base(registry, config)
     results = Path(tempfile.mkdtemp(dir=tmp_dir(registry.home), prefix="ranks-"))
     # The elastic agent under the launcher logs each rank it closes; the rank's own error is the message.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
@@ -173,6 +174,14 @@ def launch(trainer, config: TrainConfig, *, registry: Registry, output: str, rec
         return [Manifest.model_validate(m) for m in json.loads(done.read_text(encoding="utf-8"))]
     finally:
         shutil.rmtree(results, ignore_errors=True)
+
+
+def _prepare_base(registry: Registry, config: TrainConfig) -> None:
+    """Resolve the base (building a builtin, downloading a Hub model) here, before the ranks start: ranks would
+    each do it at once, and inside a process group transformers saves models on rank 0 only."""
+    from loraforge.registry.resolve import resolve_base
+
+    resolve_base(registry, config.base, digest=False)
 
 
 def _raise_rank_error(results: Path, cause: BaseException | None) -> None:

@@ -29,9 +29,25 @@ def save_tiny_pipeline(name: str, folder: Path) -> Path:
     pipe = build_tiny_pipeline(name)
     with quiet_progress_bars():
         pipe.save_pretrained(folder, safe_serialization=True)
+    check_weights_saved(folder)
     restore_text_model_prefix(folder)
     write_vocab_files(folder)
     return folder
+
+
+def check_weights_saved(folder: Path) -> None:
+    """Refuse a build in which a model component has no weights file: inside a process group transformers writes
+    a model on rank 0 only, so a builtin built in another rank would otherwise be installed without its text
+    encoders."""
+    import json
+
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    for component, spec in sorted(index.items()):
+        if not isinstance(spec, list) or spec[1] is None or spec[1].endswith(("Tokenizer", "TokenizerFast", "Scheduler")):
+            continue
+        if not any((folder / component).glob("*.safetensors")):
+            raise RuntimeError(f"building {folder.name}: its {component} ({spec[1]}) was not saved; build builtins "
+                               "outside a torch.distributed process group")
 
 
 def restore_text_model_prefix(folder: Path) -> None:
