@@ -312,21 +312,8 @@ class ConvertedCheckpoint(CheckpointView):
         self._last = (None, None)
         self.source.close()
 
-    def info(self, ckey: str) -> TensorInfo:
-        return self._infos[ckey]
-
     def component(self, ckey: str) -> str:
         return component_of(ckey, self.layout, self.family)
-
-    def span(self, ckey: str, rows: Optional[tuple[int, int]] = None) -> tuple[int, int, list[int]]:
-        info = self._infos[ckey]
-        shape = list(info.shape)
-        if rows is not None and shape:
-            shape[0] = rows[1] - rows[0]
-        n = 1
-        for s in shape:
-            n *= s
-        return 0, n * torch.empty((), dtype=info.torch_dtype).element_size(), shape
 
     def get(self, ckey: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         parts = self.index[ckey]

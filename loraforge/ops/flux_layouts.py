@@ -61,21 +61,8 @@ class FluxLayoutView(CheckpointView):
     def close(self) -> None:
         self.source.close()
 
-    def info(self, ckey: str) -> TensorInfo:
-        return self._infos[ckey]
-
     def component(self, ckey: str) -> str:
         return "transformer"  # every view holds a Flux transformer's tensors alone
-
-    def span(self, ckey: str, rows: Optional[tuple[int, int]] = None) -> tuple[int, int, list[int]]:
-        info = self._infos[ckey]
-        shape = list(info.shape)
-        if rows is not None and shape:
-            shape[0] = rows[1] - rows[0]
-        numel = 1
-        for s in shape:
-            numel *= s
-        return 0, numel * torch.empty((), dtype=info.torch_dtype).element_size(), shape
 
     def read_into(self, ckey: str, buffer: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """Rows `rows` (all when None) of tensor `ckey` read into the start of flat `buffer`, each source segment

@@ -1,8 +1,11 @@
-"""What every view of a checkpoint in another layout shares: it names, digests and places the checkpoint it reads."""
+"""What every view of a checkpoint in another layout shares: it names, digests and places the checkpoint it reads,
+and gives its tensors' infos and sizes."""
 
 from __future__ import annotations
 
 from typing import Optional
+
+import torch
 
 
 class CheckpointView:
@@ -22,3 +25,19 @@ class CheckpointView:
     @digest.setter
     def digest(self, value: Optional[str]) -> None:
         self.source.digest = value
+
+    def info(self, ckey: str):
+        """The TensorInfo of a tensor as the view shows it (`self._infos`: key → TensorInfo)."""
+        return self._infos[ckey]
+
+    def span(self, ckey: str, rows: Optional[tuple[int, int]] = None) -> tuple[int, int, list[int]]:
+        """(offset, bytes, shape) of a tensor as the view shows it, or of its rows `rows`: a view has no file
+        offsets, so 0."""
+        info = self._infos[ckey]
+        shape = list(info.shape)
+        if rows is not None and shape:
+            shape[0] = rows[1] - rows[0]
+        numel = 1
+        for size in shape:
+            numel *= size
+        return 0, numel * torch.empty((), dtype=info.torch_dtype).element_size(), shape
