@@ -7,12 +7,15 @@ names. A diffusers `transformer.` key is Flux's when its path is a Flux transfor
 (`flux_names.diffusers_module_of`: transformer_blocks / single_transformer_blocks, x_embedder, context_embedder,
 time_text_embed, norm_out, proj_out), and another transformer's otherwise (SD3's pos_embed, PixArt's attn1 …).
 kohya's `lora_te3_` (T5) is Flux's beside Flux transformer keys and SD3's third encoder without them.
+Flattened diffusers paths (`lora_transformer_…`, LyCORIS' `lycoris_…`) are Flux's when they flatten a Flux module's
+path (`flux_flat`), and another transformer's otherwise (`lora_transformer_pos_embed_proj`, `lycoris_pos_embed_proj`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from loraforge.formats import flux_flat
 from loraforge.formats.flux_names import diffusers_module_of
 from loraforge.formats.kohya_flux import T5_PREFIX, is_flux_file
 
@@ -31,6 +34,7 @@ SIGNATURES: tuple[tuple[str, str], ...] = (
     ("single_transformer_blocks.", OTHER_DIT),
     ("lora_transformer_", OTHER_DIT),
     ("lycoris_transformer_", OTHER_DIT),
+    ("lycoris_pos_embed_", OTHER_DIT),  # LyCORIS on SD3's / PixArt's transformer: its patch embedding
 )
 PEFT_WRAPPER = "base_model.model."
 _TRANSFORMER = "transformer."
@@ -44,13 +48,13 @@ def _is_flux(key: str, flux_kohya: bool) -> bool:
         return diffusers_module_of(key[len(_TRANSFORMER):]) is not None
     if key.startswith(("transformer_blocks.", "single_transformer_blocks.")):
         return diffusers_module_of(key) is not None
-    return False
+    return flux_flat.is_flux_key(key)
 
 
 def foreign_family(keys: Iterable[str]) -> tuple[str, str] | None:
     """(family, the first key that shows it) when any key belongs to a family loraforge does not adapt."""
     keys = sorted(keys)
-    flux_kohya = is_flux_file(keys)
+    flux_kohya = is_flux_file(keys) or flux_flat.is_flux_file(keys)  # T5 keys are Flux's beside either naming
     for prefix, family in SIGNATURES:
         for key in keys:
             bare = key.removeprefix(PEFT_WRAPPER)

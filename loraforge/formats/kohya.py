@@ -13,6 +13,8 @@ diffusers' own converter, and written back in SGM names: the hints remember the 
 Flux files (kohya sd-scripts' `networks/lora_flux.py`: `lora_unet_double_blocks_0_img_attn_qkv`, `lora_te1_` CLIP,
 `lora_te3_` T5) name BFL's modules; `kohya_flux` maps them, splitting the fused ones into diffusers' modules, and an
 adapter with a `transformer` is written back in those names, so `export --for comfyui` of a Flux adapter gives them.
+Flux files that flatten diffusers' paths instead (`lora_transformer_…`, LyCORIS' `lycoris_…`) are `flux_flat`'s: one
+module per key, no fusing; an import of one is written back in its own spelling.
 
 After the name comes the suffix, `.lora_down.weight` / `.lora_up.weight` / `.alpha` for a LoRA pair and
 LyCORIS' own for its variants (`.hada_w1_a`, `.lokr_w2`, `.lora_mid.weight`, `.dora_scale`, `.diff`,
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraforge.errors import FormatError
-from loraforge.formats import kohya_flux
+from loraforge.formats import flux_flat, kohya_flux
 from loraforge.formats.adapter_format import (
     AdapterFormat, FileProbe, ModuleNames, read_finite_safetensors, register_format, scan_finite_safetensors,
 )
@@ -51,7 +53,9 @@ NORM_SUFFIXES = frozenset({"w_norm", "b_norm"})
 HINT_TE_PREFIX = "kohya_te_prefix"
 HINT_ALPHA_DTYPE = "kohya_alpha_dtype"
 HINT_NO_ALPHA = "kohya_alpha_omitted"
-HINT_VALUES = {HINT_TE_PREFIX: ("lora_te_", "lora_te1_"), HINT_NO_ALPHA: ("1",), HINT_UNET_NAMES: NAMINGS}
+HINT_FLUX_FLAT = "kohya_flux_diffusers_prefix"  # a Flux import's transformer keys flattened diffusers paths
+HINT_VALUES = {HINT_TE_PREFIX: ("lora_te_", "lora_te1_"), HINT_NO_ALPHA: ("1",), HINT_UNET_NAMES: NAMINGS,
+               HINT_FLUX_FLAT: flux_flat.PREFIXES}
 
 
 def check_hints(hints: Mapping[str, str]) -> None:
@@ -72,17 +76,21 @@ def _is_torch_dtype_name(name: str) -> bool:
 
 
 def is_kohya_key(key: str) -> bool:
-    return key.startswith(tuple(PREFIXES))
+    return key.startswith(tuple(PREFIXES)) or flux_flat.is_flux_key(key)
 
 
 def _split_key(key: str) -> tuple[str, str, str]:
     """(component, flattened path, suffix without its dot) of one kohya key; the flattened path has no dots."""
     component, rest = split_prefix(key)
-    flat, dot, suffix = rest.partition(".")
-    if not dot or suffix not in SUFFIXES:
+    flat, _, suffix = rest.partition(".")
+    _check_suffix(key, suffix)
+    return component, flat, suffix
+
+
+def _check_suffix(key: str, suffix: str) -> None:
+    if suffix not in SUFFIXES:  # "" for a key without one
         raise FormatError(f"key {key} ends in no suffix of a LoRA or LyCORIS module (known: "
                           f"{', '.join(sorted(SUFFIXES))})")
-    return component, flat, suffix
 
 
 def kohya_to_lora(sd: Mapping[str, Tensor], module_names: Mapping[str, Iterable[str]] | None = None) -> LoraState:
@@ -91,8 +99,16 @@ def kohya_to_lora(sd: Mapping[str, Tensor], module_names: Mapping[str, Iterable[
     grouped: dict[str, dict[str, Tensor]] = {}
     te_prefixes = set()
     flux = kohya_flux.is_flux_file(sd)
+    flux_t5 = flux or flux_flat.is_flux_file(sd)  # lora_te3_ is T5 beside Flux transformer keys in either naming
     flux_modules: dict[str, dict[str, Tensor]] = {}  # a Flux file's lora_unet_ modules by flat BFL name
+    flat_modules: dict[str, dict[str, Tensor]] = {}  # lora_transformer_ / lycoris_ modules by key before the suffix
     for key, value in sd.items():
+        flat_parts = flux_flat.split_key(key)
+        if flat_parts is not None:
+            prefix, flat, suffix = flat_parts
+            _check_suffix(key, suffix)
+            flat_modules.setdefault(prefix + flat, {})[suffix] = value
+            continue
         component, flat, suffix = _split_key(key)
         if component != "unet":
             te_prefixes.add(text_encoder_prefix(key))
@@ -100,7 +116,7 @@ def kohya_to_lora(sd: Mapping[str, Tensor], module_names: Mapping[str, Iterable[
             flux_modules.setdefault(flat, {})[suffix] = value
             continue
         if key.startswith(kohya_flux.T5_PREFIX):
-            if not flux:
+            if not flux_t5:
                 raise FormatError(f"kohya key {key} is a T5 key (lora_te3_), which a Flux LoRA holds beside its "
                                   "lora_unet_double_blocks_… keys; this file has no Flux transformer keys")
             path = kohya_flux.t5_path(flat, key, module_names)
@@ -111,6 +127,8 @@ def kohya_to_lora(sd: Mapping[str, Tensor], module_names: Mapping[str, Iterable[
         grouped.setdefault(f"{component}.{path}", {})[suffix] = value
     if flux:
         grouped.update(kohya_flux.transformer_groups(flux_modules))
+    flat_prefix = _flat_prefix(flat_modules, flux_modules)
+    grouped.update(flux_flat.transformer_groups(flat_modules))
     alphas = {name: t[ALPHA[1:]] for name, t in grouped.items() if ALPHA[1:] in t}
     if not any(set(t) - {ALPHA[1:]} for t in grouped.values()):
         raise FormatError("the state dict holds no LoRA weights")
@@ -120,6 +138,8 @@ def kohya_to_lora(sd: Mapping[str, Tensor], module_names: Mapping[str, Iterable[
         hints[HINT_TE_PREFIX] = "lora_te_"
     elif te_prefixes:
         hints[HINT_TE_PREFIX] = "lora_te1_"
+    if flat_prefix:
+        hints[HINT_FLUX_FLAT] = flat_prefix
     if not alphas:
         hints[HINT_NO_ALPHA] = "1"
     else:
@@ -128,6 +148,22 @@ def kohya_to_lora(sd: Mapping[str, Tensor], module_names: Mapping[str, Iterable[
         if any(t.dtype != weight_dtypes[n] for n, t in alphas.items()):
             hints[HINT_ALPHA_DTYPE] = str(alpha_dtypes.most_common(1)[0][0]).removeprefix("torch.")
     return LoraState.from_module_tensors(grouped, hints=hints)
+
+
+def _flat_prefix(flat_modules: Mapping[str, object], bfl_modules: Mapping[str, object]) -> str | None:
+    """The one prefix (`lora_transformer_` or `lycoris_`) a file's diffusers-flattened Flux keys use; a file that
+    also names BFL modules (`lora_unet_double_blocks_…`) or mixes both prefixes is refused."""
+    if not flat_modules:
+        return None
+    prefixes = sorted({next(p for p in flux_flat.PREFIXES if base.startswith(p)) for base in flat_modules})
+    first = min(flat_modules)
+    if bfl_modules:
+        raise FormatError(f"kohya keys {first} (diffusers' Flux names) and lora_unet_{min(bfl_modules)} (Black Forest "
+                          "Labs' names) are both in the file; a file must use one naming")
+    if len(prefixes) > 1:
+        raise FormatError(f"the file names Flux modules both as {prefixes[0]}… and as {prefixes[1]}…; a file must use "
+                          "one prefix")
+    return prefixes[0]
 
 
 def _weight_dtype(tensors: Mapping[str, Tensor], name: str):
@@ -145,7 +181,7 @@ def lora_to_kohya(state: LoraState) -> dict[str, Tensor]:
 
     if "transformer" in state.components:  # Flux: BFL module names, fused modules fused (kohya_flux)
         clip = KeyWriter({HINT_TE_PREFIX: kohya_flux.CLIP_PREFIX, **state.hints}, ["text_encoder"], [])
-        modules = kohya_flux.key_bases(state, clip.key_base)
+        modules = kohya_flux.key_bases(state, clip.key_base, state.hints.get(HINT_FLUX_FLAT))
     else:
         names = KeyWriter(state.hints, state.components, [n.split(".", 1)[1] for n in state if n.startswith("unet.")])
         modules = {names.key_base(name): state[name] for name in state}
@@ -186,5 +222,5 @@ def _write(state: LoraState, path: Path, metadata: Mapping[str, str]) -> list[Pa
 
 
 register_format(AdapterFormat("kohya", "kohya / A1111 / ComfyUI .safetensors (lora_unet_…, LyCORIS lora_unet_….hada_…; "
-                                        "Flux: lora_unet_double_blocks_…)",
+                                        "Flux: lora_unet_double_blocks_…, lora_transformer_…, lycoris_…)",
                               _read, _write, _detect, scan=_scan, writes_variants=True))

@@ -86,10 +86,14 @@ def t5_path(flat: str, key: str, module_names: Mapping[str, Iterable[str]] | Non
     return f"encoder.block.{m.group(1)}.layer.{m.group(2)}.{m.group(3).replace('_', '.', 1)}"
 
 
-def key_bases(state, clip_key) -> dict[str, Any]:
-    """{kohya key before its suffix: module} of a Flux adapter: transformer modules under their (fused) BFL names,
+def key_bases(state, clip_key, flat_prefix: str | None = None) -> dict[str, Any]:
+    """{kohya key before its suffix: module} of a Flux adapter: transformer modules under their (fused) BFL names, or
+    under `flat_prefix` + their flattened diffusers paths (`lora_transformer_`, `lycoris_`: `flux_flat`'s files),
     T5 under `lora_te3_`, CLIP under the name `clip_key(canonical name)` gives."""
-    out = {UNET_PREFIX + kohya_flat(bfl): m for bfl, m in to_bfl(state.component("transformer")).items()}
+    if flat_prefix:
+        out = {flat_prefix + flatten(n.split(".", 1)[1]): state[n] for n in state if n.startswith("transformer.")}
+    else:
+        out = {UNET_PREFIX + kohya_flat(bfl): m for bfl, m in to_bfl(state.component("transformer")).items()}
     for name in state:
         component, path = name.split(".", 1)
         if component == T5:
