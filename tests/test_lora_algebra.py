@@ -131,7 +131,7 @@ def test_cli_merge_loras_registers_exact_sum_with_provenance(home, registered):
 
 def test_cli_merge_loras_errors(home, registered):
     for args, words in (
-        (["style=1", "xl=1", "--name", "bad"], ("xl:1", "sdxl")),
+        (["style=1", "xl=1", "--name", "bad"], ("xl:1", "SDXL", "SD1.x")),
         (["style=1", "subject=1", "--method", "nope", "--name", "bad"], ("nope",)),
         (["style=1", "--method", "ties", "--param", "dens=0.2", "--name", "bad"], ("dens",)),
         (["style=1", "--rank", "0", "--name", "bad"], ("rank",)),
