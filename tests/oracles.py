@@ -50,3 +50,19 @@ def entries_and_data(path: Path) -> tuple[dict, bytes]:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖."""
     return float((a - b).norm() / b.norm())
+
+
+def flux_transformer_inputs(transformer, seed: int = 9, side: int = 4, text_tokens: int = 8) -> dict:
+    """Fixed keyword inputs of one forward of a diffusers FluxTransformer2DModel: side×side packed image tokens
+    with their grid position ids, `text_tokens` T5 tokens, a pooled vector, σ 0.6 and guidance 3.5 (widths from
+    the transformer's config), so tests compare `transformer(**inputs)[0]` of two models on the same draws."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    img_ids = torch.zeros(side * side, 3)
+    img_ids[:, 1] = torch.arange(side * side) // side
+    img_ids[:, 2] = torch.arange(side * side) % side
+    return dict(hidden_states=torch.randn(1, side * side, cfg.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(1, text_tokens, cfg.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([0.6]), img_ids=img_ids, txt_ids=torch.zeros(text_tokens, 3),
+                guidance=torch.tensor([3.5]), return_dict=False)

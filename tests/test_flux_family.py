@@ -19,6 +19,7 @@ from loraforge.formats.safetensors_io import read_safetensors
 from loraforge.registry import Registry
 from loraforge.registry.resolve import load_adapter
 from tests.cli_helpers import refused, run_cli
+from tests.oracles import flux_transformer_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -63,20 +64,10 @@ def import_state(home: Path, state: LoraState, name: str, tmp: Path, base: str =
     run_cli(home, "registry", "import", str(path), "--name", name, "--base", base)
 
 
-def transformer_output(transformer, seed: int = 0) -> torch.Tensor:
-    """One forward of a Flux transformer on fixed inputs (8x8 image tokens, 6 text tokens)."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = transformer.config
-    hidden = torch.randn(1, 64, cfg.in_channels, generator=g)
-    text = torch.randn(1, 6, cfg.joint_attention_dim, generator=g)
-    pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g)
-    img_ids = torch.zeros(64, 3)
-    img_ids[:, 1] = torch.arange(64) // 8
-    img_ids[:, 2] = torch.arange(64) % 8
+def transformer_output(transformer) -> torch.Tensor:
+    """One forward of a Flux transformer on fixed inputs."""
     with torch.no_grad():
-        return transformer(hidden_states=hidden, encoder_hidden_states=text, pooled_projections=pooled,
-                           timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]), img_ids=img_ids,
-                           txt_ids=torch.zeros(6, 3), return_dict=False)[0]
+        return transformer(**flux_transformer_inputs(transformer))[0]
 
 
 def with_deltas(folder: Path, deltas: dict[str, torch.Tensor]):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from loraforge.formats import read_adapter
 from loraforge.registry import Registry
 from loraforge.registry.resolve import load_adapter
-from oracles import rel_err
+from oracles import flux_transformer_inputs, rel_err
 from tests.cli_helpers import refused, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -159,14 +159,6 @@ def lycoris_files(tiny_flux_path, tmp_path_factory):
     return get
 
 
-def _transformer_inputs():
-    g = torch.Generator().manual_seed(9)
-    return dict(hidden_states=torch.randn(1, 16, 64, generator=g), encoder_hidden_states=torch.randn(1, 8, H, generator=g),
-                pooled_projections=torch.randn(1, H, generator=g), timestep=torch.tensor([0.6]),
-                img_ids=torch.randn(16, 3, generator=g), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]),
-                return_dict=False)
-
-
 @pytest.mark.parametrize("algo", ["lokr", "loha"])
 def test_a_lycoris_network_on_the_flux_transformer_imports_with_lycoris_delta_and_output(
         lycoris_files, algo, home, tmp_path, tiny_flux_path):
@@ -195,7 +187,7 @@ def test_a_lycoris_network_on_the_flux_transformer_imports_with_lycoris_delta_an
     run_cli(home, "lora", "fuse", FLUX, "lyco:1=1.0", "--dtype", "fp32", "-o", str(out))
     fused = FluxTransformer2DModel.from_pretrained(out / "transformer").eval()
     plain = FluxTransformer2DModel.from_pretrained(tiny_flux_path / "transformer").eval()
-    inputs = _transformer_inputs()
+    inputs = flux_transformer_inputs(plain)
     with torch.no_grad():
         want = made.transformer(**inputs)[0]  # the transformer with lycoris' network applied
         got = fused(**inputs)[0]

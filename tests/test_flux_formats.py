@@ -19,6 +19,7 @@ from loraforge.formats import read_adapter, write_adapter
 from loraforge.formats.kohya import kohya_to_lora, lora_to_kohya
 from loraforge.formats.lora import LoraModule, LoraState, with_text_model
 from tests.cli_helpers import refused, run_cli
+from tests.oracles import flux_transformer_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -331,14 +332,6 @@ def _tiny_kohya(seed: int = 5) -> dict[str, torch.Tensor]:
     return {k: v * 4 for k, v in sd.items()}  # large enough to move the outputs well past float noise
 
 
-def _transformer_inputs():
-    g = torch.Generator().manual_seed(9)
-    return dict(hidden_states=torch.randn(1, 16, 64, generator=g), encoder_hidden_states=torch.randn(1, 8, TH, generator=g),
-                pooled_projections=torch.randn(1, TH, generator=g), timestep=torch.tensor([0.6]),
-                img_ids=torch.randn(16, 3, generator=g), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]),
-                return_dict=False)
-
-
 def _with_deltas(model, deltas: dict[str, torch.Tensor], component: str):
     model = copy.deepcopy(model)
     modules = dict(model.named_modules())
@@ -363,7 +356,7 @@ def test_kohya_flux_exports_to_diffusers_and_loads_in_flux_pipeline(tmp_path, fh
 
     pipe = load_pipeline(locate_base("builtin:tiny-flux", fhome))
     deltas = _kohya_deltas(sd, TH)
-    inputs = _transformer_inputs()
+    inputs = flux_transformer_inputs(pipe.transformer)
     with torch.no_grad():
         base = pipe.transformer(**inputs)[0]
         by_hand = _with_deltas(pipe.transformer, deltas, "transformer")(**inputs)[0]
