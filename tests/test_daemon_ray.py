@@ -250,6 +250,20 @@ def test_jobs_cancel_stops_the_remote_trainer_which_checkpoints(cluster, env):
     assert daemon.stop() == 0
 
 
+def run_real_daemon_job(home: Path, recipes: Path, cluster) -> None:
+    """Run the daemon with its default command (the real recipe engine) on the Ray cluster until job 1 ends, which
+    must succeed, and stop it with SIGTERM."""
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "loraforge", "--home", str(home), "daemon", "--watch", str(recipes), "--executor", "ray",
+         "--ray-address", cluster["address"], "--debounce", "0.2s"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_for("the job to finish", lambda: status_of(home, 1) in ("succeeded", "failed"), timeout=90, proc=daemon)
+        assert status_of(home, 1) == "succeeded", job_log(home, 1)[-2000:]
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=40) == 0
+
+
 REAL_RECIPE = """\
 name: real
 base: builtin:tiny-sd
@@ -270,15 +284,7 @@ def test_a_real_lora_recipe_trains_remotely_and_is_up_to_date_at_the_head(cluste
     for i in range(2):
         Image.new("RGB", (16, 16), (60 * i, 90, 140)).save(recipes / "data" / f"{i}.png")
     (recipes / "real.yaml").write_text(REAL_RECIPE)
-    daemon = subprocess.Popen(  # the daemon's default command: the real recipe engine
-        [sys.executable, "-m", "loraforge", "--home", str(home), "daemon", "--watch", str(recipes), "--executor", "ray",
-         "--ray-address", cluster["address"], "--debounce", "0.2s"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        wait_for("the job to finish", lambda: status_of(home, 1) in ("succeeded", "failed"), timeout=90, proc=daemon)
-        assert status_of(home, 1) == "succeeded", job_log(home, 1)[-2000:]
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=40) == 0
+    run_real_daemon_job(home, recipes, cluster)
     assert versions(home, "real-train") == [1]
     adapter = Registry(home).resolve("real-train:1")
     assert adapter.kind == "lora" and Registry(home).primary_file(adapter).stat().st_size > 0
@@ -335,15 +341,7 @@ def test_a_registry_artifact_only_the_head_holds_is_shipped_and_the_lock_comes_b
         assert out.returncode == 0, out.stderr
     style = Registry(home).resolve("style:2")
     (recipes / "shipped.yaml").write_text(SHIPPED_RECIPE)
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "loraforge", "--home", str(home), "daemon", "--watch", str(recipes), "--executor", "ray",
-         "--ray-address", cluster["address"], "--debounce", "0.2s"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        wait_for("the job to finish", lambda: status_of(home, 1) in ("succeeded", "failed"), timeout=90, proc=daemon)
-        assert status_of(home, 1) == "succeeded", job_log(home, 1)[-2000:]
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=40) == 0
+    run_real_daemon_job(home, recipes, cluster)
     assert "1 registry artifact(s)" in job_log(home, 1)
     assert versions(home, "shipped-look") == [1] and versions(home, "style") == [1, 2]  # style not registered again
     image = Registry(home).resolve("shipped-look:1")
