@@ -201,6 +201,25 @@ def test_kohya_flux_reads_as_diffusers_converts_it(tmp_path):
     assert state["transformer.single_transformer_blocks.0.proj_mlp"].weight_shape == (MLP, H)
 
 
+def test_comfyui_native_flux_lora_reads_as_diffusers_converts_it(tmp_path):
+    """ComfyUI's own spelling (`diffusion_model.<BFL module>.lora_down.weight`), read by loraforge's bfl format and
+    by diffusers' Flux loader (its ComfyUI branch of _convert_kohya_flux_lora_to_diffusers): the same ΔW."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    sd = {}
+    for key, t in _kohya_file(H, MLP).items():
+        if key.startswith("lora_unet_"):
+            flat, suffix = key.removeprefix("lora_unet_").split(".", 1)
+            sd[f"diffusion_model.{_bfl_name(flat)}.{suffix}"] = t
+    path = tmp_path / "comfy_native.safetensors"
+    save_file(sd, str(path))
+    state, fmt, _ = read_adapter(path)
+    assert fmt == "bfl"
+    theirs = _diffusers_deltas(_convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in sd.items()}))
+    assert set(_state_deltas(state)) == set(theirs)
+    _assert_same_deltas(_state_deltas(state), theirs)
+
+
 def test_xlabs_reads_as_diffusers_converts_it(tmp_path):
     from diffusers.loaders.lora_conversion_utils import _convert_xlabs_flux_lora_to_diffusers
 
