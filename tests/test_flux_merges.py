@@ -258,5 +258,8 @@ def test_merging_sd_with_flux_is_refused_naming_both_families_and_registers_noth
     line = refused(run_cli(fhome, "merge", "checkpoints", str(flux["a"]), str(flux["b_bfl"]), "--include", "transformer",
                            "--include", "vae", "-o", str(tmp_path / "y"), ok=False))
     assert "holds no vae weights" in line and "transformer alone" in line
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    line = refused(run_cli(fhome, "merge", "checkpoints", str(flux["a"]), str(flux["b"]), "--include", "transformer",
+                           "--exclude", "text_encoder", "-o", str(tmp_path / "z"), ok=False))
+    assert "include transformer" in line and "exclude text_encoder" in line and "not both" in line  # never ignored
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
     assert json.loads((flux["a"] / "model_index.json").read_text())["_class_name"] == "FluxPipeline"

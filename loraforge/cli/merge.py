@@ -58,7 +58,7 @@ def merge() -> None:
 @click.option("--include", multiple=True, help="Only merge these components (unet or transformer, text_encoder, "
               "vae; default: SD's unet and text encoders, Flux's transformer alone).")
 @click.option("--exclude", multiple=True, help="Copy these components from the first model when --include is not "
-              "given (default: vae; none: exclude nothing).")
+              "given (default: vae; none: exclude nothing); refused together with --include.")
 @click.option("--dtype", default="fp16", show_default=True, help="Output dtype: fp32, fp16 or bf16.")
 @click.option("-o", "--output", type=click.Path(), help="Write the result here without registering it.")
 @click.option("--name", help="Register the result under this name.")

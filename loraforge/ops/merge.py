@@ -80,6 +80,9 @@ def merged_components(spec: CheckpointMergeSpec, family_name: str) -> tuple[str,
         if name not in known:
             raise ConfigError(f"{fam.label} checkpoints have no {name} component; name {', '.join(known)}")
     if spec.include:
+        if "exclude" in spec.model_fields_set and spec.exclude:
+            raise ConfigError(f"give the components to merge (include {', '.join(spec.include)}) or the ones to leave "
+                              f"out of the default set (exclude {', '.join(spec.exclude)}), not both")
         return tuple(dict.fromkeys(spec.include))
     return tuple(c for c in fam.merge_components if c not in spec.exclude)
 
