@@ -320,6 +320,9 @@ def test_flux_only_options_are_refused_on_a_noise_model_and_xattn_on_flux(flux_h
                            "--dataset", str(stripes), "--weighting-scheme", "mode", ok=False))
     assert line == ("Error: weighting_scheme='mode': flow-matching options of Flux bases, but builtin:tiny-sd is a "
                     "SD1.x base trained to predict noise; drop them")
+    line = refused(run_cli(flux_home, "train", "lora", "--name", "sd", "--base", "builtin:tiny-sd", "--steps", "1",
+                           "--dataset", str(stripes), "--embedded-guidance", "1.0", ok=False))  # its default: not ignored
+    assert line.startswith("Error: embedded_guidance=1.0: flow-matching options of Flux bases"), line
     line = refused(run_cli(flux_home, "train", "slider", "--name", "xa", *TRAIN, "--steps", "1", "--layers", "xattn",
                            "--target", "a", "--positive", "b", "--negative", "c", ok=False))
     assert line == ("Error: layers xattn has no meaning on Flux bases (builtin:tiny-flux), whose text and image tokens "

@@ -43,15 +43,14 @@ FLOW_FIELDS = tuple(FlowOptions.model_fields)
 
 
 def check_flow_options(config, base) -> None:
-    """Refuse flow-matching options changed for a base that is not trained as a flow, naming them."""
+    """Refuse flow-matching options given for a base that is not trained as a flow, naming them (even at their
+    default values: an option is honoured or refused, never ignored)."""
     from loraforge.errors import ConfigError
     from loraforge.families import family
 
     if family(base.family).prediction == "flow":
         return
-    fields = FlowOptions.model_fields
-    given = [f"{n}={getattr(config, n)!r}" for n in FLOW_FIELDS
-             if hasattr(config, n) and getattr(config, n) != fields[n].default]
+    given = [f"{n}={getattr(config, n)!r}" for n in FLOW_FIELDS if n in getattr(config, "model_fields_set", ())]
     if given:
         raise ConfigError(f"{', '.join(given)}: flow-matching options of Flux bases, but {base.ref} is a "
                           f"{family(base.family).label} base trained to predict noise; drop them")
